@@ -1,0 +1,104 @@
+"""LoLCATs hybrid attention: sliding-window softmax + linear attention over the older keys, one shared denominator.
+
+For the query at key position p, with s_j = scale * q.k_j, window keys W = {p - window < j <= p}, older keys
+O = {j <= p - window} (padded keys in neither) and c = max_{j in W} s_j:
+
+    y = [sum_W gamma_h exp(s_j - c) v_j + phi_q(q) . (kv0 + sum_O phi_k(k_j) v_j^T)]
+        / [sum_W gamma_h exp(s_j - c) + phi_q(q) . (z0 + sum_O phi_k(k_j))]
+
+(kv0, z0) summarises the keys before this call's key sequence. The final state adds every key outside the window of
+the *next* query, j < Tk - (window - 1); the caller keeps the last window - 1 raw keys.
+"""
+
+import torch
+
+from hf_based.kernels._checks import (
+    accumulation_dtype,
+    check_attention_inputs,
+    check_shape,
+    check_window,
+    prepare_state,
+)
+from hf_based.kernels.linear_attention import fold_keys
+from hf_based.kernels.softmax_attention import key_distance, stable_exp
+
+
+def _prepare(q, k, v, q_feat, k_feat, window_factor, window, key_mask, initial_state, scale):
+    """Validate and cast; expand k/v to the query heads and mask the padded keys' features.
+
+    -> q, k, v, q_feat, k_feat, gamma, real (key mask [B, Tk] bool), kv, z, scale.
+    """
+    check_attention_inputs(q, k, v, key_mask)
+    check_window(window)
+    batch, q_len, heads, dim = q.shape
+    k_len = k.shape[1]
+    features = check_shape("q_feat", q_feat, "batch, time, heads, features", (batch, q_len, heads, None))[-1]
+    check_shape("k_feat", k_feat, "batch, time, heads, features", (batch, k_len, heads, features))
+    check_shape("window_factor", window_factor, "heads", (heads,))
+    dtype = accumulation_dtype(q, k, v, q_feat, k_feat)
+    group = heads // k.shape[2]
+    k, v = k.to(dtype).repeat_interleave(group, 2), v.to(dtype).repeat_interleave(group, 2)  # [B, Tk, H, .]
+    real = torch.ones(batch, k_len, dtype=torch.bool, device=q.device) if key_mask is None else key_mask.bool()
+    k_feat = k_feat.to(dtype) * real[:, :, None, None]  # padded keys never enter the linear part
+    kv, z = prepare_state(initial_state, batch, heads, features, v.shape[-1], dtype, q.device)
+    scale = dim**-0.5 if scale is None else scale
+    return q.to(dtype), k, v, q_feat.to(dtype), k_feat, window_factor.to(dtype), real, kv, z, scale
+
+
+def _final_state(kv, z, k_feat, v, window, folded=0):
+    """Fold keys [folded, Tk - window + 1) into the state: all that the next query's window leaves out."""
+    end = max(k_feat.shape[1] - window + 1, 0)
+    return fold_keys(kv, z, k_feat[:, folded:end], v[:, folded:end])
+
+
+def hybrid_attention(
+    q, k, v, q_feat, k_feat, window_factor, window, key_mask=None, initial_state=None, output_final_state=False,
+    scale=None,
+):
+    """Parallel form, quadratic over Tq x Tk.
+
+    q: [B, Tq, H, D]; k: [B, Tk, Hkv, D]; v: [B, Tk, Hkv, Dv] (queries are the last Tq keys, GQA as in
+    softmax_attention); q_feat: [B, Tq, H, F]; k_feat: [B, Tk, H, F] (per query head); window_factor: gamma [H];
+    window: int >= 1; key_mask: [B, Tk] or None; initial_state: (kv [B, H, F, Dv], z [B, H, F]) or None.
+    Returns (o [B, Tq, H, Dv] in v.dtype, final state or None).
+    """
+    out_dtype = v.dtype
+    q, k, v, q_feat, k_feat, gamma, real, kv, z, scale = _prepare(
+        q, k, v, q_feat, k_feat, window_factor, window, key_mask, initial_state, scale
+    )
+    distance = key_distance(q.shape[1], k.shape[1], q.device)  # [Tq, Tk]
+    in_window = (distance >= 0) & (distance < window) & real[:, None, None, :]  # [B, 1, Tq, Tk]
+    older = distance >= window  # [Tq, Tk]; padded keys are already zero in k_feat
+    scores = torch.einsum("bihd,bjhd->bhij", q, k) * scale  # [B, H, Tq, Tk]
+    a = gamma[:, None, None] * stable_exp(scores, in_window) + torch.einsum("bihf,bjhf->bhij", q_feat, k_feat) * older
+    num = torch.einsum("bhij,bjhd->bihd", a, v) + torch.einsum("bihf,bhfd->bihd", q_feat, kv)
+    den = a.sum(-1).transpose(1, 2) + torch.einsum("bihf,bhf->bih", q_feat, z)  # [B, Tq, H]
+    o = num / den.clamp_min(torch.finfo(den.dtype).tiny)[..., None]  # an all-masked query gets 0, not NaN
+    return o.to(out_dtype), (_final_state(kv, z, k_feat, v, window) if output_final_state else None)
+
+
+def hybrid_attention_recurrent(
+    q, k, v, q_feat, k_feat, window_factor, window, key_mask=None, initial_state=None, output_final_state=False,
+    scale=None,
+):
+    """One query at a time (Tq = 1 is the decode step), folding each key into the linear state once it leaves the
+    window; same arguments and result as `hybrid_attention`."""
+    out_dtype = v.dtype
+    q, k, v, q_feat, k_feat, gamma, real, kv, z, scale = _prepare(
+        q, k, v, q_feat, k_feat, window_factor, window, key_mask, initial_state, scale
+    )
+    q_len, k_len = q.shape[1], k.shape[1]
+    outs = []
+    folded = 0  # keys [0, folded) are in (kv, z)
+    for i in range(q_len):
+        p = k_len - q_len + i
+        start = max(p - window + 1, 0)  # the window of query p is keys [start, p]
+        kv, z = fold_keys(kv, z, k_feat[:, folded:start], v[:, folded:start])
+        folded = start
+        scores = torch.einsum("bhd,bjhd->bhj", q[:, i], k[:, start : p + 1]) * scale  # [B, H, w]
+        a = gamma[:, None] * stable_exp(scores, real[:, None, start : p + 1])
+        num = torch.einsum("bhj,bjhd->bhd", a, v[:, start : p + 1]) + torch.einsum("bhf,bhfd->bhd", q_feat[:, i], kv)
+        den = a.sum(-1) + torch.einsum("bhf,bhf->bh", q_feat[:, i], z)  # [B, H]
+        outs.append(num / den.clamp_min(torch.finfo(den.dtype).tiny)[..., None])
+    final_state = _final_state(kv, z, k_feat, v, window, folded) if output_final_state else None
+    return torch.stack(outs, dim=1).to(out_dtype), final_state
