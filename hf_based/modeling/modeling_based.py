@@ -1,0 +1,486 @@
+"""BASED-family causal language models (BASED, Arora et al. 2024; LoLCATs, Zhang et al. 2024) for transformers 5.x.
+
+A Llama-style pre-norm stack (RMSNorm, SwiGLU MLP, RoPE where a mixer uses it) in which every layer has its own
+token mixer, chosen by `config.mixer_types`. The mixers' math lives in `hf_based.kernels`; this file only
+projects, masks, caches and dispatches between the parallel (training/prefill) and recurrent (decode) forms.
+"""
+
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers import initialization as init
+from transformers.activations import ACT2FN
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+from hf_based.kernels import (
+    hedgehog_feature_map,
+    hybrid_attention,
+    hybrid_attention_recurrent,
+    linear_attention,
+    linear_attention_recurrent,
+    short_conv,
+    short_conv_recurrent,
+    softmax_attention,
+    taylor_feature_map,
+    taylor_linear_attention,
+    taylor_linear_attention_recurrent,
+)
+from hf_based.modeling.cache import BasedCache
+from hf_based.modeling.configuration_based import BasedConfig
+
+# transformers renamed the cache argument and output field from `past_key_values` to `cache` during 5.x.
+CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+
+class BasedRMSNorm(nn.Module):
+    def __init__(self, hidden_size: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.variance_epsilon = eps
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        input_dtype = hidden_states.dtype
+        hidden_states = hidden_states.float()
+        hidden_states = hidden_states * torch.rsqrt(hidden_states.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+        return self.weight * hidden_states.to(input_dtype)
+
+
+class BasedRotaryEmbedding(nn.Module):
+    """Llama's RoPE, including its scaled variants (`rope_parameters["rope_type"]`, e.g. "llama3")."""
+
+    def __init__(self, config: BasedConfig):
+        super().__init__()
+        self.config = config
+        self.rope_type = config.rope_parameters.get("rope_type", "default")
+        if self.rope_type == "default":
+            inv_freq, self.attention_scaling = self.compute_default_rope_parameters(config)
+        else:
+            inv_freq, self.attention_scaling = ROPE_INIT_FUNCTIONS[self.rope_type](config)
+        self.inv_freq = nn.Buffer(inv_freq, persistent=False)
+        self.original_inv_freq = nn.Buffer(inv_freq.clone(), persistent=False)
+
+    @staticmethod
+    def compute_default_rope_parameters(config: BasedConfig, **kwargs) -> tuple[torch.Tensor, float]:
+        base, dim = config.rope_parameters["rope_theta"], config.head_dim
+        return 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float) / dim)), 1.0
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = position_ids[..., None].float() * self.inv_freq.to(x.device)  # [B, T, D/2]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return (emb.cos() * self.attention_scaling).to(x.dtype), (emb.sin() * self.attention_scaling).to(x.dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary_pos_emb(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [B, T, H, D]; cos/sin: [B, T, D]."""
+    cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)
+    return x * cos + rotate_half(x) * sin
+
+
+def residual_projection(linear: nn.Linear) -> nn.Linear:
+    """Mark a projection that writes into the residual stream (its init is scaled down, see `_init_weights`)."""
+    linear.is_residual_projection = True
+    return linear
+
+
+def repeat_kv(x: torch.Tensor, num_groups: int) -> torch.Tensor:
+    """[B, T, Hkv, D] -> [B, T, Hkv * num_groups, D], each kv head serving `num_groups` query heads."""
+    return x if num_groups == 1 else x.repeat_interleave(num_groups, dim=2)
+
+
+class BasedMLP(nn.Module):
+    def __init__(self, config: BasedConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
+        self.down_proj = residual_projection(nn.Linear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias))
+        self.act_fn = ACT2FN[config.hidden_act]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+
+class BasedHedgehogFeatureMap(nn.Module):
+    """LoLCATs' learned feature map phi(x) = [softmax(xW), softmax(-xW)], one W [D, F] per head."""
+
+    def __init__(self, num_heads: int, input_dim: int, feature_dim: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(num_heads, input_dim, feature_dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return hedgehog_feature_map(x, self.weight)
+
+
+class BasedTaylorFeatureMap(nn.Module):
+    """BASED's 2nd-order Taylor map (no parameters), as a module so mixers treat both maps alike."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return taylor_feature_map(x)
+
+
+class BasedAttentionBase(nn.Module):
+    """q/k/v/o projections shared by the attention-family mixers, named and shaped like Llama's.
+
+    Llama-shaped layers project q/k to head_dim with GQA and apply RoPE; BASED-shaped linear attention projects q/k
+    to `feature_dim` per head, without RoPE and without GQA.
+    """
+
+    def __init__(self, config: BasedConfig, layer_idx: int, llama_shaped: bool = True):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads if llama_shaped else config.num_attention_heads
+        self.num_kv_groups = self.num_heads // self.num_kv_heads
+        self.head_dim = config.head_dim
+        self.qk_dim = config.head_dim if llama_shaped else config.feature_dim
+        self.use_rope = llama_shaped
+        bias = config.attention_bias
+        self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.qk_dim, bias=bias)
+        self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.qk_dim, bias=bias)
+        self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
+        self.o_proj = residual_projection(nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=bias))
+
+    def project(self, hidden_states, position_embeddings):
+        """-> q [B, T, H, Dqk], k [B, T, Hkv, Dqk], v [B, T, Hkv, D]."""
+        batch, length, _ = hidden_states.shape
+        q = self.q_proj(hidden_states).view(batch, length, self.num_heads, self.qk_dim)
+        k = self.k_proj(hidden_states).view(batch, length, self.num_kv_heads, self.qk_dim)
+        v = self.v_proj(hidden_states).view(batch, length, self.num_kv_heads, self.head_dim)
+        if self.use_rope:
+            cos, sin = position_embeddings
+            q, k = apply_rotary_pos_emb(q, cos, sin), apply_rotary_pos_emb(k, cos, sin)
+        return q, k, v
+
+    def out(self, o: torch.Tensor) -> torch.Tensor:
+        return self.o_proj(o.flatten(2))
+
+
+class BasedLinearAttention(BasedAttentionBase):
+    """Causal linear attention: o_t = sum_j phi(q_t).phi(k_j) v_j / (sum_j phi(q_t).phi(k_j) + eps)."""
+
+    def __init__(self, config: BasedConfig, layer_idx: int):
+        super().__init__(config, layer_idx, llama_shaped=config.linear_attention_projections == "llama")
+        self.eps = config.linear_attention_eps
+        self.hedgehog = config.feature_map == "hedgehog"
+        if self.hedgehog:
+            self.feature_map_q = BasedHedgehogFeatureMap(self.num_heads, self.qk_dim, config.hedgehog_dim)
+            self.feature_map_k = BasedHedgehogFeatureMap(self.num_heads, self.qk_dim, config.hedgehog_dim)
+
+    def forward(self, hidden_states, key_mask, position_embeddings, cache=None):
+        q, k, v = self.project(hidden_states, position_embeddings)
+        k, v = repeat_kv(k, self.num_kv_groups), repeat_kv(v, self.num_kv_groups)
+        state = cache.layer_state(self.layer_idx) if cache is not None else None
+        initial_state = (state["kv"], state["z"]) if state is not None else None
+        decode = initial_state is not None and q.shape[1] == 1
+        if self.hedgehog:
+            op = linear_attention_recurrent if decode else linear_attention
+            q, k = self.feature_map_q(q), self.feature_map_k(k)
+        else:
+            op = taylor_linear_attention_recurrent if decode else taylor_linear_attention
+        o, final_state = op(
+            q, k, v, key_mask=key_mask, initial_state=initial_state, output_final_state=cache is not None, eps=self.eps
+        )
+        if cache is not None:
+            cache.update_layer_state(self.layer_idx, kv=final_state[0], z=final_state[1])
+        return self.out(o)
+
+
+class BasedAttention(BasedAttentionBase):
+    """Causal softmax attention, over all keys (`full_attention`) or the last `sliding_window` keys."""
+
+    def __init__(self, config: BasedConfig, layer_idx: int, window: int | None):
+        super().__init__(config, layer_idx)
+        self.window = window
+
+    def forward(self, hidden_states, key_mask, position_embeddings, cache=None):
+        q, k, v = self.project(hidden_states, position_embeddings)
+        if cache is not None:
+            keep = None if self.window is None else self.window - 1
+            k, v, key_mask = cache.extend_keys(self.layer_idx, k, v, key_mask, keep)
+        return self.out(softmax_attention(q, k, v, window=self.window, key_mask=key_mask))
+
+
+class BasedHybridAttention(BasedAttentionBase):
+    """LoLCATs: softmax over the last `sliding_window` keys + linear attention over all older keys, one denominator.
+
+    The softmax part is weighted by a learned per-head gamma = sigmoid(window_factors) (init `hybrid_window_factor_init`).
+    Keys leaving the window fold into the linear state, so the cache stays constant-size.
+    """
+
+    def __init__(self, config: BasedConfig, layer_idx: int):
+        super().__init__(config, layer_idx)
+        self.window = config.sliding_window
+        self.window_factors = nn.Parameter(torch.empty(self.num_heads))
+        if config.feature_map == "hedgehog":
+            self.feature_map_q = BasedHedgehogFeatureMap(self.num_heads, self.head_dim, config.hedgehog_dim)
+            self.feature_map_k = BasedHedgehogFeatureMap(self.num_heads, self.head_dim, config.hedgehog_dim)
+        else:
+            self.feature_map_q = self.feature_map_k = BasedTaylorFeatureMap()
+
+    def forward(self, hidden_states, key_mask, position_embeddings, cache=None):
+        q, k, v = self.project(hidden_states, position_embeddings)
+        initial_state = None
+        if cache is not None:
+            state = cache.layer_state(self.layer_idx)
+            initial_state = (state["kv"], state["z"]) if state is not None else None
+            k, v, key_mask = cache.extend_keys(self.layer_idx, k, v, key_mask, self.window - 1)
+        q_feat = self.feature_map_q(q)
+        k_feat = self.feature_map_k(repeat_kv(k, self.num_kv_groups))
+        op = hybrid_attention_recurrent if initial_state is not None and q.shape[1] == 1 else hybrid_attention
+        o, final_state = op(
+            q, k, v, q_feat, k_feat, torch.sigmoid(self.window_factors), self.window,
+            key_mask=key_mask, initial_state=initial_state, output_final_state=cache is not None,
+        )
+        if cache is not None:
+            cache.update_layer_state(self.layer_idx, kv=final_state[0], z=final_state[1])
+        return self.out(o)
+
+
+class BasedConv(nn.Module):
+    """BASED's BaseConv: out_proj(silu(causal_depthwise_conv(u1)) * u2), with [u1, u2] = in_proj(x)."""
+
+    def __init__(self, config: BasedConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        channels = config.conv_intermediate_size
+        self.in_proj = nn.Linear(config.hidden_size, 2 * channels)
+        self.conv1d = nn.Conv1d(channels, channels, config.conv_kernel_size, groups=channels, bias=False)
+        self.out_proj = residual_projection(nn.Linear(channels, config.hidden_size))
+
+    def forward(self, hidden_states, key_mask, position_embeddings, cache=None):
+        u, gate = self.in_proj(hidden_states).chunk(2, dim=-1)  # [B, T, C] each
+        if key_mask is not None:  # a zero input is what the conv's own left padding feeds in
+            u = u * key_mask[..., None].to(u.dtype)
+        state = cache.layer_state(self.layer_idx) if cache is not None else None
+        initial_state = state["conv"] if state is not None else None
+        op = short_conv_recurrent if initial_state is not None and u.shape[1] == 1 else short_conv
+        u, final_state = op(
+            u, self.conv1d.weight[:, 0], initial_state=initial_state, output_final_state=cache is not None
+        )
+        if cache is not None:
+            cache.update_layer_state(self.layer_idx, conv=final_state)
+        return self.out_proj(nn.functional.silu(u) * gate)
+
+
+def build_mixer(config: BasedConfig, layer_idx: int) -> nn.Module:
+    mixer_type = config.mixer_types[layer_idx]
+    if mixer_type == "linear_attention":
+        return BasedLinearAttention(config, layer_idx)
+    if mixer_type == "sliding_window_attention":
+        return BasedAttention(config, layer_idx, window=config.sliding_window)
+    if mixer_type == "full_attention":
+        return BasedAttention(config, layer_idx, window=None)
+    if mixer_type == "hybrid_attention":
+        return BasedHybridAttention(config, layer_idx)
+    return BasedConv(config, layer_idx)
+
+
+class BasedDecoderLayer(GradientCheckpointingLayer):
+    def __init__(self, config: BasedConfig, layer_idx: int):
+        super().__init__()
+        self.mixer_type = config.mixer_types[layer_idx]
+        # Attention-family mixers sit under `self_attn` so Llama attention weights load unchanged.
+        if self.mixer_type == "base_conv":
+            self.conv = build_mixer(config, layer_idx)
+        else:
+            self.self_attn = build_mixer(config, layer_idx)
+        self.mlp = BasedMLP(config)
+        self.input_layernorm = BasedRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = BasedRMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    @property
+    def mixer(self) -> nn.Module:
+        return self.conv if self.mixer_type == "base_conv" else self.self_attn
+
+    def forward(self, hidden_states, key_mask=None, position_embeddings=None, cache=None):
+        residual = hidden_states
+        hidden_states = self.mixer(self.input_layernorm(hidden_states), key_mask, position_embeddings, cache)
+        hidden_states = residual + hidden_states
+        return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
+
+
+class BasedPreTrainedModel(PreTrainedModel):
+    config_class = BasedConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["BasedDecoderLayer"]
+    _skip_keys_device_placement = ["past_key_values", "cache"]
+    _is_stateful = True
+    _supports_sdpa = False
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        std = self.config.initializer_range
+        if isinstance(module, BasedHedgehogFeatureMap):  # LoLCATs: identity init, phi starts as softmax(+-x)
+            eye = torch.eye(*module.weight.shape[1:], dtype=module.weight.dtype, device=module.weight.device)
+            init.copy_(module.weight, eye.expand_as(module.weight))
+        elif isinstance(module, BasedHybridAttention):
+            logit = torch.logit(torch.tensor(self.config.hybrid_window_factor_init))
+            init.constant_(module.window_factors, logit.item())
+        elif getattr(module, "is_residual_projection", False):  # GPT-2/BASED: scaled by 1/sqrt(2 * num_layers)
+            init.normal_(module.weight, mean=0.0, std=std / (2 * self.config.num_hidden_layers) ** 0.5)
+
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:
+        return False  # forward() builds a BasedCache
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """Also writes `auto_map` and remote-code files, so the checkpoint loads with `trust_remote_code=True`."""
+        self.config.auto_map = REMOTE_CODE_AUTO_MAP
+        super().save_pretrained(save_directory, *args, **kwargs)
+        if not kwargs.get("is_main_process", True):
+            return
+        for filename, source in REMOTE_CODE_FILES.items():
+            Path(save_directory, filename).write_text(source)
+
+
+class BasedModel(BasedPreTrainedModel):
+    def __init__(self, config: BasedConfig):
+        super().__init__(config)
+        self.padding_idx = config.pad_token_id
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
+        self.layers = nn.ModuleList(BasedDecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = BasedRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.rotary_emb = BasedRotaryEmbedding(config)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        position_ids=None,
+        cache=None,
+        past_key_values=None,
+        inputs_embeds=None,
+        use_cache=None,
+        output_hidden_states=None,
+        **kwargs,
+    ) -> BaseModelOutputWithPast:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        if inputs_embeds is None:
+            if input_ids.dim() != 2:
+                raise ValueError(f"input_ids must have shape [batch, time], got {tuple(input_ids.shape)}")
+            inputs_embeds = self.embed_tokens(input_ids)
+        batch, length = inputs_embeds.shape[:2]
+        cache = cache if cache is not None else past_key_values
+        use_cache = use_cache if use_cache is not None else self.config.use_cache
+        if self.gradient_checkpointing and self.training:
+            use_cache, cache = False, None  # checkpoint replays would update the states twice
+        if use_cache and cache is None:
+            cache = BasedCache(self.config.num_hidden_layers)
+        if cache is not None and not isinstance(cache, BasedCache):
+            raise TypeError(f"cache must be a BasedCache, got {type(cache).__name__}")
+        past = cache.get_seq_length() if cache is not None else 0
+
+        key_mask = None
+        if attention_mask is not None:
+            if attention_mask.dim() != 2 or attention_mask.shape[0] != batch or attention_mask.shape[1] < length:
+                raise ValueError(
+                    f"attention_mask must be a 2D padding mask [batch, past + time] covering the {length} new tokens "
+                    f"of {batch} sequences, got shape {tuple(attention_mask.shape)}"
+                )
+            attention_mask = attention_mask.bool()
+            key_mask = attention_mask[:, -length:]
+        if position_ids is None:
+            if attention_mask is not None:  # count real tokens only, as generate() does for left padding
+                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -length:]
+            else:
+                position_ids = torch.arange(past, past + length, device=inputs_embeds.device)[None]
+        if key_mask is None and cache is not None:
+            key_mask = torch.ones(batch, length, dtype=torch.bool, device=inputs_embeds.device)
+
+        hidden_states = inputs_embeds
+        position_embeddings = self.rotary_emb(hidden_states, position_ids)
+        all_hidden_states = () if output_hidden_states else None
+        for layer in self.layers:
+            if output_hidden_states:
+                all_hidden_states += (hidden_states,)
+            hidden_states = layer(
+                hidden_states, key_mask=key_mask, position_embeddings=position_embeddings, cache=cache
+            )
+        hidden_states = self.norm(hidden_states)
+        if output_hidden_states:
+            all_hidden_states += (hidden_states,)
+        if cache is not None:
+            cache.seen_tokens += length
+        return BaseModelOutputWithPast(
+            last_hidden_state=hidden_states,
+            hidden_states=all_hidden_states,
+            **{CACHE_FIELD: cache if use_cache else None},
+        )
+
+
+class BasedForCausalLM(BasedPreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: BasedConfig):
+        super().__init__(config)
+        self.model = BasedModel(config)
+        self.vocab_size = config.vocab_size
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        position_ids=None,
+        cache=None,
+        past_key_values=None,
+        inputs_embeds=None,
+        labels=None,
+        use_cache=None,
+        output_hidden_states=None,
+        logits_to_keep=0,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache if cache is not None else past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            output_hidden_states=output_hidden_states,
+        )
+        hidden_states = outputs.last_hidden_state
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(hidden_states[:, keep, :])
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        return CausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            hidden_states=outputs.hidden_states,
+            **{CACHE_FIELD: getattr(outputs, CACHE_FIELD)},
+        )
+
+
+# Remote code: thin modules that re-export the installed package's classes, so a checkpoint loads through
+# `auto_map` in a process that never imported hf_based (hf_based must be installed).
+REMOTE_CODE_AUTO_MAP = {
+    "AutoConfig": "configuration_based.BasedConfig",
+    "AutoModel": "modeling_based.BasedModel",
+    "AutoModelForCausalLM": "modeling_based.BasedForCausalLM",
+}
+REMOTE_CODE_FILES = {
+    "configuration_based.py": '"""Remote-code entry point; the code lives in the `hf-based` package."""\n'
+    "from hf_based.modeling.configuration_based import BasedConfig\n",
+    "modeling_based.py": '"""Remote-code entry point; the code lives in the `hf-based` package."""\n'
+    "from hf_based.modeling.modeling_based import BasedForCausalLM, BasedModel\n",
+}
+
+__all__ = ["BasedPreTrainedModel", "BasedModel", "BasedForCausalLM"]

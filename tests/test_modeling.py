@@ -1,0 +1,349 @@
+"""Model-level tests on tiny configurations (CPU, fp64 where exactness is checked)."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, GenerationConfig
+
+from hf_based import BasedCache, BasedConfig, BasedForCausalLM, preset_config
+from hf_based.modeling.modeling_based import CACHE_FIELD
+
+VOCAB = 101
+WINDOW = 5
+
+# name -> config overrides; each stack exercises one mixer (twice, so layer outputs feed a same-kind layer) or a mix.
+STACKS = {
+    "linear_taylor": dict(mixer_types=["linear_attention"] * 2),
+    "linear_hedgehog_llama": dict(
+        mixer_types=["linear_attention"] * 2, feature_map="hedgehog", linear_attention_projections="llama"
+    ),
+    "sliding_window": dict(mixer_types=["sliding_window_attention"] * 2),
+    "hybrid_hedgehog": dict(mixer_types=["hybrid_attention"] * 2, feature_map="hedgehog"),
+    "hybrid_taylor": dict(mixer_types=["hybrid_attention"] * 2),
+    "base_conv": dict(mixer_types=["base_conv"] * 2),
+    "full_attention": dict(mixer_types=["full_attention"] * 2),
+    "based_mix": dict(mixer_types=["base_conv", "linear_attention", "sliding_window_attention", "base_conv"]),
+    "lolcats_mix": dict(mixer_types=["hybrid_attention", "full_attention"], feature_map="hedgehog"),
+}
+CONSTANT_STATE_STACKS = [name for name, kw in STACKS.items() if "full_attention" not in kw["mixer_types"]]
+
+
+def tiny_config(**overrides) -> BasedConfig:
+    defaults = dict(
+        vocab_size=VOCAB, hidden_size=32, num_attention_heads=4, num_key_value_heads=2, feature_dim=4,
+        hedgehog_dim=6, sliding_window=WINDOW, intermediate_size=48, conv_intermediate_size=40,
+        pad_token_id=0, bos_token_id=1, eos_token_id=2,
+    )
+    defaults.update(overrides)
+    defaults["num_hidden_layers"] = len(defaults["mixer_types"])
+    return BasedConfig(**defaults)
+
+
+def tiny_model(name: str, dtype=torch.float64, seed=0) -> BasedForCausalLM:
+    torch.manual_seed(seed)
+    model = BasedForCausalLM(tiny_config(**STACKS[name])).to(dtype).eval()
+    # Make the hybrid layers' window weights differ per head, so the tests see them.
+    for layer in model.model.layers:
+        if hasattr(layer.mixer, "window_factors"):
+            torch.nn.init.normal_(layer.mixer.window_factors)
+    return model
+
+
+def random_ids(batch, length, seed=1):
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(3, VOCAB, (batch, length), generator=generator)
+
+
+def assert_close(actual, expected, tol=1e-9):
+    scale = expected.abs().max().clamp_min(1e-12)
+    assert (actual - expected).abs().max() / scale < tol, (actual - expected).abs().max()
+
+
+@pytest.mark.parametrize("name", STACKS)
+def test_stepwise_decoding_equals_full_forward(name):
+    """Prefill (parallel form) + chunked prefill + token-by-token decode (recurrent form) == one full forward."""
+    model = tiny_model(name)
+    ids = random_ids(2, 40)
+    with torch.no_grad():
+        full = model(ids, use_cache=False).logits
+        cache = BasedCache(len(model.model.layers))
+        pieces = [model(ids[:, :13], cache=cache).logits, model(ids[:, 13:20], cache=cache).logits]
+        pieces += [model(ids[:, t : t + 1], cache=cache).logits for t in range(20, 40)]
+    assert_close(torch.cat(pieces, dim=1), full)
+    assert cache.get_seq_length() == 40
+
+
+@pytest.mark.parametrize("name", STACKS)
+def test_generated_logits_equal_full_forward(name):
+    model = tiny_model(name)
+    prompt = random_ids(1, 9)
+    with torch.no_grad():
+        out = model.generate(
+            prompt, max_new_tokens=130, do_sample=False, output_logits=True, return_dict_in_generate=True,
+            eos_token_id=None, pad_token_id=0,
+        )
+        full = model(out.sequences, use_cache=False).logits
+    generated = torch.stack(out.logits, dim=1)  # logits that produced tokens 9..138; generate() stores them in fp32
+    assert generated.shape[1] == 130
+    assert_close(generated.double(), full[:, 8:-1], tol=1e-6)
+
+
+@pytest.mark.parametrize("name", STACKS)
+def test_left_padded_batch_equals_sequences_alone(name):
+    model = tiny_model(name)
+    lengths = [11, 4, 8]
+    rows = [random_ids(1, n, seed=10 + i)[0] for i, n in enumerate(lengths)]
+    width = max(lengths)
+    ids = random_ids(len(rows), width, seed=99)  # padded positions hold real tokens: only the mask hides them
+    mask = torch.zeros(len(rows), width, dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, width - len(row):], mask[i, width - len(row):] = row, 1
+    settings = dict(max_new_tokens=12, do_sample=False, eos_token_id=None, pad_token_id=0,
+                    output_logits=True, return_dict_in_generate=True)
+    with torch.no_grad():
+        batched = model.generate(ids, attention_mask=mask, **settings)
+        prefill = model(ids, attention_mask=mask).logits
+        for i, row in enumerate(rows):
+            alone = model.generate(row[None], **settings)
+            assert torch.equal(batched.sequences[i, width:], alone.sequences[0, len(row):])
+            assert_close(torch.stack(batched.logits, 1)[i], torch.stack(alone.logits, 1)[0], tol=1e-6)
+            assert_close(prefill[i, width - len(row):], model(row[None]).logits[0], tol=1e-8)
+
+
+def test_right_padding_leaves_real_positions_unchanged():
+    """lm-eval right-pads loglikelihood batches and passes no mask: causal models must ignore the padding."""
+    model = tiny_model("based_mix")
+    ids = random_ids(1, 10)
+    padded = torch.cat([ids, torch.zeros(1, 6, dtype=torch.long)], dim=1)
+    with torch.no_grad():
+        assert_close(model(padded).logits[:, :10], model(ids).logits)
+
+
+@pytest.mark.parametrize("name", CONSTANT_STATE_STACKS)
+def test_cache_size_is_constant(name):
+    model = tiny_model(name, dtype=torch.float32)
+    prompt = random_ids(2, 6)
+    sizes = {}
+    with torch.no_grad():
+        for steps in (32, 512):
+            cache = BasedCache(len(model.model.layers))
+            model.generate(prompt, max_new_tokens=steps, min_new_tokens=steps, do_sample=False, pad_token_id=0,
+                           **{CACHE_FIELD: cache})
+            assert cache.get_seq_length() == 6 + steps - 1  # the last token is sampled, never fed back
+            sizes[steps] = cache.nbytes()
+    assert sizes[32] == sizes[512] > 0
+
+
+def test_full_attention_cache_grows():
+    model = tiny_model("full_attention", dtype=torch.float32)
+    cache = BasedCache(2)
+    with torch.no_grad():
+        model(random_ids(1, 4), cache=cache)
+        before = cache.nbytes()
+        model(random_ids(1, 1), cache=cache)
+    assert cache.nbytes() > before
+
+
+def test_generation_modes():
+    model = tiny_model("based_mix", dtype=torch.float32)
+    prompt = random_ids(2, 7)
+    with torch.no_grad():
+        greedy = model.generate(prompt, max_new_tokens=10, do_sample=False, pad_token_id=0)
+        torch.manual_seed(0)
+        sampled = model.generate(prompt, max_new_tokens=10, do_sample=True, top_k=20, temperature=0.9, pad_token_id=0)
+        beams = model.generate(prompt, max_new_tokens=10, num_beams=3, num_return_sequences=2, do_sample=False,
+                               pad_token_id=0, output_scores=True, return_dict_in_generate=True)
+    assert greedy.shape == sampled.shape == (2, 17)
+    assert beams.sequences.shape == (4, 17)
+    # The best beam's sequence score must be at least that of greedy decoding (beam search explores a superset).
+    with torch.no_grad():
+        def log_prob(seq):
+            logits = model(seq[None]).logits[0, 6:-1].log_softmax(-1)
+            return logits.gather(-1, seq[7:, None]).sum()
+        assert log_prob(beams.sequences[0]) >= log_prob(greedy[0]) - 1e-4
+
+
+def test_beam_search_reorders_cache():
+    """Beam search with a cache must give the same sequences as recomputing every beam from scratch."""
+    model = tiny_model("hybrid_hedgehog", dtype=torch.float64)
+    prompt = random_ids(1, 6)
+    with torch.no_grad():
+        cached = model.generate(prompt, max_new_tokens=8, num_beams=4, do_sample=False, pad_token_id=0)
+        uncached = model.generate(prompt, max_new_tokens=8, num_beams=4, do_sample=False, pad_token_id=0,
+                                  use_cache=False)
+    assert torch.equal(cached, uncached)
+
+
+def test_streaming_generation():
+    from transformers import TextStreamer
+
+    from hf_based.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer()
+    torch.manual_seed(0)
+    model = BasedForCausalLM(preset_config("tiny")).eval()
+    streamed = []
+
+    class Collector(TextStreamer):
+        def on_finalized_text(self, text, stream_end=False):
+            streamed.append(text)
+
+    ids = tokenizer("Hello world", return_tensors="pt").input_ids
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=8, do_sample=False, streamer=Collector(tokenizer, skip_prompt=True),
+                             pad_token_id=tokenizer.eos_token_id)
+    assert "".join(streamed) == tokenizer.decode(out[0, ids.shape[1]:])
+
+
+def test_save_load_round_trip_is_exact(tmp_path):
+    model = tiny_model("lolcats_mix", dtype=torch.float32)
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert type(loaded) is BasedForCausalLM
+    for (name, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
+        assert torch.equal(a, b), name
+    ids = random_ids(2, 12)
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, loaded.eval()(ids).logits)
+    assert loaded.lm_head.weight.data_ptr() == loaded.model.embed_tokens.weight.data_ptr()  # tied
+
+
+def test_untied_embeddings_round_trip(tmp_path):
+    torch.manual_seed(0)
+    model = BasedForCausalLM(tiny_config(mixer_types=["base_conv"], tie_word_embeddings=False))
+    model.save_pretrained(tmp_path)
+    loaded = BasedForCausalLM.from_pretrained(tmp_path)
+    assert not torch.equal(loaded.lm_head.weight, loaded.model.embed_tokens.weight)
+    assert torch.equal(loaded.lm_head.weight, model.lm_head.weight)
+
+
+def test_remote_code_load_in_fresh_process(tmp_path):
+    model = tiny_model("based_mix", dtype=torch.float32)
+    model.save_pretrained(tmp_path)
+    ids = random_ids(1, 8)
+    with torch.no_grad():
+        expected = model(ids).logits
+    torch.save({"ids": ids, "logits": expected}, tmp_path / "expected.pt")
+    script = textwrap.dedent(f"""
+        import sys, torch
+        from transformers import AutoModelForCausalLM
+        assert "hf_based" not in sys.modules
+        model = AutoModelForCausalLM.from_pretrained({str(tmp_path)!r}, trust_remote_code=True).eval()
+        data = torch.load({str(tmp_path / "expected.pt")!r})
+        with torch.no_grad():
+            assert torch.equal(model(data["ids"]).logits, data["logits"])
+        print(type(model).__module__)
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env={**os.environ})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "hf_based.modeling.modeling_based"
+    config = (tmp_path / "config.json").read_text()
+    assert '"AutoModelForCausalLM": "modeling_based.BasedForCausalLM"' in config
+
+
+def test_training_step_reduces_loss():
+    model = tiny_model("lolcats_mix", dtype=torch.float32).train()
+    ids = random_ids(4, 24)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(5):
+        loss = model(ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+
+
+def test_gradient_checkpointing_matches_plain_backward():
+    model = tiny_model("based_mix", dtype=torch.float64).train()
+    ids = random_ids(2, 16)
+    model(ids, labels=ids).loss.backward()
+    plain = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    model.gradient_checkpointing_enable()
+    model(ids, labels=ids).loss.backward()
+    for name, param in model.named_parameters():
+        assert_close(param.grad, plain[name], tol=1e-9)
+
+
+def test_peft_lora_wraps_and_trains():
+    from peft import LoraConfig, get_peft_model
+
+    model = tiny_model("lolcats_mix", dtype=torch.float32).train()
+    peft_model = get_peft_model(
+        model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
+    )
+    lora_names = [n for n, p in peft_model.named_parameters() if p.requires_grad]
+    assert lora_names and all("lora_" in n for n in lora_names)
+    assert sum("q_proj.lora_A" in n for n in lora_names) == 2
+    ids = random_ids(2, 16)
+    optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-2)
+    losses = []
+    for _ in range(5):
+        loss = peft_model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    merged = peft_model.merge_and_unload()
+    assert type(merged) is BasedForCausalLM
+    with torch.no_grad():
+        assert_close(merged(ids).logits.double(), peft_model(input_ids=ids).logits.double(), tol=1e-5)
+
+
+def test_presets_shapes():
+    config = preset_config("based-360m")
+    assert config.mixer_types.count("linear_attention") == 5
+    assert config.mixer_types.count("sliding_window_attention") == 5
+    assert config.mixer_types.count("base_conv") == 17
+    assert config.mixer_types[1] == "linear_attention" and config.mixer_types[2] == "sliding_window_attention"
+    assert (config.vocab_size, config.hidden_size, config.head_dim, config.sliding_window) == (50264, 1024, 64, 129)
+    with torch.device("meta"):
+        params = sum(p.numel() for p in BasedForCausalLM(config).parameters())
+    assert 340e6 < params < 380e6, params
+    big = preset_config("based-1.3b")
+    assert (big.hidden_size, big.num_hidden_layers, big.head_dim) == (1792, 36, 112)
+    assert big.mixer_types.count("linear_attention") == 7
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (dict(mixer_types=["linear_attention", "mamba"]), r"mixer_types\[1\]='mamba'.*accepted mixers: linear_attention"),
+        (dict(mixer_types=["base_conv"], num_hidden_layers=3), r"mixer_types has 1 entries but num_hidden_layers=3"),
+        (dict(mixer_types=["base_conv"], hidden_size=30, num_attention_heads=4), r"hidden_size=30.*num_attention_heads=4"),
+        (dict(mixer_types=["base_conv"], num_key_value_heads=3), r"num_key_value_heads=3"),
+        (dict(mixer_types=["sliding_window_attention"], sliding_window=0), r"sliding_window=0.*integers >= 1"),
+        (dict(mixer_types=["base_conv"], feature_map="elu"), r"feature_map='elu'.*'taylor', 'hedgehog'"),
+        (dict(mixer_types=["base_conv"], linear_attention_projections="x"), r"'based', 'llama'"),
+    ],
+)
+def test_bad_config_raises(overrides, message):
+    base = dict(vocab_size=VOCAB, hidden_size=32, num_attention_heads=4)
+    base.update(overrides)
+    base.setdefault("num_hidden_layers", len(base["mixer_types"]))
+    with pytest.raises(ValueError, match=message):
+        BasedConfig(**base)
+
+
+def test_unknown_preset_raises():
+    with pytest.raises(ValueError, match=r"preset='huge'.*'tiny', 'based-360m', 'based-1.3b'"):
+        preset_config("huge")
+
+
+def test_bad_inputs_raise():
+    model = tiny_model("based_mix", dtype=torch.float32)
+    with pytest.raises(ValueError, match=r"input_ids must have shape \[batch, time\], got \(2, 3, 4\)"):
+        model(torch.ones(2, 3, 4, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"attention_mask must be a 2D padding mask.*got shape \(2, 3\)"):
+        model(random_ids(2, 5), attention_mask=torch.ones(2, 3))
+    with pytest.raises(TypeError, match="cache must be a BasedCache"):
+        from transformers import DynamicCache
+
+        model(random_ids(2, 5), cache=DynamicCache())
