@@ -1,0 +1,85 @@
+"""The `hf-based` command line and the bundled tokenizer."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from hf_based import PRESETS, BasedForCausalLM, preset_config
+from hf_based.cli import main
+from hf_based.tokenizer import load_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("tiny")
+    assert main(["init", str(out), "--preset", "tiny", "--seed", "0"]) == 0
+    return out
+
+
+def test_load_tokenizer_is_gpt2():
+    tokenizer = load_tokenizer()
+    assert tokenizer("Hello").input_ids == [15496]
+    assert len(tokenizer) == 50257
+    assert tokenizer.eos_token_id == tokenizer.bos_token_id == tokenizer.pad_token_id == 50256
+    assert tokenizer.model_max_length == 2048
+
+
+def test_init_writes_checkpoint(tiny_dir):
+    config = json.loads((tiny_dir / "config.json").read_text())
+    assert config["model_type"] == "based"
+    assert set(config["auto_map"]) >= {"AutoConfig", "AutoModelForCausalLM"}
+    for name in ("model.safetensors", "tokenizer.json", "tokenizer_config.json",
+                 "configuration_based.py", "modeling_based.py"):
+        assert (tiny_dir / name).is_file(), name
+    assert load_tokenizer(str(tiny_dir))("Hello").input_ids == [15496]
+
+
+def test_init_reloads_with_remote_code(tiny_dir):
+    torch.manual_seed(0)  # same seed and preset as the CLI: the same weights
+    expected = BasedForCausalLM(preset_config("tiny")).eval()
+    reloaded = AutoModelForCausalLM.from_pretrained(tiny_dir, trust_remote_code=True).eval()
+    ids = load_tokenizer()("The capital of France is", return_tensors="pt").input_ids
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).logits, expected(ids).logits, rtol=0, atol=0)
+
+
+def test_init_dtype(tmp_path):
+    main(["init", str(tmp_path), "--preset", "tiny", "--dtype", "bfloat16"])
+    assert AutoModelForCausalLM.from_pretrained(tmp_path).dtype == torch.bfloat16
+
+
+def test_unknown_preset_exits_with_accepted_names(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["init", str(tmp_path), "--preset", "based-7b"])
+    assert exit_info.value.code != 0
+    err = capsys.readouterr().err
+    assert "based-7b" in err and all(name in err for name in PRESETS)
+
+
+def test_tokenizer_larger_than_vocab_errors(tmp_path, capsys):
+    tokenizer = load_tokenizer()
+    tokenizer.add_tokens([f"<extra_{i}>" for i in range(preset_config("tiny").vocab_size - len(tokenizer) + 1)])
+    tokenizer.save_pretrained(tmp_path / "big-tokenizer")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["init", str(tmp_path / "model"), "--preset", "tiny", "--tokenizer", str(tmp_path / "big-tokenizer")])
+    assert exit_info.value.code != 0
+    assert "vocab_size" in capsys.readouterr().err
+    assert not (tmp_path / "model").exists()
+
+
+def test_module_entry_point_help():
+    result = subprocess.run([sys.executable, "-m", "hf_based", "--help"], capture_output=True, text=True)
+    assert result.returncode == 0 and "init" in result.stdout
+
+
+def test_console_script_help():
+    script = Path(sys.executable).with_name("hf-based")
+    if not script.exists():
+        pytest.skip("hf-based is not installed in this environment (pip install -e .)")
+    result = subprocess.run([str(script), "init", "--help"], capture_output=True, text=True)
+    assert result.returncode == 0 and "--preset" in result.stdout
