@@ -304,10 +304,13 @@ def test_hybrid_attention_all_padded_queries_are_zero(length):
     zeros = torch.zeros(2, H, FEAT, DV, dtype=torch.float64), torch.zeros(2, H, FEAT, dtype=torch.float64)
     expected, _ = naive_hybrid(*x.values(), 3, mask, *zeros, scale=0.5)
     for op in (hybrid_attention, hybrid_attention_recurrent):
-        o, state = op(**x, window=3, key_mask=mask, scale=0.5)
+        inputs = {name: t.clone().requires_grad_() for name, t in x.items()}
+        o, state = op(**inputs, window=3, key_mask=mask, scale=0.5)
         assert state is None
         close(o, expected)
         assert (o[1, : length - length // 2] == 0).all()
+        o.backward(rand.normal(*o.shape))  # padded rows divide 0 by 0: their gradients must stay finite
+        assert all(t.grad.isfinite().all() for t in inputs.values())
 
 
 @pytest.mark.parametrize("op", [hybrid_attention, hybrid_attention_recurrent])

@@ -20,7 +20,7 @@ from hf_based.kernels._checks import (
     prepare_state,
 )
 from hf_based.kernels.linear_attention import fold_keys
-from hf_based.kernels.softmax_attention import key_distance, stable_exp
+from hf_based.kernels.softmax_attention import key_distance, normalise, stable_exp
 
 
 def _prepare(q, k, v, q_feat, k_feat, window_factor, window, key_mask, initial_state, scale):
@@ -73,8 +73,7 @@ def hybrid_attention(
     a = gamma[:, None, None] * stable_exp(scores, in_window) + torch.einsum("bihf,bjhf->bhij", q_feat, k_feat) * older
     num = torch.einsum("bhij,bjhd->bihd", a, v) + torch.einsum("bihf,bhfd->bihd", q_feat, kv)
     den = a.sum(-1).transpose(1, 2) + torch.einsum("bihf,bhf->bih", q_feat, z)  # [B, Tq, H]
-    o = num / den.clamp_min(torch.finfo(den.dtype).tiny)[..., None]  # an all-masked query gets 0, not NaN
-    return o.to(out_dtype), (_final_state(kv, z, k_feat, v, window) if output_final_state else None)
+    return normalise(num, den).to(out_dtype), (_final_state(kv, z, k_feat, v, window) if output_final_state else None)
 
 
 def hybrid_attention_recurrent(
@@ -99,6 +98,6 @@ def hybrid_attention_recurrent(
         a = gamma[:, None] * stable_exp(scores, real[:, None, start : p + 1])
         num = torch.einsum("bhj,bjhd->bhd", a, v[:, start : p + 1]) + torch.einsum("bhf,bhfd->bhd", q_feat[:, i], kv)
         den = a.sum(-1) + torch.einsum("bhf,bhf->bh", q_feat[:, i], z)  # [B, H]
-        outs.append(num / den.clamp_min(torch.finfo(den.dtype).tiny)[..., None])
+        outs.append(normalise(num, den))
     final_state = _final_state(kv, z, k_feat, v, window, folded) if output_final_state else None
     return torch.stack(outs, dim=1).to(out_dtype), final_state

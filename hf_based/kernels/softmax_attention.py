@@ -22,6 +22,12 @@ def stable_exp(scores: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
     return torch.exp(scores - c)
 
 
+def normalise(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
+    """num / den[..., None]; a row without any visible key (num = den = 0) gets 0, and finite gradients: dividing by 1
+    there rather than by a tiny clamp keeps d num from overflowing into inf * 0 = NaN."""
+    return num / torch.where(den > 0, den, torch.ones_like(den))[..., None]
+
+
 def softmax_attention(q, k, v, window=None, key_mask=None, scale=None):
     """q: [B, Tq, H, D]; k: [B, Tk, Hkv, D]; v: [B, Tk, Hkv, Dv], Tk >= Tq, query head h uses kv head h // (H // Hkv).
 
@@ -42,5 +48,4 @@ def softmax_attention(q, k, v, window=None, key_mask=None, scale=None):
     if key_mask is not None:
         visible = visible & key_mask.bool()[:, None, None, :]  # [B, 1, Tq, Tk]
     p = stable_exp(torch.einsum("bihd,bjhd->bhij", q, k) * scale, visible)  # [B, H, Tq, Tk]
-    p = p / p.sum(-1, keepdim=True).clamp_min(torch.finfo(dtype).tiny)
-    return torch.einsum("bhij,bjhd->bihd", p, v).to(out_dtype)
+    return normalise(torch.einsum("bhij,bjhd->bihd", p, v), p.sum(-1).transpose(1, 2)).to(out_dtype)
