@@ -1,0 +1,308 @@
+"""The Triton window kernels (softmax_attention, hybrid_attention, hybrid_attention_recurrent) against the references.
+
+Under the Triton interpreter (see conftest.py) with fp32 inputs and blocks of 16, so that these small problems span
+several blocks; the references run on fp64 copies. With TRITON_INTERPRET=0 and a GPU, the same tests run the compiled
+kernels.
+"""
+
+import pytest
+import torch
+from conftest import DEVICE
+
+from hf_based.kernels.hybrid_attention import hybrid_attention as reference_hybrid
+from hf_based.kernels.hybrid_attention import hybrid_attention_recurrent as reference_hybrid_recurrent
+from hf_based.kernels.softmax_attention import softmax_attention as reference_softmax
+from hf_based.kernels.triton import window
+
+B, H, HKV, D, DV, FEAT = 2, 4, 2, 16, 32, 16
+
+
+@pytest.fixture(autouse=True)
+def small_blocks(monkeypatch):
+    """Blocks of 16; windows above 8 (16 and None) take the split loops, smaller ones the single masked loop."""
+    for name in ("BLOCK_M", "BLOCK_M_FULL", "BLOCK_N", "BLOCK_T", "BLOCK_K", "BLOCK_V", "BLOCK_DECODE"):
+        monkeypatch.setattr(window, name, 16)
+    monkeypatch.setattr(window, "SPLIT_WINDOW", 8)
+
+
+class Rand:
+    """Seeded fp32 inputs: randn for raw values, uniform in [0.1, 1.1) for features, states and gamma."""
+
+    def __init__(self, seed=0):
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def normal(self, *shape):
+        return torch.randn(*shape, generator=self.generator).to(DEVICE)
+
+    def positive(self, *shape):
+        return (torch.rand(*shape, generator=self.generator) + 0.1).to(DEVICE)
+
+
+def left_padding_mask(length):
+    """[2, T] bool: row 0 all real, row 1 only its last T // 2 keys (all padding if T = 1)."""
+    mask = torch.ones(2, length, dtype=torch.bool, device=DEVICE)
+    mask[1, : length - length // 2] = False
+    return mask
+
+
+def assert_close(actual, expected, name="", tol=1e-4):
+    """Relative L2 error <= tol, with a floor for results that are 0 up to rounding (e.g. dq of a single key)."""
+    assert actual.shape == expected.shape, name
+    assert torch.isfinite(actual).all(), f"{name}: not finite"
+    actual, expected = actual.double(), expected.double()
+    error = (actual - expected).norm().item()
+    bound = tol * (expected.norm().item() + 1e-2 * expected.numel() ** 0.5)
+    assert error <= bound, f"{name}: |error| {error:.3g} > {bound:.3g} (|expected| {expected.norm().item():.3g})"
+
+
+def run_with_grads(op, inputs, grad_out, **kwargs):
+    """op(*inputs, **kwargs) and the gradients of sum(o * grad_out) w.r.t. inputs; inputs copied with grads on."""
+    inputs = [x.detach().clone().requires_grad_() for x in inputs]
+    out = op(*inputs, **kwargs)
+    o = out[0] if isinstance(out, tuple) else out
+    return out, torch.autograd.grad(o, inputs, grad_out.to(o.dtype))
+
+
+def as_fp64(tensors):
+    return [x.double() for x in tensors]
+
+
+# --- softmax attention ----------------------------------------------------------------------------------------------
+
+SOFTMAX_CASES = [  # q_len, k_len, window, padded, (heads, kv heads)
+    (1, 1, None, True, (H, HKV)),
+    (1, 1, 1, False, (H, HKV)),
+    (17, 17, 5, True, (H, HKV)),
+    (17, 17, None, False, (H, HKV)),
+    (63, 63, 16, False, (H, HKV)),
+    (63, 63, 1, True, (H, HKV)),
+    (130, 130, None, True, (2, 1)),
+    (130, 130, 16, False, (2, 1)),
+    (17, 63, None, True, (H, HKV)),  # cached prefix keys
+    (17, 63, 16, False, (H, HKV)),
+    (1, 40, 5, True, (H, HKV)),
+]
+
+
+@pytest.mark.parametrize("q_len, k_len, window_size, padded, heads", SOFTMAX_CASES)
+def test_softmax_attention_matches_reference(q_len, k_len, window_size, padded, heads):
+    rand = Rand(q_len * 1000 + k_len)
+    heads, kv_heads = heads
+    inputs = [rand.normal(B, q_len, heads, D), rand.normal(B, k_len, kv_heads, D), rand.normal(B, k_len, kv_heads, DV)]
+    mask = left_padding_mask(k_len) if padded else None
+    grad_out = rand.normal(B, q_len, heads, DV)
+    o, grads = run_with_grads(window.softmax_attention, inputs, grad_out, window=window_size, key_mask=mask)
+    expected, expected_grads = run_with_grads(
+        reference_softmax, as_fp64(inputs), grad_out, window=window_size, key_mask=mask
+    )
+    assert o.dtype == torch.float32
+    assert_close(o, expected, "o")
+    for name, grad, expected_grad in zip(("dq", "dk", "dv"), grads, expected_grads):
+        assert_close(grad, expected_grad, name)
+
+
+def test_softmax_attention_queries_without_keys_are_zero():
+    rand = Rand(1)
+    length = 20
+    q, k, v = rand.normal(B, length, H, D), rand.normal(B, length, HKV, D), rand.normal(B, length, HKV, DV)
+    mask = left_padding_mask(length)
+    grad_out = rand.normal(B, length, H, DV)
+    o, grads = run_with_grads(window.softmax_attention, [q, k, v], grad_out, window=4, key_mask=mask)
+    empty = length - length // 2  # row 1's queries before its first real key see nothing
+    assert torch.equal(o[1, :empty], torch.zeros_like(o[1, :empty]))
+    assert all(torch.isfinite(g).all() for g in grads)
+    assert torch.equal(grads[0][1, :empty], torch.zeros_like(grads[0][1, :empty]))  # dq
+    assert torch.equal(grads[1][1, :empty], torch.zeros_like(grads[1][1, :empty]))  # dk of the padded keys
+
+
+def test_softmax_attention_layouts_dtypes_and_scale():
+    """Odd head dims, strided views (grads keep the inputs' strides), a custom scale, fp16 and the fp64 fallback."""
+    rand = Rand(2)
+    length, dim, value_dim = 33, 20, 12
+    q = rand.normal(B, H, length, dim).transpose(1, 2)  # dense but not contiguous: used in place
+    k = rand.normal(B, length, HKV, 2 * dim)[..., :dim]  # gaps between rows: copied
+    v = rand.normal(B, length, HKV, value_dim)
+    grad_out = rand.normal(B, length, H, value_dim)
+    kwargs = dict(window=7, scale=0.3)
+    o, grads = run_with_grads(window.softmax_attention, [q, k, v], grad_out, **kwargs)
+    expected, expected_grads = run_with_grads(reference_softmax, as_fp64([q, k, v]), grad_out, **kwargs)
+    assert_close(o, expected, "o")
+    for name, grad, expected_grad in zip(("dq", "dk", "dv"), grads, expected_grads):
+        assert_close(grad, expected_grad, name)
+
+    o16, grads16 = run_with_grads(window.softmax_attention, [x.half() for x in (q, k, v)], grad_out, **kwargs)
+    assert o16.dtype == torch.float16
+    assert_close(o16, expected, "o fp16", tol=1e-2)
+    for name, grad, expected_grad in zip(("dq", "dk", "dv"), grads16, expected_grads):
+        assert_close(grad, expected_grad, f"{name} fp16", tol=1e-2)
+
+    torch.testing.assert_close(window.softmax_attention(*as_fp64([q, k, v]), **kwargs), expected)
+
+
+# --- hybrid attention -----------------------------------------------------------------------------------------------
+
+
+def hybrid_inputs(rand, q_len, k_len, features=FEAT, heads=(H, HKV)):
+    """[q, k, v, q_feat, k_feat, gamma]: GQA raw values, positive features per query head, gamma in (0.1, 1.1)."""
+    heads, kv_heads = heads
+    return [
+        rand.normal(B, q_len, heads, D), rand.normal(B, k_len, kv_heads, D), rand.normal(B, k_len, kv_heads, DV),
+        rand.positive(B, q_len, heads, features), rand.positive(B, k_len, heads, features), rand.positive(heads),
+    ]
+
+
+def hybrid_state(rand, features=FEAT, heads=H):
+    return [rand.positive(B, heads, features, DV), rand.positive(B, heads, features)]
+
+
+def run_hybrid(op, inputs, state, grad_out, window_size, mask):
+    """op's (o, final state) and the gradients w.r.t. the inputs and the initial state (if any)."""
+
+    def call(*args):
+        initial = tuple(args[6:]) if state else None
+        return op(*args[:6], window_size, key_mask=mask, initial_state=initial, output_final_state=True)
+
+    return run_with_grads(call, inputs + state, grad_out)
+
+
+HYBRID_CASES = [  # q_len, k_len, window, padded, initial state, features, (heads, kv heads)
+    (1, 1, 1, True, True, 16, (H, HKV)),
+    (17, 17, 5, False, True, 32, (H, HKV)),
+    (63, 63, 16, True, False, 16, (H, HKV)),
+    (63, 63, 1, False, True, 16, (H, HKV)),
+    (130, 130, 16, True, True, 16, (2, 1)),
+    (17, 63, 16, True, True, 16, (H, HKV)),  # cached prefix keys
+    (17, 63, 5, False, False, 16, (H, HKV)),
+    (1, 40, 5, True, True, 16, (H, HKV)),
+]
+
+
+@pytest.mark.parametrize("q_len, k_len, window_size, padded, with_state, features, heads", HYBRID_CASES)
+def test_hybrid_attention_matches_reference(q_len, k_len, window_size, padded, with_state, features, heads):
+    rand = Rand(q_len * 1000 + k_len + window_size)
+    inputs = hybrid_inputs(rand, q_len, k_len, features, heads)
+    state = hybrid_state(rand, features, heads[0]) if with_state else []
+    mask = left_padding_mask(k_len) if padded else None
+    grad_out = rand.normal(B, q_len, heads[0], DV)
+    if padded and not with_state:  # the reference's gradient is NaN at queries without any key (see below)
+        grad_out[1, : max(q_len - k_len // 2, 0)] = 0
+    (o, final), grads = run_hybrid(window.hybrid_attention, inputs, state, grad_out, window_size, mask)
+    (expected, expected_final), expected_grads = run_hybrid(
+        reference_hybrid, as_fp64(inputs), as_fp64(state), grad_out, window_size, mask
+    )
+    assert o.dtype == torch.float32 and final[0].dtype == final[1].dtype == torch.float32
+    assert_close(o, expected, "o")
+    assert_close(final[0], expected_final[0], "final kv")
+    assert_close(final[1], expected_final[1], "final z")
+    names = ("dq", "dk", "dv", "dq_feat", "dk_feat", "dgamma", "dkv0", "dz0")
+    for name, grad, expected_grad in zip(names, grads, expected_grads):
+        assert_close(grad, expected_grad, name)
+
+
+def test_hybrid_attention_queries_without_keys():
+    """A query that sees no real key and has no state gets o = 0 and passes no gradient back (the reference's
+    autograd gives NaN there: 0 * (do / tiny) overflows)."""
+    rand = Rand(3)
+    length = 30
+    inputs = hybrid_inputs(rand, length, length)
+    mask = left_padding_mask(length)
+    grad_out = rand.normal(B, length, H, DV)
+    (o, _), grads = run_hybrid(window.hybrid_attention, inputs, [], grad_out, 5, mask)
+    empty = length - length // 2
+    assert torch.equal(o[1, :empty], torch.zeros_like(o[1, :empty]))
+    grad_out[1, :empty] = 0
+    (_, _), expected_grads = run_hybrid(reference_hybrid, as_fp64(inputs), [], grad_out, 5, mask)
+    for name, grad, expected_grad in zip(("dq", "dk", "dv", "dq_feat", "dk_feat", "dgamma"), grads, expected_grads):
+        assert_close(grad, expected_grad, name)
+
+
+def test_hybrid_attention_dtypes_and_final_state_gradient():
+    rand = Rand(4)
+    length, window_size = 20, 8
+    inputs = hybrid_inputs(rand, length, length)
+    grad_out = rand.normal(B, length, H, DV)
+    (expected, _), expected_grads = run_hybrid(reference_hybrid, as_fp64(inputs), [], grad_out, window_size, None)
+    half = [x.half() if x.dim() == 4 else x for x in inputs]  # gamma stays fp32
+    (o, _), grads = run_hybrid(window.hybrid_attention, half, [], grad_out, window_size, None)
+    assert o.dtype == torch.float16
+    assert_close(o, expected, "o fp16", tol=1e-2)
+    for name, grad, expected_grad in zip(("dq", "dk", "dv", "dq_feat", "dk_feat", "dgamma"), grads, expected_grads):
+        assert_close(grad, expected_grad, f"{name} fp16", tol=1e-2)
+
+    fp64 = as_fp64(inputs)
+    torch.testing.assert_close(window.hybrid_attention(*fp64, window_size)[0], reference_hybrid(*fp64, window_size)[0])
+
+    leaves = [x.clone().requires_grad_() for x in inputs]
+    _, (kv, z) = window.hybrid_attention(*leaves, window_size, output_final_state=True)
+    with pytest.raises(NotImplementedError, match="final_state"):
+        (kv.sum() + z.sum()).backward()
+
+
+DECODE_CASES = [  # k_len, window, padded, initial state
+    (1, 4, False, True),
+    (4, 4, True, True),
+    (9, 4, True, False),
+    (5, 16, False, True),
+    (40, 16, True, True),
+]
+
+
+@pytest.mark.parametrize("k_len, window_size, padded, with_state", DECODE_CASES)
+def test_hybrid_decode_step_matches_reference_recurrent(k_len, window_size, padded, with_state):
+    rand = Rand(k_len * 100 + window_size)
+    inputs = hybrid_inputs(rand, 1, k_len)
+    state = tuple(hybrid_state(rand)) if with_state else None
+    mask = left_padding_mask(k_len) if padded else None
+    kwargs = dict(key_mask=mask, output_final_state=True)
+    with torch.no_grad():
+        o, final = window.hybrid_attention_recurrent(*inputs, window_size, initial_state=state, **kwargs)
+    expected, expected_final = reference_hybrid_recurrent(
+        *as_fp64(inputs), window_size, initial_state=state and tuple(as_fp64(state)), **kwargs
+    )
+    assert_close(o, expected, "o")
+    assert_close(final[0], expected_final[0], "final kv")
+    assert_close(final[1], expected_final[1], "final z")
+
+
+def test_hybrid_recurrent_prefill_uses_the_parallel_form():
+    rand = Rand(5)
+    inputs = hybrid_inputs(rand, 9, 20)
+    state = tuple(hybrid_state(rand))
+    o, final = window.hybrid_attention_recurrent(*inputs, 4, initial_state=state, output_final_state=True)
+    expected, expected_final = reference_hybrid_recurrent(
+        *as_fp64(inputs), 4, initial_state=tuple(as_fp64(state)), output_final_state=True
+    )
+    assert_close(o, expected, "o")
+    assert_close(final[0], expected_final[0], "final kv")
+
+
+# --- input validation -----------------------------------------------------------------------------------------------
+
+
+def bad_calls():
+    rand = Rand(6)
+    q, k, v, qf, kf, gamma = hybrid_inputs(rand, 5, 5)
+    state = hybrid_state(rand)
+    yield "softmax_attention", (q, k[..., :3], v), {}
+    yield "softmax_attention", (q, k[:, :4], v), {}
+    yield "softmax_attention", (q, k, v), dict(window=0)
+    yield "softmax_attention", (q, k, v), dict(key_mask=torch.ones(B, 4, device=DEVICE))
+    yield "hybrid_attention", (q, k, v, qf, kf, gamma, None), {}
+    yield "hybrid_attention", (q, k, v, qf, kf[:, :, :1], gamma, 2), {}
+    yield "hybrid_attention", (q, k, v, qf, kf, gamma[:1], 2), {}
+    yield "hybrid_attention", (q, k, v, qf, kf, gamma, 2), dict(initial_state=state[0])
+    yield "hybrid_attention_recurrent", (q[:, :1], k, v, qf[:, :1], kf, gamma, 2), dict(initial_state=(state[0], q))
+
+
+@pytest.mark.parametrize("name, args, kwargs", list(bad_calls()))
+def test_bad_inputs_raise_the_reference_errors(name, args, kwargs):
+    references = dict(
+        softmax_attention=reference_softmax,
+        hybrid_attention=reference_hybrid,
+        hybrid_attention_recurrent=reference_hybrid_recurrent,
+    )
+    with pytest.raises(ValueError) as expected:
+        references[name](*args, **kwargs)
+    with pytest.raises(ValueError) as raised:
+        getattr(window, name)(*args, **kwargs)
+    assert str(raised.value) == str(expected.value)
