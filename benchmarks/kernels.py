@@ -86,7 +86,8 @@ def run_op(op, args, kwargs, backward_of=None):
             flat.append(o)
     grads = []
     if backward_of:
-        weights = torch.randn_like(flat[0], dtype=torch.float32)
+        # by shape, not randn_like: that follows the output's strides, which differ between kernel and reference
+        weights = torch.randn(flat[0].shape, device=flat[0].device)
         (flat[0].float() * weights).sum().backward()
         grads = [args_or_kw.grad for args_or_kw in backward_of]
     return flat, grads
@@ -132,10 +133,9 @@ def correctness(quick: bool) -> list[dict]:
         q, k = rand(B, T, H, 16, requires_grad=True), rand(B, T, H, 16, requires_grad=True)
         v = rand(B, T, H, 64, requires_grad=True)
         kwargs = {}
-        if state:
-            F = 1 + 16 + 256
-            kwargs["initial_state"] = (rand(B, H, F, 64, dtype=torch.float32).abs(),
-                                       rand(B, H, F, dtype=torch.float32).abs() + 1)
+        if state:  # a state the keys of a random prefix build: random ones can make phi(q).z cross zero
+            prefix = [rand(B, 300, H, n, dtype=torch.float32) for n in (16, 16, 64)]
+            kwargs["initial_state"] = K.taylor_linear_attention.reference(*prefix, output_final_state=True)[1]
             kwargs["output_final_state"] = True
         if mask:
             key_mask = torch.ones(B, T, dtype=torch.bool, device=DEVICE)
@@ -248,7 +248,9 @@ def correctness(quick: bool) -> list[dict]:
 
 
 def model_checks() -> list[dict]:
-    """Forward + backward of whole models in bf16: Triton path vs reference path on the same weights and tokens."""
+    """Forward + backward of whole models: the Triton path in bf16 against the reference path in fp32 (the truth),
+    next to the reference path in bf16 on the same weights and tokens. The kernels pass when their error is at most
+    1.5x the bf16 reference's own (bf16 rounding across many layers, not a kernel, sets that level)."""
     from hf_based import BasedConfig, BasedForCausalLM, preset_config
 
     configs = {
@@ -264,23 +266,28 @@ def model_checks() -> list[dict]:
     for name, config in configs.items():
         try:
             torch.manual_seed(0)
-            model = BasedForCausalLM(config).to(DEVICE, BF16)
+            model = BasedForCausalLM(config).to(DEVICE)
             ids = torch.randint(0, config.vocab_size, (2, 1500), device=DEVICE)
             outputs = {}
-            for backend in ("reference", "triton"):
+            for label, backend, dtype in (("truth", "reference", torch.float32), ("reference bf16", "reference", BF16),
+                                          ("triton bf16", "triton", BF16)):
                 os.environ["HF_BASED_KERNELS"] = backend
-                model.zero_grad()
+                model.to(dtype).zero_grad()
                 out = model(ids, labels=ids, use_cache=False)
                 out.loss.backward()
-                outputs[backend] = (out.logits.detach().float(), out.loss.item(),
-                                    {n: p.grad.float().clone() for n, p in model.named_parameters()
-                                     if p.grad is not None and ("self_attn" in n or "conv" in n)})
+                outputs[label] = (out.logits.detach().float(), out.loss.item(),
+                                  {n: p.grad.float().clone() for n, p in model.named_parameters()
+                                   if p.grad is not None and ("self_attn" in n or "conv" in n)})
             os.environ["HF_BASED_KERNELS"] = "auto"
-            (ref_logits, ref_loss, ref_grads), (tri_logits, tri_loss, tri_grads) = outputs["reference"], outputs["triton"]
-            grad_err = max(rel_l2(tri_grads[n], ref_grads[n]) for n in ref_grads)
-            errors = {"logits": rel_l2(tri_logits, ref_logits), "loss_abs": abs(tri_loss - ref_loss),
-                      "max_mixer_grad": grad_err}
-            results.append({"model": name, "ok": errors["logits"] <= 2e-2 and grad_err <= 5e-2, "errors": errors})
+            truth_logits, truth_loss, truth_grads = outputs.pop("truth")
+            errors = {}
+            for label, (logits, loss, grads) in outputs.items():
+                errors[f"{label} logits"] = rel_l2(logits, truth_logits)
+                errors[f"{label} loss_abs"] = abs(loss - truth_loss)
+                errors[f"{label} max_mixer_grad"] = max(rel_l2(grads[n], truth_grads[n]) for n in truth_grads)
+            ok = all(errors[f"triton bf16 {m}"] <= 1.5 * errors[f"reference bf16 {m}"] + 1e-3
+                     for m in ("logits", "max_mixer_grad"))
+            results.append({"model": name, "ok": ok, "errors": errors})
         except Exception as error:
             os.environ["HF_BASED_KERNELS"] = "auto"
             results.append({"model": name, "ok": False, "error": f"{type(error).__name__}: {error}",
@@ -477,10 +484,14 @@ def timings(quick: bool, ceil: dict) -> list[dict]:
 
 
 def markdown(report: dict) -> str:
-    lines = [f"# Kernel benchmark ({report['date']}, commit {report['commit']}, {report['machine']})", "",
-             f"Ceilings measured in this run: copy {report['ceilings']['copy_GBps']:.0f} GB/s, "
-             f"bf16 matmul {report['ceilings']['bf16_matmul_TFLOPs']:.0f} TFLOP/s.", "", "## Correctness", "",
-             "| op | ok | errors |", "|---|---|---|"]
+    lines = [f"# Kernel benchmark ({report['date']}, commit {report['commit']}, {report['machine']})", ""]
+    if "timings_run" in report:
+        run = report["timings_run"]
+        lines += [f"Checks from this run; ceilings and timings from the run of {run['date']} (commit {run['commit']}, "
+                  "same kernels).", ""]
+    lines += [f"Ceilings: copy {report['ceilings']['copy_GBps']:.0f} GB/s, "
+              f"bf16 matmul {report['ceilings']['bf16_matmul_TFLOPs']:.0f} TFLOP/s.", "", "## Correctness", "",
+              "| op | ok | errors |", "|---|---|---|"]
     for r in report["correctness"] + report["models"]:
         detail = r.get("error") or ", ".join(f"{k} {v:.2e}" for k, v in r["errors"].items())
         lines.append(f"| {r.get('op', r.get('model'))} | {'yes' if r['ok'] else '**NO**'} | {detail} |")
@@ -574,7 +585,8 @@ def main():
     parser.add_argument("--quick", action="store_true", help="two sequence lengths only")
     parser.add_argument("--commit", default=os.environ.get("COMMIT", "unknown"))
     parser.add_argument("--machine", default=None)
-    parser.add_argument("--skip-timings", action="store_true")
+    parser.add_argument("--timings-from", metavar="JSON",
+                        help="reuse the ceilings and timings of an earlier run (same kernels), re-running the checks")
     parser.add_argument("--taylor-sweep", action="store_true",
                         help="only time variants of the Taylor kernels' block sizes (writes taylor_sweep.json)")
     args = parser.parse_args()
@@ -596,13 +608,16 @@ def main():
     def save():  # after every section: a run cut short still leaves what it measured
         (out / "kernels.json").write_text(json.dumps(report, indent=1))
 
-    report["ceilings"] = ceilings()
+    earlier = json.loads(Path(args.timings_from).read_text()) if args.timings_from else None
+    if earlier:
+        report["timings_run"] = {key: earlier[key] for key in ("date", "commit", "machine")}
+    report["ceilings"] = earlier["ceilings"] if earlier else ceilings()
     print(report, flush=True)
     report["correctness"] = correctness(args.quick)
     save()
     report["models"] = model_checks()
     save()
-    report["timings"] = [] if args.skip_timings else timings(args.quick, report["ceilings"])
+    report["timings"] = earlier["timings"] if earlier else timings(args.quick, report["ceilings"])
     save()
     table = markdown(report)
     (out / "kernels.md").write_text(table)
