@@ -7,7 +7,7 @@ copies. With TRITON_INTERPRET=0 and a GPU, the same tests run the compiled kerne
 
 import pytest
 import torch
-from conftest import DEVICE
+from conftest import DEVICE, Rand, left_padding_mask
 
 from hf_based.kernels.linear_attention import linear_attention as reference
 from hf_based.kernels.linear_attention import linear_attention_recurrent as reference_recurrent
@@ -21,26 +21,6 @@ def small_blocks(monkeypatch):
     monkeypatch.setattr(linear, "BLOCK_K", 16)
     monkeypatch.setattr(linear, "BLOCK_V", 16)
     monkeypatch.setattr(linear, "SCAN_BLOCK_U", 4)  # several steps of the scan over the up to 9 chunks
-
-
-class Rand:
-    """Seeded fp32 inputs: randn for values, uniform in [0.1, 1.1) for features and states."""
-
-    def __init__(self, seed=0):
-        self.generator = torch.Generator().manual_seed(seed)
-
-    def normal(self, *shape):
-        return torch.randn(*shape, generator=self.generator).to(DEVICE)
-
-    def positive(self, *shape):
-        return (torch.rand(*shape, generator=self.generator) + 0.1).to(DEVICE)
-
-
-def left_padding_mask(length):
-    """[2, T] bool: row 0 all real, row 1 only its last T // 2 keys (all padding if T = 1)."""
-    mask = torch.ones(2, length, dtype=torch.bool, device=DEVICE)
-    mask[1, : length - length // 2] = False
-    return mask
 
 
 def assert_close(actual, expected, name="", tol=1e-4):

@@ -7,7 +7,7 @@ TRITON_INTERPRET=0 and a GPU, the same tests run the compiled kernels.
 
 import pytest
 import torch
-from conftest import DEVICE
+from conftest import DEVICE, Rand, left_padding_mask
 
 from hf_based.kernels.linear_attention import taylor_linear_attention as reference
 from hf_based.kernels.linear_attention import taylor_linear_attention_recurrent as reference_recurrent
@@ -17,26 +17,13 @@ B, H = 2, 2
 BLOCKS = dict(chunk=16, segment=32)
 
 
-class Rand:
-    """Seeded fp32 inputs: randn for raw q, k, v and loss weights; states are real ones (the reference run on a
-    random prefix), so that their normaliser stays positive like the kernels' own."""
-
-    def __init__(self, seed=0):
-        self.generator = torch.Generator().manual_seed(seed)
-
-    def normal(self, *shape):
-        return torch.randn(*shape, generator=self.generator).to(DEVICE)
+class TaylorRand(Rand):
+    """States are real ones (the reference run on a random prefix), so that their normaliser stays positive like the
+    kernels' own."""
 
     def state(self, d, value_dim):
         prefix = [self.normal(B, 9, H, n) for n in (d, d, value_dim)]
         return reference(*prefix, output_final_state=True)[1]
-
-
-def left_padding_mask(length):
-    """[2, T] bool: row 0 all real, row 1 only its last T // 2 keys (all padding if T = 1)."""
-    mask = torch.ones(2, length, dtype=torch.bool, device=DEVICE)
-    mask[1, : length - length // 2] = False
-    return mask
 
 
 def assert_close(actual, expected, name, tol=1e-4):
@@ -72,7 +59,7 @@ NAMES = ("o", "kv", "z", "dq", "dk", "dv", "dkv0", "dz0")
     ],
 )
 def test_chunked_matches_reference(length, d, value_dim, masked, with_state, block_v):
-    rand = Rand(length + d)
+    rand = TaylorRand(length + d)
     q, k, v = (rand.normal(B, length, H, n) for n in (d, d, value_dim))
     key_mask = left_padding_mask(length) if masked else None
     state = rand.state(d, value_dim) if with_state else None
@@ -89,7 +76,7 @@ def test_chunked_matches_reference(length, d, value_dim, masked, with_state, blo
 
 def test_padded_keys_are_excluded():
     """Padding in front changes nothing for the real tokens, their gradients included; padded keys get none."""
-    rand = Rand(1)
+    rand = TaylorRand(1)
     q, k, v = (rand.normal(1, 50, H, n) for n in (16, 16, 16))
     pad = 23
     key_mask = torch.arange(50, device=DEVICE)[None] >= pad
@@ -105,7 +92,7 @@ def test_padded_keys_are_excluded():
 
 def test_default_blocks_and_no_state():
     """Public signature, module block sizes, outputs without final state."""
-    rand = Rand(2)
+    rand = TaylorRand(2)
     q, k, v = (rand.normal(B, 70, H, n) for n in (16, 16, 64))
     o, final = taylor.taylor_linear_attention(q, k, v)
     assert final is None and o.dtype == v.dtype
@@ -115,7 +102,7 @@ def test_default_blocks_and_no_state():
 @pytest.mark.parametrize("length, d, value_dim", [(1, 16, 32), (1, 32, 16), (1, 16, 80), (5, 16, 16)])
 def test_recurrent_matches_reference(length, d, value_dim):
     """T = 1: the decode kernel (states written to new tensors); T > 1: the chunked op."""
-    rand = Rand(3)
+    rand = TaylorRand(3)
     q, k, v = (rand.normal(3, length, H, n) for n in (d, d, value_dim))
     prefix = [rand.normal(3, 9, H, n) for n in (d, d, value_dim)]
     state = reference(*prefix, output_final_state=True)[1]

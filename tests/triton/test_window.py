@@ -7,7 +7,7 @@ kernels.
 
 import pytest
 import torch
-from conftest import DEVICE
+from conftest import DEVICE, Rand, left_padding_mask
 
 from hf_based.kernels.hybrid_attention import hybrid_attention as reference_hybrid
 from hf_based.kernels.hybrid_attention import hybrid_attention_recurrent as reference_hybrid_recurrent
@@ -23,26 +23,6 @@ def small_blocks(monkeypatch):
     for name in ("BLOCK_M", "BLOCK_M_FULL", "BLOCK_N", "BLOCK_T", "BLOCK_K", "BLOCK_V", "BLOCK_DECODE"):
         monkeypatch.setattr(window, name, 16)
     monkeypatch.setattr(window, "SPLIT_WINDOW", 8)
-
-
-class Rand:
-    """Seeded fp32 inputs: randn for raw values, uniform in [0.1, 1.1) for features, states and gamma."""
-
-    def __init__(self, seed=0):
-        self.generator = torch.Generator().manual_seed(seed)
-
-    def normal(self, *shape):
-        return torch.randn(*shape, generator=self.generator).to(DEVICE)
-
-    def positive(self, *shape):
-        return (torch.rand(*shape, generator=self.generator) + 0.1).to(DEVICE)
-
-
-def left_padding_mask(length):
-    """[2, T] bool: row 0 all real, row 1 only its last T // 2 keys (all padding if T = 1)."""
-    mask = torch.ones(2, length, dtype=torch.bool, device=DEVICE)
-    mask[1, : length - length // 2] = False
-    return mask
 
 
 def assert_close(actual, expected, name="", tol=1e-4):
