@@ -209,6 +209,12 @@ def test_hybrid_attention_dtypes_and_final_state_gradient():
     for name, grad, expected_grad in zip(("dq", "dk", "dv", "dq_feat", "dk_feat", "dgamma"), grads, expected_grads):
         assert_close(grad, expected_grad, f"{name} fp16", tol=1e-2)
 
+    # autocast's mix (fp32 q, k and features after RoPE, 16-bit v) runs in the 16-bit dtype, as all-16-bit inputs do
+    mixed = [x.half() if i == 2 else x for i, x in enumerate(inputs)]
+    o_mixed, _ = window.hybrid_attention(*mixed, window_size)
+    assert o_mixed.dtype == torch.float16
+    torch.testing.assert_close(o_mixed, window.hybrid_attention(*half, window_size)[0])
+
     fp64 = as_fp64(inputs)
     torch.testing.assert_close(window.hybrid_attention(*fp64, window_size)[0], reference_hybrid(*fp64, window_size)[0])
 
