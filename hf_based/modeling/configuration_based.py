@@ -4,6 +4,8 @@ import math
 
 from transformers import PretrainedConfig
 
+from hf_based.kernels.feature_maps import taylor_feature_dim
+
 # Our mixer names -> the transformers `layer_types` vocabulary (what cache/mask/parallelism code in transformers
 # understands). `layer_types` is derived, never stored: transformers validates and remaps stored `layer_types`.
 MIXER_TYPES = {
@@ -144,6 +146,31 @@ class BasedConfig(PretrainedConfig):
         """Per-head size of the q/k vectors fed to the feature map in a layer of `mixer_type`."""
         based_shaped = mixer_type == "linear_attention" and self.linear_attention_projections == "based"
         return self.feature_dim if based_shaped else self.head_dim
+
+    def feature_size(self, mixer_type: str) -> int:
+        """Features per head of the linear-attention state of a `linear_attention` / `hybrid_attention` layer."""
+        if self.feature_map == "hedgehog":
+            return 2 * self.hedgehog_dim
+        return taylor_feature_dim(self.qk_head_dim(mixer_type))  # 1 + d + d^2, as cached (not the packed 1+d+d(d+1)/2)
+
+    def recurrent_state_size(self, seq_len: int | None = None) -> list[int]:
+        """Elements of generation state per sequence, one entry per layer, as `BasedCache` holds them after `seq_len`
+        tokens (key masks not counted). Only `full_attention` layers depend on `seq_len` (their KV cache grows)."""
+        heads, kv_heads, head_dim = self.num_attention_heads, self.num_key_value_heads, self.head_dim
+        sizes = []
+        for mixer in self.mixer_types:
+            window = (self.sliding_window - 1) * kv_heads * 2 * head_dim  # keys + values of the window buffer
+            linear = heads * self.feature_size(mixer) * (head_dim + 1)  # kv [H, F, Dv] + z [H, F]
+            if mixer == "full_attention" and seq_len is None:
+                raise ValueError("full_attention layers keep every key: pass seq_len to recurrent_state_size")
+            sizes.append({
+                "linear_attention": linear,
+                "sliding_window_attention": window,
+                "hybrid_attention": window + linear,
+                "base_conv": (self.conv_kernel_size - 1) * self.conv_intermediate_size,
+                "full_attention": (seq_len or 0) * kv_heads * 2 * head_dim,
+            }[mixer])
+        return sizes
 
 
 PRESETS = {

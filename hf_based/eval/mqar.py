@@ -1,0 +1,595 @@
+"""Multi-query associative recall (MQAR): the recall / recurrent-state-size tradeoff of BASED-family mixers.
+
+`hf-based mqar --out DIR` trains small models of each mixer family on Zoology's MQAR task (Arora et al., "Zoology",
+2023; HazyResearch/zoology `zoology/data/multiquery_ar.py`) and plots their accuracy against the size of their
+recurrent state, like Figure 2 of the BASED paper (Arora et al., 2024).
+
+The task (`multiquery_ar`): the vocabulary is split in halves, keys from [1, V/2) and values from [V/2, V). A
+sequence starts with `num_kv_pairs` key-value pairs (distinct keys, distinct values), followed by query slots: every
+key is asked once more, at an even offset of the rest of the sequence drawn without replacement from a power law
+p(g) ~ g^(a - 1), a = 0.01 (short gaps favoured), and the model must then predict its value. Slots without a query
+hold random tokens (Zoology's `random_non_queries=True`, the default of the configs behind the BASED figure). Loss
+and accuracy count only those predictions. `labels` are in Zoology's convention, already shifted: `labels[:, t]` is
+what the model must predict after reading `input_ids[:, t]` (the value, where `input_ids[:, t]` is a query key; -100
+everywhere else), so the loss here is computed without the shift of transformers' `labels`.
+
+Models (`ModelSpec`): Zoology's 2-layer MQAR models, each layer a BaseConv (short convolution, kernel 3) followed by
+the mixer under test, one head. As hf-based layers every mixer has its own decoder layer with an MLP, so a "2-layer"
+model here is the 4-layer stack [base_conv, mixer, base_conv, mixer] (Zoology has no MLPs in MQAR models), except
+`based_no_conv`: [linear_attention, linear_attention]. Softmax mixers use RoPE; BASED linear attention has no
+positional information at all (as in Zoology), so without the convolutions it cannot find the token after a key.
+
+Training differs from Zoology in two documented ways, to fit the default sweep into 8 minutes of one H200:
+- every step draws a fresh batch (no fixed 100k-example training set, no epochs): cycling through the training
+  tasks, one task per step;
+- one learning rate per run (Zoology keeps the best of 4) and, on CUDA, a time budget: each run trains for the
+  steps that fit its share of `time_budget_s` (measured after 30 steps; at most `max_steps`), stopping early once the
+  training accuracy on fresh data reaches 99% (Zoology's early stop). The steps taken are recorded with each run.
+
+State size (`BasedConfig.recurrent_state_size`): the elements per sequence that our cache keeps after the sequence,
+over all layers. For attention that is 2 * d_model * seq_len per attention layer; for BASED it counts the
+1 + d + d^2 Taylor features that the cache stores (Zoology counts the packed 1 + d + d(d+1)/2, ~1.8x less at d = 16).
+
+Runs are appended to DIR/results.jsonl as they finish; rerunning the same command skips finished runs, so an
+interrupted sweep resumes. The summary goes to DIR/results.json, DIR/results.md and DIR/mqar.png.
+"""
+
+import dataclasses
+import functools
+import hashlib
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+from hf_based.eval import report
+from hf_based.modeling import BasedConfig, BasedForCausalLM
+
+VOCAB_SIZE = 8192
+POWER_A = 0.01
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Data
+
+
+def check_task(seq_len: int, num_kv_pairs: int, vocab_size: int) -> None:
+    """Zoology's constraints on an MQAR task; ValueError naming the bad argument."""
+    for name, value in (("seq_len", seq_len), ("num_kv_pairs", num_kv_pairs), ("vocab_size", vocab_size)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+    if seq_len % 2:
+        raise ValueError(f"seq_len must be even (keys and values come in pairs), got {seq_len}")
+    if 4 * num_kv_pairs > seq_len:
+        raise ValueError(
+            f"num_kv_pairs={num_kv_pairs} does not fit seq_len={seq_len}: the pairs and their queries need "
+            f"4 * num_kv_pairs <= seq_len"
+        )
+    if vocab_size <= seq_len:
+        raise ValueError(f"vocab_size must exceed seq_len, got vocab_size={vocab_size}, seq_len={seq_len}")
+
+
+class MQARBatch(NamedTuple):
+    input_ids: torch.Tensor  # [B, T] int64
+    labels: torch.Tensor  # [B, T] int64: the value after each query key, -100 elsewhere (already shifted)
+    positions: torch.Tensor  # [B, N] int64: where the queries are (the positions with a label), in key order
+
+
+def sample_mqar(num_examples, seq_len, num_kv_pairs, vocab_size=VOCAB_SIZE, power_a=POWER_A,
+                random_non_queries=True, generator=None, device=None) -> MQARBatch:
+    """`multiquery_ar` with the query positions (for gathering the predictions without a host sync)."""
+    check_task(seq_len, num_kv_pairs, vocab_size)
+    device = torch.device(device) if device is not None else (generator.device if generator else torch.device("cpu"))
+    g = generator
+    batch, n, half = num_examples, num_kv_pairs, vocab_size // 2
+
+    def uniform(*shape):
+        return torch.rand(*shape, generator=g, device=device)
+
+    # a random n-subset in random order: the top n of i.i.d. uniform scores (np.random.choice(replace=False))
+    keys = uniform(batch, half - 1).topk(n, dim=1).indices + 1
+    values = uniform(batch, vocab_size - half).topk(n, dim=1).indices + half
+    # gaps g = 1..space without replacement, p(g) ~ g^(a-1): Gumbel top-n of log p (successive sampling)
+    space = (seq_len - 2 * n) // 2
+    log_p = (power_a - 1) * torch.arange(1, space + 1, device=device, dtype=torch.float32).log()
+    gumbel = -(-uniform(batch, space).clamp_min(1e-20).log()).log()
+    gaps = (log_p + gumbel).topk(n, dim=1).indices  # 0-based: the query of key i sits at 2n + 2 gaps[i]
+
+    input_ids = torch.zeros(batch, seq_len, dtype=torch.long, device=device)
+    input_ids[:, 0 : 2 * n : 2] = keys
+    input_ids[:, 1 : 2 * n : 2] = values
+    positions = 2 * n + 2 * gaps
+    input_ids.scatter_(1, positions, keys)
+    labels = torch.full_like(input_ids, -100).scatter_(1, positions, values)
+    if random_non_queries:
+        filler = (uniform(batch, seq_len) * vocab_size).long().clamp_max(vocab_size - 1)
+        input_ids = torch.where(input_ids == 0, filler, input_ids)
+    return MQARBatch(input_ids, labels, positions)
+
+
+def multiquery_ar(num_examples, seq_len, num_kv_pairs, vocab_size=VOCAB_SIZE, power_a=POWER_A,
+                  random_non_queries=True, seed=0, device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """Zoology's MQAR examples, seeded: (input_ids [N, T], labels [N, T]), labels as described in the module doc."""
+    generator = torch.Generator(device).manual_seed(seed)
+    batch = sample_mqar(num_examples, seq_len, num_kv_pairs, vocab_size, power_a, random_non_queries, generator)
+    return batch.input_ids, batch.labels
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Models
+
+
+@dataclass(frozen=True)
+class Family:
+    label: str
+    mixer: str
+    conv: bool
+    marker: str
+    color: str
+
+
+FAMILIES = {
+    "attention": Family("attention", "full_attention", True, "o", "C0"),
+    "sliding_window": Family("sliding window", "sliding_window_attention", True, "s", "C1"),
+    "based": Family("BASED (conv + Taylor)", "linear_attention", True, "*", "C2"),
+    "based_no_conv": Family("BASED without conv", "linear_attention", False, "X", "C3"),
+    "lolcats": Family("LoLCATs hybrid (window + hedgehog)", "hybrid_attention", True, "D", "C4"),
+}
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One model of the sweep. feature_dim: Taylor q/k size (BASED families); window: keys a query sees, itself
+    included (sliding window, LoLCATs); hedgehog_dim: LoLCATs' feature map gives 2 * hedgehog_dim features."""
+
+    family: str
+    d_model: int
+    feature_dim: int | None = None
+    window: int | None = None
+    hedgehog_dim: int = 64
+
+    def __post_init__(self):
+        if self.family not in FAMILIES:
+            raise ValueError(f"family={self.family!r} is not supported; accepted values: {', '.join(FAMILIES)}")
+
+    @property
+    def name(self) -> str:
+        name = f"{self.family}-d{self.d_model}"
+        if self.family in ("based", "based_no_conv"):
+            name += f"-f{self.feature_dim}"
+        if self.family == "lolcats":
+            name += f"-h{self.hedgehog_dim}"
+        if self.window is not None:
+            name += f"-w{self.window}"
+        return name
+
+    def config(self, vocab_size: int, max_len: int) -> BasedConfig:
+        family = FAMILIES[self.family]
+        block = ["base_conv", family.mixer] if family.conv else [family.mixer]
+        extra = {}
+        if self.feature_dim is not None:
+            extra["feature_dim"] = self.feature_dim
+        if self.family == "lolcats":
+            extra.update(feature_map="hedgehog", hedgehog_dim=self.hedgehog_dim)
+        return BasedConfig(
+            vocab_size=vocab_size, hidden_size=self.d_model, num_hidden_layers=2 * len(block),
+            num_attention_heads=1, mixer_types=2 * block, sliding_window=self.window or max_len,
+            max_position_embeddings=max_len, bos_token_id=None, eos_token_id=None, use_cache=False, **extra,
+        )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Sweeps
+
+
+@dataclass(frozen=True)
+class Task:
+    seq_len: int
+    num_kv_pairs: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.seq_len}x{self.num_kv_pairs}"
+
+
+@dataclass(frozen=True)
+class Settings:
+    train_tasks: tuple[Task, ...]
+    test_tasks: tuple[Task, ...]
+    vocab_size: int = VOCAB_SIZE
+    batch_size: int = 256
+    test_examples: int = 1000
+    max_steps: int = 4000
+    warmup_steps: int = 50
+    lr: float = 3e-3
+    weight_decay: float = 0.1
+    time_budget_s: float | None = None  # the whole sweep's training + evaluation; None: max_steps per run
+    early_stop_accuracy: float = 0.99
+    check_every: int = 50
+    power_a: float = POWER_A
+    random_non_queries: bool = True
+    seed: int = 0
+
+    def __post_init__(self):
+        for task in self.train_tasks + self.test_tasks:
+            check_task(task.seq_len, task.num_kv_pairs, self.vocab_size)
+        for name in ("batch_size", "test_examples", "max_steps", "check_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.time_budget_s is not None and not self.time_budget_s > 0:
+            raise ValueError(f"time_budget_s must be > 0 (or None for no budget), got {self.time_budget_s}")
+
+    @property
+    def headline(self) -> Task:
+        """The task the main plot shows: the longest test sequence with the most pairs."""
+        return max(self.test_tasks, key=lambda t: (t.seq_len, t.num_kv_pairs))
+
+    @property
+    def max_len(self) -> int:
+        return max(t.seq_len for t in self.train_tasks + self.test_tasks)
+
+    def fingerprint(self) -> str:
+        """Identifies the settings that shape the results: runs are resumed only under the same fingerprint."""
+        return hashlib.sha256(json.dumps(dataclasses.asdict(self), sort_keys=True).encode()).hexdigest()[:12]
+
+
+def tasks(*pairs) -> tuple[Task, ...]:
+    return tuple(Task(*pair) for pair in pairs)
+
+
+DEFAULT_TASKS = tasks((64, 4), (128, 8), (256, 16), (256, 32), (512, 64))
+SWEEPS = {
+    # One H200, < 8 minutes: 23 runs sharing a 400 s budget for training, kernel compilation and evaluation.
+    "default": (
+        Settings(train_tasks=DEFAULT_TASKS, test_tasks=DEFAULT_TASKS, time_budget_s=400.0),
+        [ModelSpec("attention", d) for d in (64, 128)]
+        + [ModelSpec("sliding_window", 128, window=w) for w in (8, 16, 32, 64, 128, 256)]
+        + [ModelSpec("based", d, feature_dim=f) for d in (48, 64, 128) for f in (8, 16, 24)]
+        + [ModelSpec("based_no_conv", 128, feature_dim=f) for f in (8, 16, 24)]
+        + [ModelSpec("lolcats", d, window=w) for d, w in ((64, 16), (128, 16), (128, 64))],
+    ),
+    # CPU tests: about a minute on 2 cores.
+    "tiny": (
+        Settings(
+            train_tasks=tasks((64, 4), (64, 8)), test_tasks=tasks((64, 4), (64, 8)), vocab_size=128,
+            batch_size=32, test_examples=128, max_steps=200, warmup_steps=20, lr=1e-2, check_every=25,
+        ),
+        [ModelSpec("attention", 32), ModelSpec("based", 32, feature_dim=8)],
+    ),
+}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Training
+
+
+def lr_factor(step: int, total: int, warmup: int) -> float:
+    """Linear warm-up, then cosine decay to 10%."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return 0.1 + 0.45 * (1 + math.cos(math.pi * progress))
+
+
+def predictions(model: BasedForCausalLM, batch: MQARBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits [B, N, V] (fp32) at the query positions, and their targets [B, N]."""
+    hidden = model.model(input_ids=batch.input_ids, use_cache=False).last_hidden_state
+    index = batch.positions[..., None].expand(-1, -1, hidden.shape[-1])
+    logits = model.lm_head(hidden.gather(1, index)).float()  # only N of the T positions: 8x less lm_head work
+    return logits, batch.labels.gather(1, batch.positions)
+
+
+def autocast(device: torch.device):
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+@functools.lru_cache(maxsize=4)
+def held_out_sets(settings: Settings) -> tuple[MQARBatch, ...]:
+    """Each test task's fixed test set, on the CPU: seeded apart from training, the same for every run (built once)."""
+    return tuple(
+        sample_mqar(settings.test_examples, task.seq_len, task.num_kv_pairs, settings.vocab_size, settings.power_a,
+                    settings.random_non_queries, torch.Generator("cpu").manual_seed(10_000 + 97 * settings.seed + i))
+        for i, task in enumerate(settings.test_tasks)
+    )
+
+
+@torch.no_grad()
+def evaluate(model, settings: Settings, device: torch.device, eval_batch: int = 250) -> dict[str, float]:
+    """Accuracy on each test task's test set (`held_out_sets`)."""
+    model.eval()
+    accuracy = {}
+    for task, data in zip(settings.test_tasks, held_out_sets(settings)):
+        correct = torch.zeros((), device=device)
+        for start in range(0, settings.test_examples, eval_batch):
+            batch = MQARBatch(*(x[start : start + eval_batch].to(device) for x in data))
+            with autocast(device):
+                logits, targets = predictions(model, batch)
+            correct += (logits.argmax(-1) == targets).sum()
+        accuracy[task.name] = correct.item() / (settings.test_examples * task.num_kv_pairs)
+    model.train()
+    return accuracy
+
+
+CALIBRATE = (10, 30)  # steps between which the step time is measured (after the kernels are compiled)
+
+
+def train_and_evaluate(spec: ModelSpec, settings: Settings, device: torch.device, time_budget_s: float | None = None,
+                       progress=None) -> dict:
+    """Train one model on fresh MQAR batches and evaluate it; returns the run's record."""
+    start = time.perf_counter()
+    torch.manual_seed(settings.seed)
+    config = spec.config(settings.vocab_size, settings.max_len)
+    model = BasedForCausalLM(config).to(device).train()
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay, fused=device.type == "cuda"
+    )
+    generator = torch.Generator(device).manual_seed(settings.seed + 1)
+    total = settings.max_steps
+    warmup = min(settings.warmup_steps, total)
+    correct = torch.zeros((), device=device)
+    counted, last_accuracy, early_stopped, step, marks = 0, float("nan"), False, 0, {}
+    while step < total:
+        task = settings.train_tasks[step % len(settings.train_tasks)]
+        for group in optimizer.param_groups:
+            group["lr"] = settings.lr * lr_factor(step, total, warmup)
+        batch = sample_mqar(settings.batch_size, task.seq_len, task.num_kv_pairs, settings.vocab_size,
+                            settings.power_a, settings.random_non_queries, generator)
+        with autocast(device):
+            logits, targets = predictions(model, batch)
+        loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        with torch.no_grad():
+            correct += (logits.argmax(-1) == targets).sum()
+        counted += targets.numel()
+        step += 1
+        if time_budget_s is not None and step in CALIBRATE:
+            loss.item()  # synchronise
+            marks[step] = time.perf_counter()
+            if step == CALIBRATE[1]:
+                step_time = (marks[CALIBRATE[1]] - marks[CALIBRATE[0]]) / (CALIBRATE[1] - CALIBRATE[0])
+                left = start + time_budget_s - marks[step]
+                total = max(CALIBRATE[1], min(settings.max_steps, step + int(left / step_time)))
+        if step % settings.check_every == 0 or step == total:
+            last_accuracy = correct.item() / counted
+            if progress is not None:
+                progress.set_postfix_str(f"step {step}/{total} loss {loss.item():.3f} acc {last_accuracy:.3f}")
+            correct.zero_()
+            counted = 0
+            if last_accuracy >= settings.early_stop_accuracy:
+                early_stopped = True
+                break
+    train_seconds = time.perf_counter() - start
+    accuracy = evaluate(model, settings, device)
+    eval_seconds = time.perf_counter() - start - train_seconds
+    return {
+        "name": spec.name,
+        "family": spec.family,
+        **{k: v for k, v in dataclasses.asdict(spec).items() if k != "family"},
+        "mixer_types": config.mixer_types,
+        "parameters": model.num_parameters(),
+        "state_size": {t.name: sum(config.recurrent_state_size(t.seq_len)) for t in settings.test_tasks},
+        "accuracy": accuracy,
+        "steps": step,
+        "early_stopped": early_stopped,
+        "train_accuracy": last_accuracy,
+        "final_loss": loss.item(),
+        "train_seconds": round(train_seconds, 2),
+        "eval_seconds": round(eval_seconds, 2),
+        "lr": settings.lr,
+        "settings": settings.fingerprint(),
+    }
+
+
+def read_runs(path: Path, fingerprint: str) -> dict[str, dict]:
+    runs = {}
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:  # blank, or cut short by an interruption: that run is redone
+                continue
+            if isinstance(record, dict) and record.get("settings") == fingerprint and "name" in record:
+                runs[record["name"]] = record
+    return runs
+
+
+def run_sweep(settings: Settings, specs: list[ModelSpec], out: Path, device: torch.device,
+              show_progress: bool = True) -> list[dict]:
+    """Train and evaluate every spec not yet in out/results.jsonl under these settings; returns all runs in spec
+    order. With a time budget, the runs still to do share the part of it that is theirs (len(todo) / len(specs))."""
+    from tqdm.auto import tqdm
+
+    out.mkdir(parents=True, exist_ok=True)
+    log = out / "results.jsonl"
+    done = read_runs(log, settings.fingerprint())
+    todo = [spec for spec in specs if spec.name not in done]
+    budget = settings.time_budget_s
+    deadline = time.perf_counter() + budget * len(todo) / len(specs) if budget else None
+    eval_reserve = 0.0  # the last run's evaluation time, held back from the next run's training budget
+    bar = tqdm(todo, desc="mqar", unit="run", disable=not show_progress)
+    for i, spec in enumerate(bar):
+        bar.set_description(f"mqar {spec.name}")
+        run_budget = None
+        if deadline is not None:
+            run_budget = max(1.0, (deadline - time.perf_counter()) / (len(todo) - i) - eval_reserve)
+        try:
+            record = train_and_evaluate(spec, settings, device, run_budget, progress=bar)
+        except Exception as error:  # noqa: BLE001 - one failing model must not end a GPU run; not logged: retried
+            message = f"{type(error).__name__}: {(str(error).splitlines() or [''])[0][:300]}"
+            done[spec.name] = {"name": spec.name, "family": spec.family, "error": message}
+            bar.write(f"{spec.name}: FAILED ({message})")
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            continue
+        eval_reserve = record["eval_seconds"]
+        done[spec.name] = record
+        with log.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        headline = settings.headline.name
+        bar.write(f"{spec.name}: {headline} accuracy {record['accuracy'][headline]:.3f}, "
+                  f"state {record['state_size'][headline]:,}, {record['steps']} steps, "
+                  f"{record['train_seconds'] + record['eval_seconds']:.0f} s")
+    return [done[spec.name] for spec in specs]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reports
+
+
+def write_report(runs: list[dict], settings: Settings, out: Path, env: dict) -> None:
+    headline = settings.headline.name
+    data = {"environment": env, "settings": dataclasses.asdict(settings), "headline_task": headline, "runs": runs}
+    report.write_json(out / "results.json", data)
+    tasks_ = [t.name for t in settings.test_tasks]
+    rows = [
+        [r["name"], r["parameters"], f"{r['state_size'][headline]:,}", r["steps"],
+         f"{r['train_seconds'] + r['eval_seconds']:.0f}", *(f"{r['accuracy'][t]:.3f}" for t in tasks_)]
+        if "error" not in r else [r["name"], "", "", "", "", f"FAILED: {r['error']}", *[""] * (len(tasks_) - 1)]
+        for r in runs
+    ]
+    table = report.markdown_table(
+        ["run", "params", f"state ({headline})", "steps", "s", *(f"acc {t}" for t in tasks_)], rows
+    )
+    train = ", ".join(t.name for t in settings.train_tasks)
+    (out / "results.md").write_text(
+        f"# MQAR: accuracy vs recurrent state size\n\n{report.environment_lines(env)}\n\n"
+        f"Tasks are seq_len x kv_pairs; vocab {settings.vocab_size}; training cycles through {train} "
+        f"(fresh batches of {settings.batch_size}); lr {settings.lr}, wd {settings.weight_decay}; "
+        f"time budget {settings.time_budget_s} s; {settings.test_examples} test examples per task. "
+        f"State = elements per sequence our cache keeps after {settings.headline.seq_len} tokens.\n\n"
+        f"{table}\n\n![mqar](mqar.png)\n"
+    )
+    plot([r for r in runs if "error" not in r], settings, out)
+
+
+def plot(runs: list[dict], settings: Settings, out: Path) -> Path | None:
+    plt = report.pyplot()
+    if plt is None:
+        print("matplotlib is missing: skipped mqar.png (rerun with --plot-only where it is installed)")
+        return None
+    headline = settings.headline.name
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.8), sharey=True)
+    panels = [
+        (axes[0], lambda r: r["accuracy"][headline], f"MQAR accuracy, {headline} (seq len x kv pairs)"),
+        (axes[1], lambda r: sum(r["accuracy"].values()) / len(r["accuracy"]), "mean accuracy over the test tasks"),
+    ]
+    for ax, accuracy, title in panels:
+        for key, family in FAMILIES.items():
+            members = sorted((r for r in runs if r["family"] == key), key=lambda r: r["state_size"][headline])
+            if not members:
+                continue
+            x = [r["state_size"][headline] for r in members]
+            ax.scatter(x, [accuracy(r) for r in members], marker=family.marker, color=family.color, s=60,
+                       label=family.label, zorder=3)
+            for r, xi in zip(members, x):
+                tag = f"d{r['d_model']}" + (f" f{r['feature_dim']}" if r["feature_dim"] else "") + (
+                    f" w{r['window']}" if r["window"] else "")
+                ax.annotate(tag, (xi, accuracy(r)), fontsize=6, xytext=(3, 3), textcoords="offset points")
+        ax.axhline(2 / settings.vocab_size, color="gray", linestyle=":", linewidth=1, label="chance")
+        ax.set_xscale("log")
+        ax.set_xlabel(f"recurrent state size (elements per sequence, after {settings.headline.seq_len} tokens)")
+        ax.set_title(title, fontsize=10)
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].set_ylabel("accuracy")
+    axes[0].set_ylim(-0.02, 1.02)
+    axes[0].legend(fontsize=8, loc="best")
+    fig.tight_layout()
+    path = out / "mqar.png"
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+    return path
+
+
+def settings_from_dict(data: dict) -> Settings:
+    data = dict(data)
+    for key in ("train_tasks", "test_tasks"):
+        data[key] = tuple(Task(**task) for task in data[key])
+    return Settings(**data)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Command line: hf-based mqar
+
+
+def add_mqar_arguments(parser) -> None:
+    parser.add_argument("--out", required=True, metavar="DIR",
+                        help="directory for results.jsonl/.json/.md and mqar.png")
+    parser.add_argument("--preset", choices=list(SWEEPS), default="default",
+                        help="sweep: 'default' (23 models, ~8 min on one H200) or 'tiny' (CPU, ~1 min)")
+    parser.add_argument("--families", metavar="A,B", help=f"only these model families ({', '.join(FAMILIES)})")
+    parser.add_argument("--max-steps", type=int, help="training steps per run at most")
+    parser.add_argument("--batch-size", type=int, help="training batch size")
+    parser.add_argument("--lr", type=float, help="peak learning rate")
+    parser.add_argument("--time-budget", type=float, metavar="SECONDS",
+                        help="wall-clock budget of the whole sweep, shared by the runs (0: none, max-steps per run); "
+                             "default: 400 for the default sweep on CUDA, none otherwise")
+    parser.add_argument("--seed", type=int, help="seed of the weights and the data (default 0)")
+    parser.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+    parser.add_argument("--plot-only", action="store_true", help="only redraw mqar.png and results.md from DIR")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def run_mqar(args) -> None:
+    from hf_based.cli import CLIError  # deferred: hf_based.cli imports this module
+
+    out = Path(args.out)
+    if out.is_file():
+        raise CLIError(f"--out {out} is a file; give a directory")
+    if args.plot_only:
+        path = out / "results.json"
+        if not path.is_file():
+            raise CLIError(f"--plot-only: {path} does not exist; run the sweep first")
+        data = json.loads(path.read_text())
+        write_report(data["runs"], settings_from_dict(data["settings"]), out, data["environment"])
+        print(f"hf-based mqar: redrew {out / 'mqar.png'} and {out / 'results.md'}")
+        return
+    try:
+        device = report.resolve_device(args.device)
+    except ValueError as error:
+        raise CLIError(str(error)) from error
+    settings, specs = SWEEPS[args.preset]
+    overrides = {name: value for name, value in (
+        ("max_steps", args.max_steps), ("batch_size", args.batch_size), ("lr", args.lr), ("seed", args.seed),
+    ) if value is not None}
+    if args.time_budget is not None:
+        overrides["time_budget_s"] = args.time_budget or None
+    elif device.type != "cuda":
+        overrides["time_budget_s"] = None  # the default budget is sized for an H200
+    try:
+        settings = dataclasses.replace(settings, **overrides)
+    except ValueError as error:
+        raise CLIError(str(error)) from error
+    if args.families:
+        wanted = [f.strip() for f in args.families.split(",") if f.strip()]
+        unknown = [f for f in wanted if f not in FAMILIES]
+        if unknown or not wanted:
+            raise CLIError(f"--families {args.families!r}: unknown family {', '.join(unknown) or '(none given)'}; "
+                           f"accepted: {', '.join(FAMILIES)}")
+        specs = [spec for spec in specs if spec.family in wanted]
+        if not specs:
+            raise CLIError(f"--families {args.families!r}: the {args.preset!r} sweep has no model of these families")
+    start = time.perf_counter()
+    runs = run_sweep(settings, specs, out, device, show_progress=not args.quiet)
+    write_report(runs, settings, out, report.environment(device))
+    headline = settings.headline.name
+    print(f"hf-based mqar: {len(runs)} runs in {time.perf_counter() - start:.0f} s on {report.machine(device)} "
+          f"-> {out}/results.json, results.md, mqar.png")
+    for run in runs:
+        if "error" in run:
+            print(f"  FAILED {run['name']}: {run['error']}")
+    for family in FAMILIES:
+        members = [r for r in runs if r["family"] == family and "error" not in r]
+        if members:
+            best = max(members, key=lambda r: r["accuracy"][headline])
+            print(f"  {family:>15}: best {headline} accuracy {best['accuracy'][headline]:.3f} ({best['name']}, "
+                  f"state {best['state_size'][headline]:,})")

@@ -1,0 +1,699 @@
+"""Prefill and decode throughput of a BASED-family model against a Transformer of the same size.
+
+`hf-based bench --out DIR` builds both models with random weights (throughput does not depend on the weights, so
+only a config is read: a preset name, or the config.json of a checkpoint directory / hub id, or a GGUF file) in bf16
+on one GPU, and measures
+
+- prefill: tokens/s of one forward over a prompt of P tokens (batch `--prefill-batch`, default 1) that fills a
+  generation cache and computes the last position's logits (what generate() does before the first new token).
+  BASED: our cache, Triton kernels. Transformer: SDPA (flash / cuDNN causal kernels), a DynamicCache;
+- decode: tokens/s of greedy decode steps (one token for each of B sequences per step) after a prompt of P tokens.
+  The cache holds a real prompt: a batch-1 prefill, copied to all B rows (a decode step costs the same for any
+  contents). BASED: our constant-size cache, each step captured once in a CUDA graph with its states in static
+  buffers updated in place (layers whose cache grows, `full_attention`, make it fall back to eager steps).
+  Transformer: transformers' StaticCache (preallocated to P + the steps timed), a 4D mask computed on device from the
+  position, and the same CUDA-graph capture (no torch.compile: it would recompile for every batch size). When a
+  capture fails the steps run eagerly; each record says which ("mode": "cuda_graph" | "eager");
+- peak memory: torch.cuda.max_memory_allocated during each measurement (weights included), and the size of the
+  cache the decode steps read.
+
+Running out of memory is a result (status "oom"), not a crash. Timing: triton.testing.do_bench medians for prefill,
+the median over `trials` runs of `steps` back-to-back decode steps (CUDA events) for decode; on CPU, wall-clock
+medians (for the tests; tiny sizes, no CUDA graphs).
+
+The default Transformer baseline (`--baseline llama`) is a LlamaForCausalLM with the BASED model's hidden size,
+layer count, heads (no GQA), vocabulary and embedding tying, and the MLP width that matches the parameter count.
+Writes DIR/results.json, DIR/results.md and DIR/bench.png.
+"""
+
+import dataclasses
+import gc
+import inspect
+import json
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, StaticCache
+
+from hf_based.eval import report
+from hf_based.modeling import PRESETS, BasedConfig, BasedForCausalLM, preset_config
+
+# Targets of issue 5 on the H200 (based-360m against a 360M Llama).
+DECODE_TARGET = {"batch": 64, "prompt_len": 8192, "speedup": 10.0}
+PREFILL_TARGET = {"length": 8192, "speedup": 1.5}
+
+
+@dataclass(frozen=True)
+class BenchSettings:
+    prefill_lengths: tuple[int, ...] = (2048, 4096, 8192, 16384)
+    prefill_batch: int = 1
+    decode_batches: tuple[int, ...] = (1, 8, 16, 32, 64, 128, 256)
+    prompt_lengths: tuple[int, ...] = (2048, 8192)
+    steps: int = 32  # decode steps per timed trial
+    trials: int = 3
+    warmup_steps: int = 3  # eager decode steps before the capture (and before timing)
+    dtype: str = "bfloat16"
+    cuda_graphs: bool = True
+
+    def __post_init__(self):
+        for name in ("prefill_lengths", "decode_batches", "prompt_lengths"):
+            values = getattr(self, name)
+            if not values or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in values):
+                raise ValueError(f"{name} must be a non-empty list of ints >= 1, got {list(values)}")
+        for name in ("prefill_batch", "steps", "trials"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
+
+    @property
+    def decode_positions(self) -> int:
+        """Positions the decode steps of one measurement use after the prompt (the StaticCache's headroom)."""
+        return self.warmup_steps + self.steps * self.trials + 1
+
+
+TINY = BenchSettings(prefill_lengths=(32, 64), decode_batches=(1, 2), prompt_lengths=(16, 32), steps=4, trials=2,
+                     warmup_steps=1, dtype="float32")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Models
+
+
+def matched_llama_config(config: BasedConfig) -> LlamaConfig:
+    """A Llama with the BASED model's width, depth, heads, vocabulary and tying; MLP width matching the parameters."""
+    h, layers, vocab = config.hidden_size, config.num_hidden_layers, config.vocab_size
+    target = based_parameters(config)
+    embeddings = vocab * h * (1 if config.tie_word_embeddings else 2)
+    attention = 4 * h * config.num_attention_heads * config.head_dim
+    rest = target - embeddings - layers * (attention + 2 * h) - h
+    intermediate = max(64, round(rest / (3 * h * layers) / 64) * 64)
+    return LlamaConfig(
+        vocab_size=vocab, hidden_size=h, intermediate_size=intermediate, num_hidden_layers=layers,
+        num_attention_heads=config.num_attention_heads, num_key_value_heads=config.num_attention_heads,
+        head_dim=config.head_dim, max_position_embeddings=max(config.max_position_embeddings, 32768),
+        tie_word_embeddings=config.tie_word_embeddings, rms_norm_eps=config.rms_norm_eps,
+        bos_token_id=None, eos_token_id=None, pad_token_id=None,
+    )
+
+
+def based_parameters(config: BasedConfig) -> int:
+    with torch.device("meta"):
+        return BasedForCausalLM(config).num_parameters()
+
+
+def load_config(spec: str, what: str):
+    """--model: a preset name or a checkpoint directory / hub id; --baseline: a Llama-family checkpoint directory, hub
+    id or .gguf file (read as the converter reads its teacher). -> the config; ValueError if unusable."""
+    if what == "model":
+        if spec in PRESETS:
+            return preset_config(spec)
+        try:
+            return AutoConfig.from_pretrained(spec)
+        except (OSError, ValueError) as error:
+            raise ValueError(
+                f"cannot read a config from model {spec!r} ({str(error).splitlines()[0]}); accepted: a preset "
+                f"({', '.join(PRESETS)}) or a checkpoint directory or hub id with config.json"
+            ) from error
+    from hf_based.conversion.errors import ConversionError
+    from hf_based.conversion.teacher import load_teacher_config
+
+    try:
+        return load_teacher_config(spec)
+    except ConversionError as error:
+        raise ValueError(f"--baseline: {error} (or 'llama' for a Llama matched to --model)") from error
+
+
+def build(config, dtype: torch.dtype, device: torch.device):
+    """Random-weight model of `config` on `device` in `dtype`, in eval mode (SDPA for transformers models)."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # initialise in the target dtype: no fp32 copy of the weights on the device
+    try:
+        with torch.device(device):
+            if isinstance(config, BasedConfig):
+                model = BasedForCausalLM(config)
+            else:
+                model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+    finally:
+        torch.set_default_dtype(previous)
+    return model.to(dtype).eval()
+
+
+def describe(name: str, model) -> dict:
+    config = model.config
+    info = {"name": name, "class": type(model).__name__, "parameters": model.num_parameters(),
+            "hidden_size": config.hidden_size, "layers": config.num_hidden_layers,
+            "heads": config.num_attention_heads, "kv_heads": getattr(config, "num_key_value_heads", None),
+            "vocab_size": config.vocab_size}
+    if isinstance(config, BasedConfig):
+        info["mixer_types"] = {m: config.mixer_types.count(m) for m in dict.fromkeys(config.mixer_types)}
+    else:
+        info["intermediate_size"] = getattr(config, "intermediate_size", None)
+        info["attn_implementation"] = config._attn_implementation
+    return info
+
+
+def cache_argument(model) -> str:
+    """transformers renamed `past_key_values` to `cache` during 5.x."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def output_cache(output):
+    cache = getattr(output, "cache", None)
+    return cache if cache is not None else getattr(output, "past_key_values", None)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Timing
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median_seconds(fn, device: torch.device, reps: int = 5) -> float:
+    """Median seconds of fn(): do_bench on CUDA (warmed up), wall clock on CPU."""
+    fn()
+    synchronize(device)
+    if device.type == "cuda":
+        import triton.testing
+
+        return triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median") / 1e3
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+class Memory:
+    """Peak memory (GB) over a `with` block, on CUDA; None elsewhere."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.peak_gb = device, None
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            synchronize(self.device)
+            self.peak_gb = round(torch.cuda.max_memory_allocated(self.device) / 1e9, 3)
+        return False
+
+
+def free(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def is_oom(error: BaseException) -> bool:
+    return isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error).lower()
+
+
+def failure(error: BaseException) -> dict:
+    """A measurement that raised: out of memory is a result; anything else is recorded (and printed) too, so that
+    one failing point does not lose the rest of a GPU run."""
+    if is_oom(error):
+        return {"status": "oom"}
+    return {"status": "error", "error": f"{type(error).__name__}: {(str(error).splitlines() or [''])[0][:300]}"}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Prefill
+
+
+def random_ids(model, batch: int, length: int, device, seed: int = 0) -> torch.Tensor:
+    generator = torch.Generator("cpu").manual_seed(seed)
+    return torch.randint(0, model.config.vocab_size, (batch, length), generator=generator).to(device)
+
+
+@torch.no_grad()
+def measure_prefill(model, length: int, batch: int, device: torch.device) -> dict:
+    record = {"length": length, "batch": batch}
+    try:
+        ids = random_ids(model, batch, length, device)
+
+        def prefill():
+            return model(input_ids=ids, use_cache=True, logits_to_keep=1)
+
+        with Memory(device) as memory:  # one call on its own: do_bench's L2-flush buffer is not counted
+            prefill()
+        seconds = median_seconds(prefill, device)
+        record.update(status="ok", ms=round(seconds * 1e3, 3), tokens_per_s=round(batch * length / seconds, 1),
+                      peak_memory_gb=memory.peak_gb)
+    except Exception as error:  # noqa: BLE001 - see failure()
+        record.update(failure(error))
+    free(device)
+    return record
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Decode
+
+
+class Decoder:
+    """Greedy decode steps of `batch` sequences after a `prompt_len`-token prompt, with the inputs, positions and
+    cache in static buffers so that `step` can be captured in a CUDA graph and replayed."""
+
+    graphable = True
+
+    def __init__(self, model, batch: int, prompt_len: int, headroom: int, device: torch.device):
+        self.model, self.batch, self.device = model, batch, device
+        self.ids = torch.zeros(batch, 1, dtype=torch.long, device=device)
+        self.positions = torch.full((batch, 1), prompt_len, dtype=torch.long, device=device)
+        self.static = False  # set when capturing: keep the cache in its buffers
+
+    def set_static(self, static: bool) -> None:
+        """Static mode (for capture): each step reads and writes the cache in fixed buffers."""
+        self.static = static
+
+    def step(self) -> None:
+        raise NotImplementedError
+
+    def cache_bytes(self) -> int:
+        raise NotImplementedError
+
+    def advance(self, logits: torch.Tensor) -> None:
+        self.ids.copy_(logits[:, -1].argmax(-1, keepdim=True))
+        self.positions.add_(1)
+
+
+class BasedDecoder(Decoder):
+    def __init__(self, model, batch, prompt_len, headroom, device):
+        super().__init__(model, batch, prompt_len, headroom, device)
+        self.graphable = "full_attention" not in model.config.mixer_types  # a growing KV cache has no static shape
+        prompt = random_ids(model, 1, prompt_len, device)
+        self.cache = output_cache(model(input_ids=prompt, use_cache=True, logits_to_keep=1))
+        self.cache.states = [
+            {name: t.expand(batch, *t.shape[1:]).contiguous() for name, t in state.items()}
+            for state in self.cache.states
+        ]
+        self.buffers = [dict(state) for state in self.cache.states]
+
+    def set_static(self, static):
+        if static:  # the buffers: the states as they are now (eager steps may have replaced the prompt's)
+            self.buffers = [dict(state) for state in self.cache.states]
+        else:  # back from a failed capture: the states in the buffers are the last ones computed
+            self.cache.states = [dict(buffers) for buffers in self.buffers]
+        self.static = static
+
+    def step(self):
+        if self.static:
+            self.cache.states = [dict(buffers) for buffers in self.buffers]
+        logits = self.model(input_ids=self.ids, position_ids=self.positions, cache=self.cache, use_cache=True).logits
+        if self.static:
+            for buffers, state in zip(self.buffers, self.cache.states):
+                for name, tensor in buffers.items():
+                    tensor.copy_(state[name])
+        self.advance(logits)
+
+    def cache_bytes(self):
+        return self.cache.nbytes()
+
+
+class StaticCacheDecoder(Decoder):
+    """transformers models: a StaticCache of batch x (prompt_len + headroom), filled with a batch-1 prefill."""
+
+    def __init__(self, model, batch, prompt_len, headroom, device):
+        super().__init__(model, batch, prompt_len, headroom, device)
+        self.cache_kwarg = cache_argument(model)
+        prompt = random_ids(model, 1, prompt_len, device)
+        prefix = output_cache(model(input_ids=prompt, use_cache=True, logits_to_keep=1))
+        length = -(-(prompt_len + headroom) // 64) * 64  # aligned, as SDPA's masked kernels like their key dim
+        self.cache = StaticCache(config=model.config, max_cache_len=length)
+        keys = prefix.layers[0].keys
+        heads = [layer.keys.shape[1] for layer in prefix.layers]
+        dims = [layer.keys.shape[-1] for layer in prefix.layers]
+        self.cache.early_initialization(batch, heads, dims, keys.dtype, device)
+        for layer, filled in zip(self.cache.layers, prefix.layers):
+            layer.keys[:, :, :prompt_len] = filled.keys
+            layer.values[:, :, :prompt_len] = filled.values
+            layer.cumulative_length.fill_(prompt_len)
+        del prefix
+        self.key_positions = torch.arange(length, device=device)
+
+    def step(self):
+        mask = self.key_positions <= self.positions[:, :, None, None]  # [B, 1, 1, L]: the prompt and the past steps
+        logits = self.model(input_ids=self.ids, position_ids=self.positions, attention_mask=mask, use_cache=True,
+                            **{self.cache_kwarg: self.cache}).logits
+        self.advance(logits)
+
+    def cache_bytes(self):
+        return sum(t.numel() * t.element_size() for layer in self.cache.layers for t in (layer.keys, layer.values))
+
+
+def timed_steps(run_step, device: torch.device, steps: int, trials: int) -> float:
+    """Median seconds per step over `trials` runs of `steps` back-to-back steps."""
+    per_step = []
+    for _ in range(trials):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(steps):
+                run_step()
+            end.record()
+            end.synchronize()
+            per_step.append(start.elapsed_time(end) / 1e3 / steps)
+        else:
+            start = time.perf_counter()
+            for _ in range(steps):
+                run_step()
+            per_step.append((time.perf_counter() - start) / steps)
+    return statistics.median(per_step)
+
+
+def capture(decoder: Decoder, device: torch.device) -> "torch.cuda.CUDAGraph":
+    decoder.set_static(True)
+    stream = torch.cuda.Stream(device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(stream):
+        decoder.step()  # one eager step in static mode on a side stream, as torch.cuda.graphs recommends
+    torch.cuda.current_stream(device).wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        decoder.step()
+    return graph
+
+
+@torch.no_grad()
+def measure_decode(model, batch: int, prompt_len: int, settings: BenchSettings, device: torch.device) -> dict:
+    record = {"prompt_len": prompt_len, "batch": batch}
+    decoder_class = BasedDecoder if isinstance(model, BasedForCausalLM) else StaticCacheDecoder
+    decoder = graph = None
+    try:
+        with Memory(device) as memory:
+            decoder = decoder_class(model, batch, prompt_len, settings.decode_positions, device)
+            for _ in range(settings.warmup_steps):
+                decoder.step()
+            mode, run_step = "eager", decoder.step
+            if settings.cuda_graphs and device.type == "cuda" and decoder.graphable:
+                try:
+                    graph = capture(decoder, device)
+                    mode, run_step = "cuda_graph", graph.replay
+                except Exception as error:  # noqa: BLE001 - fall back to eager steps, and say why
+                    if is_oom(error):
+                        raise
+                    record["graph_error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
+                    decoder.set_static(False)
+                    graph = None
+                    synchronize(device)
+            seconds = timed_steps(run_step, device, settings.steps, settings.trials)
+        record.update(status="ok", mode=mode, ms_per_step=round(seconds * 1e3, 4),
+                      tokens_per_s=round(batch / seconds, 1), peak_memory_gb=memory.peak_gb,
+                      cache_bytes=decoder.cache_bytes())
+    except Exception as error:  # noqa: BLE001 - see failure()
+        record.update(failure(error))
+    del decoder, graph
+    free(device)
+    return record
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Benchmark and report
+
+
+def resolve_configs(model_spec: str, baseline_spec: str) -> tuple[BasedConfig, object]:
+    """The configs of --model and --baseline; ValueError for anything unusable."""
+    config = load_config(model_spec, "model")
+    if not isinstance(config, BasedConfig):
+        raise ValueError(f"model {model_spec!r} is a {type(config).__name__}, not a BASED-family (BasedConfig) model")
+    if baseline_spec == "llama":
+        return config, matched_llama_config(config)
+    return config, load_config(baseline_spec, "baseline")
+
+
+def run_bench(model_spec: str, baseline_spec: str, settings: BenchSettings, device: torch.device,
+              show_progress: bool = True) -> dict:
+    dtype = getattr(torch, settings.dtype)
+    config, baseline_config = resolve_configs(model_spec, baseline_spec)
+    env = report.environment(device)
+    results = {"environment": env, "settings": dataclasses.asdict(settings), "models": {}, "prefill": [], "decode": []}
+    grid = [(length, None) for length in settings.prefill_lengths] + [
+        (prompt, batch) for prompt in settings.prompt_lengths for batch in settings.decode_batches
+    ]
+    for role, spec, cfg in (("model", model_spec, config), ("baseline", baseline_spec, baseline_config)):
+        torch.manual_seed(0)
+        model = build(cfg, dtype, device)
+        info = describe(spec if spec != "llama" else f"llama (matched to {model_spec})", model)
+        results["models"][role] = info
+        say = print if show_progress else (lambda *a, **k: None)
+        say(f"bench {role}: {info['name']} ({info['class']}, {info['parameters'] / 1e6:.1f}M parameters)")
+        for length, batch in grid:
+            if batch is None:
+                record = measure_prefill(model, length, settings.prefill_batch, device)
+                results["prefill"].append({"model": role, **record})
+                say(f"  prefill {length:>6} tokens: {_rate(record)}")
+            else:
+                record = measure_decode(model, batch, length, settings, device)
+                results["decode"].append({"model": role, **record})
+                say(f"  decode  P={length:>6} B={batch:>4}: {_rate(record)}"
+                    + (f" ({record.get('mode')})" if record["status"] == "ok" else ""))
+        del model
+        free(device)
+    results["summary"] = summarize(results)
+    return results
+
+
+def _rate(record: dict) -> str:
+    if record["status"] != "ok":
+        return record["status"] + (f" ({record['error']})" if "error" in record else "")
+    memory = f", peak {record['peak_memory_gb']} GB" if record.get("peak_memory_gb") is not None else ""
+    return f"{record['tokens_per_s']:,.0f} tokens/s{memory}"
+
+
+def _speedup(rows: list[dict], key) -> dict:
+    table = {}
+    for row in rows:
+        if row["model"] == "model" and row["status"] == "ok":
+            twin = next((r for r in rows if r["model"] == "baseline" and key(r) == key(row)), None)
+            table[key(row)] = (
+                round(row["tokens_per_s"] / twin["tokens_per_s"], 2) if twin and twin["status"] == "ok"
+                else f"baseline {twin['status']}" if twin else None
+            )
+    return table
+
+
+def summarize(results: dict) -> dict:
+    prefill = _speedup(results["prefill"], lambda r: r["length"])
+    decode = _speedup(results["decode"], lambda r: (r["prompt_len"], r["batch"]))
+    summary = {
+        "prefill_speedup": {str(k): v for k, v in prefill.items()},
+        "decode_speedup": {f"P={p},B={b}": v for (p, b), v in decode.items()},
+    }
+    d_key = (DECODE_TARGET["prompt_len"], DECODE_TARGET["batch"])
+    if d_key in decode:
+        summary["decode_target"] = {**DECODE_TARGET, "measured": decode[d_key],
+                                    "met": _met(decode[d_key], DECODE_TARGET["speedup"])}
+    if PREFILL_TARGET["length"] in prefill:
+        value = prefill[PREFILL_TARGET["length"]]
+        summary["prefill_target"] = {**PREFILL_TARGET, "measured": value,
+                                     "met": _met(value, PREFILL_TARGET["speedup"])}
+    return summary
+
+
+def _met(value, target: float) -> bool:
+    return value == "baseline oom" or (isinstance(value, float) and value >= target)
+
+
+def write_report(results: dict, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    report.write_json(out / "results.json", results)
+    models, summary = results["models"], results["summary"]
+    names = {role: info["name"] for role, info in models.items()}
+    lines = [f"# Throughput: {names['model']} vs {names['baseline']}", "",
+             report.environment_lines(results["environment"]), ""]
+    lines.append(report.markdown_table(
+        ["role", "model", "class", "parameters", "layers", "hidden"],
+        [[role, i["name"], i["class"], f"{i['parameters'] / 1e6:.1f}M", i["layers"], i["hidden_size"]]
+         for role, i in models.items()],
+    ))
+    for key in ("decode_target", "prefill_target"):
+        if key in summary:
+            t = summary[key]
+            where = (f"batch {t['batch']}, prompt {t['prompt_len']}" if key == "decode_target"
+                     else f"{t['length']} tokens")
+            lines += ["", f"**{key.split('_')[0]} target** ({where}): >= {t['speedup']}x, measured {t['measured']}x "
+                          f"-> {'met' if t['met'] else 'NOT met'}"]
+    lines += ["", "## Prefill (tokens/s, batch %d)" % results["settings"]["prefill_batch"], ""]
+    rows = []
+    for length in results["settings"]["prefill_lengths"]:
+        cells = [_find(results["prefill"], role, length=length) for role in ("model", "baseline")]
+        rows.append([length, *(_cell(c) for c in cells), *(_mem(c) for c in cells),
+                     summary["prefill_speedup"].get(str(length), "")])
+    lines.append(report.markdown_table(
+        ["tokens", "BASED tok/s", "baseline tok/s", "BASED peak GB", "baseline peak GB", "speedup"], rows))
+    lines += ["", "## Decode (tokens/s; steps after a prompt of P tokens)", ""]
+    rows = []
+    for prompt in results["settings"]["prompt_lengths"]:
+        for batch in results["settings"]["decode_batches"]:
+            cells = [_find(results["decode"], role, prompt_len=prompt, batch=batch) for role in ("model", "baseline")]
+            rows.append([prompt, batch, *(_cell(c) for c in cells), *(_mem(c) for c in cells),
+                         *(_cache(c) for c in cells), *((c or {}).get("mode", "") for c in cells),
+                         summary["decode_speedup"].get(f"P={prompt},B={batch}", "")])
+    lines.append(report.markdown_table(
+        ["P", "B", "BASED tok/s", "baseline tok/s", "BASED peak GB", "baseline peak GB", "BASED cache GB",
+         "baseline cache GB", "BASED mode", "baseline mode", "speedup"], rows))
+    errors = [r for r in results["decode"] if "graph_error" in r]
+    if errors:
+        lines += ["", "CUDA-graph capture failed (eager steps instead): "
+                  + "; ".join(f"{r['model']} P={r['prompt_len']} B={r['batch']}: {r['graph_error']}" for r in errors)]
+    failed = [r for r in results["prefill"] + results["decode"] if r["status"] == "error"]
+    if failed:
+        lines += ["", "Failed measurements: " + "; ".join(
+            f"{r['model']} " + ", ".join(f"{k}={r[k]}" for k in ("length", "prompt_len", "batch") if k in r)
+            + f": {r['error']}" for r in failed)]
+    lines += ["", "![bench](bench.png)", ""]
+    (out / "results.md").write_text("\n".join(lines))
+    plot(results, out)
+
+
+def _find(rows, role, **match):
+    return next((r for r in rows if r["model"] == role and all(r[k] == v for k, v in match.items())), None)
+
+
+def _cell(record) -> str:
+    if record is None:
+        return ""
+    return f"{record['tokens_per_s']:,.0f}" if record["status"] == "ok" else record["status"].upper()
+
+
+def _mem(record) -> str:
+    return "" if record is None or record.get("peak_memory_gb") is None else f"{record['peak_memory_gb']:.1f}"
+
+
+def _cache(record) -> str:
+    return "" if record is None or "cache_bytes" not in record else f"{record['cache_bytes'] / 1e9:.3g}"
+
+
+def plot(results: dict, out: Path) -> Path | None:
+    plt = report.pyplot()
+    if plt is None:
+        print("matplotlib is missing: skipped bench.png (rerun with --plot-only where it is installed)")
+        return None
+    names = {role: info["name"] for role, info in results["models"].items()}
+    colors = {"model": "C2", "baseline": "C0"}
+    fig, axes = plt.subplots(1, 3, figsize=(17, 4.8))
+    ax = axes[0]
+    for role in ("model", "baseline"):
+        ok = [r for r in results["prefill"] if r["model"] == role and r["status"] == "ok"]
+        ax.plot([r["length"] for r in ok], [r["tokens_per_s"] for r in ok], "o-", color=colors[role], label=names[role])
+    ax.set(xscale="log", yscale="log", xlabel="prompt tokens", ylabel="prefill tokens/s",
+           title=f"prefill (batch {results['settings']['prefill_batch']})")
+    panels = ((axes[1], "tokens_per_s", "decode tokens/s"), (axes[2], "peak_memory_gb", "decode peak memory (GB)"))
+    for ax, key, label in panels:
+        if not any(r["status"] == "ok" and r.get(key) for r in results["decode"]):
+            ax.text(0.5, 0.5, f"no {label} measured (CPU run)", ha="center", transform=ax.transAxes)
+            continue
+        for role in ("model", "baseline"):
+            for prompt, style in zip(results["settings"]["prompt_lengths"], ("-", "--", ":", "-.") * 4):
+                rows = [r for r in results["decode"] if r["model"] == role and r["prompt_len"] == prompt]
+                ok = [r for r in rows if r["status"] == "ok" and r.get(key) is not None]
+                ax.plot([r["batch"] for r in ok], [r[key] for r in ok], "o" + style, color=colors[role],
+                        label=f"{names[role]}, P={prompt}")
+                oom = [r["batch"] for r in rows if r["status"] == "oom"]
+                if oom and ok:
+                    ax.scatter(oom, [ok[-1][key]] * len(oom), marker="x", color=colors[role], s=70, zorder=3)
+        ax.set(xscale="log", yscale="log", xlabel="batch", ylabel=label, title=f"{label} (x = out of memory)")
+    for ax in axes:
+        ax.grid(True, which="both", alpha=0.3)
+        if ax.lines:
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = out / "bench.png"
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Command line: hf-based bench
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    import argparse
+
+    try:
+        values = tuple(int(v) for v in text.replace(",", " ").split())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected integers separated by commas, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected integers >= 1, got {text!r}")
+    return values
+
+
+def add_bench_arguments(parser) -> None:
+    parser.add_argument("--out", required=True, metavar="DIR", help="directory for results.json/.md and bench.png")
+    parser.add_argument("--model", metavar="PRESET_OR_PATH",
+                        help=f"BASED-family model: a preset ({', '.join(PRESETS)}) or a checkpoint directory / hub id "
+                             "(only its config is read; weights are random) (default: based-360m, tiny with --tiny)")
+    parser.add_argument("--baseline", default="llama", metavar="llama|PATH",
+                        help="'llama' (matched to --model) or a Transformer checkpoint directory / hub id / .gguf file "
+                             "(config only) (default: llama)")
+    parser.add_argument("--prefill-lengths", type=_ints, metavar="N,N", help="prompt lengths for prefill")
+    parser.add_argument("--prefill-batch", type=int, help="batch size for prefill (default 1)")
+    parser.add_argument("--decode-batches", type=_ints, metavar="B,B", help="batch sizes for decode")
+    parser.add_argument("--prompt-lengths", type=_ints, metavar="P,P", help="prompt lengths before decode")
+    parser.add_argument("--steps", type=int, help="decode steps per timed trial (default 32)")
+    parser.add_argument("--trials", type=int, help="timed trials per decode point (default 3)")
+    parser.add_argument("--dtype", choices=("bfloat16", "float16", "float32"),
+                        help="weights and activations (default bfloat16; float32 with --tiny)")
+    parser.add_argument("--no-cuda-graphs", action="store_true", help="time eager decode steps")
+    parser.add_argument("--tiny", action="store_true", help="tiny model and sizes (CPU tests)")
+    parser.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+    parser.add_argument("--plot-only", action="store_true", help="only redraw bench.png and results.md from DIR")
+    parser.add_argument("--quiet", action="store_true", help="print only the summary")
+
+
+def run_bench_command(args) -> None:
+    from hf_based.cli import CLIError  # deferred: hf_based.cli imports this module
+
+    out = Path(args.out)
+    if out.is_file():
+        raise CLIError(f"--out {out} is a file; give a directory")
+    if args.plot_only:
+        path = out / "results.json"
+        if not path.is_file():
+            raise CLIError(f"--plot-only: {path} does not exist; run the benchmark first")
+        write_report(json.loads(path.read_text()), out)
+        print(f"hf-based bench: redrew {out / 'bench.png'} and {out / 'results.md'}")
+        return
+    try:
+        device = report.resolve_device(args.device)
+    except ValueError as error:
+        raise CLIError(str(error)) from error
+    settings = TINY if args.tiny else BenchSettings()
+    overrides = {name: value for name, value in (
+        ("prefill_lengths", args.prefill_lengths), ("prefill_batch", args.prefill_batch),
+        ("decode_batches", args.decode_batches), ("prompt_lengths", args.prompt_lengths), ("steps", args.steps),
+        ("trials", args.trials), ("dtype", args.dtype),
+    ) if value is not None}
+    if args.no_cuda_graphs:
+        overrides["cuda_graphs"] = False
+    model = args.model or ("tiny" if args.tiny else "based-360m")
+    try:
+        settings = dataclasses.replace(settings, **overrides)
+        resolve_configs(model, args.baseline)  # bad input fails here, in one line, before any model is built
+    except ValueError as error:
+        raise CLIError(str(error)) from error
+    results = run_bench(model, args.baseline, settings, device, show_progress=not args.quiet)
+    write_report(results, out)
+    summary = results["summary"]
+    print(f"hf-based bench: {results['models']['model']['name']} vs {results['models']['baseline']['name']} on "
+          f"{report.machine(device)} -> {out}/results.json, results.md, bench.png")
+    print(f"  prefill speedup by length: {summary['prefill_speedup']}")
+    print(f"  decode speedup by (prompt, batch): {summary['decode_speedup']}")
+    for key in ("decode_target", "prefill_target"):
+        if key in summary:
+            target = summary[key]
+            print(f"  {key}: >= {target['speedup']}x, measured {target['measured']} -> "
+                  f"{'met' if target['met'] else 'NOT met'}")

@@ -1,0 +1,183 @@
+"""MQAR (`hf-based mqar`): Zoology's generator, the models' state sizes, and a tiny sweep that learns on CPU."""
+
+import dataclasses
+import json
+import re
+
+import pytest
+import torch
+
+from hf_based import BasedConfig, BasedForCausalLM
+from hf_based.cli import main
+from hf_based.eval.mqar import FAMILIES, SWEEPS, ModelSpec, multiquery_ar, sample_mqar, train_and_evaluate
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models run faster on one thread, much faster on a machine that other jobs share."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("seq_len, pairs, vocab", [(64, 4, 128), (128, 16, 8192), (512, 64, 8192), (16, 4, 32)])
+def test_examples_follow_zoology(seq_len, pairs, vocab):
+    ids, labels = multiquery_ar(200, seq_len, pairs, vocab_size=vocab, seed=1)
+    half = vocab // 2
+    assert ids.shape == labels.shape == (200, seq_len) and ids.dtype == labels.dtype == torch.long
+    assert ids.min() >= 0 and ids.max() < vocab
+    keys, values = ids[:, 0 : 2 * pairs : 2], ids[:, 1 : 2 * pairs : 2]
+    assert ((keys >= 1) & (keys < half)).all() and ((values >= half) & (values < vocab)).all()
+    for row in range(200):  # distinct keys and values in each example
+        assert len(set(keys[row].tolist())) == pairs and len(set(values[row].tolist())) == pairs
+    labelled = labels != -100
+    assert (labelled.sum(1) == pairs).all()  # one query per key
+    assert not labelled[:, : 2 * pairs].any()  # no label inside the pairs
+    rows, cols = labelled.nonzero(as_tuple=True)
+    assert ((cols - 2 * pairs) % 2 == 0).all()  # queries at even offsets after the pairs
+    for row, col in zip(rows.tolist(), cols.tolist()):
+        query = ids[row, col].item()
+        assert 1 <= query < half
+        index = keys[row].tolist().index(query)  # the key was given earlier ...
+        assert labels[row, col] == values[row, index]  # ... and the label is its value
+    assert len({int(labels[r].max()) for r in range(200)}) > 1  # examples differ
+
+
+def test_labels_are_the_only_predictions_scored():
+    batch = sample_mqar(8, 64, 4, vocab_size=128, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(batch.labels != -100, torch.zeros_like(batch.labels, dtype=torch.bool).scatter_(
+        1, batch.positions, True))
+    assert (batch.labels.gather(1, batch.positions) >= 64).all()
+
+
+def test_query_gaps_follow_a_power_law():
+    seq_len, pairs = 256, 8
+    _, labels = multiquery_ar(4000, seq_len, pairs, vocab_size=1024, seed=0)
+    gaps = ((labels != -100).nonzero()[:, 1] - 2 * pairs) // 2  # 0 .. space - 1
+    counts = torch.bincount(gaps, minlength=(seq_len - 2 * pairs) // 2).float()
+    buckets = counts.view(8, -1).sum(1)  # 8 equal ranges of gaps, shortest first
+    assert (buckets[:-1] >= buckets[1:] * 0.97).all(), buckets  # roughly monotone decreasing
+    assert buckets[0] > 1.5 * buckets[-1]
+    assert counts[0] > counts[-1]
+
+
+def test_seeded():
+    a, b, c = (multiquery_ar(4, 64, 4, vocab_size=128, seed=s) for s in (0, 0, 1))
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) and not torch.equal(a[0], c[0])
+
+
+def test_no_random_filler():
+    ids, labels = multiquery_ar(4, 64, 4, vocab_size=128, seed=0, random_non_queries=False)
+    assert ((ids[:, 8:] == 0) | (labels[:, 8:] != -100)).all()
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(seq_len=63, num_kv_pairs=4, vocab_size=128), "seq_len must be even"),
+    (dict(seq_len=64, num_kv_pairs=17, vocab_size=128), "4 * num_kv_pairs <= seq_len"),
+    (dict(seq_len=64, num_kv_pairs=4, vocab_size=64), "vocab_size must exceed seq_len"),
+    (dict(seq_len=64, num_kv_pairs=0, vocab_size=128), "num_kv_pairs must be an int >= 1"),
+])
+def test_bad_tasks_are_refused(kwargs, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        multiquery_ar(2, **kwargs)
+
+
+def test_state_size_is_what_the_cache_holds():
+    config = BasedConfig(
+        vocab_size=100, hidden_size=32, num_hidden_layers=5, num_attention_heads=4, num_key_value_heads=2,
+        feature_dim=8, sliding_window=6, hedgehog_dim=8,
+        mixer_types=["base_conv", "linear_attention", "sliding_window_attention", "hybrid_attention", "full_attention"],
+    )
+    for overrides in ({}, {"feature_map": "hedgehog", "linear_attention_projections": "llama"}):
+        config = BasedConfig(**{**config.to_dict(), **overrides})
+        model = BasedForCausalLM(config)
+        out = model(torch.randint(0, 100, (3, 20)), use_cache=True)
+        cache = getattr(out, "cache", None) or out.past_key_values
+        held = [sum(t.numel() for name, t in s.items() if name != "key_mask") // 3 for s in cache.states]
+        assert held == config.recurrent_state_size(20)
+    with pytest.raises(ValueError, match="pass seq_len"):
+        config.recurrent_state_size()
+
+
+def test_default_sweep_covers_every_family():
+    settings, specs = SWEEPS["default"]
+    assert {s.family for s in specs} == set(FAMILIES)
+    assert settings.headline.name == "512x64" and settings.max_len == 512 and settings.vocab_size == 8192
+    assert len({s.name for s in specs}) == len(specs)
+    based = [s for s in specs if s.family == "based"]
+    assert {s.feature_dim for s in based} == {8, 16, 24}
+    config = ModelSpec("based", 64, feature_dim=16).config(8192, 512)
+    assert config.mixer_types == ["base_conv", "linear_attention"] * 2 and config.num_attention_heads == 1
+    assert ModelSpec("based_no_conv", 64, feature_dim=16).config(8192, 512).mixer_types == ["linear_attention"] * 2
+    # attention's state grows with the sequence, BASED's does not
+    attention = ModelSpec("attention", 64).config(8192, 512)
+    assert sum(attention.recurrent_state_size(512)) == 2 * sum(attention.recurrent_state_size(256)) - 2 * 2 * 128
+    assert sum(config.recurrent_state_size(512)) == sum(config.recurrent_state_size(64))
+
+
+def test_tiny_sweep_learns_and_resumes(tmp_path, one_thread, capsys):
+    assert main(["mqar", "--out", str(tmp_path), "--preset", "tiny", "--quiet"]) == 0
+    data = json.loads((tmp_path / "results.json").read_text())
+    runs = {run["name"]: run for run in data["runs"]}
+    assert set(runs) == {"attention-d32", "based-d32-f8"}
+    chance = 1 / (128 // 2)
+    for run in runs.values():
+        assert set(run["accuracy"]) == {"64x4", "64x8"}
+        assert run["accuracy"]["64x4"] > 4 * chance, run  # learns: well above chance (BASED ~10x, attention ~60x)
+        assert run["state_size"]["64x4"] > 0 and run["steps"] > 0
+    assert runs["attention-d32"]["accuracy"]["64x4"] > 0.3
+    for name in ("results.md", "mqar.png", "results.jsonl"):
+        assert (tmp_path / name).stat().st_size > 0
+    lines = (tmp_path / "results.jsonl").read_text().splitlines()
+    assert len(lines) == 2
+    # rerun: both runs are found and skipped
+    assert main(["mqar", "--out", str(tmp_path), "--preset", "tiny", "--quiet"]) == 0
+    assert (tmp_path / "results.jsonl").read_text().splitlines() == lines
+    with (tmp_path / "results.jsonl").open("a") as f:  # a record cut short by an interruption is ignored
+        f.write('{"name": "attention-d32", "sett')
+    assert main(["mqar", "--out", str(tmp_path), "--preset", "tiny", "--quiet"]) == 0
+    assert (tmp_path / "results.jsonl").read_text().splitlines()[:2] == lines
+    (tmp_path / "mqar.png").unlink()
+    assert main(["mqar", "--out", str(tmp_path), "--plot-only"]) == 0
+    assert (tmp_path / "mqar.png").is_file()
+
+
+def test_time_budget_sets_the_steps(one_thread):
+    settings, specs = SWEEPS["tiny"]
+    settings = dataclasses.replace(settings, max_steps=100_000, check_every=10)
+    record = train_and_evaluate(specs[1], settings, torch.device("cpu"), time_budget_s=3.0)
+    assert 30 <= record["steps"] < 100_000 and not record["early_stopped"]
+    assert 2.0 < record["train_seconds"] < 10.0
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--families", "mamba"], "unknown family mamba"),
+    (["--lr", "0"], "lr must be > 0"),
+    (["--max-steps", "0"], "max_steps must be >= 1"),
+    (["--plot-only"], "does not exist"),
+])
+def test_bad_arguments_give_one_line_errors(tmp_path, capsys, argv, message):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["mqar", "--out", str(tmp_path / "out"), "--preset", "tiny", *argv])
+    assert exit_info.value.code != 0
+    err = capsys.readouterr().err.strip()
+    assert message in err and "Traceback" not in err and len(err.splitlines()) == 1
+
+
+def test_a_failing_run_is_reported_and_retried(tmp_path, monkeypatch, capsys):
+    import hf_based.eval.mqar as mqar
+
+    real = mqar.train_and_evaluate
+
+    def flaky(spec, settings, *args, **kwargs):
+        if spec.family == "based":
+            raise RuntimeError("Triton compilation failed\nlong details")
+        return real(spec, dataclasses.replace(settings, max_steps=2), *args, **kwargs)
+
+    monkeypatch.setattr(mqar, "train_and_evaluate", flaky)
+    assert main(["mqar", "--out", str(tmp_path), "--preset", "tiny", "--quiet", "--max-steps", "2"]) == 0
+    assert "FAILED based-d32-f8: RuntimeError: Triton compilation failed" in capsys.readouterr().out
+    assert "FAILED: RuntimeError" in (tmp_path / "results.md").read_text()
+    assert [json.loads(line)["name"] for line in (tmp_path / "results.jsonl").read_text().splitlines()] == [
+        "attention-d32"]

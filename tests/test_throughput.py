@@ -1,0 +1,165 @@
+"""Throughput benchmark (`hf-based bench`) on CPU at tiny sizes: what it writes and how it decodes, no speeds."""
+
+import json
+
+import pytest
+import torch
+from transformers import LlamaForCausalLM
+
+from hf_based import preset_config
+from hf_based.cli import main
+from hf_based.eval.throughput import (
+    TINY,
+    BasedDecoder,
+    StaticCacheDecoder,
+    based_parameters,
+    build,
+    cache_argument,
+    matched_llama_config,
+    measure_decode,
+    measure_prefill,
+    random_ids,
+)
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("preset", ["tiny", "based-360m", "based-1.3b"])
+def test_matched_llama_has_the_same_size(preset):
+    config = preset_config(preset)
+    llama = matched_llama_config(config)
+    with torch.device("meta"):
+        parameters = LlamaForCausalLM(llama).num_parameters()
+    assert abs(parameters / based_parameters(config) - 1) < 0.02
+    assert (llama.hidden_size, llama.num_hidden_layers, llama.vocab_size) == (
+        config.hidden_size, config.num_hidden_layers, config.vocab_size)
+    assert llama.num_key_value_heads == llama.num_attention_heads == config.num_attention_heads
+
+
+def greedy_reference(model, prompt, steps):
+    """Greedy tokens of plain cached forwards (the models' own cache handling)."""
+    with torch.no_grad():
+        out = model(input_ids=prompt, use_cache=True)
+        cache = getattr(out, "cache", None) or out.past_key_values
+        tokens = [out.logits[:, -1].argmax(-1, keepdim=True)]
+        for _ in range(steps - 1):
+            out = model(input_ids=tokens[-1], use_cache=True, **{cache_argument(model): cache})
+            tokens.append(out.logits[:, -1].argmax(-1, keepdim=True))
+    return torch.cat(tokens, 1)
+
+
+@pytest.mark.parametrize("static", [False, True])
+@pytest.mark.parametrize("kind", ["based", "llama"])
+def test_decoders_decode_like_the_model(kind, static, one_thread):
+    """The benchmark's decode loop (static buffers: what the CUDA graph replays) gives the model's greedy tokens."""
+    torch.manual_seed(0)
+    config = preset_config("tiny")
+    model = build(config if kind == "based" else matched_llama_config(config), torch.float64, CPU)
+    decoder = (BasedDecoder if kind == "based" else StaticCacheDecoder)(model, 3, 20, 8, CPU)
+    # the decoder's prompt: batch-1 random ids (seed 0), copied to every row; its first input is token 0
+    prompt = torch.cat([random_ids(model, 1, 20, CPU), torch.zeros(1, 1, dtype=torch.long)], 1)
+    expected = greedy_reference(model, prompt, 6)
+    tokens = []
+    with torch.no_grad():
+        for i in range(6):
+            if i == 2:  # eager steps first, then static ones, as the benchmark warms up before the capture
+                decoder.set_static(static)
+            decoder.step()
+            tokens.append(decoder.ids.clone())
+    tokens = torch.cat(tokens, 1)
+    assert torch.equal(tokens, expected.expand(3, -1))
+    assert decoder.positions.unique().tolist() == [26]
+    assert decoder.cache_bytes() > 0
+
+
+def test_based_cache_stays_constant_size():
+    torch.manual_seed(0)
+    model = build(preset_config("tiny"), torch.float32, CPU)
+    short = BasedDecoder(model, 2, 16, 4, CPU).cache_bytes()
+    assert BasedDecoder(model, 2, 64, 4, CPU).cache_bytes() == short
+
+
+class Failing(torch.nn.Module):
+    config = preset_config("tiny")
+
+    def __init__(self, error):
+        super().__init__()
+        self.error = error
+
+    def forward(self, **kwargs):
+        raise self.error
+
+
+def test_out_of_memory_is_a_result():
+    exhausted = Failing(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 200 GiB"))
+    assert measure_prefill(exhausted, 16, 1, CPU) == {"length": 16, "batch": 1, "status": "oom"}
+    assert measure_decode(exhausted, 4, 16, TINY, CPU) == {"prompt_len": 16, "batch": 4, "status": "oom"}
+
+
+def test_other_failures_are_recorded_not_raised():
+    record = measure_decode(Failing(RuntimeError("kernel exploded\nmore")), 4, 16, TINY, CPU)
+    assert record == {"prompt_len": 16, "batch": 4, "status": "error", "error": "RuntimeError: kernel exploded"}
+
+
+def test_bench_tiny_writes_results(tmp_path, one_thread, capsys):
+    assert main(["bench", "--tiny", "--out", str(tmp_path), "--quiet"]) == 0
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert set(results) >= {"environment", "settings", "models", "prefill", "decode", "summary"}
+    assert set(results["environment"]) >= {"date", "commit", "machine", "torch", "transformers"}
+    assert results["models"]["model"]["class"] == "BasedForCausalLM"
+    assert results["models"]["baseline"]["class"] == "LlamaForCausalLM"
+    assert results["models"]["baseline"]["attn_implementation"] == "sdpa"
+    assert len(results["prefill"]) == 2 * len(TINY.prefill_lengths)
+    assert len(results["decode"]) == 2 * len(TINY.prompt_lengths) * len(TINY.decode_batches)
+    for record in results["prefill"]:
+        assert record["status"] == "ok" and record["tokens_per_s"] > 0 and record["ms"] > 0
+    for record in results["decode"]:
+        assert record["status"] == "ok" and record["tokens_per_s"] > 0 and record["mode"] == "eager"
+        assert record["cache_bytes"] > 0
+    based = [r["cache_bytes"] for r in results["decode"] if r["model"] == "model" and r["batch"] == 1]
+    assert len(set(based)) == 1  # the same state after 16 and 32 prompt tokens
+    assert set(results["summary"]["prefill_speedup"]) == {"32", "64"}
+    assert len(results["summary"]["decode_speedup"]) == 4
+    for name in ("results.md", "bench.png"):
+        assert (tmp_path / name).stat().st_size > 0
+    assert "tiny vs llama" in (tmp_path / "results.md").read_text()
+    out = capsys.readouterr().out
+    assert "prefill speedup" in out and "decode speedup" in out
+    (tmp_path / "bench.png").unlink()
+    assert main(["bench", "--out", str(tmp_path), "--plot-only"]) == 0
+    assert (tmp_path / "bench.png").is_file()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--model", "no/such/dir-xyz"], "cannot read a config from model 'no/such/dir-xyz'"),
+    (["--baseline", "./missing.gguf"], "--baseline: BASE './missing.gguf' does not exist"),
+    (["--steps", "0"], "steps must be >= 1"),
+    (["--plot-only"], "does not exist"),
+])
+def test_bad_arguments_give_one_line_errors(tmp_path, capsys, argv, message):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", "--tiny", "--out", str(tmp_path / "out"), *argv])
+    assert exit_info.value.code != 0
+    err = capsys.readouterr().err.strip()
+    assert message in err and "Traceback" not in err and len(err.splitlines()) == 1
+
+
+def test_lengths_must_be_positive_integers(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["bench", "--tiny", "--out", str(tmp_path), "--prefill-lengths", "0,64"])
+    assert "expected integers >= 1" in capsys.readouterr().err
+
+
+def test_model_must_be_based_family(tmp_path, capsys):
+    matched_llama_config(preset_config("tiny")).save_pretrained(tmp_path / "llama")
+    with pytest.raises(SystemExit):
+        main(["bench", "--tiny", "--out", str(tmp_path / "out"), "--model", str(tmp_path / "llama")])
+    assert "not a BASED-family" in capsys.readouterr().err
