@@ -12,6 +12,13 @@ from pathlib import Path
 import torch
 
 from hf_based import __version__
+from hf_based.conversion.import_based import add_import_based_arguments, run_import_based
+from hf_based.conversion.import_lolcats import add_import_lolcats_arguments, run_import_lolcats
+from hf_based.conversion.errors import ConversionError
+from hf_based.conversion.options import add_convert_arguments, add_demo_arguments, run_convert, run_demo
+from hf_based.eval.lm_eval_tasks import add_eval_arguments, run_eval
+from hf_based.eval.mqar import add_mqar_arguments, run_mqar
+from hf_based.eval.throughput import add_bench_arguments, run_bench_command
 from hf_based.modeling import PRESETS, BasedForCausalLM, preset_config
 from hf_based.tokenizer import load_tokenizer
 
@@ -66,6 +73,28 @@ def run_init(args: argparse.Namespace) -> None:
 
 COMMANDS: dict[str, Command] = {
     "init": Command("create a randomly initialised model from a preset", add_init_arguments, run_init),
+    "import-based": Command(
+        "convert a released HazyResearch BASED checkpoint", add_import_based_arguments, run_import_based
+    ),
+    "import-lolcats": Command(
+        "apply released LoLCATs checkpoints to their base Llama", add_import_lolcats_arguments, run_import_lolcats
+    ),
+    "eval": Command("score causal LMs on lm-eval tasks (local JSONL with --data-dir)", add_eval_arguments, run_eval),
+    "convert": Command(
+        "linearize a Llama-family checkpoint with LoLCATs (attention transfer + LoRA)", add_convert_arguments,
+        run_convert,
+    ),
+    "demo": Command(
+        "convert SmolLM2-135M-Instruct with a short recipe and compare it with the teacher", add_demo_arguments,
+        run_demo,
+    ),
+    "mqar": Command(
+        "train small models of each mixer family on MQAR; plot recall against state size", add_mqar_arguments, run_mqar
+    ),
+    "bench": Command(
+        "prefill and decode throughput of a BASED model against a same-size Transformer", add_bench_arguments,
+        run_bench_command,
+    ),
 }
 
 
@@ -83,6 +112,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         COMMANDS[args.command].run(args)
-    except CLIError as error:
+    except (CLIError, ConversionError) as error:
         parser.exit(1, f"hf-based {args.command}: error: {error}\n")
     return 0

@@ -1,0 +1,431 @@
+"""LoLCATs linearization of Llama-family checkpoints: config mapping, weight transfer, attention transfer.
+
+A Llama layer's attention becomes a BASED-family `hybrid_attention` mixer (softmax over a sliding window plus
+hedgehog linear attention over older keys, Zhang et al. 2024) with the *same* q/k/v/o projections, which sit under
+`self_attn` with Llama's names, so every weight drops in by name; only the feature maps and the per-head window
+weight gamma are new. `Recipe` holds every knob of the conversion, with LoLCATs' defaults.
+
+Attention transfer (stage 1) needs, for every converted layer, the teacher's softmax attention output (before
+o_proj) on the same inputs. `AttentionTransfer` gets it without touching the model code: a forward pre-hook on the
+attention module recomputes its q/k/v (the teacher's own projections) and the exact causal softmax attention, and a
+forward hook on `o_proj` compares that with the converted layer's output (o_proj's input), records the MSE, and hands
+the *teacher's* output on, as LoLCATs does, so every layer trains on the teacher's hidden states.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hf_based.conversion.errors import ConversionError
+from hf_based.kernels import softmax_attention
+from hf_based.modeling import BasedConfig, BasedForCausalLM
+from hf_based.modeling.modeling_based import (
+    BasedHedgehogFeatureMap,
+    BasedHybridAttention,
+    BasedLinearAttention,
+    BasedRotaryEmbedding,
+)
+
+# model_type -> what differs from Llama. All three name their weights like Llama (model.layers.N.self_attn.q_proj...).
+SUPPORTED_MODEL_TYPES = {
+    "llama": "Llama 2 / 3 / 3.1 / 3.2 (GQA, llama3 RoPE scaling, tied or untied embeddings, optional biases)",
+    "mistral": "Mistral (Llama-shaped; its sliding_window, if any, is ignored: keep --seq-len within it)",
+    "qwen2": "Qwen2 / Qwen2.5 (bias on q/k/v, none on o_proj)",
+}
+FEATURE_MAPS = ("hedgehog", "taylor")
+CONVERTED_MIXERS = ("hybrid_attention", "linear_attention")
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
+@dataclass
+class Recipe:
+    """Every setting of a conversion. Defaults follow LoLCATs (anchors-mission.md 2.2-2.5): window 64, hedgehog
+    maps with 64 -> 128 features, gamma init 0.1; stage 1 lr 1e-2 with MSE x 1000, stage 2 LoRA r 8 / alpha 16 on
+    q/k/v/o at lr 1e-4; packed 1024-token sequences, batch 1 x 8 accumulation, 2 epochs per stage, clip 1.0."""
+
+    # architecture
+    window: int = 64  # keys of the softmax window, the current one included (LoLCATs' window_size: same count)
+    feature_map: str = "hedgehog"
+    hedgehog_dim: int = 64
+    softmax_layers: tuple[int, ...] = ()  # kept as full softmax attention (negative = from the end)
+    linear_only: bool = False  # pure linear attention, no window
+    window_factor_init: float = 0.1
+    # data and batching
+    seq_len: int = 1024
+    batch_size: int = 1
+    grad_accum: int = 8
+    epochs: float = 2.0  # per stage, when neither steps nor tokens are given
+    seed: int = 0
+    # stage 1: attention transfer
+    stage1_steps: int | None = None
+    stage1_tokens: int | None = None
+    stage1_lr: float = 1e-2
+    mse_factor: float = 1000.0
+    # stage 2: LoRA
+    stage2_steps: int | None = None
+    stage2_tokens: int | None = None
+    stage2_lr: float = 1e-4
+    stage2_loss: str = "next_token"  # or "distill": KL to the teacher's logits
+    distill_temperature: float = 1.0
+    lora_r: int = 8
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    lora_targets: tuple[str, ...] = LORA_TARGETS
+    # optimisation
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    warmup_steps: int = 0
+    lr_schedule: str = "constant"  # or "cosine" (to 10% of the peak)
+    # engineering
+    checkpoint_every: int = 50
+    blockwise: int | None = None  # layers per block for block-wise attention transfer
+    block_index: int | None = None  # train only this block (one process per block), then stop
+    fsdp: bool = False  # shard stage 2 with FSDP2 (multi-process runs)
+    gradient_checkpointing: bool = False
+    precision: str | None = None  # "bf16" | "fp32"; default bf16 on CUDA, fp32 on CPU
+
+    def validate(self) -> None:
+        def positive(name, allow_zero=False, allow_none=False):
+            value = getattr(self, name)
+            if value is None and allow_none:
+                return
+            ok = isinstance(value, int) and not isinstance(value, bool) and (value >= 0 if allow_zero else value >= 1)
+            if not ok:
+                lowest = 0 if allow_zero else 1
+                raise ConversionError(f"{name}={value!r} is not supported; accepted: integers >= {lowest}")
+
+        for name in ("window", "hedgehog_dim", "seq_len", "batch_size", "grad_accum", "lora_r", "checkpoint_every"):
+            positive(name)
+        for name in ("stage1_steps", "stage1_tokens", "stage2_steps", "stage2_tokens"):
+            positive(name, allow_zero=True, allow_none=True)
+        positive("blockwise", allow_none=True)
+        positive("block_index", allow_zero=True, allow_none=True)
+        positive("warmup_steps", allow_zero=True)
+        if self.feature_map not in FEATURE_MAPS:
+            raise ConversionError(
+                f"feature_map={self.feature_map!r} is not supported; accepted: {', '.join(FEATURE_MAPS)}"
+            )
+        if self.stage2_loss not in ("next_token", "distill"):
+            raise ConversionError(f"stage2_loss={self.stage2_loss!r} is not supported; accepted: next_token, distill")
+        if self.lr_schedule not in ("constant", "cosine"):
+            raise ConversionError(f"lr_schedule={self.lr_schedule!r} is not supported; accepted: constant, cosine")
+        if self.precision not in (None, "bf16", "fp32"):
+            raise ConversionError(f"precision={self.precision!r} is not supported; accepted: bf16, fp32")
+        if not 0 < self.window_factor_init < 1:
+            raise ConversionError(
+                f"window_factor_init={self.window_factor_init!r} is not supported; accepted: 0 < value < 1"
+            )
+        for name in ("stage1_lr", "stage2_lr", "epochs", "mse_factor", "lora_alpha", "distill_temperature"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                raise ConversionError(f"{name}={value!r} is not supported; accepted: a number > 0")
+        if not self.lora_targets or any(t not in LORA_TARGETS for t in self.lora_targets):
+            raise ConversionError(
+                f"lora_targets={list(self.lora_targets)!r} is not supported; "
+                f"accepted: a subset of {', '.join(LORA_TARGETS)}"
+            )
+        if self.block_index is not None and self.blockwise is None:
+            raise ConversionError("block_index needs blockwise (layers per block)")
+
+    def to_dict(self) -> dict:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, values: Mapping) -> Recipe:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(values) - names
+        if unknown:
+            raise ConversionError(f"unknown recipe field(s): {', '.join(sorted(unknown))}")
+        values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
+        return cls(**values)
+
+
+def _get(config, name, default=None):
+    value = getattr(config, name, default)
+    return default if value is None else value
+
+
+def check_supported(teacher_config) -> None:
+    """Raise ConversionError unless `teacher_config` describes a decoder this module converts."""
+    model_type = getattr(teacher_config, "model_type", None)
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        accepted = "; ".join(f"{k}: {v}" for k, v in SUPPORTED_MODEL_TYPES.items())
+        raise ConversionError(
+            f"cannot convert a {model_type!r} checkpoint ({type(teacher_config).__name__}); supported model types "
+            f"are Llama-family decoders with q_proj/k_proj/v_proj/o_proj attention and RoPE: {accepted}"
+        )
+    rope = _get(teacher_config, "rope_parameters", {}) or {}
+    if not isinstance(rope, Mapping) or "rope_type" not in rope and any(isinstance(v, Mapping) for v in rope.values()):
+        raise ConversionError(f"per-layer RoPE parameters ({rope!r}) are not supported")
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    rope_type = rope.get("rope_type", "default")
+    if rope_type != "default" and rope_type not in ROPE_INIT_FUNCTIONS:
+        raise ConversionError(
+            f"RoPE type {rope_type!r} is not supported; accepted: default, {', '.join(ROPE_INIT_FUNCTIONS)}"
+        )
+    layer_types = getattr(teacher_config, "layer_types", None)
+    if layer_types and any(t != "full_attention" for t in layer_types):
+        raise ConversionError(
+            f"the teacher mixes attention types ({sorted(set(layer_types))}); "
+            "only full-attention teachers are supported"
+        )
+    if _get(teacher_config, "hidden_act", "silu") not in ("silu", "swish"):
+        raise ConversionError(f"hidden_act={teacher_config.hidden_act!r} is not supported; accepted: silu")
+
+
+def _layer_indices(indices: Sequence[int], num_layers: int, what: str) -> list[int]:
+    out = []
+    for i in indices:
+        j = i + num_layers if i < 0 else i
+        if not 0 <= j < num_layers:
+            raise ConversionError(f"{what} {i} is out of range for a model of {num_layers} layers")
+        out.append(j)
+    return sorted(set(out))
+
+
+def based_config(teacher_config, recipe: Recipe | None = None) -> BasedConfig:
+    """The BasedConfig of the converted model: the teacher's shapes, RoPE, norms and tokens; LoLCATs mixers."""
+    recipe = recipe or Recipe()
+    recipe.validate()
+    check_supported(teacher_config)
+    num_layers = teacher_config.num_hidden_layers
+    softmax = _layer_indices(recipe.softmax_layers, num_layers, "softmax layer")
+    converted = "linear_attention" if recipe.linear_only else "hybrid_attention"
+    heads = teacher_config.num_attention_heads
+    head_dim = _get(teacher_config, "head_dim", teacher_config.hidden_size // heads)
+    qwen2 = teacher_config.model_type == "qwen2"
+    eos = getattr(teacher_config, "eos_token_id", None)
+    return BasedConfig(
+        vocab_size=teacher_config.vocab_size,
+        hidden_size=teacher_config.hidden_size,
+        intermediate_size=teacher_config.intermediate_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=heads,
+        num_key_value_heads=_get(teacher_config, "num_key_value_heads", heads),
+        head_dim=head_dim,
+        mixer_types=["full_attention" if i in softmax else converted for i in range(num_layers)],
+        feature_map=recipe.feature_map,
+        hedgehog_dim=recipe.hedgehog_dim,
+        linear_attention_projections="llama",
+        sliding_window=recipe.window,
+        hybrid_window_factor_init=recipe.window_factor_init,
+        attention_bias=bool(qwen2 or _get(teacher_config, "attention_bias", False)),
+        mlp_bias=bool(_get(teacher_config, "mlp_bias", False)),
+        hidden_act="silu",
+        rms_norm_eps=teacher_config.rms_norm_eps,
+        rope_parameters=dict(_get(teacher_config, "rope_parameters", {"rope_type": "default", "rope_theta": 10000.0})),
+        max_position_embeddings=_get(teacher_config, "max_position_embeddings", 2048),
+        initializer_range=_get(teacher_config, "initializer_range", 0.02),
+        tie_word_embeddings=bool(getattr(teacher_config, "tie_word_embeddings", False)),
+        bos_token_id=getattr(teacher_config, "bos_token_id", None),
+        eos_token_id=list(eos) if isinstance(eos, (list, tuple)) else eos,
+        pad_token_id=None,  # a padding_idx would freeze that embedding row; generate() reads generation_config's
+    )
+
+
+def converted_layers(config: BasedConfig) -> list[int]:
+    return [i for i, m in enumerate(config.mixer_types) if m in CONVERTED_MIXERS]
+
+
+def _new_parameter_names(config: BasedConfig) -> set[str]:
+    names = set()
+    for i in converted_layers(config):
+        prefix = f"model.layers.{i}.self_attn."
+        if config.feature_map == "hedgehog":
+            names |= {prefix + "feature_map_q.weight", prefix + "feature_map_k.weight"}
+        if config.mixer_types[i] == "hybrid_attention":
+            names.add(prefix + "window_factors")
+    return names
+
+
+def init_new_parameters(module: nn.Module, config: BasedConfig, device=None) -> None:
+    """(Re)create the parameters that the teacher lacks, with LoLCATs' init: identity feature maps (each head's
+    W = the rectangular identity, `--lk_zero_init`) and gamma = `hybrid_window_factor_init` (logit(0.1) = -2.1972)."""
+    for sub in module.modules():
+        if isinstance(sub, BasedHedgehogFeatureMap):
+            heads, dim, features = sub.weight.shape
+            eye = torch.eye(dim, features, device=device).expand(heads, dim, features).clone()
+            sub.weight = nn.Parameter(eye)
+        elif isinstance(sub, BasedHybridAttention):
+            logit = math.log(config.hybrid_window_factor_init / (1 - config.hybrid_window_factor_init))
+            sub.window_factors = nn.Parameter(torch.full((sub.num_heads,), logit, device=device))
+
+
+def load_weights(module: nn.Module, tensors: Callable[[str], torch.Tensor | None], config: BasedConfig,
+                 prefix: str = "", dtype: torch.dtype = torch.float32, device="cpu") -> None:
+    """Fill a meta-device `module` (a BasedForCausalLM, or one of its layers with `prefix` = its name in the full
+    model) with the teacher's tensors (`tensors(full_name)`, None if absent), creating the new parameters.
+
+    Qwen2's o_proj has no bias: it gets zeros (with attention_bias=True all four projections have one).
+    """
+    new = _new_parameter_names(config)
+    state, missing = {}, []
+    for name in module.state_dict(keep_vars=True):
+        full = prefix + name
+        if full in new:
+            continue
+        tensor = tensors(full)
+        if tensor is None and full.endswith("self_attn.o_proj.bias"):
+            tensor = torch.zeros(config.hidden_size)
+        if tensor is None and full == "lm_head.weight" and config.tie_word_embeddings:
+            continue
+        if tensor is None:
+            missing.append(full)
+            continue
+        # A copy: merging LoRA later writes into these weights, and the teacher must stay intact.
+        state[name] = tensor.detach().to(device=device, dtype=dtype, copy=True)
+    if missing:
+        raise ConversionError(
+            f"the teacher checkpoint lacks {len(missing)} weight(s) that a Llama-shaped model has, e.g. "
+            f"{', '.join(missing[:4])}; it is not a supported Llama-family checkpoint"
+        )
+    module.load_state_dict(state, strict=False, assign=True)
+    init_new_parameters(module, config, device=device)
+    for sub in module.modules():
+        if isinstance(sub, BasedRotaryEmbedding):  # non-persistent buffers: rebuilt, never loaded
+            fresh = BasedRotaryEmbedding(config).to(device)
+            sub.inv_freq, sub.original_inv_freq = fresh.inv_freq, fresh.original_inv_freq
+    if isinstance(module, BasedForCausalLM) and config.tie_word_embeddings:
+        module.lm_head.weight = module.model.embed_tokens.weight
+    left = [n for n, t in [*module.named_parameters(), *module.named_buffers()] if t.is_meta]
+    if left:
+        raise ConversionError(f"internal error: parameters left uninitialised: {', '.join(left[:5])}")
+
+
+def teacher_tensors(teacher: nn.Module) -> Callable[[str], torch.Tensor | None]:
+    """Look up the teacher's weights by name (a loaded model: its state dict, without copies)."""
+    state = teacher.state_dict()
+    extra = [n for n in state if "rotary_emb" not in n and not n.startswith(("model.", "lm_head."))]
+    if extra:
+        raise ConversionError(f"unexpected teacher weights {extra[:4]}: not a Llama-family causal LM")
+    return state.get
+
+
+def check_teacher_weights(teacher: nn.Module, config: BasedConfig) -> None:
+    """Every teacher weight must have a place in the converted model (e.g. Qwen3's q_norm/k_norm have none)."""
+    with torch.device("meta"):
+        skeleton = BasedForCausalLM(config)
+    ours = set(skeleton.state_dict())
+    theirs = {n for n in teacher.state_dict() if "rotary_emb" not in n}
+    unknown = sorted(theirs - ours)
+    if unknown:
+        raise ConversionError(
+            f"the teacher has {len(unknown)} weight(s) that a Llama-shaped model lacks, e.g. {', '.join(unknown[:4])}; "
+            "this architecture is not supported"
+        )
+
+
+def linearize_model(teacher: nn.Module, recipe: Recipe | None = None, dtype: torch.dtype = torch.float32,
+              device="cpu") -> BasedForCausalLM:
+    """The converted model before any training: the teacher's weights, new feature maps and gamma."""
+    config = based_config(teacher.config, recipe)
+    check_teacher_weights(teacher, config)
+    with torch.device("meta"):
+        student = BasedForCausalLM(config)
+    load_weights(student, teacher_tensors(teacher), config, dtype=dtype, device=device)
+    if getattr(teacher, "generation_config", None) is not None:
+        student.generation_config = teacher.generation_config.__class__.from_dict(teacher.generation_config.to_dict())
+    return student.eval()
+
+
+def stage1_parameters(model: nn.Module, config: BasedConfig) -> dict[int, list[tuple[str, nn.Parameter]]]:
+    """Per converted layer: the (name, parameter) pairs that attention transfer trains (feature maps, gamma).
+    Names are relative to `model` (a BasedForCausalLM, or anything whose named_parameters end the same)."""
+    converted = set(converted_layers(config))
+    groups: dict[int, list[tuple[str, nn.Parameter]]] = {}
+    for name, param in model.named_parameters():
+        match = re.search(r"layers\.(\d+)\.self_attn\.(feature_map_[qk]\.weight|window_factors)$", name)
+        if match and int(match.group(1)) in converted:
+            groups.setdefault(int(match.group(1)), []).append((name, param))
+    return groups
+
+
+# --- attention transfer -------------------------------------------------------------------------------------------
+
+
+def teacher_attention(q, k, v, key_mask=None) -> torch.Tensor:
+    """Exact causal softmax attention, [B, T, H, D] (GQA k/v) -> [B, T, H * D], as the teacher's Llama attention
+    computes it (scale head_dim^-0.5)."""
+    if key_mask is None and q.shape[1] == k.shape[1]:
+        o = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
+            enable_gqa=q.shape[2] != k.shape[2],
+        ).transpose(1, 2)
+    else:
+        o = softmax_attention(q, k, v, key_mask=key_mask)
+    return o.flatten(2)
+
+
+@dataclass
+class AttentionTransfer:
+    """Context manager: while active, each attention module in `modules` ({layer index: self_attn}) records
+    mse[layer] = MSE(its output before o_proj, the teacher's softmax output) and passes the teacher's output on."""
+
+    modules: Mapping[int, nn.Module]
+    mse: dict[int, torch.Tensor] = field(default_factory=dict)
+    _targets: dict[int, torch.Tensor] = field(default_factory=dict)
+    _handles: list = field(default_factory=list)
+
+    def __enter__(self) -> AttentionTransfer:
+        for idx, attn in self.modules.items():
+            if not isinstance(attn, (BasedHybridAttention, BasedLinearAttention)):
+                raise ConversionError(f"layer {idx} is a {type(attn).__name__}, not a converted attention layer")
+            self._handles.append(attn.register_forward_pre_hook(self._teacher_hook(idx)))
+            self._handles.append(attn.o_proj.register_forward_hook(self._compare_hook(idx)))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self._targets.clear()
+
+    def _teacher_hook(self, idx):
+        def hook(module, args):
+            hidden_states, key_mask, position_embeddings = args[:3]
+            with torch.no_grad():
+                q, k, v = module.project(hidden_states, position_embeddings)
+                self._targets[idx] = teacher_attention(q, k, v, key_mask)
+
+        return hook
+
+    def _compare_hook(self, idx):
+        def hook(module, args, output):
+            y_true = self._targets.pop(idx)
+            self.mse[idx] = F.mse_loss(args[0].float(), y_true.float())
+            return F.linear(y_true.to(args[0].dtype), module.weight, module.bias)  # the teacher's layer output
+
+        return hook
+
+    def loss(self, num_layers: int, factor: float) -> torch.Tensor:
+        """sum of the recorded per-layer MSEs / num_layers * factor (LoLCATs: mean over layers x 1000); clears them.
+        `num_layers` is the number of converted layers of the whole model, also when only a block runs."""
+        if not self.mse:
+            raise ConversionError("internal error: no attention-transfer loss was recorded")
+        total = torch.stack(list(self.mse.values())).sum() / num_layers * factor
+        self.mse = {}
+        return total
+
+
+def lora_config(recipe: Recipe, config: BasedConfig):
+    """peft LoraConfig on the converted layers' q/k/v/o projections (LoLCATs: r 8, alpha 16, dropout 0)."""
+    from peft import LoraConfig, TaskType
+
+    layers = "|".join(map(str, converted_layers(config)))
+    targets = "|".join(recipe.lora_targets)
+    return LoraConfig(
+        task_type=TaskType.CAUSAL_LM,
+        r=recipe.lora_r,
+        lora_alpha=recipe.lora_alpha,
+        lora_dropout=recipe.lora_dropout,
+        target_modules=rf".*model\.layers\.({layers})\.self_attn\.({targets})",
+    )

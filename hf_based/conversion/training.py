@@ -1,0 +1,321 @@
+"""The training loop shared by both conversion stages (and the blocks of block-wise attention transfer).
+
+A small loop of our own rather than HF Trainer: stage 1's loss lives in forward hooks, it clips each layer on its
+own (so that block-wise training equals joint training) and syncs its few gradients by hand, and block-wise training
+feeds saved hidden states rather than token batches. Each of those would be a Trainer subclass; written out, the
+loop, its checkpoints and its resume logic fit on one screen.
+
+Checkpoints hold the trainable parameters, the optimizer state, the step and the loss history (the data position is
+the step: the data order is a function of the seed). They are written atomically (temporary file + rename) every
+`checkpoint_every` steps and at the end of the stage; a rerun of the same command continues from the last one.
+In a multi-process run (accelerate launch), torch.distributed.checkpoint gathers full state dicts, so DDP and FSDP2
+runs checkpoint alike.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from hf_based.conversion.errors import ConversionError, NonFiniteLossError
+
+
+@dataclass
+class Dist:
+    """Where this process stands in a (possibly) multi-process run."""
+
+    rank: int = 0
+    world: int = 1
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    accelerator: object = None
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @classmethod
+    def create(cls) -> Dist:
+        """Single process, or the process group that `accelerate launch` / torchrun set up (CPU: gloo)."""
+        if int(os.environ.get("WORLD_SIZE", "1")) == 1 and "LOCAL_RANK" not in os.environ:
+            return cls(device=torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+        from accelerate import Accelerator
+
+        accelerator = Accelerator(cpu=not torch.cuda.is_available())
+        return cls(accelerator.process_index, accelerator.num_processes, accelerator.device, accelerator)
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            torch.distributed.barrier()
+
+    def mean(self, value: torch.Tensor) -> float:
+        if self.world > 1:
+            value = value.detach().clone().to(self.device)
+            torch.distributed.all_reduce(value)
+            value = value / self.world
+        return float(value)
+
+    def all_reduce_grads(self, params: Sequence[nn.Parameter]) -> None:
+        """Average gradients over processes (stage 1: a few small tensors, so no DDP wrapper is needed)."""
+        if self.world == 1:
+            return
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            torch.distributed.all_reduce(p.grad)
+            p.grad /= self.world
+
+
+def _clip(params: Sequence[nn.Parameter], max_norm: float) -> float:
+    """Clip the gradients of `params` to a total norm of `max_norm`; returns the norm before clipping."""
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # FSDP2: a DTensor
+
+
+def lr_at(step: int, total: int, peak: float, warmup: int, schedule: str) -> float:
+    if warmup and step < warmup:
+        return peak * (step + 1) / warmup
+    if schedule == "cosine" and total > warmup:
+        progress = (step - warmup) / max(1, total - warmup)
+        return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
+    return peak
+
+
+# --- checkpoints ----------------------------------------------------------------------------------------------------
+
+
+def atomic_save(obj, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _state_dicts(model: nn.Module, optimizer, dist: Dist) -> tuple[dict, dict]:
+    """Trainable parameters and optimizer state; in a multi-process run gathered in full by rank 0 (a collective)."""
+    if dist.world == 1:
+        trainable = {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters() if p.requires_grad}
+        return trainable, optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
+    return get_state_dict(model, optimizer, options=options)
+
+
+def save_checkpoint(path: Path, model, optimizer, step: int, history: list, key: dict, dist: Dist, done: bool) -> None:
+    model_state, optim_state = _state_dicts(model, optimizer, dist)
+    if dist.is_main:
+        atomic_save(
+            {"step": step, "done": done, "model": model_state, "optimizer": optim_state, "history": history,
+             "key": key, "rng": torch.get_rng_state()},
+            path,
+        )
+    dist.barrier()
+
+
+def read_checkpoint(path: Path, key: dict) -> dict | None:
+    """The checkpoint at `path`, if any; ConversionError if it belongs to a different recipe."""
+    if not path.is_file():
+        return None
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as error:  # noqa: BLE001 - a truncated or foreign file
+        raise ConversionError(f"cannot read checkpoint {path} ({error}); delete it or pass --no-resume") from error
+    saved_key = checkpoint.get("key", {}) if isinstance(checkpoint, dict) else {}
+    differs = sorted(k for k in set(key) | set(saved_key) if key.get(k) != saved_key.get(k))
+    if differs:
+        raise ConversionError(
+            f"{path} comes from a run with different settings ({', '.join(differs)}); "
+            "rerun with the same options, pass --no-resume to start over, or use another OUT"
+        )
+    return checkpoint
+
+
+def load_checkpoint(checkpoint: dict, model, optimizer, dist: Dist) -> None:
+    if dist.world == 1:
+        result = model.load_state_dict(checkpoint["model"], strict=False)
+        if result.unexpected_keys:
+            raise ConversionError(f"the checkpoint holds unknown parameters {result.unexpected_keys[:3]}")
+        optimizer.load_state_dict(checkpoint["optimizer"])
+    else:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+        set_state_dict(
+            model, optimizer, model_state_dict=checkpoint["model"], optim_state_dict=checkpoint["optimizer"],
+            options=StateDictOptions(full_state_dict=True, strict=False),
+        )
+    torch.set_rng_state(checkpoint["rng"])
+
+
+# --- the loop -------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class StageResult:
+    name: str
+    steps: int
+    tokens: int
+    seconds: float  # training time, summed over interrupted and resumed runs
+    history: list[dict]
+    skipped: bool = False
+
+    @property
+    def tokens_per_second(self) -> float | None:
+        return self.tokens / self.seconds if self.seconds > 0 else None
+
+    @property
+    def steady_tokens_per_second(self) -> float | None:
+        """Tokens/s over the second half of the steps: without the first steps' kernel compilation and warm-up."""
+        if len(self.history) < 4:
+            return None
+        mid, last = self.history[len(self.history) // 2 - 1], self.history[-1]
+        seconds = last["seconds"] - mid["seconds"]
+        return (last["tokens"] - mid["tokens"]) / seconds if seconds > 0 else None
+
+    def final_loss(self, last: int = 10) -> float | None:
+        """Mean training loss over the last `last` steps."""
+        losses = [h["loss"] for h in self.history[-last:]]
+        return sum(losses) / len(losses) if losses else None
+
+
+def train(
+    *,
+    name: str,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    loss_fn: Callable[[int, int], tuple[torch.Tensor, int]],
+    steps: int,
+    grad_accum: int,
+    lr: float,
+    warmup_steps: int = 0,
+    lr_schedule: str = "constant",
+    clip_groups: Sequence[Sequence[nn.Parameter]] = (),
+    max_grad_norm: float = 1.0,
+    sync_grads: Callable[[], None] | None = None,
+    checkpoint: Path,
+    checkpoint_every: int = 50,
+    key: dict,
+    dist: Dist,
+    progress: bool = True,
+    on_step: Callable[[str, int], None] | None = None,
+) -> StageResult:
+    """Run `steps` optimizer steps of `grad_accum` micro-steps each, resuming from `checkpoint` if it exists.
+
+    loss_fn(step, micro) -> (loss of one micro-batch, tokens in it across all processes). Each group in `clip_groups`
+    is clipped to `max_grad_norm` on its own. A NaN/inf loss or gradient norm raises NonFiniteLossError before the
+    optimizer step, so the last checkpoint stays the last good state. `on_step(name, step)` runs after each step.
+    """
+    from tqdm.auto import tqdm
+
+    history: list[dict] = []
+    start = 0
+    saved = read_checkpoint(checkpoint, key)
+    if saved is not None:
+        load_checkpoint(saved, model, optimizer, dist)
+        start, history = saved["step"], saved["history"]
+        if dist.is_main and start < steps:
+            print(f"{name}: resuming from {checkpoint} at step {start}/{steps}", flush=True)
+    if start >= steps:
+        tokens = history[-1]["tokens"] if history else 0
+        seconds = history[-1]["seconds"] if history else 0.0
+        return StageResult(name, start, tokens, seconds, history)
+
+    model.train()
+    tokens = history[-1]["tokens"] if history else 0
+    seconds = history[-1]["seconds"] if history else 0.0
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    last_saved = start
+    bar = tqdm(total=steps, initial=start, desc=name, unit="step", disable=not (progress and dist.is_main),
+               dynamic_ncols=True)
+    try:
+        for step in range(start, steps):
+            t0 = time.perf_counter()
+            step_lr = lr_at(step, steps, lr, warmup_steps, lr_schedule)
+            for group in optimizer.param_groups:
+                group["lr"] = step_lr
+            total = torch.zeros((), device=dist.device)
+            step_tokens = 0
+            for micro in range(grad_accum):
+                loss, n = loss_fn(step, micro)
+                (loss / grad_accum).backward()
+                total += loss.detach().float() / grad_accum
+                step_tokens += n
+            if sync_grads is not None:
+                sync_grads()
+            loss_value = dist.mean(total)
+            groups = clip_groups or [params]
+            grad_norm = math.sqrt(sum(_clip(g, max_grad_norm) ** 2 for g in groups))
+            if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
+                last = f"{checkpoint} (step {last_saved})" if last_saved else "none yet"
+                what = "loss" if not math.isfinite(loss_value) else "gradient norm"
+                raise NonFiniteLossError(
+                    f"{name} step {step + 1}: the {what} is {loss_value if what == 'loss' else grad_norm}; stopped "
+                    f"without applying it. Last good checkpoint: {last}. Lower the learning rate or check the data, "
+                    "then rerun to resume"
+                )
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            tokens += step_tokens
+            seconds += time.perf_counter() - t0
+            history.append({"step": step + 1, "tokens": tokens, "loss": loss_value, "lr": step_lr,
+                            "grad_norm": grad_norm, "seconds": round(seconds, 3)})
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_value:.4g}", tok_s=f"{tokens / max(seconds, 1e-9):.0f}")
+            done = step + 1 == steps
+            if done or (step + 1) % checkpoint_every == 0:
+                save_checkpoint(checkpoint, model, optimizer, step + 1, history, key, dist, done)
+                last_saved = step + 1
+            if on_step is not None:
+                on_step(name, step + 1)
+    finally:
+        bar.close()
+    model.eval()
+    return StageResult(name, steps, tokens, seconds, history)
+
+
+# --- loss curves ----------------------------------------------------------------------------------------------------
+
+
+def write_loss_csv(result: StageResult, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["step", "tokens", "loss", "lr", "grad_norm", "seconds"])
+        writer.writeheader()
+        writer.writerows(result.history)
+
+
+def plot_loss_curves(results: Sequence[StageResult], path: Path, title: str = "") -> bool:
+    """One panel per stage with a history; False (and no file) without matplotlib."""
+    results = [r for r in results if r.history]
+    if not results:
+        return False
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no loss plot (pip install matplotlib)", flush=True)
+        return False
+    fig, axes = plt.subplots(1, len(results), figsize=(5 * len(results), 3.5), squeeze=False)
+    for ax, result in zip(axes[0], results):
+        ax.plot([h["step"] for h in result.history], [h["loss"] for h in result.history])
+        ax.set_title(result.name)
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss")
+        ax.set_yscale("log" if min(h["loss"] for h in result.history) > 0 else "linear")
+        ax.grid(alpha=0.3)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True

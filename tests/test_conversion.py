@@ -1,0 +1,415 @@
+"""LoLCATs conversion (`hf_based.conversion`, `hf-based convert`) on tiny random Llama-family teachers, on CPU."""
+
+import gzip
+import json
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
+
+from hf_based.cli import main
+from hf_based.conversion import ConversionError, NonFiniteLossError, Recipe, based_config, convert, linearize_model
+from hf_based.conversion.blockwise import block_layers
+from hf_based.conversion.data import ALPACA_PROMPT_NO_INPUT, IGNORE_INDEX, load_records, load_training_data
+from hf_based.conversion.linearize import AttentionTransfer, converted_layers, stage1_parameters
+
+REPO = Path(__file__).resolve().parents[1]
+WORDS = ("the cat dog fox bird runs jumps sits flies over under near a an big small red blue green old new house "
+         "tree river hill sun moon and then so because later").split()
+LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 16}
+
+
+def make_tokenizer() -> PreTrainedTokenizerFast:
+    """A word-level tokenizer over WORDS and the Alpaca template's words: tiny vocabulary, fast tests."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    template_words = ALPACA_PROMPT_NO_INPUT.replace("\n", " ").replace(".", " ").replace(":", " ").split()
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
+    for word in [*WORDS, *template_words, ".", ":", "!", ",", "?"]:
+        vocab.setdefault(word, len(vocab))
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                   pad_token="</s>")
+
+
+def make_teacher(cls=LlamaForCausalLM, config_cls=LlamaConfig, vocab=128, layers=4, seed=0, **overrides):
+    torch.manual_seed(seed)
+    config = config_cls(
+        vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=layers, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256, bos_token_id=1, eos_token_id=2, pad_token_id=2,
+        **overrides,
+    )
+    model = cls(config).eval()
+    with torch.no_grad():  # larger weights than the default init: peaked attention, a real conversion problem
+        for name, p in model.named_parameters():
+            if "norm" not in name:
+                p.normal_(0, 0.15)
+    return model
+
+
+def records(n: int, seed: int = 0) -> list[dict]:
+    rng = random.Random(seed)
+    return [{"instruction": " ".join(rng.choices(WORDS, k=6)),
+             "input": "" if i % 2 else " ".join(rng.choices(WORDS, k=4)),
+             "output": " ".join(rng.choices(WORDS, k=rng.randint(10, 30)))} for i in range(n)]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The models here are tiny: intra-op threads cost more than they bring (a lot on a busy machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return make_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory, tokenizer):
+    """A tiny Llama teacher (GQA, llama3 RoPE scaling, untied) saved with its tokenizer, and Alpaca-style data."""
+    root = tmp_path_factory.mktemp("conversion")
+    teacher = make_teacher(vocab=len(tokenizer), rope_parameters=LLAMA3_ROPE, tie_word_embeddings=False)
+    teacher.save_pretrained(root / "teacher")
+    tokenizer.save_pretrained(root / "teacher")
+    (root / "alpaca.json").write_text(json.dumps(records(300)))
+    return root
+
+
+# Small budgets: seq 32, 2 x 2 sequences a step.
+def tiny_recipe(**overrides) -> Recipe:
+    values = dict(window=8, seq_len=32, batch_size=2, grad_accum=2, stage1_steps=6, stage2_steps=4,
+                  checkpoint_every=2, stage2_lr=1e-3)
+    return Recipe(**{**values, **overrides})
+
+
+def run(workdir, out, recipe, **kwargs):
+    kwargs.setdefault("data", str(workdir / "alpaca.json"))
+    kwargs.setdefault("val_records", 40)
+    kwargs.setdefault("val_sequences", 2)
+    return convert(str(workdir / "teacher"), workdir / out, recipe, progress=False, **kwargs)
+
+
+def trainable_state(model) -> dict:
+    return {n: p.detach().clone() for n, p in model.named_parameters()
+            if ".feature_map_" in n or "window_factors" in n or "self_attn" in n}
+
+
+# --- mapping and weight transfer --------------------------------------------------------------------------------------
+
+
+def test_based_config_from_llama():
+    teacher = make_teacher(rope_parameters=LLAMA3_ROPE, tie_word_embeddings=False, attention_bias=True)
+    config = based_config(teacher.config, Recipe(softmax_layers=(0, -1)))
+    assert config.mixer_types == ["full_attention", "hybrid_attention", "hybrid_attention", "full_attention"]
+    assert (config.num_key_value_heads, config.head_dim, config.sliding_window) == (2, 8, 64)
+    assert config.feature_map == "hedgehog" and config.linear_attention_projections == "llama"
+    assert config.rope_parameters["rope_type"] == "llama3" and config.attention_bias
+    assert not config.tie_word_embeddings and config.pad_token_id is None
+    linear = based_config(teacher.config, Recipe(linear_only=True, feature_map="taylor"))
+    assert set(linear.mixer_types) == {"linear_attention"} and linear.feature_map == "taylor"
+
+
+@pytest.mark.parametrize("family", ["llama", "llama-3.2", "mistral", "qwen2"])
+def test_converted_model_equals_teacher_when_window_covers_the_sequence(family):
+    """Before any training, hybrid attention with a window >= the sequence is exactly softmax attention."""
+    if family == "llama":  # GQA, llama3 RoPE scaling, attention and MLP biases, untied embeddings
+        teacher = make_teacher(rope_parameters=LLAMA3_ROPE, tie_word_embeddings=False, attention_bias=True,
+                               mlp_bias=True)
+    elif family == "llama-3.2":  # llama3 RoPE scaling, tied embeddings
+        teacher = make_teacher(rope_parameters=LLAMA3_ROPE, tie_word_embeddings=True)
+    elif family == "mistral":
+        teacher = make_teacher(MistralForCausalLM, MistralConfig, sliding_window=None)
+    else:  # q/k/v bias, none on o_proj; tied embeddings
+        teacher = make_teacher(Qwen2ForCausalLM, Qwen2Config, tie_word_embeddings=True)
+    student = linearize_model(teacher, Recipe(window=48, softmax_layers=(2,)))
+    ids = torch.randint(0, 128, (2, 48))
+    with torch.no_grad():
+        expected, got = teacher(ids).logits, student(ids).logits
+    torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-4)
+    # Teacher forcing: with a short window the layers differ, but AttentionTransfer hands the teacher's outputs on.
+    short = linearize_model(teacher, Recipe(window=4))
+    modules = {i: short.model.layers[i].self_attn for i in converted_layers(short.config)}
+    with torch.no_grad(), AttentionTransfer(modules) as transfer:
+        forced = short(ids).logits
+    torch.testing.assert_close(forced, expected, atol=2e-5, rtol=1e-4)
+    assert set(transfer.mse) == set(modules) and all(v > 0 for v in transfer.mse.values())
+
+
+# --- stage 1 ------------------------------------------------------------------------------------------------------
+
+
+def test_stage1_lowers_attention_mse(workdir):
+    result = run(workdir, "stage1", tiny_recipe(stage1_steps=30, stage2_steps=0))
+    before = result.metrics["val attention MSE x factor, before stage 1"]
+    after = result.metrics["val attention MSE x factor, after stage 1"]
+    assert after < 0.7 * before, (before, after)
+    history = result.stages["stage1"].history
+    assert len(history) == 30 and history[-1]["loss"] < history[0]["loss"]
+    # Only the feature maps and gamma moved; every teacher weight is untouched.
+    teacher = AutoModelForCausalLM.from_pretrained(workdir / "teacher")
+    student, ref = result.model.state_dict(), teacher.state_dict()
+    for name, tensor in ref.items():
+        if "rotary" not in name:
+            torch.testing.assert_close(student[name], tensor, atol=0, rtol=0, msg=name)
+
+
+def test_blockwise_equals_joint(workdir):
+    """Attention transfer trains each layer on the teacher's hidden states: blocks trained on saved hidden states
+    reproduce joint training (same data order, loss normalisation, per-layer clipping)."""
+    joint = run(workdir, "joint", tiny_recipe(stage2_steps=0))
+    blockwise = run(workdir, "blocks", tiny_recipe(stage2_steps=0, blockwise=3))
+    assert block_layers(4, 3) == [[0, 1, 2], [3]]
+    a, b = joint.model.state_dict(), blockwise.model.state_dict()
+    names = [n for n in a if ".feature_map_" in n or "window_factors" in n]
+    assert len(names) == 12
+    for name in names:
+        torch.testing.assert_close(b[name], a[name], atol=1e-5, rtol=1e-4, msg=name)
+    for h_joint, h_block in zip(joint.stages["stage1"].history, blockwise.stages["stage1"].history):
+        assert h_block["loss"] == pytest.approx(h_joint["loss"], rel=1e-4)
+    # One block at a time (one process per block), then the stitching run.
+    one = run(workdir, "blocks_one", tiny_recipe(stage2_steps=0, blockwise=3, block_index=1))
+    assert one.model is None and (workdir / "blocks_one/checkpoints/stage1_block1.pt").is_file()
+    assert not (workdir / "blocks_one/checkpoints/stage1_block0.pt").exists()
+
+
+# --- end to end -----------------------------------------------------------------------------------------------------
+
+
+def test_convert_cli_end_to_end(workdir, tokenizer):
+    out = workdir / "cli"
+    code = main(["convert", str(workdir / "teacher"), str(out), "--data", str(workdir / "alpaca.json"),
+                 "--window", "8", "--seq-len", "32", "--batch-size", "2", "--grad-accum", "2", "--stage1-steps", "4",
+                 "--stage2-tokens", "384", "--stage2-lr", "1e-3", "--lora-r", "4", "--softmax-layers", "-1",
+                 "--val-records", "40", "--no-progress"])
+    assert code == 0
+    for name in ("model.safetensors", "config.json", "generation_config.json", "modeling_based.py", "tokenizer.json",
+                 "README.md", "conversion.json", "loss_stage1.csv", "loss_stage2.csv", "loss_curves.png"):
+        assert (out / name).is_file(), name
+    info = json.loads((out / "conversion.json").read_text())
+    assert info["stages"]["stage1"]["steps"] == 4 and info["stages"]["stage2"]["steps"] == 3  # 384 / (4 x 32)
+    assert info["stages"]["stage2"]["tokens"] == 3 * 4 * 32 and info["layers"]["softmax"] == [3]
+    card = (out / "README.md").read_text()
+    assert f"base_model: {workdir / 'teacher'}" in card and "LoRA r=4" in card and "384" in card
+    assert (out / "loss_stage1.csv").read_text().splitlines()[0] == "step,tokens,loss,lr,grad_norm,seconds"
+
+    model = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)
+    assert type(model).__name__ == "BasedForCausalLM" and not any("lora" in n for n in model.state_dict())
+    assert model.config.mixer_types == ["hybrid_attention"] * 3 + ["full_attention"]
+    prompt = tokenizer("the cat runs over the hill", return_tensors="pt")
+    generated = model.generate(**prompt, max_new_tokens=40, do_sample=False)
+    assert generated.shape[1] == prompt.input_ids.shape[1] + 40 or generated[0, -1] == tokenizer.eos_token_id
+    # Cached generation over more than the window == the full forward.
+    ids = torch.randint(3, len(tokenizer), (1, 30))
+    with torch.no_grad():
+        full = model(ids).logits[:, -1]
+        out1 = model(ids[:, :-1], use_cache=True)
+        step = model(ids[:, -1:], cache=out1.cache if hasattr(out1, "cache") else out1.past_key_values).logits[:, -1]
+    torch.testing.assert_close(step, full, atol=1e-4, rtol=1e-4)
+
+
+def test_resume_after_interruption_gives_the_same_model(workdir):
+    recipe = tiny_recipe(stage1_steps=7, stage2_steps=5)
+    reference = run(workdir, "uninterrupted", recipe)
+
+    class Interrupt(Exception):
+        pass
+
+    def stop_at(stage, step):
+        def on_step(name, n):
+            if name.startswith(stage) and n == step:
+                raise Interrupt
+
+        return on_step
+
+    with pytest.raises(Interrupt):
+        run(workdir, "resumed", recipe, on_step=stop_at("stage 1", 5))  # after the checkpoint at step 4
+    saved = torch.load(workdir / "resumed/checkpoints/stage1.pt", weights_only=False)
+    assert saved["step"] == 4 and not saved["done"]
+    with pytest.raises(Interrupt):
+        run(workdir, "resumed", recipe, on_step=stop_at("stage 2", 3))
+    assert torch.load(workdir / "resumed/checkpoints/stage2.pt", weights_only=False)["step"] == 2
+    resumed = run(workdir, "resumed", recipe)
+    assert [h["step"] for h in resumed.stages["stage1"].history] == list(range(1, 8))
+    a, b = reference.model.state_dict(), resumed.model.state_dict()
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], atol=1e-6, rtol=1e-5, msg=name)
+    with pytest.raises(ConversionError, match="different settings"):
+        run(workdir, "resumed", tiny_recipe(stage1_steps=7, stage2_steps=5, window=4))
+    run(workdir, "resumed", tiny_recipe(stage1_steps=7, stage2_steps=5, window=4), resume=False)
+
+
+def test_killed_cli_run_resumes(workdir):
+    """Kill `hf-based convert` mid-stage (SIGKILL), rerun the same command: it continues and finishes."""
+    out = workdir / "killed"
+    command = [sys.executable, "-m", "hf_based", "convert", str(workdir / "teacher"), str(out), "--data",
+               str(workdir / "alpaca.json"), "--window", "8", "--seq-len", "32", "--batch-size", "2", "--grad-accum",
+               "2", "--stage1-steps", "400", "--stage2-steps", "2", "--checkpoint-every", "1", "--val-records", "40",
+               "--no-progress"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    checkpoint = out / "checkpoints" / "stage1.pt"
+    deadline = time.time() + 120
+    while not checkpoint.is_file() and time.time() < deadline and process.poll() is None:
+        time.sleep(0.2)
+    assert checkpoint.is_file(), "no checkpoint before the deadline"
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    step = torch.load(checkpoint, weights_only=False)["step"]
+    assert 1 <= step < 400
+    command[command.index("400")] = str(step + 2)  # the rest of the run, kept short
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert f"resuming from {checkpoint} at step {step}/{step + 2}" in done.stdout
+    assert (out / "model.safetensors").is_file()
+    assert len((out / "loss_stage1.csv").read_text().splitlines()) == step + 3
+
+
+def test_fsdp_on_two_cpu_processes_matches_one_process_and_resumes(workdir):
+    """`accelerate launch` with 2 CPU processes (gloo): stage 1 data-parallel, stage 2 sharded with FSDP2. Two
+    processes x 1 micro-batch see what one process sees with 2 micro-batches, so the models must agree."""
+    import socket
+
+    single = run(workdir, "dist_single", tiny_recipe(stage1_steps=3, stage2_steps=4))
+    out = workdir / "dist_fsdp"
+
+    def launch(stage2_steps):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                   "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
+                   str(port), "-m", "hf_based", "convert", str(workdir / "teacher"), str(out), "--data",
+                   str(workdir / "alpaca.json"), "--window", "8", "--seq-len", "32", "--batch-size", "2",
+                   "--grad-accum", "1", "--stage1-steps", "3", "--stage2-steps", str(stage2_steps), "--stage2-lr",
+                   "1e-3", "--checkpoint-every", "2", "--val-records", "40", "--no-progress", "--fsdp"]
+        done = subprocess.run(command, capture_output=True, text=True, timeout=300,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+        return done.stdout
+
+    assert "stage 2: FSDP2 over 2 processes" in launch(2)
+    assert f"resuming from {out / 'checkpoints' / 'stage2.pt'} at step 2/4" in launch(4)
+    sharded = AutoModelForCausalLM.from_pretrained(out).state_dict()
+    for name, tensor in single.model.state_dict().items():
+        torch.testing.assert_close(sharded[name], tensor, atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(workdir, monkeypatch):
+    calls = {"n": 0}
+    original = AttentionTransfer.loss
+
+    def loss(self, num_layers, factor):
+        value = original(self, num_layers, factor)
+        calls["n"] += torch.is_grad_enabled()  # training micro-steps only, not validation
+        return value * float("nan") if calls["n"] > 10 else value  # micro-step 11 = step 6
+
+    monkeypatch.setattr(AttentionTransfer, "loss", loss)
+    with pytest.raises(NonFiniteLossError, match=r"step 6: the loss is nan.*checkpoint.*stage1.pt \(step 4\)"):
+        run(workdir, "nan", tiny_recipe(stage1_steps=8))
+    saved = torch.load(workdir / "nan/checkpoints/stage1.pt", weights_only=False)
+    assert saved["step"] == 4 and all(torch.isfinite(t).all() for t in saved["model"].values())
+    assert not (workdir / "nan/model.safetensors").exists()
+
+
+# --- variants -------------------------------------------------------------------------------------------------------
+
+
+def test_variants_taylor_linear_only_distill_teacher_data(workdir):
+    taylor = run(workdir, "taylor", tiny_recipe(feature_map="taylor", stage2_steps=2))
+    assert [n for g in stage1_parameters(taylor.model, taylor.model.config).values() for n, _ in g] == [
+        f"model.layers.{i}.self_attn.window_factors" for i in range(4)]
+    linear = run(workdir, "linear", tiny_recipe(linear_only=True, feature_map="taylor", stage2_steps=2))
+    assert linear.stages["stage1"].skipped and set(linear.model.config.mixer_types) == {"linear_attention"}
+    hedgehog_linear = run(workdir, "linear_hh", tiny_recipe(linear_only=True, stage1_steps=3, stage2_steps=0))
+    assert hedgehog_linear.stages["stage1"].steps == 3
+    distill = run(workdir, "distill", tiny_recipe(stage1_steps=0, stage2_steps=3, stage2_loss="distill"))
+    assert distill.stages["stage1"].skipped and distill.stages["stage2"].final_loss() > 0
+    generated = run(workdir, "generated", tiny_recipe(stage1_steps=2, stage2_steps=2), data="teacher",
+                    teacher_sequences=12)
+    assert generated.info["data"] == "teacher" and generated.info["train_sequences"] == 12
+
+
+# --- data -----------------------------------------------------------------------------------------------------------
+
+
+def test_data_sources_template_and_packing(tmp_path, tokenizer):
+    (tmp_path / "a.jsonl").write_text("\n".join(json.dumps(r) for r in records(3)))
+    (tmp_path / "b.txt").write_text("the cat runs over the hill")
+    with gzip.open(tmp_path / "c.jsonl.gz", "wt") as f:
+        f.write(json.dumps({"prompt": "the dog", "completion": "runs"}) + "\n")
+    (tmp_path / "d.json").write_text(json.dumps({"data": [{"text": "a big red house"}]}))
+    assert len(load_records(tmp_path)) == 6
+    train, val = load_training_data(tmp_path / "a.jsonl", tokenizer, seq_len=8, val_records=0)
+    assert val is None and train.input_ids.shape[1] == 8
+    ids, labels = train.input_ids.flatten().tolist(), train.labels.flatten().tolist()
+    text = tokenizer.decode(ids)
+    assert "Below is an instruction" in text and "### Response" in text and "</s>" in text
+    masked = [i for i, label in zip(ids, labels) if label == IGNORE_INDEX]
+    assert masked and all(label in (IGNORE_INDEX, i) for i, label in zip(ids, labels))
+    assert tokenizer.convert_tokens_to_ids("Below") in masked  # the prompt carries no loss
+    with pytest.raises(ConversionError, match="fewer than one sequence"):
+        load_training_data(tmp_path / "b.txt", tokenizer, seq_len=4096, val_records=0)
+    (tmp_path / "bad.json").write_text(json.dumps([{"question": "?"}]))
+    with pytest.raises(ConversionError, match="accepted: instruction"):
+        load_training_data(tmp_path / "bad.json", tokenizer, seq_len=8, val_records=0)
+
+
+# --- bad inputs -----------------------------------------------------------------------------------------------------
+
+
+def test_bad_inputs_give_clear_errors(workdir, tmp_path, capsys):
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=64))
+    gpt2.save_pretrained(tmp_path / "gpt2")
+    capsys.readouterr()
+    data = str(workdir / "alpaca.json")
+    cases = [
+        (["convert", str(tmp_path / "gpt2"), str(tmp_path / "o"), "--data", data], "cannot convert a 'gpt2'"),
+        (["convert", str(tmp_path / "missing"), str(tmp_path / "o"), "--data", data],
+         "BASE .*missing.* does not exist"),
+        (["convert", str(workdir / "teacher"), str(tmp_path / "o"), "--data", str(tmp_path / "none.json")],
+         "data file .* does not exist"),
+        (["convert", str(workdir / "teacher"), str(tmp_path / "o")], "give training data with --data"),
+        (["convert", str(workdir / "teacher")], "give BASE and OUT"),
+        (["convert", str(workdir / "teacher"), str(tmp_path / "o"), "--data", "x", "--window", "0"], "window=0"),
+        (["convert", str(workdir / "teacher"), str(tmp_path / "o"), "--data", "x", "--block-index", "1"],
+         "block_index needs blockwise"),
+        (["convert", str(workdir / "teacher"), str(tmp_path / "o"), "--data", "x", "--softmax-layers", "9"],
+         "softmax layer 9 is out of range"),
+        (["convert", str(workdir / "teacher"), str(tmp_path / "o"), "--data", "x", "--lora-targets", "up_proj"],
+         "lora_targets"),
+    ]
+    for argv, message in cases:
+        with pytest.raises(SystemExit) as exit_info:
+            main(argv)
+        assert exit_info.value.code == 1, argv
+        err = capsys.readouterr().err.strip().splitlines()[-1]  # after any progress bars
+        assert err.startswith("hf-based convert: error:") and re.search(message, err), (argv, err)
+    with pytest.raises(ConversionError, match="not a Llama-family|Llama-shaped"):
+        teacher = make_teacher()
+        teacher.model.layers[0].self_attn.register_parameter("q_norm", torch.nn.Parameter(torch.ones(8)))
+        linearize_model(teacher)
