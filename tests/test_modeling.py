@@ -304,6 +304,7 @@ def test_presets_shapes():
     assert config.mixer_types.count("base_conv") == 17
     assert config.mixer_types[1] == "linear_attention" and config.mixer_types[2] == "sliding_window_attention"
     assert (config.vocab_size, config.hidden_size, config.head_dim, config.sliding_window) == (50264, 1024, 64, 129)
+    assert config.linear_attention_eps == 1e-6  # trained with fla parallel_based's denominator eps
     with torch.device("meta"):
         params = sum(p.numel() for p in BasedForCausalLM(config).parameters())
     assert 340e6 < params < 380e6, params

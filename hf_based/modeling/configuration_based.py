@@ -179,10 +179,11 @@ PRESETS = {
         hidden_size=64, num_hidden_layers=4, num_attention_heads=4, feature_dim=8, sliding_window=16,
         mixer_types=["base_conv", "linear_attention", "sliding_window_attention", "base_conv"],
     ),
-    # HazyResearch/based train/configs/experiment/reference/based-360m.yaml
+    # HazyResearch/based train/configs/experiment/reference/based-360m.yaml; it trains with fla `parallel_based`,
+    # whose denominator eps is 1e-6 (based-1b uses the PyTorch path's 1e-12)
     "based-360m": dict(
         hidden_size=1024, num_hidden_layers=27, num_attention_heads=16, feature_dim=16, sliding_window=129,
-        mixer_types=based_layer_pattern(27, [1, 6, 11, 16, 21], [2, 7, 12, 17, 22]),
+        linear_attention_eps=1e-6, mixer_types=based_layer_pattern(27, [1, 6, 11, 16, 21], [2, 7, 12, 17, 22]),
     ),
     # HazyResearch/based train/configs/experiment/reference/based-1b.yaml (the released "based-1b", ~1.3B parameters)
     "based-1.3b": dict(
