@@ -311,6 +311,7 @@ def test_presets_shapes():
     big = preset_config("based-1.3b")
     assert (big.hidden_size, big.num_hidden_layers, big.head_dim) == (1792, 36, 112)
     assert big.mixer_types.count("linear_attention") == 7
+    assert big.linear_attention_eps == 1e-12  # based-1b trained on the PyTorch path
 
 
 @pytest.mark.parametrize(
