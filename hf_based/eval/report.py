@@ -1,6 +1,7 @@
 """What every benchmark result records about where it ran, and the small file writers the benchmarks share."""
 
 import datetime
+import importlib.metadata
 import json
 import os
 import platform
@@ -52,11 +53,9 @@ def environment(device: torch.device) -> dict:
         "torch": torch.__version__,
         "transformers": transformers.__version__,
     }
-    try:
-        import triton
-
-        env["triton"] = triton.__version__
-    except ImportError:
+    try:  # the installed version without importing triton (its import fixes whether its kernels run interpreted)
+        env["triton"] = importlib.metadata.version("triton")
+    except importlib.metadata.PackageNotFoundError:
         pass
     if device.type == "cuda":
         env["cuda"] = torch.version.cuda

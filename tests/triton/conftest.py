@@ -1,16 +1,14 @@
 """Shared set-up of the Triton kernel tests.
 
-They run under the Triton interpreter on CPU (TRITON_INTERPRET=1, set here before any kernel module is imported) with
-fp32 inputs and small blocks; the references run on fp64 copies. With TRITON_INTERPRET=0 and a GPU, the same tests run
-the compiled kernels.
+They run under the Triton interpreter on CPU (TRITON_INTERPRET=1, set by tests/conftest.py before anything imports
+triton) with fp32 inputs and small blocks; the references run on fp64 copies. With TRITON_INTERPRET=0 and a GPU, the
+same tests run the compiled kernels.
 """
 
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
 INTERPRET = os.environ["TRITON_INTERPRET"] == "1"
 DEVICE = "cpu" if INTERPRET else "cuda"
@@ -21,7 +19,9 @@ def squeeze_loop_bounds():
     refuses (triton-lang/triton#9171, fixed after 3.6): squeeze them first."""
     from triton.runtime import interpreter
 
-    patch = interpreter._patch_lang_tensor
+    patch = getattr(interpreter, "_patch_lang_tensor", None)
+    if patch is None:  # a later Triton: nothing to work around
+        return
 
     def patched(tensor, scope):
         patch(tensor, scope)
