@@ -21,7 +21,9 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
 
+from hf_based.conversion.errors import ConversionError
 from hf_based.conversion.import_based import DTYPES, CheckpointError, load_tensors
+from hf_based.conversion.linearize import Recipe, based_config
 from hf_based.modeling import BasedConfig, BasedForCausalLM
 
 LOLCATS_WINDOW = 64  # window_size of the released configs (e.g. distill_llama3_1_8b_lk_smd_wtk64_fd64_w01.yaml)
@@ -39,33 +41,9 @@ def llama_to_based_config(
     llama_config: PretrainedConfig, window: int = LOLCATS_WINDOW, hedgehog_dim: int = 64
 ) -> BasedConfig:
     """A LoLCATs hybrid `BasedConfig` for a Llama config: every layer `hybrid_attention` with hedgehog feature maps
-    of `hedgehog_dim` on Llama-shaped q/k/v/o (RoPE, GQA), `window` softmax keys per query (itself included)."""
-    heads = llama_config.num_attention_heads
-    return BasedConfig(
-        vocab_size=llama_config.vocab_size,
-        hidden_size=llama_config.hidden_size,
-        intermediate_size=llama_config.intermediate_size,
-        num_hidden_layers=llama_config.num_hidden_layers,
-        num_attention_heads=heads,
-        num_key_value_heads=llama_config.num_key_value_heads or heads,
-        head_dim=getattr(llama_config, "head_dim", None) or llama_config.hidden_size // heads,
-        mixer_types=["hybrid_attention"] * llama_config.num_hidden_layers,
-        feature_map="hedgehog",
-        hedgehog_dim=hedgehog_dim,
-        linear_attention_projections="llama",
-        sliding_window=window,
-        attention_bias=llama_config.attention_bias,
-        mlp_bias=llama_config.mlp_bias,
-        hidden_act=llama_config.hidden_act,
-        rms_norm_eps=llama_config.rms_norm_eps,
-        rope_parameters=dict(llama_config.rope_parameters),
-        max_position_embeddings=llama_config.max_position_embeddings,
-        initializer_range=llama_config.initializer_range,
-        tie_word_embeddings=llama_config.tie_word_embeddings,
-        pad_token_id=None,  # would become the embedding's padding_idx; generate() reads the generation config's
-        bos_token_id=llama_config.bos_token_id,
-        eos_token_id=llama_config.eos_token_id,
-    )
+    of `hedgehog_dim` on Llama-shaped q/k/v/o (RoPE, GQA), `window` softmax keys per query (itself included); the
+    conversion's own mapping (`based_config`) with those settings."""
+    return based_config(llama_config, Recipe(window=window, hedgehog_dim=hedgehog_dim))
 
 
 def load_lolcats_checkpoint(path_or_id: str) -> dict[str, torch.Tensor]:
@@ -187,7 +165,7 @@ def import_lolcats(
         raise CheckpointError(f"{base_llama} is a {llama_config.model_type!r} model; accepted: 'llama'")
     try:
         config = llama_to_based_config(llama_config, window, hedgehog_dim=feature_maps[0].shape[-1])
-    except ValueError as error:
+    except (ConversionError, ValueError) as error:
         raise CheckpointError(str(error)) from error
     tensors, deltas = lolcats_tensors(parsed, config, lora_alpha)
 
