@@ -5,3 +5,15 @@ run interpreted when it is imported."""
 import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny tensors and models: intra-op threads cost more than they bring (a lot on a busy machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

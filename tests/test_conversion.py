@@ -75,13 +75,7 @@ def records(n: int, seed: int = 0) -> list[dict]:
              "output": " ".join(rng.choices(WORDS, k=rng.randint(10, 30)))} for i in range(n)]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The models here are tiny: intra-op threads cost more than they bring (a lot on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

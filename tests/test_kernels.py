@@ -32,13 +32,7 @@ B, H, HKV, D, DV, FEAT = 2, 4, 2, 3, 5, 6
 close = partial(torch.testing.assert_close, rtol=1e-9, atol=1e-10)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """These tensors are tiny: intra-op threads only add hand-offs, which stall badly on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class Rand:

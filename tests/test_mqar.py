@@ -12,15 +12,6 @@ from hf_based.cli import main
 from hf_based.eval.mqar import FAMILIES, SWEEPS, ModelSpec, multiquery_ar, sample_mqar, train_and_evaluate
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny models run faster on one thread, much faster on a machine that other jobs share."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.parametrize("seq_len, pairs, vocab", [(64, 4, 128), (128, 16, 8192), (512, 64, 8192), (16, 4, 32)])
 def test_examples_follow_zoology(seq_len, pairs, vocab):
     ids, labels = multiquery_ar(200, seq_len, pairs, vocab_size=vocab, seed=1)

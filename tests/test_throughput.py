@@ -24,14 +24,6 @@ from hf_based.eval.throughput import (
 CPU = torch.device("cpu")
 
 
-@pytest.fixture
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.parametrize("preset", ["tiny", "based-360m", "based-1.3b"])
 def test_matched_llama_has_the_same_size(preset):
     config = preset_config(preset)
