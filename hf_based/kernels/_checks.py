@@ -53,6 +53,16 @@ def accumulation_dtype(*tensors: torch.Tensor) -> torch.dtype:
     return reduce(torch.promote_types, (t.dtype for t in tensors), torch.float32)
 
 
+def kernel_dtype(*tensors: torch.Tensor) -> torch.dtype | None:
+    """The dtype a Triton kernel runs in: None for fp64 inputs; else the 16-bit dtype among the inputs if there is one
+    (autocast hands over fp32 q/k after RoPE, or fp32 softmax features, next to bf16 v: compute as autocast meant),
+    else fp32."""
+    if accumulation_dtype(*tensors) == torch.float64:
+        return None
+    low = [t.dtype for t in tensors if t.dtype in (torch.bfloat16, torch.float16)]
+    return low[0] if low else torch.float32
+
+
 def prepare_state(initial_state, batch, heads, features, value_dim, dtype, device):
     """Validate a linear-attention state (kv [B, H, F, Dv], z [B, H, F]) and return it in `dtype`; zeros if None."""
     if initial_state is None:

@@ -104,6 +104,12 @@ def test_half_inputs():
     for name, a, e in (("o", o, o_ref), ("kv", kv, kv_ref), ("z", z, z_ref)):
         assert_close(a, e, name, tol=1e-2)
 
+    # autocast's mix (fp32 softmax features next to fp16 v) runs in the 16-bit dtype, as all-16-bit inputs do
+    o_mixed, (kv_mixed, _) = linear.linear_attention(q, k, v.half(), output_final_state=True, chunk_size=16)
+    assert o_mixed.dtype == torch.float16 and kv_mixed.dtype == torch.float32
+    torch.testing.assert_close(o_mixed, o)
+    torch.testing.assert_close(kv_mixed, kv)
+
 
 @pytest.mark.parametrize("with_state", [True, False])
 def test_decode_steps(with_state):

@@ -16,7 +16,13 @@ import torch
 import triton
 import triton.language as tl
 
-from hf_based.kernels._checks import accumulation_dtype, check_positive_int, check_shape, prepare_state
+from hf_based.kernels._checks import (
+    accumulation_dtype,
+    check_positive_int,
+    check_shape,
+    kernel_dtype,
+    prepare_state,
+)
 
 BLOCK_K = 64  # feature block of the chunk kernels (the cap: smaller F use one block of F rounded up)
 BLOCK_V = 64  # value block of the chunk kernels
@@ -431,7 +437,8 @@ class LinearAttentionFunction(torch.autograd.Function):
 
 
 def _prepare(q, k, v, key_mask, initial_state):
-    """Validate like the reference; -> q, k, v (one dtype, fp64 -> fp32), key mask (fp32) and state (fp32) or None."""
+    """Validate like the reference; -> q, k, v (in `kernel_dtype`, fp64 -> fp32), key mask (fp32) and state (fp32)
+    or None."""
     batch, length, heads, features = check_shape("q", q, "batch, time, heads, features")
     check_shape("k", k, "batch, time, heads, features", (batch, length, heads, features))
     value_dim = check_shape("v", v, "batch, time, heads, value_dim", (batch, length, heads, None))[-1]
@@ -441,8 +448,7 @@ def _prepare(q, k, v, key_mask, initial_state):
     if initial_state is not None:
         kv, z = prepare_state(initial_state, batch, heads, features, value_dim, torch.float32, q.device)
         initial_state = (kv.contiguous(), z.contiguous())
-    dtype = torch.promote_types(torch.promote_types(q.dtype, k.dtype), v.dtype)
-    dtype = torch.float32 if dtype == torch.float64 else dtype
+    dtype = kernel_dtype(q, k, v) or torch.float32
     q, k, v = (_rows(x.to(dtype)) for x in (q, k, v))
     return q, k, v, key_mask, initial_state
 

@@ -25,10 +25,10 @@ import triton
 import triton.language as tl
 
 from hf_based.kernels._checks import (
-    accumulation_dtype,
     check_attention_inputs,
     check_shape,
     check_window,
+    kernel_dtype,
     prepare_state,
 )
 from hf_based.kernels.hybrid_attention import hybrid_attention as hybrid_attention_reference
@@ -840,15 +840,6 @@ def _kernel_layout(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def _compute_dtype(*tensors):
-    """The dtype the kernels run in: None for fp64 (left to the reference); else the 16-bit dtype among the inputs if
-    there is one (autocast hands over fp32 q/k after RoPE next to bf16 v: compute as autocast meant), else fp32."""
-    if accumulation_dtype(*tensors) == torch.float64:
-        return None
-    low = [t.dtype for t in tensors if t.dtype in (torch.bfloat16, torch.float16)]
-    return low[0] if low else torch.float32
-
-
 def _hybrid_on_reference(q, dtype) -> bool:
     """fp32 hybrid attention on a GPU runs the reference: with the default blocks Triton 3.6 fails to compile the fp32
     (ieee) hybrid kernels on an H200 ("PassManager::run failed"). The interpreter (CPU) runs them, for the tests."""
@@ -926,7 +917,7 @@ def softmax_attention(q, k, v, window=None, key_mask=None, scale=None):
     check_attention_inputs(q, k, v, key_mask)
     if window is not None:
         check_window(window)
-    dtype = _compute_dtype(q, k, v)
+    dtype = kernel_dtype(q, k, v)
     if dtype is None:
         return softmax_attention_reference(q, k, v, window, key_mask, scale)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
@@ -1065,7 +1056,7 @@ def hybrid_attention(
 ):
     """Triton twin of hf_based.kernels.hybrid_attention.hybrid_attention (same arguments, result, errors)."""
     kv0, z0 = _check_hybrid(q, k, v, q_feat, k_feat, window_factor, window, key_mask, initial_state)
-    dtype = _compute_dtype(q, k, v, q_feat, k_feat)
+    dtype = kernel_dtype(q, k, v, q_feat, k_feat)
     if _hybrid_on_reference(q, dtype):
         return hybrid_attention_reference(
             q, k, v, q_feat, k_feat, window_factor, window, key_mask, initial_state, output_final_state, scale
@@ -1090,7 +1081,7 @@ def hybrid_attention_recurrent(
     """Triton twin of hf_based.kernels.hybrid_attention.hybrid_attention_recurrent: one fused kernel for the decode
     step (Tq = 1, no gradients); the parallel op otherwise (same math)."""
     kv0, z0 = _check_hybrid(q, k, v, q_feat, k_feat, window_factor, window, key_mask, initial_state)
-    dtype = _compute_dtype(q, k, v, q_feat, k_feat)
+    dtype = kernel_dtype(q, k, v, q_feat, k_feat)
     tensors = (q, k, v, q_feat, k_feat, window_factor, *(initial_state or ()))
     if q.shape[1] != 1 or _hybrid_on_reference(q, dtype) or (
         torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
