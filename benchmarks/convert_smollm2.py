@@ -61,7 +61,8 @@ def shared_data(*parts: str) -> Path | None:
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--teacher", required=True, metavar="PATH_OR_ID", help=".gguf file, directory or hub id")
+    parser.add_argument("--teacher", metavar="PATH_OR_ID", help=".gguf file, directory or hub id (required unless "
+                        "--plot-only)")
     parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument("--data", default=shared_data("corpora", "alpaca_5000.json"), help="training data")
     parser.add_argument("--eval-data-dir", default=shared_data("eval"), help="lm-eval task data (JSONL)")
@@ -82,7 +83,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--minutes", type=float, default=9.0, help="skip variants that would overrun this")
     parser.add_argument("--work", help="directory for the conversions (default: a temporary one, deleted at the "
                         "end); OUT itself receives only results.json, results.md and loss_curves.png")
-    return parser.parse_args(argv)
+    parser.add_argument("--plot-only", action="store_true",
+                        help="only redraw OUT/loss_curves.png and OUT/results.md from OUT/results.json")
+    args = parser.parse_args(argv)
+    if args.teacher is None and not args.plot_only:
+        parser.error("--teacher is required (or --plot-only)")
+    return args
 
 
 def average_accuracy(results: dict) -> float | None:
@@ -153,7 +159,7 @@ def markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
-def plot(report: dict, histories: dict, path: Path) -> None:
+def plot(report: dict, path: Path) -> None:
     try:
         import matplotlib
 
@@ -165,10 +171,10 @@ def plot(report: dict, histories: dict, path: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for ax, stage, label in ((axes[0], "stage1", "stage 1: attention MSE x 1000"),
                              (axes[1], "stage2", "stage 2: next-token loss")):
-        for name, stages in histories.items():
-            history = stages.get(stage) or []
+        for name, variant in report["variants"].items():
+            history = variant.get("history", {}).get(stage) or []
             if history:
-                ax.plot([h["tokens"] for h in history], [h["loss"] for h in history], label=name)
+                ax.plot(*zip(*history), label=name)
         ax.set_title(label)
         ax.set_xlabel("tokens")
         ax.set_yscale("log")
@@ -183,6 +189,11 @@ def plot(report: dict, histories: dict, path: Path) -> None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.plot_only:
+        report = json.loads((Path(args.out) / "results.json").read_text())
+        (Path(args.out) / "results.md").write_text(markdown(report))
+        plot(report, Path(args.out) / "loss_curves.png")
+        return 0
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="convert_smollm2-"))
     try:
         return run(args, work)
@@ -231,7 +242,6 @@ def run(args: argparse.Namespace, work: Path) -> int:
         report["teacher_eval_seconds"] = round(time.perf_counter() - t0, 1)
         print(f"teacher scored in {report['teacher_eval_seconds']} s: {report['teacher_eval']}", flush=True)
 
-    histories = {}
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     durations = {}
     for name in variants:
@@ -268,8 +278,8 @@ def run(args: argparse.Namespace, work: Path) -> int:
             report["variants"][name] = {
                 "recipe": info["recipe"], "stages": info["stages"], "metrics": info["metrics"], "eval": info["eval"],
                 "seconds": round(time.perf_counter() - t0, 1),
+                "history": {k: [(h["tokens"], h["loss"]) for h in s.history] for k, s in result.stages.items()},
             }
-            histories[name] = {k: s.history for k, s in result.stages.items()}
             del result
         durations[name] = time.perf_counter() - t0
         if device.type == "cuda":
@@ -277,7 +287,7 @@ def run(args: argparse.Namespace, work: Path) -> int:
         report["seconds"] = time.perf_counter() - start
         (out / "results.json").write_text(json.dumps(report, indent=2, default=str))
         (out / "results.md").write_text(markdown(report))
-        plot(report, histories, out / "loss_curves.png")
+        plot(report, out / "loss_curves.png")
         print(f"{name} done in {durations[name]:.0f} s", flush=True)
     report["seconds"] = time.perf_counter() - start
     (out / "results.json").write_text(json.dumps(report, indent=2, default=str))
