@@ -1,6 +1,6 @@
 """Check, then benchmark, hf-based's Triton kernels against their peers on one CUDA GPU.
 
-    python benchmarks/kernels.py --out DIR [--quick] [--commit SHA] [--machine NAME]
+    python benchmarks/bench_kernels.py --out DIR [--quick] [--commit SHA] [--machine NAME]
 
 1. Ceilings measured in the same run: device-to-device copy bandwidth and a bf16 8192^3 matmul.
 2. Correctness: every Triton op on fresh random bf16 inputs against the pure-PyTorch reference run in fp64
