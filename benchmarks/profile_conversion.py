@@ -19,17 +19,13 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from hf_based.conversion import Recipe
 from hf_based.conversion.data import PackedData
-from hf_based.conversion.linearize import AttentionTransfer, converted_layers, linearize_model, stage1_parameters
+from hf_based.conversion.linearize import AttentionTransfer, linearize_model, stage1_optimizer
 from hf_based.conversion.pipeline import autocast_for, run_stage1, run_stage2
 from hf_based.conversion.training import Dist
+from hf_based.eval.throughput import synchronize
 
 SEQ_LEN = 1024
 SHAPES = [(2, 2), (4, 1), (8, 1)]  # (sequences per micro-batch, micro-batches per step)
-
-
-def synchronize(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def main(config_dir: str, out_dir: str) -> None:
@@ -55,11 +51,8 @@ def main(config_dir: str, out_dir: str) -> None:
 
     recipe = Recipe(batch_size=2, grad_accum=1)
     student = linearize_model(teacher, recipe, device=device)
-    student.requires_grad_(False)
-    for group in stage1_parameters(student, student.config).values():
-        for _, p in group:
-            p.requires_grad_(True)
-    modules = {i: student.model.layers[i].self_attn for i in converted_layers(student.config)}
+    groups, _ = stage1_optimizer(student, student.config, recipe)
+    modules = {i: student.model.layers[i].self_attn for i in groups}
     batch, autocast = ids[:2].to(device), autocast_for(device, recipe)
 
     def micro_step():

@@ -33,6 +33,7 @@ from hf_based.conversion.linearize import (
     Recipe,
     converted_layers,
     load_weights,
+    stage1_optimizer,
     stage1_parameters,
     teacher_tensors,
 )
@@ -132,12 +133,7 @@ def run_blockwise_stage1(teacher, student, recipe: Recipe, train_data: PackedDat
         if not set(layers) & set(converted_layers(config)):
             continue
         block = load_block(tensors, config, layers, dist.device)
-        groups = stage1_parameters(block, config)
-        block.requires_grad_(False)
-        params = [p for group in groups.values() for _, p in group]
-        for p in params:
-            p.requires_grad_(True)
-        optimizer = torch.optim.AdamW(params, lr=recipe.stage1_lr, weight_decay=recipe.weight_decay)
+        groups, optimizer = stage1_optimizer(block, config, recipe)
         hidden = torch.load(directory / f"hidden_{b}.pt", mmap=True, weights_only=True)
         modules = block.attention_modules()
 
@@ -153,7 +149,7 @@ def run_blockwise_stage1(teacher, student, recipe: Recipe, train_data: PackedDat
             name=f"stage 1 block {b + 1}/{len(blocks)} (layers {layers[0]}-{layers[-1]})", model=block,
             optimizer=optimizer, loss_fn=loss_fn, steps=steps, grad_accum=recipe.grad_accum, lr=recipe.stage1_lr,
             warmup_steps=recipe.warmup_steps, lr_schedule=recipe.lr_schedule,
-            clip_groups=[[p for _, p in g] for g in groups.values()], max_grad_norm=recipe.max_grad_norm,
+            clip_groups=list(groups.values()), max_grad_norm=recipe.max_grad_norm,
             checkpoint=checkpoints / f"stage1_block{b}.pt", checkpoint_every=recipe.checkpoint_every,
             key={**key, "block": layers}, dist=local, progress=progress, on_step=on_step,
         )

@@ -349,6 +349,17 @@ def stage1_parameters(model: nn.Module, config: BasedConfig) -> dict[int, list[t
     return groups
 
 
+def stage1_optimizer(model: nn.Module, config: BasedConfig, recipe: Recipe):
+    """Freeze `model` but what attention transfer trains; -> ({layer: its parameters}, their AdamW optimizer).
+    Each layer's group is clipped on its own, so that block-wise training equals joint training."""
+    groups = {layer: [p for _, p in group] for layer, group in stage1_parameters(model, config).items()}
+    model.requires_grad_(False)
+    params = [p for group in groups.values() for p in group]
+    for p in params:
+        p.requires_grad_(True)
+    return groups, torch.optim.AdamW(params, lr=recipe.stage1_lr, weight_decay=recipe.weight_decay)
+
+
 # --- attention transfer -------------------------------------------------------------------------------------------
 
 

@@ -46,6 +46,7 @@ from hf_based.conversion.linearize import (
     converted_layers,
     linearize_model,
     lora_config,
+    stage1_optimizer,
     stage1_parameters,
 )
 from hf_based.conversion.training import Dist, StageResult, plot_loss_curves, read_checkpoint, train, write_loss_csv
@@ -125,12 +126,8 @@ def run_stage1(student, recipe: Recipe, train_data: PackedData, steps: int, dist
     """Joint attention transfer over all converted layers, on `train_data` token chunks."""
     config = student.config
     torch.manual_seed(recipe.seed)
-    groups = stage1_parameters(student, config)
-    student.requires_grad_(False)
-    params = [p for group in groups.values() for _, p in group]
-    for p in params:
-        p.requires_grad_(True)
-    optimizer = torch.optim.AdamW(params, lr=recipe.stage1_lr, weight_decay=recipe.weight_decay)
+    groups, optimizer = stage1_optimizer(student, config, recipe)
+    params = [p for group in groups.values() for p in group]
     global_batch = recipe.batch_size * recipe.grad_accum * dist.world
     order = global_order(len(train_data), steps * global_batch, recipe.seed)
     modules = {i: student.model.layers[i].self_attn for i in groups}
@@ -146,7 +143,7 @@ def run_stage1(student, recipe: Recipe, train_data: PackedData, steps: int, dist
     return train(
         name="stage 1 attention transfer", model=student, optimizer=optimizer, loss_fn=loss_fn, steps=steps,
         grad_accum=recipe.grad_accum, lr=recipe.stage1_lr, warmup_steps=recipe.warmup_steps,
-        lr_schedule=recipe.lr_schedule, clip_groups=[[p for _, p in g] for g in groups.values()],
+        lr_schedule=recipe.lr_schedule, clip_groups=list(groups.values()),
         max_grad_norm=recipe.max_grad_norm, sync_grads=lambda: dist.all_reduce_grads(params), checkpoint=checkpoint,
         checkpoint_every=recipe.checkpoint_every, key=key, dist=dist, progress=progress, on_step=on_step,
     )
