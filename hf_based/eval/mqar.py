@@ -542,21 +542,12 @@ def add_mqar_arguments(parser) -> None:
 def run_mqar(args) -> None:
     from hf_based.cli import CLIError  # deferred: hf_based.cli imports this module
 
-    out = Path(args.out)
-    if out.is_file():
-        raise CLIError(f"--out {out} is a file; give a directory")
-    if args.plot_only:
-        path = out / "results.json"
-        if not path.is_file():
-            raise CLIError(f"--plot-only: {path} does not exist; run the sweep first")
-        data = json.loads(path.read_text())
-        write_report(data["runs"], settings_from_dict(data["settings"]), out, data["environment"])
+    out, saved = report.command_output(args.out, args.plot_only, "run the sweep first")
+    if saved is not None:
+        write_report(saved["runs"], settings_from_dict(saved["settings"]), out, saved["environment"])
         print(f"hf-based mqar: redrew {out / 'mqar.png'} and {out / 'results.md'}")
         return
-    try:
-        device = report.resolve_device(args.device)
-    except ValueError as error:
-        raise CLIError(str(error)) from error
+    device = report.command_device(args.device)
     settings, specs = SWEEPS[args.preset]
     overrides = {name: value for name, value in (
         ("max_steps", args.max_steps), ("batch_size", args.batch_size), ("lr", args.lr), ("seed", args.seed),

@@ -29,7 +29,6 @@ Writes DIR/results.json, DIR/results.md and DIR/bench.png.
 import dataclasses
 import gc
 import inspect
-import json
 import statistics
 import time
 from dataclasses import dataclass
@@ -657,20 +656,12 @@ def add_bench_arguments(parser) -> None:
 def run_bench_command(args) -> None:
     from hf_based.cli import CLIError  # deferred: hf_based.cli imports this module
 
-    out = Path(args.out)
-    if out.is_file():
-        raise CLIError(f"--out {out} is a file; give a directory")
-    if args.plot_only:
-        path = out / "results.json"
-        if not path.is_file():
-            raise CLIError(f"--plot-only: {path} does not exist; run the benchmark first")
-        write_report(json.loads(path.read_text()), out)
+    out, saved = report.command_output(args.out, args.plot_only, "run the benchmark first")
+    if saved is not None:
+        write_report(saved, out)
         print(f"hf-based bench: redrew {out / 'bench.png'} and {out / 'results.md'}")
         return
-    try:
-        device = report.resolve_device(args.device)
-    except ValueError as error:
-        raise CLIError(str(error)) from error
+    device = report.command_device(args.device)
     settings = TINY if args.tiny else BenchSettings()
     overrides = {name: value for name, value in (
         ("prefill_lengths", args.prefill_lengths), ("prefill_batch", args.prefill_batch),
