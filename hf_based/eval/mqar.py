@@ -525,7 +525,7 @@ def add_mqar_arguments(parser) -> None:
     parser.add_argument("--out", required=True, metavar="DIR",
                         help="directory for results.jsonl/.json/.md and mqar.png")
     parser.add_argument("--preset", choices=list(SWEEPS), default="default",
-                        help="sweep: 'default' (23 models, ~8 min on one H200) or 'tiny' (CPU, ~1 min)")
+                        help="sweep: 'default' (23 models, under 8 min on one H200) or 'tiny' (2 models, for CPUs)")
     parser.add_argument("--families", metavar="A,B", help=f"only these model families ({', '.join(FAMILIES)})")
     parser.add_argument("--max-steps", type=int, help="training steps per run at most")
     parser.add_argument("--batch-size", type=int, help="training batch size")
