@@ -22,7 +22,7 @@ from hf_based.conversion.data import PackedData
 from hf_based.conversion.linearize import AttentionTransfer, linearize_model, stage1_optimizer
 from hf_based.conversion.pipeline import autocast_for, run_stage1, run_stage2
 from hf_based.conversion.training import Dist
-from hf_based.eval.throughput import synchronize
+from hf_based.bench.throughput import synchronize
 
 SEQ_LEN = 1024
 SHAPES = [(2, 2), (4, 1), (8, 1)]  # (sequences per micro-batch, micro-batches per step)

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from hf_based.eval.throughput import BasedDecoder, capture, timed_steps
+from hf_based.bench.throughput import BasedDecoder, capture, timed_steps
 from hf_based.modeling import BasedForCausalLM
 from hf_based.modeling.configuration_based import preset_config
 

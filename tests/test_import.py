@@ -16,9 +16,9 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from hf_based import BasedForCausalLM
 from hf_based.cli import main
-from hf_based.conversion import CheckpointError
-from hf_based.conversion.import_based import import_based
-from hf_based.conversion.import_lolcats import import_lolcats
+from hf_based.errors import CheckpointError
+from hf_based.importers.based import import_based
+from hf_based.importers.lolcats import import_lolcats
 from hf_based.tokenizer import load_tokenizer
 
 EMBEDDINGS = "transformer.embeddings.word_embeddings.weight"

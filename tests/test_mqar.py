@@ -9,7 +9,7 @@ import torch
 
 from hf_based import BasedConfig, BasedForCausalLM
 from hf_based.cli import main
-from hf_based.eval.mqar import FAMILIES, SWEEPS, ModelSpec, multiquery_ar, sample_mqar, train_and_evaluate
+from hf_based.bench.mqar import FAMILIES, SWEEPS, ModelSpec, multiquery_ar, sample_mqar, train_and_evaluate
 
 
 @pytest.mark.parametrize("seq_len, pairs, vocab", [(64, 4, 128), (128, 16, 8192), (512, 64, 8192), (16, 4, 32)])
@@ -157,7 +157,7 @@ def test_bad_arguments_give_one_line_errors(tmp_path, capsys, argv, message):
 
 
 def test_a_failing_run_is_reported_and_retried(tmp_path, monkeypatch, capsys):
-    import hf_based.eval.mqar as mqar
+    import hf_based.bench.mqar as mqar
 
     real = mqar.train_and_evaluate
 

@@ -8,7 +8,7 @@ from transformers import LlamaForCausalLM
 
 from hf_based import preset_config
 from hf_based.cli import main
-from hf_based.eval.throughput import (
+from hf_based.bench.throughput import (
     TINY,
     BasedDecoder,
     StaticCacheDecoder,

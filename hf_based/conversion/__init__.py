@@ -1,5 +1,4 @@
-"""LoLCATs conversion of Llama-family checkpoints into BASED-family models (`hf-based convert` / `hf-based demo`),
-and import of the released BASED and LoLCATs checkpoints (`hf-based import-based` / `hf-based import-lolcats`).
+"""LoLCATs conversion of Llama-family checkpoints into BASED-family models (`hf-based convert` / `hf-based demo`).
 
 Names resolve lazily, so `import hf_based.conversion` stays light.
 """
@@ -7,8 +6,8 @@ Names resolve lazily, so `import hf_based.conversion` stays light.
 import importlib
 
 _EXPORTS = {
-    "ConversionError": "hf_based.conversion.errors",
-    "NonFiniteLossError": "hf_based.conversion.errors",
+    "ConversionError": "hf_based.errors",
+    "NonFiniteLossError": "hf_based.errors",
     "Recipe": "hf_based.conversion.linearize",
     "SUPPORTED_MODEL_TYPES": "hf_based.conversion.linearize",
     "AttentionTransfer": "hf_based.conversion.linearize",
@@ -19,9 +18,6 @@ _EXPORTS = {
     "load_teacher": "hf_based.conversion.teacher",
     "load_training_data": "hf_based.conversion.data",
     "teacher_generated_text": "hf_based.conversion.data",
-    # The functions import_based / import_lolcats share their modules' names: import them from those modules.
-    "CheckpointError": "hf_based.conversion.import_based",
-    "llama_to_based_config": "hf_based.conversion.import_lolcats",
 }
 
 

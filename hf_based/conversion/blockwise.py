@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hf_based.conversion.data import PackedData, global_order
-from hf_based.conversion.errors import ConversionError
+from hf_based.errors import ConversionError
 from hf_based.conversion.linearize import (
     AttentionTransfer,
     Recipe,

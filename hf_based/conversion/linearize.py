@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hf_based.conversion.errors import ConversionError
+from hf_based.errors import ConversionError
 from hf_based.kernels import softmax_attention
 from hf_based.modeling import BasedConfig, BasedForCausalLM
 from hf_based.modeling.modeling_based import (

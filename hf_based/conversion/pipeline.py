@@ -37,7 +37,7 @@ from hf_based.conversion.data import (
     load_training_data,
     teacher_generated_text,
 )
-from hf_based.conversion.errors import ConversionError
+from hf_based.errors import ConversionError
 from hf_based.conversion.linearize import (
     AttentionTransfer,
     Recipe,

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from hf_based.conversion.errors import ConversionError, NonFiniteLossError
+from hf_based.errors import ConversionError, NonFiniteLossError
 
 
 @dataclass

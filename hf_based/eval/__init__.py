@@ -1,4 +1,4 @@
-"""Evaluation: lm-eval tasks (`lm_eval_tasks`), and more in sibling modules.
+"""lm-eval integration: local-data tasks, `evaluate` and comparison tables (`lm_eval_tasks`).
 
 Names resolve lazily, so `import hf_based.eval` needs no optional dependency (lm-eval is the `eval` extra).
 """

@@ -13,8 +13,6 @@ an attention mask, and a causal model's outputs at the real positions do not dep
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
 import re
 import string
@@ -24,6 +22,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+
+from hf_based.errors import UnknownTaskError
 
 if TYPE_CHECKING:
     import datasets
@@ -42,10 +42,6 @@ LOCAL_TASKS = (
     "wikitext",
     "mmlu",
 )
-
-
-class UnknownTaskError(ValueError):
-    """A task name that lm-eval (or, with a data directory, the local task set) does not know."""
 
 
 def _import_lm_eval():
@@ -281,111 +277,13 @@ def format_comparison(
     return _table(["task", "metric", *labels, "delta"], rows)
 
 
-# ------------------------------------------------------------------------------------------- `hf-based eval`
-
-
-def _limit(text: str) -> int | float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if value >= 1 and value.is_integer():
-        return int(value)
-    if 0 < value < 1:
-        return value
-    raise argparse.ArgumentTypeError(f"{text!r} is neither a document count (1, 2, ...) nor a fraction in (0, 1)")
-
-
-def _positive_int(text: str) -> int:
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer")
-    return int(text)
-
-
-def _count(text: str) -> int:
-    if not text.isdigit():
-        raise argparse.ArgumentTypeError(f"{text!r} is not a count (0, 1, 2, ...)")
-    return int(text)
-
-
-def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model", metavar="MODEL", help="checkpoint directory or hub id of any causal LM")
-    parser.add_argument(
-        "--tasks", required=True, metavar="TASKS",
-        help=f"comma-separated lm-eval task names; with --data-dir: {', '.join(LOCAL_TASKS)}",
-    )
-    parser.add_argument(
-        "--data-dir", metavar="DIR",
-        help="read the standard tasks from local JSONL in the hub schema in DIR, not from the hub",
-    )
-    parser.add_argument(
-        "--limit", type=_limit, metavar="N", help="documents per task (or a fraction < 1); default: all"
-    )
-    parser.add_argument("--batch-size", type=_positive_int, default=1, metavar="N", help="default: 1")
-    parser.add_argument("--num-fewshot", type=_count, metavar="N", help="default: each task's own")
-    parser.add_argument("--output", metavar="JSON", help="also write the results to this JSON file")
-    parser.add_argument(
-        "--compare", metavar="BASE", help="also evaluate BASE (e.g. the teacher) and print both with deltas"
-    )
-    parser.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available, else cpu)")
-    parser.add_argument(
-        "--dtype", choices=("float32", "bfloat16", "float16"),
-        help="load weights in this dtype (default: the checkpoint's)",
-    )
-
-
-def run_eval(args: argparse.Namespace) -> None:
-    from hf_based.cli import CLIError  # deferred: hf_based.cli imports this module
-
-    tasks = split_tasks(args.tasks)
-    if not tasks:
-        raise CLIError("--tasks lists no task")
-    if args.data_dir is not None and not Path(args.data_dir).is_dir():
-        raise CLIError(f"--data-dir {args.data_dir} is not a directory")
-    if args.output is not None and Path(args.output).is_dir():
-        raise CLIError(f"--output {args.output} is a directory; give a file name")
-    options = dict(
-        data_dir=args.data_dir, limit=args.limit, batch_size=args.batch_size, num_fewshot=args.num_fewshot,
-        device=args.device, dtype=args.dtype,
-    )
-    evaluated = {}
-    for name in [args.model] + ([args.compare] if args.compare else []):
-        try:
-            evaluated[name] = evaluate(name, tasks, **options)
-        except (ImportError, UnknownTaskError, FileNotFoundError) as error:  # no lm-eval, bad task, missing data
-            raise CLIError(str(error)) from error
-        except (ValueError, OSError) as error:  # a model or tokenizer that does not load
-            raise CLIError(f"cannot evaluate {name}: {error}") from error
-    results = evaluated[args.model]
-    if args.compare:
-        base_results = evaluated[args.compare]
-        print(f"model: {args.model}\nbase:  {args.compare}")
-        print(format_comparison(results, base_results))
-    else:
-        print(format_results(results))
-    if args.output is not None:
-        report = {
-            "model": args.model,
-            "results": results,
-            "base": args.compare,
-            "base_results": evaluated.get(args.compare),
-            "tasks": tasks,
-            **{key: options[key] for key in ("data_dir", "limit", "batch_size", "num_fewshot")},
-        }
-        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.output).write_text(json.dumps(report, indent=2) + "\n")
-        print(f"results -> {args.output}")
-
-
 __all__ = [
     "LOCAL_TASKS",
     "UnknownTaskError",
-    "add_eval_arguments",
     "evaluate",
     "format_comparison",
     "format_results",
     "mmlu_subject_docs",
-    "run_eval",
     "split_tasks",
     "write_local_tasks",
 ]

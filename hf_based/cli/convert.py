@@ -1,13 +1,25 @@
-"""Arguments and entry points of `hf-based convert` and `hf-based demo` (hf_based/cli.py lists them).
+"""`hf-based convert BASE OUT` and `hf-based demo [OUT]`: LoLCATs conversion of a Llama-family checkpoint.
 
-Only argparse is imported at module level; the conversion code loads when a command runs.
+The demo converts SmolLM2-135M-Instruct with a short recipe and compares it with the teacher on local evaluation
+data: training text from the repository's shared/data/corpora/alpaca_5000.json when it is there, else text the
+teacher writes itself; evaluation data from shared/data/eval beside the repository, or --eval-data-dir.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import logging
+import time
 
-from hf_based.conversion.errors import ConversionError
+from hf_based.conversion.demo import demo_teacher
+from hf_based.conversion.linearize import Recipe
+from hf_based.conversion.pipeline import convert
+from hf_based.errors import ConversionError
+from hf_based.eval.lm_eval_tasks import format_comparison
+from hf_based.utils import shared_data_dir
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_DEMO_OUT = "hf-based-demo"
 
@@ -126,9 +138,7 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--eval-batch-size", type=int, help="(convert 8, demo 16)")
 
 
-def recipe_from_args(args: argparse.Namespace):
-    from hf_based.conversion.linearize import Recipe
-
+def recipe_from_args(args: argparse.Namespace) -> Recipe:
     return Recipe(
         window=args.window, feature_map=args.feature_map, hedgehog_dim=args.hedgehog_dim,
         softmax_layers=tuple(args.softmax_layers), linear_only=args.linear_only,
@@ -162,8 +172,6 @@ def run_convert(args: argparse.Namespace) -> None:
     if len(args.paths) != 2:
         raise ConversionError("give BASE and OUT (or neither, to run the demo)")
     resolve_defaults(args, demo=False)
-    from hf_based.conversion.pipeline import convert
-
     base, out = args.paths
     if not args.data:
         raise ConversionError("give training data with --data (files, a directory, a hub dataset, or 'teacher')")
@@ -188,8 +196,6 @@ def print_summary(result) -> None:
     for metric, value in result.metrics.items():
         print(f"{metric}: {value:.4g}")
     if result.eval_results:
-        from hf_based.eval.lm_eval_tasks import format_comparison
-
         print(format_comparison(result.eval_results, result.teacher_eval_results or {},
                                 labels=("converted", "teacher")))
 
@@ -209,6 +215,33 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_demo(args: argparse.Namespace) -> None:
-    from hf_based.conversion.demo import demo
+    resolve_defaults(args, demo=True)
+    start = time.perf_counter()
+    shared = shared_data_dir()
+    eval_tasks = None if args.no_eval else args.eval_tasks
+    eval_dir = args.eval_data_dir or (str(shared / "eval") if (shared / "eval").is_dir() else None)
+    if eval_tasks and eval_dir is None:
+        raise ConversionError(
+            "no evaluation data: pass --eval-data-dir DIR (lm-eval task data as JSONL in the hub schema, like the "
+            "repository's shared/data/eval) or --no-eval"
+        )
+    if eval_tasks and importlib.util.find_spec("lm_eval") is None:
+        logger.warning("lm-eval is not installed (pip install 'hf-based[eval]'): skipping the lm-eval comparison")
+        eval_tasks = None
+    alpaca = shared / "corpora" / "alpaca_5000.json"
+    data = args.data or ([str(alpaca)] if alpaca.is_file() else ["teacher"])
 
-    demo(resolve_defaults(args, demo=True))
+    teacher, tokenizer, name = demo_teacher(args.teacher)
+    logger.info("teacher ready after %.0f s", time.perf_counter() - start)
+    result = convert(
+        None, args.out, recipe_from_args(args), teacher=teacher, tokenizer=tokenizer, base_name=name, data=data,
+        template=args.template, teacher_sequences=args.teacher_sequences, val_records=args.val_records,
+        val_sequences=args.val_sequences, max_records=args.max_records, resume=not args.no_resume, dtype=args.dtype,
+        eval_tasks=eval_tasks,
+        eval_data_dir=eval_dir, eval_limit=args.eval_limit, eval_batch_size=args.eval_batch_size,
+        progress=not args.no_progress,
+    )
+    print()
+    print_summary(result)
+    print(f"\nhf-based demo: {name} -> {result.out} in {time.perf_counter() - start:.0f} s. Load it with "
+          f"AutoModelForCausalLM.from_pretrained({str(result.out)!r}, trust_remote_code=True)")

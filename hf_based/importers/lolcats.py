@@ -14,17 +14,17 @@ every key counts in both the softmax and the linear term. `hybrid_attention` has
 `sliding_window` keys, so window 64 reproduces LoLCATs' decode steps, not its prefill.
 """
 
-import argparse
 import re
 from pathlib import Path
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
 
-from hf_based.conversion.errors import ConversionError
-from hf_based.conversion.import_based import DTYPES, CheckpointError, load_tensors
+from hf_based.errors import CheckpointError, ConversionError
 from hf_based.conversion.linearize import Recipe, based_config
+from hf_based.importers.common import check_output_directory, load_tensors, save_checkpoint
 from hf_based.modeling import BasedConfig, BasedForCausalLM
+from hf_based.utils import torch_dtype
 
 LOLCATS_WINDOW = 64  # window_size of the released configs (e.g. distill_llama3_1_8b_lk_smd_wtk64_fd64_w01.yaml)
 LOLCATS_LORA_ALPHA = 16.0  # finetune_lora_qkvo_alpaca_clean.yaml: r=8, lora_alpha=16 (alpha is not in the .pt)
@@ -143,12 +143,11 @@ def import_lolcats(
     """Apply LoLCATs' attention-transfer (and optional LoRA fine-tune) checkpoints, local `.pt` files or hub repos
     holding `model.pt`, to `base_llama` (directory or hub id) and save the result with the base tokenizer to `out`.
 
-    dtype: "auto" keeps the base model's dtype; else one of DTYPES. Raises CheckpointError for unsupported input.
+    dtype: "auto" keeps the base model's dtype; else float32, bfloat16 or float16. Raises CheckpointError for
+    unsupported input.
     """
-    if dtype not in DTYPES:
-        raise CheckpointError(f"dtype={dtype!r} is not supported; accepted: {', '.join(DTYPES)}")
-    if Path(out).is_file():
-        raise CheckpointError(f"{out} is a file; OUT must be a directory")
+    target_dtype = torch_dtype(dtype)
+    check_output_directory(out)
     parsed = parse_lolcats_state(load_lolcats_checkpoint(distill), distill)
     if finetune is not None:  # loaded after the distill state, as LoLCATs does: its tensors win
         parsed.update(parse_lolcats_state(load_lolcats_checkpoint(finetune), finetune))
@@ -170,8 +169,7 @@ def import_lolcats(
     tensors, deltas = lolcats_tensors(parsed, config, lora_alpha)
 
     try:
-        torch_dtype = dtype if dtype == "auto" else getattr(torch, dtype)
-        llama = AutoModelForCausalLM.from_pretrained(base_llama, dtype=torch_dtype)
+        llama = AutoModelForCausalLM.from_pretrained(base_llama, dtype=target_dtype or "auto")
         tokenizer = AutoTokenizer.from_pretrained(base_llama)
     except (OSError, ValueError) as error:
         raise CheckpointError(f"cannot load the base model or its tokenizer from {base_llama!r}: {error}") from error
@@ -186,38 +184,5 @@ def import_lolcats(
         raise CheckpointError(f"{base_llama} is not a plain Llama: missing {missing[:5]}, unexpected {unexpected[:5]}")
     model.load_state_dict(state)
     model.generation_config = llama.generation_config
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
+    save_checkpoint(model, tokenizer, out)
     return model
-
-
-def add_import_lolcats_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("base_llama", metavar="BASE_LLAMA", help="base Llama directory or hub id")
-    parser.add_argument("distill", metavar="DISTILL_PT", help="attention-transfer .pt file or hub repo with model.pt")
-    parser.add_argument("finetune", metavar="FINETUNE_PT", nargs="?", help="LoRA fine-tune .pt file or hub repo")
-    parser.add_argument("out", metavar="OUT", help="directory for the converted checkpoint and its tokenizer")
-    parser.add_argument(
-        "--window", type=int, default=LOLCATS_WINDOW,
-        help=f"softmax keys per query, itself included (default: {LOLCATS_WINDOW}, LoLCATs' decode window)",
-    )
-    parser.add_argument(
-        "--lora-alpha", type=float, default=LOLCATS_LORA_ALPHA,
-        help=f"LoRA alpha of the fine-tune, not stored in the .pt (default: {LOLCATS_LORA_ALPHA:g}, the released runs)",
-    )
-    parser.add_argument("--dtype", choices=DTYPES, default="auto", help="parameter dtype (default: the base model's)")
-
-
-def run_import_lolcats(args: argparse.Namespace) -> None:
-    from hf_based.cli import CLIError  # deferred: hf_based.cli imports this module
-
-    try:
-        model = import_lolcats(
-            args.base_llama, args.distill, args.finetune, args.out, args.window, args.lora_alpha, args.dtype
-        )
-    except CheckpointError as error:
-        raise CLIError(str(error)) from error
-    print(
-        f"hf-based import-lolcats: {args.base_llama} + {args.distill}"
-        f"{' + ' + args.finetune if args.finetune else ''} ({model.config.num_hidden_layers} hybrid layers, "
-        f"window {model.config.sliding_window}; {model.num_parameters():,} parameters, {model.dtype}) -> {args.out}"
-    )

@@ -37,7 +37,10 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, StaticCache
 
-from hf_based.eval import report
+from hf_based.bench import report
+from hf_based import checkpoints
+from hf_based.errors import UsageError
+from hf_based.utils import pyplot
 from hf_based.modeling import PRESETS, BasedConfig, BasedForCausalLM, preset_config
 
 # Targets of issue 5 on the H200 (based-360m against a 360M Llama).
@@ -117,12 +120,9 @@ def load_config(spec: str, what: str):
                 f"cannot read a config from model {spec!r} ({str(error).splitlines()[0]}); accepted: a preset "
                 f"({', '.join(PRESETS)}) or a checkpoint directory or hub id with config.json"
             ) from error
-    from hf_based.conversion.errors import ConversionError
-    from hf_based.conversion.teacher import load_teacher_config
-
     try:
-        return load_teacher_config(spec)
-    except ConversionError as error:
+        return checkpoints.load_config(spec)
+    except UsageError as error:
         raise ValueError(f"--baseline: {error} (or 'llama' for a Llama matched to --model)") from error
 
 
@@ -575,7 +575,7 @@ def _cache(record) -> str:
 
 
 def plot(results: dict, out: Path) -> Path | None:
-    plt = report.pyplot()
+    plt = pyplot()
     if plt is None:
         print("matplotlib is missing: skipped bench.png (rerun with --plot-only where it is installed)")
         return None
@@ -612,79 +612,3 @@ def plot(results: dict, out: Path) -> Path | None:
     fig.savefig(path, dpi=130)
     plt.close(fig)
     return path
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Command line: hf-based bench
-
-
-def _ints(text: str) -> tuple[int, ...]:
-    import argparse
-
-    try:
-        values = tuple(int(v) for v in text.replace(",", " ").split())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected integers separated by commas, got {text!r}") from None
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"expected integers >= 1, got {text!r}")
-    return values
-
-
-def add_bench_arguments(parser) -> None:
-    parser.add_argument("--out", required=True, metavar="DIR", help="directory for results.json/.md and bench.png")
-    parser.add_argument("--model", metavar="PRESET_OR_PATH",
-                        help=f"BASED-family model: a preset ({', '.join(PRESETS)}) or a checkpoint directory / hub id "
-                             "(only its config is read; weights are random) (default: based-360m, tiny with --tiny)")
-    parser.add_argument("--baseline", default="llama", metavar="llama|PATH",
-                        help="'llama' (matched to --model) or a Transformer checkpoint directory / hub id / .gguf file "
-                             "(config only) (default: llama)")
-    parser.add_argument("--prefill-lengths", type=_ints, metavar="N,N", help="prompt lengths for prefill")
-    parser.add_argument("--prefill-batch", type=int, help="batch size for prefill (default 1)")
-    parser.add_argument("--decode-batches", type=_ints, metavar="B,B", help="batch sizes for decode")
-    parser.add_argument("--prompt-lengths", type=_ints, metavar="P,P", help="prompt lengths before decode")
-    parser.add_argument("--steps", type=int, help="decode steps per timed trial (default 32)")
-    parser.add_argument("--trials", type=int, help="timed trials per decode point (default 3)")
-    parser.add_argument("--dtype", choices=("bfloat16", "float16", "float32"),
-                        help="weights and activations (default bfloat16; float32 with --tiny)")
-    parser.add_argument("--no-cuda-graphs", action="store_true", help="time eager decode steps")
-    parser.add_argument("--tiny", action="store_true", help="tiny model and sizes (CPU tests)")
-    parser.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
-    parser.add_argument("--plot-only", action="store_true", help="only redraw bench.png and results.md from DIR")
-    parser.add_argument("--quiet", action="store_true", help="print only the summary")
-
-
-def run_bench_command(args) -> None:
-    from hf_based.cli import CLIError  # deferred: hf_based.cli imports this module
-
-    out, saved = report.command_output(args.out, args.plot_only, "run the benchmark first")
-    if saved is not None:
-        write_report(saved, out)
-        print(f"hf-based bench: redrew {out / 'bench.png'} and {out / 'results.md'}")
-        return
-    device = report.command_device(args.device)
-    settings = TINY if args.tiny else BenchSettings()
-    overrides = {name: value for name, value in (
-        ("prefill_lengths", args.prefill_lengths), ("prefill_batch", args.prefill_batch),
-        ("decode_batches", args.decode_batches), ("prompt_lengths", args.prompt_lengths), ("steps", args.steps),
-        ("trials", args.trials), ("dtype", args.dtype),
-    ) if value is not None}
-    if args.no_cuda_graphs:
-        overrides["cuda_graphs"] = False
-    model = args.model or ("tiny" if args.tiny else "based-360m")
-    try:
-        settings = dataclasses.replace(settings, **overrides)
-        resolve_configs(model, args.baseline)  # bad input fails here, in one line, before any model is built
-    except ValueError as error:
-        raise CLIError(str(error)) from error
-    results = run_bench(model, args.baseline, settings, device, show_progress=not args.quiet)
-    write_report(results, out)
-    summary = results["summary"]
-    print(f"hf-based bench: {results['models']['model']['name']} vs {results['models']['baseline']['name']} on "
-          f"{report.machine(device)} -> {out}/results.json, results.md, bench.png")
-    print(f"  prefill speedup by length: {summary['prefill_speedup']}")
-    print(f"  decode speedup by (prompt, batch): {summary['decode_speedup']}")
-    for key in ("decode_target", "prefill_target"):
-        if key in summary:
-            target = summary[key]
-            print(f"  {key}: >= {target['speedup']}x, measured {target['measured']} -> "
-                  f"{'met' if target['met'] else 'NOT met'}")

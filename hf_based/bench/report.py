@@ -36,31 +36,6 @@ def resolve_device(name: str | None) -> torch.device:
     return device
 
 
-def command_output(out: str, plot_only: bool, run_first: str) -> tuple[Path, dict | None]:
-    """`hf-based mqar` / `bench`: --out as a directory, and with --plot-only the results.json a run left there."""
-    from hf_based.cli import CLIError  # deferred: hf_based.cli imports the commands that import this module
-
-    out = Path(out)
-    if out.is_file():
-        raise CLIError(f"--out {out} is a file; give a directory")
-    if not plot_only:
-        return out, None
-    path = out / "results.json"
-    if not path.is_file():
-        raise CLIError(f"--plot-only: {path} does not exist; {run_first}")
-    return out, json.loads(path.read_text())
-
-
-def command_device(name: str | None) -> torch.device:
-    """resolve_device for a command line: its errors as one-line CLIErrors."""
-    from hf_based.cli import CLIError
-
-    try:
-        return resolve_device(name)
-    except ValueError as error:
-        raise CLIError(str(error)) from error
-
-
 def machine(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -100,16 +75,3 @@ def environment_lines(env: dict) -> str:
 
 def write_json(path: Path, data) -> None:
     path.write_text(json.dumps(data, indent=2) + "\n")
-
-
-def pyplot():
-    """matplotlib.pyplot on the Agg backend, or None when matplotlib is missing (then plots are skipped: rerun the
-    command with --plot-only where matplotlib is installed)."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    return plt

@@ -7,19 +7,19 @@ training-metric buffers). This follows `GPTLMHeadModel.from_pretrained_hf` of Ha
 (based/models/gpt.py) and maps every tensor onto `BasedForCausalLM`, whose mixers compute the same functions.
 """
 
-import argparse
 import json
 import math
-import pickle
 import re
 from pathlib import Path
 
 import torch
 
+from hf_based.errors import CheckpointError
+from hf_based.importers.common import check_output_directory, load_tensors, resolve_source, save_checkpoint
 from hf_based.modeling import BasedConfig, BasedForCausalLM
 from hf_based.tokenizer import load_tokenizer
+from hf_based.utils import torch_dtype
 
-DTYPES = ("auto", "float32", "bfloat16", "float16")
 WEIGHT_FILES = ("pytorch_model.bin", "model.safetensors")
 
 # Mixer dicts name a class by hydra `_target_`; these are the classes of the released models.
@@ -54,35 +54,6 @@ LINEAR_IMPLEMENTATIONS = ("quadratic", "linear", "fla_parallel", "fla_chunk")
 
 EMBEDDINGS = "transformer.embeddings.word_embeddings.weight"
 LINEAR_ATTENTION_NAMES = {"proj_q": "q_proj", "proj_k": "k_proj", "proj_v": "v_proj", "out_proj": "o_proj"}
-
-
-class CheckpointError(ValueError):
-    """A source checkpoint that cannot be imported; the message is one line naming the file, key or setting."""
-
-
-def resolve_source(src: str, filenames: tuple[str, ...]) -> Path:
-    """A local directory, or a hub repository id downloaded (only `filenames`) with `snapshot_download`."""
-    if Path(src).exists():
-        return Path(src)
-    from huggingface_hub import snapshot_download
-
-    try:
-        return Path(snapshot_download(src, allow_patterns=list(filenames)))
-    except (OSError, ValueError) as error:  # unknown repo, no network, malformed id
-        raise CheckpointError(f"{src!r} is neither a local path nor a downloadable hub repository: {error}") from error
-
-
-def load_tensors(path: Path) -> dict:
-    """torch.load with weights_only=True (tensors and plain containers only), or a safetensors file."""
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(path)
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError) as error:  # not tensors only / not a torch file
-        reason = str(error).strip().splitlines()[0]
-        raise CheckpointError(f"{path} cannot be loaded as plain tensors (weights_only=True): {reason}") from error
 
 
 def _setting(cfg: dict, key: str, required, default) -> None:
@@ -317,40 +288,18 @@ def load_original(src: str) -> tuple[dict, dict, str]:
 def import_based(src: str, out: str | Path, dtype: str = "auto") -> BasedForCausalLM:
     """Convert an original BASED checkpoint (directory or hub id) and save it, with the GPT-2 tokenizer, to `out`.
 
-    dtype: "auto" keeps the checkpoint's dtype; else one of DTYPES. Raises CheckpointError for unsupported input.
+    dtype: "auto" keeps the checkpoint's dtype; else float32, bfloat16 or float16. Raises CheckpointError for
+    unsupported input.
     """
-    if dtype not in DTYPES:
-        raise CheckpointError(f"dtype={dtype!r} is not supported; accepted: {', '.join(DTYPES)}")
-    if Path(out).is_file():
-        raise CheckpointError(f"{out} is a file; OUT must be a directory")
+    target_dtype = torch_dtype(dtype)
+    check_output_directory(out)
     cfg, state, source = load_original(src)
     config = based_config_from_original(cfg)
     state = check_layout(_drop_extras(state, cfg), config, source)
     tokenizer = load_tokenizer()  # BASED was trained with the GPT-2 BPE ("<|endoftext|>" = 50256 as bos/eos)
     config.bos_token_id, config.eos_token_id = tokenizer.bos_token_id, tokenizer.eos_token_id
-    torch_dtype = state[EMBEDDINGS].dtype if dtype == "auto" else getattr(torch, dtype)
-    model = BasedForCausalLM(config).to(torch_dtype)
+    model = BasedForCausalLM(config).to(target_dtype or state[EMBEDDINGS].dtype)
     model.load_state_dict(convert_state_dict(state, config))
     model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
+    save_checkpoint(model, tokenizer, out)
     return model
-
-
-def add_import_based_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("src", metavar="SRC", help="original checkpoint directory or hub id (hazyresearch/based-360m)")
-    parser.add_argument("out", metavar="OUT", help="directory for the converted checkpoint and its tokenizer")
-    parser.add_argument("--dtype", choices=DTYPES, default="auto", help="parameter dtype (default: the checkpoint's)")
-
-
-def run_import_based(args: argparse.Namespace) -> None:
-    from hf_based.cli import CLIError  # deferred: hf_based.cli imports this module
-
-    try:
-        model = import_based(args.src, args.out, args.dtype)
-    except CheckpointError as error:
-        raise CLIError(str(error)) from error
-    counts = {mixer: model.config.mixer_types.count(mixer) for mixer in dict.fromkeys(model.config.mixer_types)}
-    layers = ", ".join(f"{n} {mixer}" for mixer, n in counts.items())
-    print(f"hf-based import-based: {args.src} ({layers}; {model.num_parameters():,} parameters, {model.dtype})"
-          f" -> {args.out}")

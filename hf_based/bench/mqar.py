@@ -47,7 +47,8 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from hf_based.eval import report
+from hf_based.bench import report
+from hf_based.utils import pyplot
 from hf_based.modeling import BasedConfig, BasedForCausalLM
 
 VOCAB_SIZE = 8192
@@ -473,7 +474,7 @@ def write_report(runs: list[dict], settings: Settings, out: Path, env: dict) -> 
 
 
 def plot(runs: list[dict], settings: Settings, out: Path) -> Path | None:
-    plt = report.pyplot()
+    plt = pyplot()
     if plt is None:
         print("matplotlib is missing: skipped mqar.png (rerun with --plot-only where it is installed)")
         return None
@@ -515,72 +516,3 @@ def settings_from_dict(data: dict) -> Settings:
     for key in ("train_tasks", "test_tasks"):
         data[key] = tuple(Task(**task) for task in data[key])
     return Settings(**data)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Command line: hf-based mqar
-
-
-def add_mqar_arguments(parser) -> None:
-    parser.add_argument("--out", required=True, metavar="DIR",
-                        help="directory for results.jsonl/.json/.md and mqar.png")
-    parser.add_argument("--preset", choices=list(SWEEPS), default="default",
-                        help="sweep: 'default' (23 models, under 8 min on one H200) or 'tiny' (2 models, for CPUs)")
-    parser.add_argument("--families", metavar="A,B", help=f"only these model families ({', '.join(FAMILIES)})")
-    parser.add_argument("--max-steps", type=int, help="training steps per run at most")
-    parser.add_argument("--batch-size", type=int, help="training batch size")
-    parser.add_argument("--lr", type=float, help="peak learning rate")
-    parser.add_argument("--time-budget", type=float, metavar="SECONDS",
-                        help="wall-clock budget of the whole sweep, shared by the runs (0: none, max-steps per run); "
-                             "default: 400 for the default sweep on CUDA, none otherwise")
-    parser.add_argument("--seed", type=int, help="seed of the weights and the data (default 0)")
-    parser.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
-    parser.add_argument("--plot-only", action="store_true", help="only redraw mqar.png and results.md from DIR")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
-
-
-def run_mqar(args) -> None:
-    from hf_based.cli import CLIError  # deferred: hf_based.cli imports this module
-
-    out, saved = report.command_output(args.out, args.plot_only, "run the sweep first")
-    if saved is not None:
-        write_report(saved["runs"], settings_from_dict(saved["settings"]), out, saved["environment"])
-        print(f"hf-based mqar: redrew {out / 'mqar.png'} and {out / 'results.md'}")
-        return
-    device = report.command_device(args.device)
-    settings, specs = SWEEPS[args.preset]
-    overrides = {name: value for name, value in (
-        ("max_steps", args.max_steps), ("batch_size", args.batch_size), ("lr", args.lr), ("seed", args.seed),
-    ) if value is not None}
-    if args.time_budget is not None:
-        overrides["time_budget_s"] = args.time_budget or None
-    elif device.type != "cuda":
-        overrides["time_budget_s"] = None  # the default budget is sized for an H200
-    try:
-        settings = dataclasses.replace(settings, **overrides)
-    except ValueError as error:
-        raise CLIError(str(error)) from error
-    if args.families:
-        wanted = [f.strip() for f in args.families.split(",") if f.strip()]
-        unknown = [f for f in wanted if f not in FAMILIES]
-        if unknown or not wanted:
-            raise CLIError(f"--families {args.families!r}: unknown family {', '.join(unknown) or '(none given)'}; "
-                           f"accepted: {', '.join(FAMILIES)}")
-        specs = [spec for spec in specs if spec.family in wanted]
-        if not specs:
-            raise CLIError(f"--families {args.families!r}: the {args.preset!r} sweep has no model of these families")
-    start = time.perf_counter()
-    runs = run_sweep(settings, specs, out, device, show_progress=not args.quiet)
-    write_report(runs, settings, out, report.environment(device))
-    headline = settings.headline.name
-    print(f"hf-based mqar: {len(runs)} runs in {time.perf_counter() - start:.0f} s on {report.machine(device)} "
-          f"-> {out}/results.json, results.md, mqar.png")
-    for run in runs:
-        if "error" in run:
-            print(f"  FAILED {run['name']}: {run['error']}")
-    for family in FAMILIES:
-        members = [r for r in runs if r["family"] == family and "error" not in r]
-        if members:
-            best = max(members, key=lambda r: r["accuracy"][headline])
-            print(f"  {family:>15}: best {headline} accuracy {best['accuracy'][headline]:.3f} ({best['name']}, "
-                  f"state {best['state_size'][headline]:,})")

@@ -1,0 +1,71 @@
+"""The `hf-based` command line (also `python -m hf_based`).
+
+Each subcommand is a `Command` in `COMMANDS`, one module per command: a function adding its arguments to its
+sub-parser and a function running it. Library errors (`HfBasedError`) are reported as one line, without a traceback.
+"""
+
+import argparse
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from hf_based import __version__
+from hf_based.cli import bench, convert, eval, import_based, import_lolcats, init, mqar
+from hf_based.errors import HfBasedError
+
+
+@dataclass(frozen=True)
+class Command:
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], None]
+
+
+COMMANDS: dict[str, Command] = {
+    "init": Command("create a randomly initialised model from a preset", init.add_arguments, init.run),
+    "import-based": Command(
+        "convert a released HazyResearch BASED checkpoint", import_based.add_arguments, import_based.run
+    ),
+    "import-lolcats": Command(
+        "apply released LoLCATs checkpoints to their base Llama", import_lolcats.add_arguments, import_lolcats.run
+    ),
+    "eval": Command("score causal LMs on lm-eval tasks (local JSONL with --data-dir)", eval.add_arguments, eval.run),
+    "convert": Command(
+        "linearize a Llama-family checkpoint with LoLCATs (attention transfer + LoRA)", convert.add_convert_arguments,
+        convert.run_convert,
+    ),
+    "demo": Command(
+        "convert SmolLM2-135M-Instruct with a short recipe and compare it with the teacher",
+        convert.add_demo_arguments, convert.run_demo,
+    ),
+    "mqar": Command(
+        "train small models of each mixer family on MQAR; plot recall against state size", mqar.add_arguments,
+        mqar.run,
+    ),
+    "bench": Command(
+        "prefill and decode throughput of a BASED model against a same-size Transformer", bench.add_arguments,
+        bench.run,
+    ),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hf-based", description="BASED-family language models for transformers.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, command in COMMANDS.items():
+        command.add_arguments(subparsers.add_parser(name, help=command.help, description=command.help))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    # The library logs; the command line shows its INFO messages as plain lines.
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    logging.getLogger("hf_based").setLevel(logging.INFO)
+    try:
+        COMMANDS[args.command].run(args)
+    except HfBasedError as error:
+        parser.exit(1, f"hf-based {args.command}: error: {error}\n")
+    return 0

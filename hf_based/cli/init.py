@@ -1,0 +1,45 @@
+"""`hf-based init OUT --preset NAME`: a randomly initialised model and its tokenizer."""
+
+import argparse
+from pathlib import Path
+
+import torch
+
+from hf_based.errors import UsageError
+from hf_based.modeling import PRESETS, BasedForCausalLM, preset_config
+from hf_based.tokenizer import load_tokenizer
+from hf_based.utils import DTYPES
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("out", metavar="OUT", help="directory for the checkpoint and its tokenizer")
+    parser.add_argument("--preset", required=True, choices=list(PRESETS), help="model size and layer layout")
+    parser.add_argument(
+        "--tokenizer", metavar="PATH_OR_ID", help="tokenizer directory or hub id (default: the bundled GPT-2 BPE)"
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed for the random initialisation (default: 0)")
+    parser.add_argument("--dtype", choices=DTYPES, default="float32", help="parameter dtype (default: float32)")
+
+
+def run(args: argparse.Namespace) -> None:
+    out = Path(args.out)
+    if out.is_file():
+        raise UsageError(f"{out} is a file; OUT must be a directory")
+    try:
+        tokenizer = load_tokenizer(args.tokenizer)
+    except (OSError, ValueError) as error:  # missing directory, unknown hub id, no tokenizer files
+        raise UsageError(f"cannot load tokenizer {args.tokenizer!r}: {error}") from error
+    # The checkpoint ships with this tokenizer, so its special tokens are the ones generate() should use.
+    config = preset_config(args.preset, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    if len(tokenizer) > config.vocab_size:
+        raise UsageError(
+            f"the tokenizer has {len(tokenizer)} tokens but preset {args.preset!r} has vocab_size={config.vocab_size}; "
+            "use a tokenizer whose vocabulary fits the preset"
+        )
+    torch.manual_seed(args.seed)
+    model = BasedForCausalLM(config).to(getattr(torch, args.dtype))
+    # generate() pads with this; config.pad_token_id stays unset, as it would freeze that embedding row (GPT-2 pad == eos).
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    print(f"hf-based init: preset {args.preset!r}, {model.num_parameters():,} parameters ({args.dtype}) -> {out}")
