@@ -534,7 +534,7 @@ def plot(report: dict, path: Path) -> None:
 def taylor_sweep(save) -> list[dict]:
     """Block sizes, warps and pipelining of the Taylor kernels at B=8 H=16 d=16 dv=64 T=16k: each variant checked
     (bf16 vs fp64, T=1000) before it is timed. Chunk 64 variants (bf16 backward faults seen there) run last."""
-    from hf_based.kernels.triton import taylor
+    from hf_based.kernels.taylor import triton as taylor
 
     defaults = {name: getattr(taylor, name) for name in ("NUM_WARPS", "NUM_STAGES", "PROGRAMS_PER_SM")}
     variants = [dict(chunk=c, block_v=bv, NUM_WARPS=w, NUM_STAGES=st, PROGRAMS_PER_SM=pps)

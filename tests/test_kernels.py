@@ -21,7 +21,7 @@ from hf_based.kernels import (
     short_conv,
     short_conv_recurrent,
     softmax_attention,
-    taylor_feature_dim,
+    taylor_num_features,
     taylor_feature_map,
     taylor_linear_attention,
     taylor_linear_attention_recurrent,
@@ -74,7 +74,7 @@ def visible_keys(q_len, k_len, window=None):
     return (j <= p) & (j > p - (window or k_len + 1))
 
 
-def naive_hybrid(q, k, v, qf, kf, gamma, window, mask, kv0, z0, scale):
+def naive_hybrid(q, k, v, qf, kf, window_factor, window, mask, kv0, z0, scale):
     """Explicit loops over batch rows and queries, with the window / older key sets of the spec."""
     k_len, q_len, group = k.shape[1], q.shape[1], q.shape[2] // k.shape[2]
     k, v = k.repeat_interleave(group, 2), v.repeat_interleave(group, 2)
@@ -89,7 +89,7 @@ def naive_hybrid(q, k, v, qf, kf, gamma, window, mask, kv0, z0, scale):
             den = torch.einsum("hf,hf->h", qf[b, i], z0[b])  # [H]
             if win:
                 s = scale * torch.einsum("hd,jhd->hj", q[b, i], k[b, win])
-                e = gamma[:, None] * torch.exp(s - s.max(-1, keepdim=True).values)
+                e = window_factor[:, None] * torch.exp(s - s.max(-1, keepdim=True).values)
                 num = num + torch.einsum("hj,jhd->hd", e, v[b, win])
                 den = den + e.sum(-1)
             if old:
@@ -111,7 +111,7 @@ def test_taylor_feature_map_kernel_identity(d):
     rand = Rand(d)
     q, k = rand.normal(3, 5, d), rand.normal(3, 5, d)
     phi_q, phi_k = taylor_feature_map(q), taylor_feature_map(k)
-    assert phi_q.shape == (3, 5, taylor_feature_dim(d)) == (3, 5, 1 + d + d * d)
+    assert phi_q.shape == (3, 5, taylor_num_features(d)) == (3, 5, 1 + d + d * d)
     s = (q * k).sum(-1) / math.sqrt(d)
     close((phi_q * phi_k).sum(-1), 1 + s + s**2 / 2)
 
@@ -176,7 +176,7 @@ def test_taylor_linear_attention_matches_kernel_formula(length):
     for op in (taylor_linear_attention, taylor_linear_attention_recurrent):
         o, (kv, z) = op(q, k, v, key_mask=mask, output_final_state=True)
         close(o, expected)
-        assert kv.shape == (2, H, taylor_feature_dim(D), DV) and z.shape == (2, H, taylor_feature_dim(D))
+        assert kv.shape == (2, H, taylor_num_features(D), DV) and z.shape == (2, H, taylor_num_features(D))
 
 
 @pytest.mark.parametrize(
@@ -309,7 +309,7 @@ def test_hybrid_attention_all_padded_queries_are_zero(length):
 
 @pytest.mark.parametrize("op", [hybrid_attention, hybrid_attention_recurrent])
 def test_hybrid_attention_wide_window_is_softmax_attention(op):
-    """With every key in the window and no state, gamma cancels in the ratio: plain softmax attention."""
+    """With every key in the window and no state, the window factor cancels in the ratio: plain softmax attention."""
     rand, length = Rand(8), 20
     x = hybrid_inputs(rand, length, length)
     mask = left_padding_mask(length)
@@ -319,14 +319,15 @@ def test_hybrid_attention_wide_window_is_softmax_attention(op):
 
 @pytest.mark.parametrize("op", [hybrid_attention, hybrid_attention_recurrent])
 def test_hybrid_attention_window_one(op):
-    """Window 1: y_p = (gamma v_p + sum_{j<p} a_pj v_j) / (gamma + sum_{j<p} a_pj), a_pj = phi_q(q_p).phi_k(k_j)."""
+    """Window 1: y_p = (w v_p + sum_{j<p} a_pj v_j) / (w + sum_{j<p} a_pj), w the window factor,
+    a_pj = phi_q(q_p).phi_k(k_j)."""
     rand, length = Rand(9), 12
     x = hybrid_inputs(rand, length, length)
-    gamma = x["window_factor"][:, None]  # [H, 1]
+    window_factor = x["window_factor"][:, None]  # [H, 1]
     a = torch.einsum("bihf,bjhf->bhij", x["q_feat"], x["k_feat"]).tril(-1)  # strictly older keys
     v = x["v"].repeat_interleave(H // HKV, 2)
-    num = gamma[..., None] * v.transpose(1, 2) + a @ v.transpose(1, 2)  # [B, H, T, Dv]
-    expected = (num / (gamma + a.sum(-1))[..., None]).transpose(1, 2)
+    num = window_factor[..., None] * v.transpose(1, 2) + a @ v.transpose(1, 2)  # [B, H, T, Dv]
+    expected = (num / (window_factor + a.sum(-1))[..., None]).transpose(1, 2)
     close(op(**x, window=1)[0], expected)
 
 
@@ -495,7 +496,7 @@ def dtype_cases():
     q, k, v = rand.normal(2, 9, H, D), rand.normal(2, 9, HKV, D), rand.normal(2, 9, HKV, DV)
     qf, kf = rand.positive(2, 9, H, FEAT), rand.positive(2, 9, H, FEAT)
     vh = rand.normal(2, 9, H, DV)
-    gamma = rand.positive(H) / 1.2
+    window_factor = rand.positive(H) / 1.2
     mask = left_padding_mask(9)
     return {
         "linear_attention": (lambda qf, kf, v: linear_attention(qf, kf, v, mask, output_final_state=True, chunk_size=4),
@@ -508,10 +509,10 @@ def dtype_cases():
             lambda q, k, v: taylor_linear_attention_recurrent(q, k, v, mask, None, True), [q, q.flip(1), vh]),
         "softmax_attention": (lambda q, k, v: (softmax_attention(q, k, v, window=3, key_mask=mask), None), [q, k, v]),
         "hybrid_attention": (
-            lambda q, k, v, qf, kf: hybrid_attention(q, k, v, qf, kf, gamma, 3, mask, output_final_state=True),
+            lambda q, k, v, qf, kf: hybrid_attention(q, k, v, qf, kf, window_factor, 3, mask, output_final_state=True),
             [q, k, v, qf, kf]),
         "hybrid_attention_recurrent": (
-            lambda q, k, v, qf, kf: hybrid_attention_recurrent(q, k, v, qf, kf, gamma, 3, mask, None, True),
+            lambda q, k, v, qf, kf: hybrid_attention_recurrent(q, k, v, qf, kf, window_factor, 3, mask, None, True),
             [q, k, v, qf, kf]),
         "short_conv": (lambda x, w: short_conv(x, w, output_final_state=True), [vh.flatten(2), rand.normal(20, 4)]),
         "short_conv_recurrent": (lambda x, w: short_conv_recurrent(x, w, output_final_state=True),

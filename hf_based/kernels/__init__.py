@@ -1,28 +1,74 @@
-"""Pure-PyTorch reference ops for the BASED-family mixers: the spec, and the CPU path of the models.
+"""The ops of the BASED-family mixers, each with a Triton kernel for CUDA tensors and a pure-PyTorch reference (the
+spec, and the CPU path).
 
-Every op has a Triton kernel for CUDA tensors and a pure-PyTorch reference (the spec, and the CPU path).
 All tensors are time-major [batch, time, heads, dim]. Ops compute in fp32 (fp64 for fp64 inputs), keep recurrent
 states in that dtype and return outputs in the input dtype. Each `*_recurrent` op is the decode form of its
 parallel twin, with the same signature (minus chunk_size).
+
+One folder per op, `<op>/reference.py` and `<op>/triton.py`: taylor (BASED Taylor linear attention), linear (linear
+attention on materialised features, e.g. hedgehog), softmax (sliding-window softmax attention), hybrid (LoLCATs
+sliding-window softmax + linear attention) and conv (short convolution). `dispatch.py` picks one per call;
+`op.reference` is the spec.
 """
 
-from hf_based.kernels import hybrid_attention as _hybrid
-from hf_based.kernels import linear_attention as _linear
-from hf_based.kernels import short_conv as _conv
-from hf_based.kernels import softmax_attention as _softmax
+from hf_based.kernels.conv import reference as conv_reference
 from hf_based.kernels.dispatch import dispatched
-from hf_based.kernels.feature_maps import hedgehog_feature_map, taylor_feature_dim, taylor_feature_map
+from hf_based.kernels.feature_maps import hedgehog_feature_map, taylor_feature_map, taylor_num_features
+from hf_based.kernels.hybrid import reference as hybrid_reference
+from hf_based.kernels.linear import reference as linear_reference
+from hf_based.kernels.softmax import reference as softmax_reference
+from hf_based.kernels.taylor import reference as taylor_reference
 
-# CUDA tensors go to the Triton kernels in hf_based/kernels/triton/ (see dispatch.py); `op.reference` is the spec.
-taylor_linear_attention = dispatched(_linear.taylor_linear_attention, "taylor")
-taylor_linear_attention_recurrent = dispatched(_linear.taylor_linear_attention_recurrent, "taylor")
-linear_attention = dispatched(_linear.linear_attention, "linear")
-linear_attention_recurrent = dispatched(_linear.linear_attention_recurrent, "linear")
-softmax_attention = dispatched(_softmax.softmax_attention, "window")
-hybrid_attention = dispatched(_hybrid.hybrid_attention, "window")
-hybrid_attention_recurrent = dispatched(_hybrid.hybrid_attention_recurrent, "window")
-short_conv = dispatched(_conv.short_conv, "conv")
-short_conv_recurrent = dispatched(_conv.short_conv_recurrent, "conv")
+
+# The Triton modules, imported on the first CUDA call (triton is an optional dependency).
+def _taylor_triton():
+    from hf_based.kernels.taylor import triton
+
+    return triton
+
+
+def _linear_triton():
+    from hf_based.kernels.linear import triton
+
+    return triton
+
+
+def _softmax_triton():
+    from hf_based.kernels.softmax import triton
+
+    return triton
+
+
+def _hybrid_triton():
+    from hf_based.kernels.hybrid import triton
+
+    return triton
+
+
+def _conv_triton():
+    from hf_based.kernels.conv import triton
+
+    return triton
+
+
+# The dispatch table: each op's reference and its Triton kernel.
+taylor_linear_attention = dispatched(
+    taylor_reference.taylor_linear_attention, lambda: _taylor_triton().taylor_linear_attention
+)
+taylor_linear_attention_recurrent = dispatched(
+    taylor_reference.taylor_linear_attention_recurrent, lambda: _taylor_triton().taylor_linear_attention_recurrent
+)
+linear_attention = dispatched(linear_reference.linear_attention, lambda: _linear_triton().linear_attention)
+linear_attention_recurrent = dispatched(
+    linear_reference.linear_attention_recurrent, lambda: _linear_triton().linear_attention_recurrent
+)
+softmax_attention = dispatched(softmax_reference.softmax_attention, lambda: _softmax_triton().softmax_attention)
+hybrid_attention = dispatched(hybrid_reference.hybrid_attention, lambda: _hybrid_triton().hybrid_attention)
+hybrid_attention_recurrent = dispatched(
+    hybrid_reference.hybrid_attention_recurrent, lambda: _hybrid_triton().hybrid_attention_recurrent
+)
+short_conv = dispatched(conv_reference.short_conv, lambda: _conv_triton().short_conv)
+short_conv_recurrent = dispatched(conv_reference.short_conv_recurrent, lambda: _conv_triton().short_conv_recurrent)
 
 __all__ = [
     "hedgehog_feature_map",
@@ -33,8 +79,8 @@ __all__ = [
     "short_conv",
     "short_conv_recurrent",
     "softmax_attention",
-    "taylor_feature_dim",
     "taylor_feature_map",
     "taylor_linear_attention",
     "taylor_linear_attention_recurrent",
+    "taylor_num_features",
 ]

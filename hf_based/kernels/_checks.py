@@ -63,14 +63,15 @@ def kernel_dtype(*tensors: torch.Tensor) -> torch.dtype | None:
     return low[0] if low else torch.float32
 
 
-def prepare_state(initial_state, batch, heads, features, value_dim, dtype, device):
+def prepare_state(initial_state, batch, heads, num_features, value_dim, dtype, device):
     """Validate a linear-attention state (kv [B, H, F, Dv], z [B, H, F]) and return it in `dtype`; zeros if None."""
     if initial_state is None:
-        kv = torch.zeros(batch, heads, features, value_dim, dtype=dtype, device=device)
-        return kv, kv.new_zeros(batch, heads, features)
+        kv = torch.zeros(batch, heads, num_features, value_dim, dtype=dtype, device=device)
+        return kv, kv.new_zeros(batch, heads, num_features)
     if not (isinstance(initial_state, (tuple, list)) and len(initial_state) == 2):
         raise ValueError(f"initial_state must be a (kv, z) tuple of tensors, got {type(initial_state).__name__}")
     kv, z = initial_state
-    check_shape("initial_state kv", kv, "batch, heads, features, value_dim", (batch, heads, features, value_dim))
-    check_shape("initial_state z", z, "batch, heads, features", (batch, heads, features))
+    state_shape = (batch, heads, num_features, value_dim)
+    check_shape("initial_state kv", kv, "batch, heads, features, value_dim", state_shape)
+    check_shape("initial_state z", z, "batch, heads, features", (batch, heads, num_features))
     return kv.to(dtype), z.to(dtype)

@@ -1,13 +1,13 @@
-"""Pick the implementation of each op: Triton kernels for CUDA tensors, the pure-PyTorch reference otherwise.
+"""Pick the implementation of each op: its Triton kernel for CUDA tensors, its pure-PyTorch reference otherwise.
 
 `HF_BASED_KERNELS=reference` forces the reference everywhere (e.g. to compare against it on a GPU);
 `HF_BASED_KERNELS=triton` refuses to fall back silently on CUDA tensors when Triton is missing.
 """
 
 import functools
-import importlib
 import importlib.util
 import os
+from collections.abc import Callable
 
 import torch
 
@@ -32,15 +32,15 @@ def use_triton(x: torch.Tensor) -> bool:
     return True
 
 
-def dispatched(reference, triton_module: str):
-    """Wrap `reference` so CUDA inputs go to the same-named op of `hf_based.kernels.triton.<triton_module>`."""
+def dispatched(reference: Callable, load_triton: Callable[[], Callable]) -> Callable:
+    """Wrap `reference` so that CUDA inputs go to the Triton op that `load_triton()` returns. The loader imports the
+    op's Triton module on the first CUDA call, since triton is an optional dependency."""
 
     @functools.wraps(reference)
     def op(*args, **kwargs):
         first = args[0] if args else next(iter(kwargs.values()))  # q or x: decides the device
         if isinstance(first, torch.Tensor) and use_triton(first):
-            module = importlib.import_module(f"hf_based.kernels.triton.{triton_module}")
-            return getattr(module, reference.__name__)(*args, **kwargs)
+            return load_triton()(*args, **kwargs)
         return reference(*args, **kwargs)
 
     op.reference = reference

@@ -7,7 +7,8 @@ import torch
 from hf_based.kernels._checks import accumulation_dtype, check_shape
 
 
-def taylor_feature_dim(d: int) -> int:
+def taylor_num_features(d: int) -> int:
+    """How many features `taylor_feature_map` makes of d input dims."""
     return 1 + d + d * d
 
 

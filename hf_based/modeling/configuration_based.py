@@ -4,7 +4,7 @@ import math
 
 from transformers import PretrainedConfig
 
-from hf_based.kernels.feature_maps import taylor_feature_dim
+from hf_based.kernels.feature_maps import taylor_num_features
 
 # Our mixer names -> the transformers `layer_types` vocabulary (what cache/mask/parallelism code in transformers
 # understands). `layer_types` is derived, never stored: transformers validates and remaps stored `layer_types`.
@@ -151,7 +151,7 @@ class BasedConfig(PretrainedConfig):
         """Features per head of the linear-attention state of a `linear_attention` / `hybrid_attention` layer."""
         if self.feature_map == "hedgehog":
             return 2 * self.hedgehog_dim
-        return taylor_feature_dim(self.qk_head_dim(mixer_type))  # 1 + d + d^2, as cached (not the packed 1+d+d(d+1)/2)
+        return taylor_num_features(self.qk_head_dim(mixer_type))  # 1 + d + d^2, as cached (not the packed 1+d+d(d+1)/2)
 
     def recurrent_state_size(self, seq_len: int | None = None) -> list[int]:
         """Elements of generation state per sequence, one entry per layer, as `BasedCache` holds them after `seq_len`

@@ -1,10 +1,11 @@
 """LoLCATs hybrid attention: sliding-window softmax + linear attention over the older keys, one shared denominator.
 
 For the query at key position p, with s_j = scale * q.k_j, window keys W = {p - window < j <= p}, older keys
-O = {j <= p - window} (padded keys in neither) and c = max_{j in W} s_j:
+O = {j <= p - window} (padded keys in neither), c = max_{j in W} s_j and w_h the window factor of head h (the
+sigmoid of the layer's `window_factors`):
 
-    y = [sum_W gamma_h exp(s_j - c) v_j + phi_q(q) . (kv0 + sum_O phi_k(k_j) v_j^T)]
-        / [sum_W gamma_h exp(s_j - c) + phi_q(q) . (z0 + sum_O phi_k(k_j))]
+    y = [sum_W w_h exp(s_j - c) v_j + phi_q(q) . (kv0 + sum_O phi_k(k_j) v_j^T)]
+        / [sum_W w_h exp(s_j - c) + phi_q(q) . (z0 + sum_O phi_k(k_j))]
 
 (kv0, z0) summarises the keys before this call's key sequence. The final state adds every key outside the window of
 the *next* query, j < Tk - (window - 1); the caller keeps the last window - 1 raw keys.
@@ -19,28 +20,28 @@ from hf_based.kernels._checks import (
     check_window,
     prepare_state,
 )
-from hf_based.kernels.linear_attention import fold_keys
-from hf_based.kernels.softmax_attention import key_distance, normalise, stable_exp
+from hf_based.kernels.linear.reference import fold_keys
+from hf_based.kernels.softmax.reference import key_distance, normalise, stable_exp
 
 
 def _prepare(q, k, v, q_feat, k_feat, window_factor, window, key_mask, initial_state, scale):
     """Validate and cast; expand k/v to the query heads and mask the padded keys' features.
 
-    -> q, k, v, q_feat, k_feat, gamma, real (key mask [B, Tk] bool), kv, z, scale.
+    -> q, k, v, q_feat, k_feat, window_factor, real (key mask [B, Tk] bool), kv, z, scale.
     """
     check_attention_inputs(q, k, v, key_mask)
     check_window(window)
     batch, q_len, heads, dim = q.shape
     k_len = k.shape[1]
-    features = check_shape("q_feat", q_feat, "batch, time, heads, features", (batch, q_len, heads, None))[-1]
-    check_shape("k_feat", k_feat, "batch, time, heads, features", (batch, k_len, heads, features))
+    num_features = check_shape("q_feat", q_feat, "batch, time, heads, features", (batch, q_len, heads, None))[-1]
+    check_shape("k_feat", k_feat, "batch, time, heads, features", (batch, k_len, heads, num_features))
     check_shape("window_factor", window_factor, "heads", (heads,))
     dtype = accumulation_dtype(q, k, v, q_feat, k_feat)
     group = heads // k.shape[2]
     k, v = k.to(dtype).repeat_interleave(group, 2), v.to(dtype).repeat_interleave(group, 2)  # [B, Tk, H, .]
     real = torch.ones(batch, k_len, dtype=torch.bool, device=q.device) if key_mask is None else key_mask.bool()
     k_feat = k_feat.to(dtype) * real[:, :, None, None]  # padded keys never enter the linear part
-    kv, z = prepare_state(initial_state, batch, heads, features, v.shape[-1], dtype, q.device)
+    kv, z = prepare_state(initial_state, batch, heads, num_features, v.shape[-1], dtype, q.device)
     scale = dim**-0.5 if scale is None else scale
     return q.to(dtype), k, v, q_feat.to(dtype), k_feat, window_factor.to(dtype), real, kv, z, scale
 
@@ -58,19 +59,20 @@ def hybrid_attention(
     """Parallel form, quadratic over Tq x Tk.
 
     q: [B, Tq, H, D]; k: [B, Tk, Hkv, D]; v: [B, Tk, Hkv, Dv] (queries are the last Tq keys, GQA as in
-    softmax_attention); q_feat: [B, Tq, H, F]; k_feat: [B, Tk, H, F] (per query head); window_factor: gamma [H];
+    softmax_attention); q_feat: [B, Tq, H, F]; k_feat: [B, Tk, H, F] (per query head); window_factor: w_h [H];
     window: int >= 1; key_mask: [B, Tk] or None; initial_state: (kv [B, H, F, Dv], z [B, H, F]) or None.
     Returns (o [B, Tq, H, Dv] in v.dtype, final state or None).
     """
     out_dtype = v.dtype
-    q, k, v, q_feat, k_feat, gamma, real, kv, z, scale = _prepare(
+    q, k, v, q_feat, k_feat, window_factor, real, kv, z, scale = _prepare(
         q, k, v, q_feat, k_feat, window_factor, window, key_mask, initial_state, scale
     )
     distance = key_distance(q.shape[1], k.shape[1], q.device)  # [Tq, Tk]
     in_window = (distance >= 0) & (distance < window) & real[:, None, None, :]  # [B, 1, Tq, Tk]
     older = distance >= window  # [Tq, Tk]; padded keys are already zero in k_feat
     scores = torch.einsum("bihd,bjhd->bhij", q, k) * scale  # [B, H, Tq, Tk]
-    a = gamma[:, None, None] * stable_exp(scores, in_window) + torch.einsum("bihf,bjhf->bhij", q_feat, k_feat) * older
+    linear = torch.einsum("bihf,bjhf->bhij", q_feat, k_feat) * older
+    a = window_factor[:, None, None] * stable_exp(scores, in_window) + linear
     num = torch.einsum("bhij,bjhd->bihd", a, v) + torch.einsum("bihf,bhfd->bihd", q_feat, kv)
     den = a.sum(-1).transpose(1, 2) + torch.einsum("bihf,bhf->bih", q_feat, z)  # [B, Tq, H]
     return normalise(num, den).to(out_dtype), (_final_state(kv, z, k_feat, v, window) if output_final_state else None)
@@ -83,7 +85,7 @@ def hybrid_attention_recurrent(
     """One query at a time (Tq = 1 is the decode step), folding each key into the linear state once it leaves the
     window; same arguments and result as `hybrid_attention`."""
     out_dtype = v.dtype
-    q, k, v, q_feat, k_feat, gamma, real, kv, z, scale = _prepare(
+    q, k, v, q_feat, k_feat, window_factor, real, kv, z, scale = _prepare(
         q, k, v, q_feat, k_feat, window_factor, window, key_mask, initial_state, scale
     )
     q_len, k_len = q.shape[1], k.shape[1]
@@ -95,7 +97,7 @@ def hybrid_attention_recurrent(
         kv, z = fold_keys(kv, z, k_feat[:, folded:start], v[:, folded:start])
         folded = start
         scores = torch.einsum("bhd,bjhd->bhj", q[:, i], k[:, start : p + 1]) * scale  # [B, H, w]
-        a = gamma[:, None] * stable_exp(scores, real[:, None, start : p + 1])
+        a = window_factor[:, None] * stable_exp(scores, real[:, None, start : p + 1])
         num = torch.einsum("bhj,bjhd->bhd", a, v[:, start : p + 1]) + torch.einsum("bhf,bhfd->bhd", q_feat[:, i], kv)
         den = a.sum(-1) + torch.einsum("bhf,bhf->bh", q_feat[:, i], z)  # [B, H]
         outs.append(normalise(num, den))

@@ -9,9 +9,9 @@ import pytest
 import torch
 from conftest import DEVICE, Rand, left_padding_mask
 
-from hf_based.kernels.linear_attention import linear_attention as reference
-from hf_based.kernels.linear_attention import linear_attention_recurrent as reference_recurrent
-from hf_based.kernels.triton import linear
+from hf_based.kernels.linear import triton as linear
+from hf_based.kernels.linear.reference import linear_attention as reference
+from hf_based.kernels.linear.reference import linear_attention_recurrent as reference_recurrent
 
 B, H = 2, 2
 

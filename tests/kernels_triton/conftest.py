@@ -31,7 +31,8 @@ def squeeze_loop_bounds():
 
 
 class Rand:
-    """Seeded fp32 inputs on DEVICE: randn for raw values, uniform in [0.1, 1.1) for features, states and gamma."""
+    """Seeded fp32 inputs on DEVICE: randn for raw values, uniform in [0.1, 1.1) for features, states and window
+    factors."""
 
     def __init__(self, seed=0):
         self.generator = torch.Generator().manual_seed(seed)

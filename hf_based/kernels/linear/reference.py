@@ -10,7 +10,6 @@ enter it, which matters because phi(0) != 0 for the Taylor map.
 import torch
 
 from hf_based.kernels._checks import accumulation_dtype, check_positive_int, check_shape, prepare_state
-from hf_based.kernels.feature_maps import taylor_feature_map
 
 
 def fold_keys(kv, z, k, v):
@@ -20,15 +19,15 @@ def fold_keys(kv, z, k, v):
 
 def _prepare(q, k, v, key_mask, initial_state):
     """Validate, cast to the accumulation dtype, mask the padded keys; -> q, k, v, kv, z."""
-    batch, length, heads, features = check_shape("q", q, "batch, time, heads, features")
-    check_shape("k", k, "batch, time, heads, features", (batch, length, heads, features))
+    batch, length, heads, num_features = check_shape("q", q, "batch, time, heads, features")
+    check_shape("k", k, "batch, time, heads, features", (batch, length, heads, num_features))
     value_dim = check_shape("v", v, "batch, time, heads, value_dim", (batch, length, heads, None))[-1]
     dtype = accumulation_dtype(q, k, v)
     q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
     if key_mask is not None:
         check_shape("key_mask", key_mask, "batch, time", (batch, length))
         k = k * key_mask[:, :, None, None].to(dtype)
-    kv, z = prepare_state(initial_state, batch, heads, features, value_dim, dtype, q.device)
+    kv, z = prepare_state(initial_state, batch, heads, num_features, value_dim, dtype, q.device)
     return q, k, v, kv, z
 
 
@@ -62,23 +61,3 @@ def linear_attention_recurrent(q, k, v, key_mask=None, initial_state=None, outpu
         qt = q[:, t]  # [B, H, F]
         outs.append(torch.einsum("bhf,bhfd->bhd", qt, kv) / (torch.einsum("bhf,bhf->bh", qt, z)[..., None] + eps))
     return torch.stack(outs, dim=1).to(out_dtype), ((kv, z) if output_final_state else None)
-
-
-def _taylor_features(q, k, v):
-    """Raw q, k [B, T, H, d] -> Taylor features [B, T, H, 1 + d + d*d], mapped in the accumulation dtype."""
-    check_shape("q", q, "batch, time, heads, dim")
-    check_shape("k", k, "batch, time, heads, dim", (None, None, None, q.shape[-1]))
-    dtype = accumulation_dtype(q, k, v)
-    return taylor_feature_map(q.to(dtype)), taylor_feature_map(k.to(dtype))
-
-
-def taylor_linear_attention(q, k, v, key_mask=None, initial_state=None, output_final_state=False, eps=1e-12):
-    """BASED linear attention: `linear_attention` on Taylor features of raw q, k [B, T, H, d]."""
-    q, k = _taylor_features(q, k, v)
-    return linear_attention(q, k, v, key_mask, initial_state, output_final_state, eps)
-
-
-def taylor_linear_attention_recurrent(q, k, v, key_mask=None, initial_state=None, output_final_state=False, eps=1e-12):
-    """Decode form of `taylor_linear_attention`."""
-    q, k = _taylor_features(q, k, v)
-    return linear_attention_recurrent(q, k, v, key_mask, initial_state, output_final_state, eps)

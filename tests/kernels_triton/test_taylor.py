@@ -9,9 +9,9 @@ import pytest
 import torch
 from conftest import DEVICE, Rand, left_padding_mask
 
-from hf_based.kernels.linear_attention import taylor_linear_attention as reference
-from hf_based.kernels.linear_attention import taylor_linear_attention_recurrent as reference_recurrent
-from hf_based.kernels.triton import taylor
+from hf_based.kernels.taylor import triton as taylor
+from hf_based.kernels.taylor.reference import taylor_linear_attention as reference
+from hf_based.kernels.taylor.reference import taylor_linear_attention_recurrent as reference_recurrent
 
 B, H = 2, 2
 BLOCKS = dict(chunk=16, segment=32)

@@ -23,6 +23,7 @@ from hf_based.kernels._checks import (
     kernel_dtype,
     prepare_state,
 )
+from hf_based.kernels.triton_utils import block_size, dot_precision, unit_last_dim, use_decode_kernel
 
 BLOCK_K = 64  # feature block of the chunk kernels (the cap: smaller F use one block of F rounded up)
 BLOCK_V = 64  # value block of the chunk kernels
@@ -35,9 +36,9 @@ def linear_attention_moments_kernel(
     s_xb, s_xt, s_xh, s_yb, s_yt, s_yh, s_rb, s_rh,
     T, H, NT,
     F: tl.constexpr, DV: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    USE_R: tl.constexpr, USE_C: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_R: tl.constexpr, HAS_C: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """h[c] = sum_t x_t (r_t y_t)^T and z[c] = sum_t c_t x_t over the chunk's rows (r, c = 1 where not USE_*)."""
+    """h[c] = sum_t x_t (r_t y_t)^T and z[c] = sum_t c_t x_t over the chunk's rows (r, c = 1 where not HAS_*)."""
     i_kv, i_t, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_k, i_v = i_kv // tl.cdiv(DV, BV), i_kv % tl.cdiv(DV, BV)
     i_b, i_h = (i_bh // H).to(tl.int64), (i_bh % H).to(tl.int64)
@@ -49,7 +50,7 @@ def linear_attention_moments_kernel(
     b_x = tl.load(p_x, boundary_check=(0, 1), padding_option="zero")
     # [BT, BV]
     b_y = tl.load(p_y, boundary_check=(0, 1), padding_option="zero")
-    if USE_R:
+    if HAS_R:
         b_r = tl.load(r + i_b * s_rb + i_h * s_rh + o_t, mask=o_t < T, other=0)
         b_y = (b_y * b_r[:, None]).to(b_x.dtype)
     # [BK, BV]
@@ -59,7 +60,7 @@ def linear_attention_moments_kernel(
     tl.store(p_h, b_h.to(p_h.dtype.element_ty), boundary_check=(0, 1))
     if i_v == 0:
         b_cx = b_x.to(tl.float32)
-        if USE_C:
+        if HAS_C:
             b_cx *= tl.load(c + i_b * s_rb + i_h * s_rh + o_t, mask=o_t < T, other=0)[:, None]
         o_k = i_k * BK + tl.arange(0, BK)
         tl.store(z + i_c * F + o_k, tl.sum(b_cx, 0), mask=o_k < F)
@@ -68,14 +69,14 @@ def linear_attention_moments_kernel(
 @triton.jit
 def linear_attention_scan_kernel(
     h, h0, ht, NT, N,
-    BU: tl.constexpr, BN: tl.constexpr, REVERSE: tl.constexpr, USE_INITIAL: tl.constexpr, STORE_FINAL: tl.constexpr,
+    BU: tl.constexpr, BN: tl.constexpr, REVERSE: tl.constexpr, HAS_INITIAL_STATE: tl.constexpr, STORE_FINAL_STATE: tl.constexpr,
 ):
     """In place over h [BH, NT, N]: chunk moments -> the state before each chunk (after it if REVERSE), from h0 [BH, N];
     the total goes to ht [BH, N]. BU chunks per step keep enough loads in flight to stream at memory speed."""
     i_n, i_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
     o_n = i_n * BN + tl.arange(0, BN)
     m_n = o_n < N
-    if USE_INITIAL:
+    if HAS_INITIAL_STATE:
         b_s = tl.load(h0 + i_bh * N + o_n, mask=m_n, other=0).to(tl.float32)
     else:
         b_s = tl.zeros([BN], dtype=tl.float32)
@@ -89,7 +90,7 @@ def linear_attention_scan_kernel(
         b_c = tl.cumsum(b_m, 0)
         tl.store(p_h, (b_s[None, :] + b_c - b_m).to(p_h.dtype.element_ty), mask=m_h)
         b_s += tl.sum(b_m, 0)
-    if STORE_FINAL:
+    if STORE_FINAL_STATE:
         tl.store(ht + i_bh * N + o_n, b_s, mask=m_n)
 
 
@@ -99,7 +100,7 @@ def linear_attention_fwd_kernel(
     s_qb, s_qt, s_qh, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh, s_ob, s_ot, s_oh, s_mb,
     T, H, NT, eps,
     F: tl.constexpr, DV: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    USE_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     i_v, i_t, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b, i_h = (i_bh // H).to(tl.int64), (i_bh % H).to(tl.int64)
@@ -124,7 +125,7 @@ def linear_attention_fwd_kernel(
         b_A = tl.dot(b_q, tl.trans(b_k), b_A, input_precision=DOT_PRECISION)
         b_o = tl.dot(b_q.to(b_h.dtype), b_h, b_o, input_precision=DOT_PRECISION)
         b_den += tl.sum(b_q.to(tl.float32) * b_z[None, :], 1)
-    if USE_MASK:  # padded keys drop out of the intra-chunk part; the states never had them
+    if HAS_MASK:  # padded keys drop out of the intra-chunk part; the states never had them
         b_A *= tl.load(m + i_b * s_mb + o_t, mask=o_t < T, other=0)[None, :]
     b_A = tl.where(o_t[:, None] >= o_t[None, :], b_A, 0)
     b_den += tl.sum(b_A, 1)
@@ -170,7 +171,7 @@ def linear_attention_bwd_dqk_kernel(
     s_qb, s_qt, s_qh, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh, s_db, s_dt, s_dh, s_gb, s_gt, s_gh, s_mb,
     T, H, NT,
     F: tl.constexpr, DV: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    USE_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """dq = dA @ k + g @ S^T + gd z^T and dk = m (dA^T @ q + v @ dS^T + dz), with dA = tril(g v^T + gd)."""
     i_k, i_t, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -187,7 +188,7 @@ def linear_attention_bwd_dqk_kernel(
     # [BT]
     b_r = tl.load(rden + i_bh.to(tl.int64) * T + o_t, mask=o_t < T, other=0)
     b_gd = tl.load(gd + i_bh.to(tl.int64) * T + o_t, mask=o_t < T, other=0)
-    if USE_MASK:
+    if HAS_MASK:
         b_m = tl.load(m + i_b * s_mb + o_t, mask=o_t < T, other=0)
         b_k = (b_k * b_m[:, None]).to(b_q.dtype)
 
@@ -216,7 +217,7 @@ def linear_attention_bwd_dqk_kernel(
     b_dz = tl.load(dz + i_c * F + o_k, mask=o_k < F, other=0)
     b_dq = tl.dot(b_dA, b_k, b_dq, input_precision=DOT_PRECISION) + b_gd[:, None] * b_z[None, :]
     b_dk = tl.dot(tl.trans(b_dA), b_q, b_dk, input_precision=DOT_PRECISION) + b_dz[None, :]
-    if USE_MASK:
+    if HAS_MASK:
         b_dk *= b_m[:, None]
     # dq and dk share one (contiguous) layout
     p_dq = tl.make_block_ptr(dq + i_b * s_gb + i_h * s_gh, (T, F), (s_gt, 1), (i_t * BT, i_k * BK), (BT, BK), (1, 0))
@@ -231,7 +232,7 @@ def linear_attention_bwd_dv_kernel(
     s_qb, s_qt, s_qh, s_kb, s_kt, s_kh, s_db, s_dt, s_dh, s_vb, s_vt, s_vh, s_mb,
     T, H, NT,
     F: tl.constexpr, DV: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    USE_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """dv = tril(q k^T)^T @ g + k @ dS."""
     i_v, i_t, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -260,7 +261,7 @@ def linear_attention_bwd_dv_kernel(
     b_do = tl.load(p_do, boundary_check=(0, 1), padding_option="zero")
     b_g = (b_do * b_r[:, None]).to(b_do.dtype)
     b_dv = tl.dot(b_At.to(b_g.dtype), b_g, b_dv, input_precision=DOT_PRECISION)
-    if USE_MASK:  # k_j enters dv_j through m_j k_j
+    if HAS_MASK:  # k_j enters dv_j through m_j k_j
         b_dv *= tl.load(m + i_b * s_mb + o_t, mask=o_t < T, other=0)[:, None]
     p_dv = tl.make_block_ptr(dv + i_b * s_vb + i_h * s_vh, (T, DV), (s_vt, 1), (i_t * BT, i_v * BV), (BT, BV), (1, 0))
     tl.store(p_dv, b_dv.to(p_dv.dtype.element_ty), boundary_check=(0, 1))
@@ -272,7 +273,7 @@ def linear_attention_recurrent_fwd_kernel(
     s_qb, s_qh, s_kb, s_kh, s_vb, s_vh, s_ob, s_oh, s_mb,
     H, eps,
     F: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    USE_MASK: tl.constexpr, USE_INITIAL: tl.constexpr, STORE_FINAL: tl.constexpr,
+    HAS_MASK: tl.constexpr, HAS_INITIAL_STATE: tl.constexpr, STORE_FINAL_STATE: tl.constexpr,
 ):
     """One decode step per (b, h, v-block): fold key t into the fp32 state, read it out with q_t."""
     i_v, i_bh = tl.program_id(0), tl.program_id(1)
@@ -287,46 +288,31 @@ def linear_attention_recurrent_fwd_kernel(
     # [BK]
     b_q = tl.load(q + i_b * s_qb + i_h * s_qh + o_k, mask=m_k, other=0).to(tl.float32)
     b_k = tl.load(k + i_b * s_kb + i_h * s_kh + o_k, mask=m_k, other=0).to(tl.float32)
-    if USE_MASK:
+    if HAS_MASK:
         b_k *= tl.load(m + i_b * s_mb)
     # [BV]
     b_v = tl.load(v + i_b * s_vb + i_h * s_vh + o_v, mask=m_v, other=0).to(tl.float32)
     # [BK, BV]
     b_h = b_k[:, None] * b_v[None, :]
     b_z = b_k
-    if USE_INITIAL:
+    if HAS_INITIAL_STATE:
         b_h += tl.load(h0 + p_h, mask=m_h, other=0)
         b_z += tl.load(z0 + p_z, mask=m_k, other=0)
     b_o = tl.sum(b_q[:, None] * b_h, 0) / (tl.sum(b_q * b_z) + eps)
     tl.store(o + i_b * s_ob + i_h * s_oh + o_v, b_o.to(o.dtype.element_ty), mask=m_v)
-    if STORE_FINAL:
+    if STORE_FINAL_STATE:
         tl.store(ht + p_h, b_h, mask=m_h)
         if i_v == 0:
             tl.store(zt + p_z, b_z, mask=m_k)
 
 
-def _block(n: int, cap: int) -> int:
-    """Power-of-2 block for a dim of size n: at least 16 (tl.dot's minimum), at most `cap`."""
-    return min(max(triton.next_power_of_2(n), 16), cap)
-
-
 def _chunk_size(chunk_size: int, length: int) -> int:
     """The kernels' chunk: chunk_size rounded up to a power of 2 in [16, 128], no longer than T needs."""
-    return min(_block(chunk_size, 128), _block(length, 128))
-
-
-def _dot_precision(dtype: torch.dtype) -> str:
-    # fp32 inputs keep fp32 accuracy; tf32 only matters for fp16 inputs' fp32 states
-    return "ieee" if dtype == torch.float32 else "tf32"
+    return min(block_size(chunk_size, 128), block_size(length, 128))
 
 
 def _state_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.bfloat16 if dtype == torch.bfloat16 else torch.float32
-
-
-def _rows(x: torch.Tensor) -> torch.Tensor:
-    """The kernels read the last dim with stride 1 and every other dim through its stride: copy only if need be."""
-    return x if x.stride(-1) == 1 else x.contiguous()
 
 
 def _chunk_states(x, y, r, c, initial, BT, reverse=False, store_final=False):
@@ -339,7 +325,7 @@ def _chunk_states(x, y, r, c, initial, BT, reverse=False, store_final=False):
     B, T, H, F = x.shape
     DV = y.shape[-1]
     NT = triton.cdiv(T, BT)
-    BK, BV = _block(F, BLOCK_K), _block(DV, BLOCK_V)
+    BK, BV = block_size(F, BLOCK_K), block_size(DV, BLOCK_V)
     h = x.new_empty(B * H, NT, F, DV, dtype=_state_dtype(x.dtype))
     z = x.new_empty(B * H, NT, F, dtype=torch.float32)
     weights = r if r is not None else c  # r and c share one layout
@@ -348,18 +334,18 @@ def _chunk_states(x, y, r, c, initial, BT, reverse=False, store_final=False):
         x, y, r, c, h, z,
         x.stride(0), x.stride(1), x.stride(2), y.stride(0), y.stride(1), y.stride(2), s_rb, s_rh,
         T, H, NT,
-        F=F, DV=DV, BT=BT, BK=BK, BV=BV, USE_R=r is not None, USE_C=c is not None,
-        DOT_PRECISION=_dot_precision(x.dtype), num_warps=4,
+        F=F, DV=DV, BT=BT, BK=BK, BV=BV, HAS_R=r is not None, HAS_C=c is not None,
+        DOT_PRECISION=dot_precision(x), num_warps=4,
     )
     final = None
     if store_final:
         final = (x.new_empty(B, H, F, DV, dtype=torch.float32), x.new_empty(B, H, F, dtype=torch.float32))
     for state, state0, statet in zip((h, z), initial or (None, None), final or (None, None)):
         N = state[0, 0].numel()
-        BN = min(triton.next_power_of_2(N), SCAN_BLOCK_N)
+        BN = block_size(N, SCAN_BLOCK_N, minimum=1)
         linear_attention_scan_kernel[(triton.cdiv(N, BN), B * H)](
             state, state0, statet, NT, N,
-            BU=SCAN_BLOCK_U, BN=BN, REVERSE=reverse, USE_INITIAL=initial is not None, STORE_FINAL=store_final,
+            BU=SCAN_BLOCK_U, BN=BN, REVERSE=reverse, HAS_INITIAL_STATE=initial is not None, STORE_FINAL_STATE=store_final,
         )
     return h, z, final
 
@@ -374,15 +360,15 @@ class LinearAttentionFunction(torch.autograd.Function):
         h, z, final = _chunk_states(k, v, key_mask, key_mask, initial, BT, store_final=output_final_state)
         o = v.new_empty(B, T, H, DV)
         rden = q.new_empty(B, H, T, dtype=torch.float32)
-        BV = _block(DV, BLOCK_V)
+        BV = block_size(DV, BLOCK_V)
         linear_attention_fwd_kernel[(triton.cdiv(DV, BV), NT, B * H)](
             q, k, v, key_mask, h, z, o, rden,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
             0 if key_mask is None else key_mask.stride(0),
             T, H, NT, eps,
-            F=F, DV=DV, BT=BT, BK=_block(F, BLOCK_K), BV=BV, USE_MASK=key_mask is not None,
-            DOT_PRECISION=_dot_precision(q.dtype), num_warps=4,
+            F=F, DV=DV, BT=BT, BK=block_size(F, BLOCK_K), BV=BV, HAS_MASK=key_mask is not None,
+            DOT_PRECISION=dot_precision(q), num_warps=4,
         )
         ctx.save_for_backward(q, k, v, o, key_mask, kv0, z0, rden)
         ctx.BT = BT
@@ -395,9 +381,9 @@ class LinearAttentionFunction(torch.autograd.Function):
         B, T, H, F = q.shape
         DV = v.shape[-1]
         NT = triton.cdiv(T, BT)
-        do = _rows(do)
+        do = unit_last_dim(do)
         gd = torch.empty_like(rden)
-        BV = _block(DV, BLOCK_V)
+        BV = block_size(DV, BLOCK_V)
         linear_attention_bwd_prepare_kernel[(NT, B * H)](
             o, do, rden, gd,
             o.stride(0), o.stride(1), o.stride(2), do.stride(0), do.stride(1), do.stride(2),
@@ -419,13 +405,13 @@ class LinearAttentionFunction(torch.autograd.Function):
         dq, dk, dv = (torch.empty(x.shape, dtype=x.dtype, device=x.device) for x in (q, k, v))
         strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2))
         s_m = 0 if key_mask is None else key_mask.stride(0)
-        meta = dict(F=F, DV=DV, BT=BT, USE_MASK=key_mask is not None, DOT_PRECISION=_dot_precision(q.dtype))
-        BK = _block(F, BLOCK_K)
+        meta = dict(F=F, DV=DV, BT=BT, HAS_MASK=key_mask is not None, DOT_PRECISION=dot_precision(q))
+        BK = block_size(F, BLOCK_K)
         linear_attention_bwd_dqk_kernel[(triton.cdiv(F, BK), NT, B * H)](
             q, k, v, key_mask, h, z, dh, dz, do, rden, gd, dq, dk,
             *strides, v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
             dq.stride(0), dq.stride(1), dq.stride(2), s_m,
-            T, H, NT, BK=BK, BV=_block(DV, BLOCK_V), num_warps=4, **meta,
+            T, H, NT, BK=BK, BV=block_size(DV, BLOCK_V), num_warps=4, **meta,
         )
         linear_attention_bwd_dv_kernel[(triton.cdiv(DV, BV), NT, B * H)](
             q, k, key_mask, dh, do, rden, dv,
@@ -439,17 +425,17 @@ class LinearAttentionFunction(torch.autograd.Function):
 def _prepare(q, k, v, key_mask, initial_state):
     """Validate like the reference; -> q, k, v (in `kernel_dtype`, fp64 -> fp32), key mask (fp32) and state (fp32)
     or None."""
-    batch, length, heads, features = check_shape("q", q, "batch, time, heads, features")
-    check_shape("k", k, "batch, time, heads, features", (batch, length, heads, features))
+    batch, length, heads, num_features = check_shape("q", q, "batch, time, heads, features")
+    check_shape("k", k, "batch, time, heads, features", (batch, length, heads, num_features))
     value_dim = check_shape("v", v, "batch, time, heads, value_dim", (batch, length, heads, None))[-1]
     if key_mask is not None:
         check_shape("key_mask", key_mask, "batch, time", (batch, length))
         key_mask = key_mask.to(torch.float32).contiguous()
     if initial_state is not None:
-        kv, z = prepare_state(initial_state, batch, heads, features, value_dim, torch.float32, q.device)
+        kv, z = prepare_state(initial_state, batch, heads, num_features, value_dim, torch.float32, q.device)
         initial_state = (kv.contiguous(), z.contiguous())
     dtype = kernel_dtype(q, k, v) or torch.float32
-    q, k, v = (_rows(x.to(dtype)) for x in (q, k, v))
+    q, k, v = (unit_last_dim(x.to(dtype)) for x in (q, k, v))
     return q, k, v, key_mask, initial_state
 
 
@@ -485,8 +471,7 @@ def linear_attention_recurrent(q, k, v, key_mask=None, initial_state=None, outpu
     out_dtype, state_dtype = v.dtype, accumulation_dtype(q, k, v)
     q, k, v, key_mask, initial_state = _prepare(q, k, v, key_mask, initial_state)
     kv0, z0 = initial_state or (None, None)
-    needs_grad = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (q, k, v, kv0, z0))
-    if q.shape[1] != 1 or needs_grad:
+    if not use_decode_kernel(q, k, v, kv0, z0):
         return _chunked(q, k, v, key_mask, initial_state, output_final_state, eps, 64, out_dtype, state_dtype)
     B, _, H, F = q.shape
     DV = v.shape[-1]
@@ -494,14 +479,14 @@ def linear_attention_recurrent(q, k, v, key_mask=None, initial_state=None, outpu
     kvt = zt = None
     if output_final_state:
         kvt, zt = q.new_empty(B, H, F, DV, dtype=torch.float32), q.new_empty(B, H, F, dtype=torch.float32)
-    BK = triton.next_power_of_2(F)
-    BV = min(triton.next_power_of_2(DV), max(4096 // BK, 16))
+    BK = block_size(F, minimum=1)
+    BV = block_size(DV, max(4096 // BK, 16), minimum=1)
     linear_attention_recurrent_fwd_kernel[(triton.cdiv(DV, BV), B * H)](
         q, k, v, key_mask, kv0, z0, o, kvt, zt,
         q.stride(0), q.stride(2), k.stride(0), k.stride(2), v.stride(0), v.stride(2), o.stride(0), o.stride(2),
         0 if key_mask is None else key_mask.stride(0),
         H, eps,
         F=F, DV=DV, BK=BK, BV=BV,
-        USE_MASK=key_mask is not None, USE_INITIAL=kv0 is not None, STORE_FINAL=output_final_state,
+        HAS_MASK=key_mask is not None, HAS_INITIAL_STATE=kv0 is not None, STORE_FINAL_STATE=output_final_state,
     )
     return _result(o, kvt, zt, output_final_state, out_dtype, state_dtype)

@@ -1,6 +1,6 @@
 """Triton BASED Taylor linear attention for [batch, time, heads, dim] tensors.
 
-Same signatures and semantics as taylor_linear_attention(_recurrent) in hf_based.kernels.linear_attention: outputs
+Same signatures and semantics as taylor_linear_attention(_recurrent) in hf_based/kernels/taylor/reference.py: outputs
 in v.dtype, states (kv [B, H, F, Dv], z [B, H, F], F = 1 + d + d^2) in fp32 and in the reference's feature order.
 
 Features. With x1 = x / d^(1/4) and x2 = x / (2d)^(1/4), phi(x) = [1, x1, vec(x2 x2^T)] is the reference's map, so
@@ -44,11 +44,12 @@ import triton
 import triton.language as tl
 
 from hf_based.kernels._checks import accumulation_dtype, check_shape, prepare_state
-from hf_based.kernels.feature_maps import taylor_feature_dim
-from hf_based.kernels.linear_attention import taylor_linear_attention as taylor_linear_attention_reference
-from hf_based.kernels.linear_attention import (
+from hf_based.kernels.feature_maps import taylor_num_features
+from hf_based.kernels.taylor.reference import taylor_linear_attention as taylor_linear_attention_reference
+from hf_based.kernels.taylor.reference import (
     taylor_linear_attention_recurrent as taylor_linear_attention_recurrent_reference,
 )
+from hf_based.kernels.triton_utils import block_size, dot_precision, use_decode_kernel
 
 # Block sizes (powers of 2, >= 16). Tests shrink them so that small problems cover several chunks and segments.
 # Checked on an H200 (Triton 3.6, bf16 and fp32, d = 16 and 32): chunk 32, BV 32 (16 for d = 32), 4 warps per 16 of
@@ -75,9 +76,10 @@ SQRT2 = tl.constexpr(math.sqrt(2.0))
 
 
 @triton.jit
-def _dot(a, b, acc, IEEE: tl.constexpr):
-    """a @ b (+ acc) in fp32: exact fp32 products for fp32 inputs, else bf16 operands (fp16 states could overflow)."""
-    if IEEE:
+def _dot(a, b, acc, DOT_PRECISION: tl.constexpr):
+    """a @ b (+ acc) in fp32: exact fp32 products for fp32 inputs ("ieee"), else bf16 operands (fp16 states could
+    overflow)."""
+    if DOT_PRECISION == "ieee":
         acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
     else:
         acc = tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16), acc)
@@ -97,9 +99,9 @@ def _state_offsets(D, BD: tl.constexpr):
 
 
 @triton.jit
-def _load_state(kv, z, o_v, D, DV, BD: tl.constexpr, BV: tl.constexpr, HAS_STATE: tl.constexpr):
+def _load_state(kv, z, o_v, D, DV, BD: tl.constexpr, BV: tl.constexpr, HAS_INITIAL_STATE: tl.constexpr):
     """kv [F, DV] (columns o_v) and z [F] -> h0 [BV], h1 [BV, BD], h2 [BD*BD, BV], z0, z1 [BD], z2 [BD, BD]."""
-    if HAS_STATE:
+    if HAS_INITIAL_STATE:
         r1, m1, r2, m2, rz2, mz2 = _state_offsets(D, BD)
         m_v = o_v < DV
         b_h0 = tl.load(kv + o_v, mask=m_v, other=0.0)
@@ -142,9 +144,9 @@ def _load_features(x, o_t, m_t, D, s_t, s_d, scale1, scale2, BD: tl.constexpr):
 
 
 @triton.jit
-def _square(b_x2, BT: tl.constexpr, BD: tl.constexpr, IEEE: tl.constexpr):
+def _square(b_x2, BT: tl.constexpr, BD: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """Second-order features [BT, BD*BD]: row t = vec(x2_t x2_t^T), in the dot operands' dtype (halves registers)."""
-    if not IEEE:
+    if DOT_PRECISION != "ieee":
         b_x2 = b_x2.to(tl.bfloat16)
     return tl.reshape(b_x2[:, :, None] * b_x2[:, None, :], [BT, BD * BD])
 
@@ -164,32 +166,32 @@ def _load_values(y, w, c, o_t, m_t, o_v, DV, s_yt, s_yv, s_wt, WEIGHTED: tl.cons
 
 
 @triton.jit
-def _update_state(b_h0, b_h1, b_h2, b_z0, b_z1, b_z2, b_x1, b_x2, b_x2f, b_y, b_c, IEEE: tl.constexpr):
+def _update_state(b_h0, b_h1, b_h2, b_z0, b_z1, b_z2, b_x1, b_x2, b_x2f, b_y, b_c, DOT_PRECISION: tl.constexpr):
     """Fold a chunk (features x1 [BT, BD], x2 [BT, BD], x2f [BT, BD*BD], values y [BT, BV], weights c [BT]) in."""
     b_h0 += tl.sum(b_y, 0)
-    b_h1 = _dot(tl.trans(b_y), b_x1, b_h1, IEEE)
-    b_h2 = _dot(tl.trans(b_x2f), b_y, b_h2, IEEE)
+    b_h1 = _dot(tl.trans(b_y), b_x1, b_h1, DOT_PRECISION)
+    b_h2 = _dot(tl.trans(b_x2f), b_y, b_h2, DOT_PRECISION)
     b_z0 += tl.sum(b_c, 0)
     b_z1 += tl.sum(b_x1 * b_c[:, None], 0)
-    b_z2 = _dot(tl.trans(b_x2), b_x2 * b_c[:, None], b_z2, IEEE)
+    b_z2 = _dot(tl.trans(b_x2), b_x2 * b_c[:, None], b_z2, DOT_PRECISION)
     return b_h0, b_h1, b_h2, b_z0, b_z1, b_z2
 
 
 @triton.jit
-def _value_readout(b_h0, b_h1, b_h2, b_x1, b_x2f, IEEE: tl.constexpr):
+def _value_readout(b_h0, b_h1, b_h2, b_x1, b_x2f, DOT_PRECISION: tl.constexpr):
     """phi(x) @ kv: [BT, BV]."""
-    return _dot(b_x2f, b_h2, _dot(b_x1, tl.trans(b_h1), None, IEEE) + b_h0[None, :], IEEE)
+    return _dot(b_x2f, b_h2, _dot(b_x1, tl.trans(b_h1), None, DOT_PRECISION) + b_h0[None, :], DOT_PRECISION)
 
 
 @triton.jit
-def _grad_readout(b_h1, b_h2, b_z1, b_z2, b_x1, b_y, b_c, BT: tl.constexpr, BD: tl.constexpr, IEEE: tl.constexpr):
+def _grad_readout(b_h1, b_h2, b_z1, b_z2, b_x1, b_y, b_c, BT: tl.constexpr, BD: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """d/dx of phi(x_t).(kv y_t + z c_t) in units of d^(-1/4): u1 + sqrt(2) U2 x1_t, where u = kv y_t + z c_t and U2
     is its second-order block as [BD, BD] (symmetric). -> [BT, BD]."""
-    b_u1 = _dot(b_y, b_h1, None, IEEE) + b_c[:, None] * b_z1[None, :]
+    b_u1 = _dot(b_y, b_h1, None, DOT_PRECISION) + b_c[:, None] * b_z1[None, :]
     # [BD, BD, BT] U2^T = h2 @ y^T: h2 as the A operand, as it is; reading it transposed as well as plain in one kernel
     # (dv and dk) made Triton 3.6 fault on an H200
-    b_u2 = tl.reshape(_dot(b_h2, tl.trans(b_y), None, IEEE), [BD, BD, BT])
-    b_w2 = tl.trans(tl.sum(b_u2 * tl.trans(b_x1)[None, :, :], 1)) + b_c[:, None] * _dot(b_x1, b_z2, None, IEEE)
+    b_u2 = tl.reshape(_dot(b_h2, tl.trans(b_y), None, DOT_PRECISION), [BD, BD, BT])
+    b_w2 = tl.trans(tl.sum(b_u2 * tl.trans(b_x1)[None, :, :], 1)) + b_c[:, None] * _dot(b_x1, b_z2, None, DOT_PRECISION)
     return b_u1 + SQRT2 * b_w2
 
 
@@ -202,7 +204,7 @@ def taylor_state_kernel(
     s_xb, s_xt, s_xh, s_xd, s_yb, s_yt, s_yh, s_yv, s_wb, s_wt, s_wh,
     T, H, D, DV, SEG, scale1, scale2,
     BT: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr,
-    WEIGHTED: tl.constexpr, REVERSE: tl.constexpr, IEEE: tl.constexpr,
+    WEIGHTED: tl.constexpr, REVERSE: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """Moments of one segment, sum_t phi(x_t) (w_t y_t)^T and sum_t phi(x_t) c_t, into slot p + 1 of kv, z, where p is
     the segment's position in scan order (the last segment in that order is never needed)."""
@@ -230,7 +232,7 @@ def taylor_state_kernel(
         b_x1, b_x2 = _load_features(x, o_t, m_t, D, s_xt, s_xd, scale1, scale2, BD)
         b_y, b_c = _load_values(y, w, c, o_t, m_t, o_v, DV, s_yt, s_yv, s_wt, WEIGHTED)
         b_h0, b_h1, b_h2, b_z0, b_z1, b_z2 = _update_state(
-            b_h0, b_h1, b_h2, b_z0, b_z1, b_z2, b_x1, b_x2, _square(b_x2, BT, BD, IEEE), b_y, b_c, IEEE
+            b_h0, b_h1, b_h2, b_z0, b_z1, b_z2, b_x1, b_x2, _square(b_x2, BT, BD, DOT_PRECISION), b_y, b_c, DOT_PRECISION
         )
     slot = i_bh * NS + p + 1
     _store_state(kv + slot * F * DV, z + slot * F, b_h0, b_h1, b_h2, b_z0, b_z1, b_z2, o_v, D, DV, i_v == 0, BD)
@@ -242,7 +244,7 @@ def taylor_fwd_kernel(
     s_qb, s_qt, s_qh, s_qd, s_kb, s_kt, s_kh, s_kd, s_vb, s_vt, s_vh, s_vv, s_mb, s_mt, s_mh,
     T, H, D, DV, SEG, eps, scale1, scale2,
     BT: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr,
-    HAS_MASK: tl.constexpr, HAS_START: tl.constexpr, STORE_FINAL: tl.constexpr, IEEE: tl.constexpr,
+    HAS_MASK: tl.constexpr, HAS_INITIAL_STATE: tl.constexpr, STORE_FINAL_STATE: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """o (and den) of one segment's chunks, scanning from the segment's starting state kv0[slot], z0[slot]."""
     i_v, i_s, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -261,7 +263,7 @@ def taylor_fwd_kernel(
     causal = o_i[:, None] >= o_i[None, :]
 
     slot = i_bh * NS + i_s
-    b_h0, b_h1, b_h2, b_z0, b_z1, b_z2 = _load_state(kv0 + slot * F * DV, z0 + slot * F, o_v, D, DV, BD, BV, HAS_START)
+    b_h0, b_h1, b_h2, b_z0, b_z1, b_z2 = _load_state(kv0 + slot * F * DV, z0 + slot * F, o_v, D, DV, BD, BV, HAS_INITIAL_STATE)
     for t0 in range(i_s * SEG, tl.minimum(i_s * SEG + SEG, T), BT):
         o_t = t0 + o_i
         m_t = o_t < T
@@ -269,10 +271,10 @@ def taylor_fwd_kernel(
         b_k1, b_k2 = _load_features(k, o_t, m_t, D, s_kt, s_kd, scale1, scale2, BD)
         # [BT, BV], [BT] masked values and key weights
         b_y, b_c = _load_values(v, m, m, o_t, m_t, o_v, DV, s_vt, s_vv, s_mt, HAS_MASK)
-        b_s = _dot(b_q1, tl.trans(b_k1), None, IEEE)
+        b_s = _dot(b_q1, tl.trans(b_k1), None, DOT_PRECISION)
         b_p = tl.where(causal, 1 + b_s + 0.5 * b_s * b_s, 0.0)
-        b_num = _dot(b_p, b_y, _value_readout(b_h0, b_h1, b_h2, b_q1, _square(b_q2, BT, BD, IEEE), IEEE), IEEE)
-        b_den = b_z0 + tl.sum(b_q1 * b_z1[None, :], 1) + tl.sum(_dot(b_q2, b_z2, None, IEEE) * b_q2, 1)
+        b_num = _dot(b_p, b_y, _value_readout(b_h0, b_h1, b_h2, b_q1, _square(b_q2, BT, BD, DOT_PRECISION), DOT_PRECISION), DOT_PRECISION)
+        b_den = b_z0 + tl.sum(b_q1 * b_z1[None, :], 1) + tl.sum(_dot(b_q2, b_z2, None, DOT_PRECISION) * b_q2, 1)
         b_den += tl.sum(b_p * b_c[None, :], 1)
         b_o = b_num / (b_den + eps)[:, None]
         m_tv = m_t[:, None] & (o_v < DV)[None, :]
@@ -280,9 +282,9 @@ def taylor_fwd_kernel(
         if i_v == 0:
             tl.store(den + o_t * H, b_den, mask=m_t)
         b_h0, b_h1, b_h2, b_z0, b_z1, b_z2 = _update_state(
-            b_h0, b_h1, b_h2, b_z0, b_z1, b_z2, b_k1, b_k2, _square(b_k2, BT, BD, IEEE), b_y, b_c, IEEE
+            b_h0, b_h1, b_h2, b_z0, b_z1, b_z2, b_k1, b_k2, _square(b_k2, BT, BD, DOT_PRECISION), b_y, b_c, DOT_PRECISION
         )
-    if STORE_FINAL:
+    if STORE_FINAL_STATE:
         if i_s == NS - 1:
             _store_state(
                 kvT + i_bh * F * DV, zT + i_bh * F, b_h0, b_h1, b_h2, b_z0, b_z1, b_z2, o_v, D, DV, i_v == 0, BD
@@ -318,7 +320,7 @@ def taylor_bwd_dq_kernel(
     s_db, s_dt, s_dh, s_dv,
     B, T, H, D, DV, SEG, scale1, scale2,
     BT: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr,
-    HAS_MASK: tl.constexpr, HAS_START: tl.constexpr, IEEE: tl.constexpr,
+    HAS_MASK: tl.constexpr, HAS_INITIAL_STATE: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """dq of one segment's chunks (value block i_v's share), scanning the forward's states from kv0[slot]."""
     i_v, i_s, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -341,7 +343,7 @@ def taylor_bwd_dq_kernel(
     c_share = (i_v == 0).to(tl.float32)
 
     slot = i_bh * NS + i_s
-    b_h0, b_h1, b_h2, b_z0, b_z1, b_z2 = _load_state(kv0 + slot * F * DV, z0 + slot * F, o_v, D, DV, BD, BV, HAS_START)
+    b_h0, b_h1, b_h2, b_z0, b_z1, b_z2 = _load_state(kv0 + slot * F * DV, z0 + slot * F, o_v, D, DV, BD, BV, HAS_INITIAL_STATE)
     for t0 in range(i_s * SEG, tl.minimum(i_s * SEG + SEG, T), BT):
         o_t = t0 + o_i
         m_t = o_t < T
@@ -351,15 +353,15 @@ def taylor_bwd_dq_kernel(
         # [BT, BV] dL/dnum, [BT] dL/dden
         b_g, b_gd = _load_values(do, rd, gd, o_t, m_t, o_v, DV, s_dt, s_dv, H, True)
         b_gd *= c_share
-        b_s = _dot(b_q1, tl.trans(b_k1), None, IEEE)
+        b_s = _dot(b_q1, tl.trans(b_k1), None, DOT_PRECISION)
         # [BT, BT] dL/dK_tj (1 + s_tj)
-        b_ds = _dot(b_g, tl.trans(b_y), None, IEEE) + b_gd[:, None] * b_c[None, :]
+        b_ds = _dot(b_g, tl.trans(b_y), None, DOT_PRECISION) + b_gd[:, None] * b_c[None, :]
         b_ds = tl.where(causal, b_ds * (1 + b_s), 0.0)
-        b_dq = _dot(b_ds, b_k1, _grad_readout(b_h1, b_h2, b_z1, b_z2, b_q1, b_g, b_gd, BT, BD, IEEE), IEEE)
+        b_dq = _dot(b_ds, b_k1, _grad_readout(b_h1, b_h2, b_z1, b_z2, b_q1, b_g, b_gd, BT, BD, DOT_PRECISION), DOT_PRECISION)
         tl.store(dq + o_t[:, None] * H * D + o_d[None, :], (b_dq * scale1).to(dq.dtype.element_ty),
                  mask=m_t[:, None] & (o_d < D)[None, :])
         b_h0, b_h1, b_h2, b_z0, b_z1, b_z2 = _update_state(
-            b_h0, b_h1, b_h2, b_z0, b_z1, b_z2, b_k1, b_k2, _square(b_k2, BT, BD, IEEE), b_y, b_c, IEEE
+            b_h0, b_h1, b_h2, b_z0, b_z1, b_z2, b_k1, b_k2, _square(b_k2, BT, BD, DOT_PRECISION), b_y, b_c, DOT_PRECISION
         )
 
 
@@ -370,7 +372,7 @@ def taylor_bwd_dkv_kernel(
     s_db, s_dt, s_dh, s_dv,
     B, T, H, D, DV, SEG, scale1, scale2,
     BT: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr,
-    HAS_MASK: tl.constexpr, HAS_START: tl.constexpr, STORE_FINAL: tl.constexpr, IEEE: tl.constexpr,
+    HAS_MASK: tl.constexpr, HAS_INITIAL_STATE: tl.constexpr, STORE_FINAL_STATE: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """dk (value block i_v's share) and dv of one segment's chunks, scanning backwards in time from the moments of the
     later queries kv0[slot] = sum_t phi(q_t) g_t^T, z0[slot] = sum_t phi(q_t) gd_t; segment 0 writes the initial
@@ -396,7 +398,7 @@ def taylor_bwd_dkv_kernel(
     c_share = (i_v == 0).to(tl.float32)
 
     slot = i_bh * NS + NS - 1 - i_s
-    b_h0, b_h1, b_h2, b_z0, b_z1, b_z2 = _load_state(kv0 + slot * F * DV, z0 + slot * F, o_v, D, DV, BD, BV, HAS_START)
+    b_h0, b_h1, b_h2, b_z0, b_z1, b_z2 = _load_state(kv0 + slot * F * DV, z0 + slot * F, o_v, D, DV, BD, BV, HAS_INITIAL_STATE)
     t_lo = i_s * SEG
     n = tl.cdiv(tl.minimum(t_lo + SEG, T) - t_lo, BT)
     for i in range(n):
@@ -407,22 +409,22 @@ def taylor_bwd_dkv_kernel(
         b_y, b_c = _load_values(v, m, m, o_t, m_t, o_v, DV, s_vt, s_vv, s_mt, HAS_MASK)
         b_g, b_gd = _load_values(do, rd, gd, o_t, m_t, o_v, DV, s_dt, s_dv, H, True)
         # [BT, BT] s_jt
-        b_s = _dot(b_k1, tl.trans(b_q1), None, IEEE)
+        b_s = _dot(b_k1, tl.trans(b_q1), None, DOT_PRECISION)
         b_p = tl.where(causal, 1 + b_s + 0.5 * b_s * b_s, 0.0)
-        b_dv = _dot(b_p, b_g, _value_readout(b_h0, b_h1, b_h2, b_k1, _square(b_k2, BT, BD, IEEE), IEEE), IEEE)
+        b_dv = _dot(b_p, b_g, _value_readout(b_h0, b_h1, b_h2, b_k1, _square(b_k2, BT, BD, DOT_PRECISION), DOT_PRECISION), DOT_PRECISION)
         b_dv *= b_c[:, None]
         m_tv = m_t[:, None] & (o_v < DV)[None, :]
         tl.store(dv + o_t[:, None] * H * DV + o_v[None, :], b_dv.to(dv.dtype.element_ty), mask=m_tv)
         b_ck = b_c * c_share
-        b_ds = _dot(b_y, tl.trans(b_g), None, IEEE) + b_ck[:, None] * b_gd[None, :]
+        b_ds = _dot(b_y, tl.trans(b_g), None, DOT_PRECISION) + b_ck[:, None] * b_gd[None, :]
         b_ds = tl.where(causal, b_ds * (1 + b_s), 0.0)
-        b_dk = _dot(b_ds, b_q1, _grad_readout(b_h1, b_h2, b_z1, b_z2, b_k1, b_y, b_ck, BT, BD, IEEE), IEEE)
+        b_dk = _dot(b_ds, b_q1, _grad_readout(b_h1, b_h2, b_z1, b_z2, b_k1, b_y, b_ck, BT, BD, DOT_PRECISION), DOT_PRECISION)
         tl.store(dk + o_t[:, None] * H * D + o_d[None, :], (b_dk * scale1).to(dk.dtype.element_ty),
                  mask=m_t[:, None] & (o_d < D)[None, :])
         b_h0, b_h1, b_h2, b_z0, b_z1, b_z2 = _update_state(
-            b_h0, b_h1, b_h2, b_z0, b_z1, b_z2, b_q1, b_q2, _square(b_q2, BT, BD, IEEE), b_g, b_gd, IEEE
+            b_h0, b_h1, b_h2, b_z0, b_z1, b_z2, b_q1, b_q2, _square(b_q2, BT, BD, DOT_PRECISION), b_g, b_gd, DOT_PRECISION
         )
-    if STORE_FINAL:
+    if STORE_FINAL_STATE:
         if i_s == 0:
             _store_state(
                 dkv + i_bh * F * DV, dz + i_bh * F, b_h0, b_h1, b_h2, b_z0, b_z1, b_z2, o_v, D, DV, i_v == 0, BD
@@ -437,7 +439,7 @@ def taylor_recurrent_fwd_kernel(
     q, k, v, m, kv0, z0, o, kvT, zT,
     s_qb, s_qh, s_qd, s_kb, s_kh, s_kd, s_vb, s_vh, s_vv, s_mb,
     H, D, DV, eps, scale1, scale2,
-    BD: tl.constexpr, BV: tl.constexpr, HAS_MASK: tl.constexpr, HAS_START: tl.constexpr, STORE_FINAL: tl.constexpr,
+    BD: tl.constexpr, BV: tl.constexpr, HAS_MASK: tl.constexpr, HAS_INITIAL_STATE: tl.constexpr, STORE_FINAL_STATE: tl.constexpr,
 ):
     """One token: fold key k (inclusive) into the state, read it out with q; fp32 elementwise, no matrix units."""
     i_v, i_bh = tl.program_id(0), tl.program_id(1)
@@ -458,7 +460,7 @@ def taylor_recurrent_fwd_kernel(
     b_q2f = tl.reshape(b_q2[:, None] * b_q2[None, :], [BD * BD])
     b_k2f = tl.reshape(b_k2[:, None] * b_k2[None, :], [BD * BD])
 
-    b_h0, b_h1, b_h2, b_z0, b_z1, b_z2 = _load_state(kv0 + i_bh * F * DV, z0 + i_bh * F, o_v, D, DV, BD, BV, HAS_START)
+    b_h0, b_h1, b_h2, b_z0, b_z1, b_z2 = _load_state(kv0 + i_bh * F * DV, z0 + i_bh * F, o_v, D, DV, BD, BV, HAS_INITIAL_STATE)
     b_h0 += b_y
     b_h1 += b_y[:, None] * b_k1[None, :]
     b_h2 += b_k2f[:, None] * b_y[None, :]
@@ -468,7 +470,7 @@ def taylor_recurrent_fwd_kernel(
     b_num = b_h0 + tl.sum(b_h1 * b_q1[None, :], 1) + tl.sum(b_q2f[:, None] * b_h2, 0)
     b_den = b_z0 + tl.sum(b_q1 * b_z1, 0) + tl.sum(tl.sum(b_q2[:, None] * b_z2 * b_q2[None, :], 1), 0)
     tl.store(o + i_bh * DV + o_v, (b_num / (b_den + eps)).to(o.dtype.element_ty), mask=o_v < DV)
-    if STORE_FINAL:
+    if STORE_FINAL_STATE:
         _store_state(kvT + i_bh * F * DV, zT + i_bh * F, b_h0, b_h1, b_h2, b_z0, b_z1, b_z2, o_v, D, DV, i_v == 0, BD)
 
 
@@ -477,8 +479,8 @@ def taylor_recurrent_fwd_kernel(
 
 def _blocks(d, value_dim, block_v, chunk):
     """-> BD, BT, BV, warps: the padded feature dim, the chunk, the value block (capped so that h2 fits on chip)."""
-    bd = max(16, triton.next_power_of_2(d))
-    bv = min(block_v, STATE_BUDGET // (bd * bd), max(16, triton.next_power_of_2(value_dim)))
+    bd = block_size(d)
+    bv = block_size(value_dim, min(block_v, STATE_BUDGET // (bd * bd)))
     return bd, chunk or BLOCK_T, bv, NUM_WARPS * bd // 16
 
 
@@ -493,11 +495,11 @@ def _plan(q, k, v, chunk, segment, block_v):
         ns = max(1, min(triton.cdiv(PROGRAMS_PER_SM * sms, batch * heads * nv), length // MIN_SEGMENT))
         segment = triton.cdiv(triton.cdiv(length, ns), bt) * bt
     # fp32 products for fp32 inputs (bf16 operands lose ~3 digits; fp32 inputs are expected to give ~1e-5)
-    meta = dict(BT=bt, BD=bd, BV=bv, IEEE=torch.float32 in (q.dtype, k.dtype, v.dtype), num_warps=warps)
+    meta = dict(BT=bt, BD=bd, BV=bv, DOT_PRECISION=dot_precision(q, k, v), num_warps=warps)
     return meta, nv, segment, triton.cdiv(length, segment)
 
 
-def _rows(w, like):
+def _token_weights(w, like):
     """(tensor, strides) of per-token weights [B, T, H]; `like` and zero strides stand in when there are none."""
     return (like, (0, 0, 0)) if w is None else (w, w.stride())
 
@@ -523,16 +525,16 @@ def _starts(x, y, w, c, start, reverse, meta, nv, seg, ns):
     value_dim = y.shape[-1]
     if ns == 1:
         return None if start is None else (start[0].contiguous(), start[1].contiguous())
-    features = taylor_feature_dim(d)
-    kv = x.new_empty(batch, heads, ns, features, value_dim, dtype=torch.float32)
-    z = x.new_empty(batch, heads, ns, features, dtype=torch.float32)
+    num_features = taylor_num_features(d)
+    kv = x.new_empty(batch, heads, ns, num_features, value_dim, dtype=torch.float32)
+    z = x.new_empty(batch, heads, ns, num_features, dtype=torch.float32)
     if start is None:
         kv[:, :, 0].zero_()
         z[:, :, 0].zero_()
     else:
         kv[:, :, 0].copy_(start[0])
         z[:, :, 0].copy_(start[1])
-    w, s_w = _rows(w, x)
+    w, s_w = _token_weights(w, x)
     taylor_state_kernel[(nv, ns - 1, batch * heads)](
         x, y, w, x if c is None else c, kv, z, *x.stride(), *y.stride(), *s_w,
         length, heads, d, value_dim, seg, d**-0.25, (2 * d) ** -0.25,
@@ -546,21 +548,21 @@ def _starts(x, y, w, c, start, reverse, meta, nv, seg, ns):
 def _taylor_fwd(q, k, v, mask, start, output_final_state, eps, chunk, segment, block_v):
     batch, length, heads, d = q.shape
     value_dim = v.shape[-1]
-    features = taylor_feature_dim(d)
+    num_features = taylor_num_features(d)
     meta, nv, seg, ns = _plan(q, k, v, chunk, segment, block_v)
     starts = _starts(k, v, mask, mask, start, False, meta, nv, seg, ns)
     o = v.new_empty(batch, length, heads, value_dim)
     den = q.new_empty(batch, length, heads, dtype=torch.float32)
     final = None
     if output_final_state:
-        final = (q.new_empty(batch, heads, features, value_dim, dtype=torch.float32),
-                 q.new_empty(batch, heads, features, dtype=torch.float32))
-    m, s_m = _rows(mask, q)
+        final = (q.new_empty(batch, heads, num_features, value_dim, dtype=torch.float32),
+                 q.new_empty(batch, heads, num_features, dtype=torch.float32))
+    m, s_m = _token_weights(mask, q)
     taylor_fwd_kernel[(nv, ns, batch * heads)](
         q, k, v, m, *_state_args(starts, q), o, den, *(final or (q, q)),
         *q.stride(), *k.stride(), *v.stride(), *s_m,
         length, heads, d, value_dim, seg, eps, d**-0.25, (2 * d) ** -0.25,
-        HAS_MASK=mask is not None, HAS_START=starts is not None, STORE_FINAL=output_final_state,
+        HAS_MASK=mask is not None, HAS_INITIAL_STATE=starts is not None, STORE_FINAL_STATE=output_final_state,
         num_stages=NUM_STAGES, **meta,
     )
     return o, den, final
@@ -569,7 +571,7 @@ def _taylor_fwd(q, k, v, mask, start, output_final_state, eps, chunk, segment, b
 def _taylor_bwd(q, k, v, mask, start, o, den, do, dfinal, need_dstart, eps, chunk, segment, block_v):
     batch, length, heads, d = q.shape
     value_dim = v.shape[-1]
-    features = taylor_feature_dim(d)
+    num_features = taylor_num_features(d)
     meta, nv, seg, ns = _plan(q, k, v, chunk, segment, block_v)
     rd = q.new_empty(batch, length, heads, dtype=torch.float32)
     gd = torch.empty_like(rd)
@@ -585,20 +587,20 @@ def _taylor_bwd(q, k, v, mask, start, o, den, do, dfinal, need_dstart, eps, chun
     dv = v.new_empty(batch, length, heads, value_dim)
     dstart = None
     if need_dstart:
-        dstart = (q.new_empty(batch, heads, features, value_dim, dtype=torch.float32),
-                  q.new_empty(batch, heads, features, dtype=torch.float32))
-    m, s_m = _rows(mask, q)
+        dstart = (q.new_empty(batch, heads, num_features, value_dim, dtype=torch.float32),
+                  q.new_empty(batch, heads, num_features, dtype=torch.float32))
+    m, s_m = _token_weights(mask, q)
     args = (
         *q.stride(), *k.stride(), *v.stride(), *s_m, *do.stride(),
         batch, length, heads, d, value_dim, seg, d**-0.25, (2 * d) ** -0.25,
     )
     meta.update(HAS_MASK=mask is not None, num_stages=NUM_STAGES_BWD)
     taylor_bwd_dq_kernel[(nv, ns, batch * heads)](
-        q, k, v, m, do, rd, gd, *_state_args(fwd_starts, q), dq, *args, HAS_START=fwd_starts is not None, **meta
+        q, k, v, m, do, rd, gd, *_state_args(fwd_starts, q), dq, *args, HAS_INITIAL_STATE=fwd_starts is not None, **meta
     )
     taylor_bwd_dkv_kernel[(nv, ns, batch * heads)](
         q, k, v, m, do, rd, gd, *_state_args(rev_starts, q), dk, dv, *(dstart or (q, q)), *args,
-        HAS_START=rev_starts is not None, STORE_FINAL=need_dstart, **meta,
+        HAS_INITIAL_STATE=rev_starts is not None, STORE_FINAL_STATE=need_dstart, **meta,
     )
     if nv > 1:
         dq, dk = dq.sum(0).to(q.dtype), dk.sum(0).to(k.dtype)
@@ -625,7 +627,7 @@ class TaylorLinearAttentionFunction(torch.autograd.Function):
         dfinal = None
         if dkv is not None or dz is not None:
             batch, _, heads, d = q.shape
-            shape = (batch, heads, taylor_feature_dim(d))
+            shape = (batch, heads, taylor_num_features(d))
             dfinal = (
                 q.new_zeros(*shape, v.shape[-1], dtype=torch.float32) if dkv is None else dkv,
                 q.new_zeros(shape, dtype=torch.float32) if dz is None else dz,
@@ -648,15 +650,15 @@ def _check(q, k, v, key_mask, initial_state):
     reproduces that message). -> (kv0, z0) in fp32, or None."""
     batch, length, heads, d = check_shape("q", q, "batch, time, heads, dim")
     check_shape("k", k, "batch, time, heads, dim", (None, None, None, d))
-    features = taylor_feature_dim(d)
-    k_features = torch.empty(*k.shape[:3], features, device="meta")
-    check_shape("k", k_features, "batch, time, heads, features", (batch, length, heads, features))
+    num_features = taylor_num_features(d)
+    k_features = torch.empty(*k.shape[:3], num_features, device="meta")
+    check_shape("k", k_features, "batch, time, heads, features", (batch, length, heads, num_features))
     value_dim = check_shape("v", v, "batch, time, heads, value_dim", (batch, length, heads, None))[-1]
     if key_mask is not None:
         check_shape("key_mask", key_mask, "batch, time", (batch, length))
     if initial_state is None:
         return None
-    return prepare_state(initial_state, batch, heads, features, value_dim, torch.float32, q.device)
+    return prepare_state(initial_state, batch, heads, num_features, value_dim, torch.float32, q.device)
 
 
 def _chunked(q, k, v, key_mask, start, output_final_state, eps, chunk=None, segment=None, block_v=None,
@@ -686,13 +688,13 @@ def taylor_linear_attention(q, k, v, key_mask=None, initial_state=None, output_f
 def _taylor_decode(q, k, v, key_mask, start, output_final_state, eps):
     batch, _, heads, d = q.shape
     value_dim = v.shape[-1]
-    features = taylor_feature_dim(d)
+    num_features = taylor_num_features(d)
     bd, _, bv, _ = _blocks(d, value_dim, BLOCK_V_DECODE, None)
     o = v.new_empty(batch, 1, heads, value_dim)
     final = None
     if output_final_state:
-        final = (q.new_empty(batch, heads, features, value_dim, dtype=torch.float32),
-                 q.new_empty(batch, heads, features, dtype=torch.float32))
+        final = (q.new_empty(batch, heads, num_features, value_dim, dtype=torch.float32),
+                 q.new_empty(batch, heads, num_features, dtype=torch.float32))
     m = q if key_mask is None else key_mask.to(torch.float32)
     start = start and (start[0].contiguous(), start[1].contiguous())
     taylor_recurrent_fwd_kernel[(triton.cdiv(value_dim, bv), batch * heads)](
@@ -700,7 +702,7 @@ def _taylor_decode(q, k, v, key_mask, start, output_final_state, eps):
         q.stride(0), q.stride(2), q.stride(3), k.stride(0), k.stride(2), k.stride(3),
         v.stride(0), v.stride(2), v.stride(3), m.stride(0),
         heads, d, value_dim, eps, d**-0.25, (2 * d) ** -0.25,
-        BD=bd, BV=bv, HAS_MASK=key_mask is not None, HAS_START=start is not None, STORE_FINAL=output_final_state,
+        BD=bd, BV=bv, HAS_MASK=key_mask is not None, HAS_INITIAL_STATE=start is not None, STORE_FINAL_STATE=output_final_state,
     )
     return o, final
 
@@ -710,7 +712,6 @@ def taylor_linear_attention_recurrent(q, k, v, key_mask=None, initial_state=None
     if _use_reference(q, k, v):
         return taylor_linear_attention_recurrent_reference(q, k, v, key_mask, initial_state, output_final_state, eps)
     start = _check(q, k, v, key_mask, initial_state)
-    grads = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v, *(start or ())))
-    if q.shape[1] != 1 or grads:
+    if not use_decode_kernel(q, k, v, *(start or ())):
         return _chunked(q, k, v, key_mask, start, output_final_state, eps)
     return _taylor_decode(q, k, v, key_mask, start, output_final_state, eps)

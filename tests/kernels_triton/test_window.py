@@ -9,10 +9,11 @@ import pytest
 import torch
 from conftest import DEVICE, Rand, left_padding_mask
 
-from hf_based.kernels.hybrid_attention import hybrid_attention as reference_hybrid
-from hf_based.kernels.hybrid_attention import hybrid_attention_recurrent as reference_hybrid_recurrent
-from hf_based.kernels.softmax_attention import softmax_attention as reference_softmax
-from hf_based.kernels.triton import window
+from hf_based.kernels.hybrid import triton as hybrid
+from hf_based.kernels.hybrid.reference import hybrid_attention as reference_hybrid
+from hf_based.kernels.hybrid.reference import hybrid_attention_recurrent as reference_hybrid_recurrent
+from hf_based.kernels.softmax import triton as softmax
+from hf_based.kernels.softmax.reference import softmax_attention as reference_softmax
 
 B, H, HKV, D, DV, FEAT = 2, 4, 2, 16, 32, 16
 
@@ -20,9 +21,11 @@ B, H, HKV, D, DV, FEAT = 2, 4, 2, 16, 32, 16
 @pytest.fixture(autouse=True)
 def small_blocks(monkeypatch):
     """Blocks of 16; windows above 8 (16 and None) take the split loops, smaller ones the single masked loop."""
-    for name in ("BLOCK_M", "BLOCK_M_FULL", "BLOCK_N", "BLOCK_T", "BLOCK_K", "BLOCK_V", "BLOCK_DECODE"):
-        monkeypatch.setattr(window, name, 16)
-    monkeypatch.setattr(window, "SPLIT_WINDOW", 8)
+    for name in ("BLOCK_M", "BLOCK_M_FULL", "BLOCK_N"):
+        monkeypatch.setattr(softmax, name, 16)
+    for name in ("BLOCK_T", "BLOCK_K", "BLOCK_V", "BLOCK_DECODE"):
+        monkeypatch.setattr(hybrid, name, 16)
+    monkeypatch.setattr(softmax, "SPLIT_WINDOW", 8)  # the hybrid kernels' window tiles split alike
 
 
 def assert_close(actual, expected, name="", tol=1e-4):
@@ -71,7 +74,7 @@ def test_softmax_attention_matches_reference(q_len, k_len, window_size, padded, 
     inputs = [rand.normal(B, q_len, heads, D), rand.normal(B, k_len, kv_heads, D), rand.normal(B, k_len, kv_heads, DV)]
     mask = left_padding_mask(k_len) if padded else None
     grad_out = rand.normal(B, q_len, heads, DV)
-    o, grads = run_with_grads(window.softmax_attention, inputs, grad_out, window=window_size, key_mask=mask)
+    o, grads = run_with_grads(softmax.softmax_attention, inputs, grad_out, window=window_size, key_mask=mask)
     expected, expected_grads = run_with_grads(
         reference_softmax, as_fp64(inputs), grad_out, window=window_size, key_mask=mask
     )
@@ -87,7 +90,7 @@ def test_softmax_attention_queries_without_keys_are_zero():
     q, k, v = rand.normal(B, length, H, D), rand.normal(B, length, HKV, D), rand.normal(B, length, HKV, DV)
     mask = left_padding_mask(length)
     grad_out = rand.normal(B, length, H, DV)
-    o, grads = run_with_grads(window.softmax_attention, [q, k, v], grad_out, window=4, key_mask=mask)
+    o, grads = run_with_grads(softmax.softmax_attention, [q, k, v], grad_out, window=4, key_mask=mask)
     empty = length - length // 2  # row 1's queries before its first real key see nothing
     assert torch.equal(o[1, :empty], torch.zeros_like(o[1, :empty]))
     assert all(torch.isfinite(g).all() for g in grads)
@@ -104,26 +107,33 @@ def test_softmax_attention_layouts_dtypes_and_scale():
     v = rand.normal(B, length, HKV, value_dim)
     grad_out = rand.normal(B, length, H, value_dim)
     kwargs = dict(window=7, scale=0.3)
-    o, grads = run_with_grads(window.softmax_attention, [q, k, v], grad_out, **kwargs)
+    o, grads = run_with_grads(softmax.softmax_attention, [q, k, v], grad_out, **kwargs)
     expected, expected_grads = run_with_grads(reference_softmax, as_fp64([q, k, v]), grad_out, **kwargs)
     assert_close(o, expected, "o")
     for name, grad, expected_grad in zip(("dq", "dk", "dv"), grads, expected_grads):
         assert_close(grad, expected_grad, name)
 
-    o16, grads16 = run_with_grads(window.softmax_attention, [x.half() for x in (q, k, v)], grad_out, **kwargs)
+    o16, grads16 = run_with_grads(softmax.softmax_attention, [x.half() for x in (q, k, v)], grad_out, **kwargs)
     assert o16.dtype == torch.float16
     assert_close(o16, expected, "o fp16", tol=1e-2)
     for name, grad, expected_grad in zip(("dq", "dk", "dv"), grads16, expected_grads):
         assert_close(grad, expected_grad, f"{name} fp16", tol=1e-2)
 
-    torch.testing.assert_close(window.softmax_attention(*as_fp64([q, k, v]), **kwargs), expected)
+    torch.testing.assert_close(softmax.softmax_attention(*as_fp64([q, k, v]), **kwargs), expected)
 
 
 # --- hybrid attention -----------------------------------------------------------------------------------------------
 
+# On a GPU, fp32 hybrid attention runs the reference (see hybrid.runs_reference): an fp32 test there would compare the
+# reference with itself.
+fp32_hybrid_kernel = pytest.mark.skipif(
+    hybrid.runs_reference(torch.float32, torch.device(DEVICE)),
+    reason="fp32 hybrid attention runs the reference on a GPU (Triton 3.6 fails to compile the fp32 hybrid kernels)",
+)
+
 
 def hybrid_inputs(rand, q_len, k_len, features=FEAT, heads=(H, HKV)):
-    """[q, k, v, q_feat, k_feat, gamma]: GQA raw values, positive features per query head, gamma in (0.1, 1.1)."""
+    """[q, k, v, q_feat, k_feat, window_factor]: GQA raw values, positive features per query head, window_factor in (0.1, 1.1)."""
     heads, kv_heads = heads
     return [
         rand.normal(B, q_len, heads, D), rand.normal(B, k_len, kv_heads, D), rand.normal(B, k_len, kv_heads, DV),
@@ -157,6 +167,7 @@ HYBRID_CASES = [  # q_len, k_len, window, padded, initial state, features, (head
 ]
 
 
+@fp32_hybrid_kernel
 @pytest.mark.parametrize("q_len, k_len, window_size, padded, with_state, features, heads", HYBRID_CASES)
 def test_hybrid_attention_matches_reference(q_len, k_len, window_size, padded, with_state, features, heads):
     rand = Rand(q_len * 1000 + k_len + window_size)
@@ -166,7 +177,7 @@ def test_hybrid_attention_matches_reference(q_len, k_len, window_size, padded, w
     grad_out = rand.normal(B, q_len, heads[0], DV)
     if padded and not with_state:  # the reference's gradient is NaN at queries without any key (see below)
         grad_out[1, : max(q_len - k_len // 2, 0)] = 0
-    (o, final), grads = run_hybrid(window.hybrid_attention, inputs, state, grad_out, window_size, mask)
+    (o, final), grads = run_hybrid(hybrid.hybrid_attention, inputs, state, grad_out, window_size, mask)
     (expected, expected_final), expected_grads = run_hybrid(
         reference_hybrid, as_fp64(inputs), as_fp64(state), grad_out, window_size, mask
     )
@@ -174,11 +185,12 @@ def test_hybrid_attention_matches_reference(q_len, k_len, window_size, padded, w
     assert_close(o, expected, "o")
     assert_close(final[0], expected_final[0], "final kv")
     assert_close(final[1], expected_final[1], "final z")
-    names = ("dq", "dk", "dv", "dq_feat", "dk_feat", "dgamma", "dkv0", "dz0")
+    names = ("dq", "dk", "dv", "dq_feat", "dk_feat", "dwindow_factor", "dkv0", "dz0")
     for name, grad, expected_grad in zip(names, grads, expected_grads):
         assert_close(grad, expected_grad, name)
 
 
+@fp32_hybrid_kernel
 def test_hybrid_attention_queries_without_keys():
     """A query that sees no real key and has no state gets o = 0 and passes no gradient back (the reference's
     autograd gives NaN there: 0 * (do / tiny) overflows)."""
@@ -187,12 +199,12 @@ def test_hybrid_attention_queries_without_keys():
     inputs = hybrid_inputs(rand, length, length)
     mask = left_padding_mask(length)
     grad_out = rand.normal(B, length, H, DV)
-    (o, _), grads = run_hybrid(window.hybrid_attention, inputs, [], grad_out, 5, mask)
+    (o, _), grads = run_hybrid(hybrid.hybrid_attention, inputs, [], grad_out, 5, mask)
     empty = length - length // 2
     assert torch.equal(o[1, :empty], torch.zeros_like(o[1, :empty]))
     grad_out[1, :empty] = 0
     (_, _), expected_grads = run_hybrid(reference_hybrid, as_fp64(inputs), [], grad_out, 5, mask)
-    for name, grad, expected_grad in zip(("dq", "dk", "dv", "dq_feat", "dk_feat", "dgamma"), grads, expected_grads):
+    for name, grad, expected_grad in zip(("dq", "dk", "dv", "dq_feat", "dk_feat", "dwindow_factor"), grads, expected_grads):
         assert_close(grad, expected_grad, name)
 
 
@@ -202,24 +214,24 @@ def test_hybrid_attention_dtypes_and_final_state_gradient():
     inputs = hybrid_inputs(rand, length, length)
     grad_out = rand.normal(B, length, H, DV)
     (expected, _), expected_grads = run_hybrid(reference_hybrid, as_fp64(inputs), [], grad_out, window_size, None)
-    half = [x.half() if x.dim() == 4 else x for x in inputs]  # gamma stays fp32
-    (o, _), grads = run_hybrid(window.hybrid_attention, half, [], grad_out, window_size, None)
+    half = [x.half() if x.dim() == 4 else x for x in inputs]  # window_factor stays fp32
+    (o, _), grads = run_hybrid(hybrid.hybrid_attention, half, [], grad_out, window_size, None)
     assert o.dtype == torch.float16
     assert_close(o, expected, "o fp16", tol=1e-2)
-    for name, grad, expected_grad in zip(("dq", "dk", "dv", "dq_feat", "dk_feat", "dgamma"), grads, expected_grads):
+    for name, grad, expected_grad in zip(("dq", "dk", "dv", "dq_feat", "dk_feat", "dwindow_factor"), grads, expected_grads):
         assert_close(grad, expected_grad, f"{name} fp16", tol=1e-2)
 
     # autocast's mix (fp32 q, k and features after RoPE, 16-bit v) runs in the 16-bit dtype, as all-16-bit inputs do
     mixed = [x.half() if i == 2 else x for i, x in enumerate(inputs)]
-    o_mixed, _ = window.hybrid_attention(*mixed, window_size)
+    o_mixed, _ = hybrid.hybrid_attention(*mixed, window_size)
     assert o_mixed.dtype == torch.float16
-    torch.testing.assert_close(o_mixed, window.hybrid_attention(*half, window_size)[0])
+    torch.testing.assert_close(o_mixed, hybrid.hybrid_attention(*half, window_size)[0])
 
     fp64 = as_fp64(inputs)
-    torch.testing.assert_close(window.hybrid_attention(*fp64, window_size)[0], reference_hybrid(*fp64, window_size)[0])
+    torch.testing.assert_close(hybrid.hybrid_attention(*fp64, window_size)[0], reference_hybrid(*fp64, window_size)[0])
 
-    leaves = [x.clone().requires_grad_() for x in inputs]
-    _, (kv, z) = window.hybrid_attention(*leaves, window_size, output_final_state=True)
+    leaves = [x.clone().requires_grad_() for x in half]  # 16-bit: the kernel's path on a GPU too
+    _, (kv, z) = hybrid.hybrid_attention(*leaves, window_size, output_final_state=True)
     with pytest.raises(NotImplementedError, match="final_state"):
         (kv.sum() + z.sum()).backward()
 
@@ -233,6 +245,7 @@ DECODE_CASES = [  # k_len, window, padded, initial state
 ]
 
 
+@fp32_hybrid_kernel
 @pytest.mark.parametrize("k_len, window_size, padded, with_state", DECODE_CASES)
 def test_hybrid_decode_step_matches_reference_recurrent(k_len, window_size, padded, with_state):
     rand = Rand(k_len * 100 + window_size)
@@ -241,7 +254,7 @@ def test_hybrid_decode_step_matches_reference_recurrent(k_len, window_size, padd
     mask = left_padding_mask(k_len) if padded else None
     kwargs = dict(key_mask=mask, output_final_state=True)
     with torch.no_grad():
-        o, final = window.hybrid_attention_recurrent(*inputs, window_size, initial_state=state, **kwargs)
+        o, final = hybrid.hybrid_attention_recurrent(*inputs, window_size, initial_state=state, **kwargs)
     expected, expected_final = reference_hybrid_recurrent(
         *as_fp64(inputs), window_size, initial_state=state and tuple(as_fp64(state)), **kwargs
     )
@@ -250,11 +263,12 @@ def test_hybrid_decode_step_matches_reference_recurrent(k_len, window_size, padd
     assert_close(final[1], expected_final[1], "final z")
 
 
+@fp32_hybrid_kernel
 def test_hybrid_recurrent_prefill_uses_the_parallel_form():
     rand = Rand(5)
     inputs = hybrid_inputs(rand, 9, 20)
     state = tuple(hybrid_state(rand))
-    o, final = window.hybrid_attention_recurrent(*inputs, 4, initial_state=state, output_final_state=True)
+    o, final = hybrid.hybrid_attention_recurrent(*inputs, 4, initial_state=state, output_final_state=True)
     expected, expected_final = reference_hybrid_recurrent(
         *as_fp64(inputs), 4, initial_state=tuple(as_fp64(state)), output_final_state=True
     )
@@ -267,17 +281,17 @@ def test_hybrid_recurrent_prefill_uses_the_parallel_form():
 
 def bad_calls():
     rand = Rand(6)
-    q, k, v, qf, kf, gamma = hybrid_inputs(rand, 5, 5)
+    q, k, v, qf, kf, window_factor = hybrid_inputs(rand, 5, 5)
     state = hybrid_state(rand)
     yield "softmax_attention", (q, k[..., :3], v), {}
     yield "softmax_attention", (q, k[:, :4], v), {}
     yield "softmax_attention", (q, k, v), dict(window=0)
     yield "softmax_attention", (q, k, v), dict(key_mask=torch.ones(B, 4, device=DEVICE))
-    yield "hybrid_attention", (q, k, v, qf, kf, gamma, None), {}
-    yield "hybrid_attention", (q, k, v, qf, kf[:, :, :1], gamma, 2), {}
-    yield "hybrid_attention", (q, k, v, qf, kf, gamma[:1], 2), {}
-    yield "hybrid_attention", (q, k, v, qf, kf, gamma, 2), dict(initial_state=state[0])
-    yield "hybrid_attention_recurrent", (q[:, :1], k, v, qf[:, :1], kf, gamma, 2), dict(initial_state=(state[0], q))
+    yield "hybrid_attention", (q, k, v, qf, kf, window_factor, None), {}
+    yield "hybrid_attention", (q, k, v, qf, kf[:, :, :1], window_factor, 2), {}
+    yield "hybrid_attention", (q, k, v, qf, kf, window_factor[:1], 2), {}
+    yield "hybrid_attention", (q, k, v, qf, kf, window_factor, 2), dict(initial_state=state[0])
+    yield "hybrid_attention_recurrent", (q[:, :1], k, v, qf[:, :1], kf, window_factor, 2), dict(initial_state=(state[0], q))
 
 
 @pytest.mark.parametrize("name, args, kwargs", list(bad_calls()))
@@ -290,5 +304,5 @@ def test_bad_inputs_raise_the_reference_errors(name, args, kwargs):
     with pytest.raises(ValueError) as expected:
         references[name](*args, **kwargs)
     with pytest.raises(ValueError) as raised:
-        getattr(window, name)(*args, **kwargs)
+        getattr(softmax if name == "softmax_attention" else hybrid, name)(*args, **kwargs)
     assert str(raised.value) == str(expected.value)

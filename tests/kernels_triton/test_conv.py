@@ -9,9 +9,9 @@ import pytest
 import torch
 from conftest import DEVICE
 
-from hf_based.kernels.short_conv import short_conv as reference
-from hf_based.kernels.short_conv import short_conv_recurrent as reference_recurrent
-from hf_based.kernels.triton import conv
+from hf_based.kernels.conv import triton as conv
+from hf_based.kernels.conv.reference import short_conv as reference
+from hf_based.kernels.conv.reference import short_conv_recurrent as reference_recurrent
 
 B, C = 2, 40
 

@@ -1,0 +1,1 @@
+"""Causal sliding-window softmax attention: the reference (reference.py) and its Triton kernels (triton.py)."""

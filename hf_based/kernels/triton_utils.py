@@ -1,0 +1,49 @@
+"""Host-side helpers shared by the Triton kernels: block sizes, dot precision, memory layouts, the decode fallback.
+
+Every kernel spells its compile-time flags alike: HAS_MASK (key_mask given), HAS_BIAS, HAS_INITIAL_STATE,
+STORE_FINAL_STATE, HAS_FINAL_STATE_GRAD, STORE_INITIAL_STATE_GRAD and DOT_PRECISION (the `dot_precision` string).
+"""
+
+import torch
+import triton
+
+
+def block_size(n: int, cap: int | None = None, minimum: int = 16) -> int:
+    """Power-of-2 block covering a dim of size n, at least `minimum` (16 is tl.dot's smallest), at most `cap`."""
+    size = max(minimum, triton.next_power_of_2(n))
+    return size if cap is None else min(size, cap)
+
+
+def dot_precision(*tensors: torch.Tensor) -> str:
+    """tl.dot's input_precision: fp32 operands multiply in full fp32 (the tests compare fp32 at 1e-5); 16-bit ones
+    run on the tensor cores anyway, and tf32 only touches the fp32 states that fp16 inputs meet."""
+    return "ieee" if any(t.dtype == torch.float32 for t in tensors) else "tf32"
+
+
+def unit_last_dim(x: torch.Tensor) -> torch.Tensor:
+    """The kernels read the last dim with stride 1 and every other dim through its stride: copy only if need be."""
+    return x if x.stride(-1) == 1 or x.shape[-1] == 1 else x.contiguous()
+
+
+def kernel_layout(x: torch.Tensor) -> torch.Tensor:
+    """x itself if its last dim has stride 1 and its elements fill their memory span (then empty_like(x), where the
+    gradients go, has x's strides and the kernels can index both alike); else a contiguous copy."""
+    x = unit_last_dim(x)
+    span = 1
+    for stride, size in sorted((s, n) for s, n in zip(x.stride(), x.shape) if n > 1):
+        if stride != span:
+            return x.contiguous()
+        span *= size
+    return x
+
+
+def use_decode_kernel(q: torch.Tensor, *tensors: torch.Tensor | None) -> bool:
+    """Whether a recurrent op runs its fused decode kernel: one query (T = 1) and no autograd. Otherwise it runs the
+    parallel op, which is the same function of the inputs."""
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, *tensors))
+    return q.shape[1] == 1 and not needs_grad
+
+
+def bth_strides(*tensors: torch.Tensor) -> list[int]:
+    """The (batch, time, head) strides of [B, T, H, D] tensors, one after the other: the kernels' stride arguments."""
+    return [s for t in tensors for s in t.stride()[:3]]
