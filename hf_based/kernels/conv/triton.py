@@ -32,7 +32,8 @@ def _short_conv_xs(x, s0, o_s, o_c, m_c, s_xt, T, C, K: tl.constexpr, HAS_INITIA
 
 
 @triton.jit
-def _short_conv_dxs(dy, dst, w, o_s, o_c, m_c, s_dt, s_wc, s_wk, T, C, K: tl.constexpr, HAS_FINAL_STATE_GRAD: tl.constexpr):
+def _short_conv_dxs(dy, dst, w, o_s, o_c, m_c, s_dt, s_wc, s_wk, T, C, K: tl.constexpr,
+    HAS_FINAL_STATE_GRAD: tl.constexpr):
     """[R, BC] fp32: the gradient of the conv's input at times o_s [R] (negative: the state's rows)."""
     b_dx = tl.zeros([o_s.shape[0], o_c.shape[0]], dtype=tl.float32)
     for i in tl.static_range(K):
@@ -142,7 +143,8 @@ class ShortConvFunction(torch.autograd.Function):
             x.stride(0), x.stride(1), y.stride(0), y.stride(1), weight.stride(0), weight.stride(1),
             T, C,
             K=K, BT=BT, BC=BC, BS=BS,
-            HAS_BIAS=bias is not None, HAS_INITIAL_STATE=initial_state is not None, STORE_FINAL_STATE=output_final_state,
+            HAS_BIAS=bias is not None, HAS_INITIAL_STATE=initial_state is not None,
+            STORE_FINAL_STATE=output_final_state,
         )
         ctx.save_for_backward(x, weight, bias, initial_state)
         return y, final
@@ -168,7 +170,8 @@ class ShortConvFunction(torch.autograd.Function):
             weight.stride(0), weight.stride(1),
             T, C, NB,
             K=K, BT=BT, BC=BC, BS=BS, BW=block_size(K + 1, minimum=1),
-            HAS_INITIAL_STATE=initial_state is not None, HAS_FINAL_STATE_GRAD=dfinal is not None, STORE_INITIAL_STATE_GRAD=want_ds0,
+            HAS_INITIAL_STATE=initial_state is not None, HAS_FINAL_STATE_GRAD=dfinal is not None,
+            STORE_INITIAL_STATE_GRAD=want_ds0,
         )
         dwb = dwb.sum((0, 1))  # [K+1, C]
         dw = dwb[:K].t().to(weight.dtype)

@@ -110,7 +110,8 @@ def hybrid_fwd_kernel(
     SPLIT: tl.constexpr, STORE_O32: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """O = num / den of query block m; O32 (same layout as O) keeps it in fp32 for the backward's do . o, whose
-    rounding the gradient of the window factor w would amplify: d o / d w = (window average - o) * (window weight) / den."""
+    rounding the gradient of the window factor w would amplify: d o / d w = (window average - o) * (window weight)
+    / den."""
     i_m, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = (i_bh // H).to(tl.int64), i_bh % H
     NQ = tl.num_programs(0)
@@ -676,6 +677,7 @@ def hybrid_attention_recurrent(
         q.stride(0), q.stride(2), *bth_strides(k, v), q_feat.stride(0), q_feat.stride(2), *bth_strides(k_feat),
         o.stride(0), o.stride(2), H, H // Hkv, Tk, D, Dv, F, window, scale * LOG2E,
         BN=BLOCK_DECODE, BD=block_size(D), BV=BV, BK=block_size(F, BLOCK_K), HAS_MASK=has_mask,
-        HAS_INITIAL_STATE=kv0 is not None, STORE_FINAL_STATE=output_final_state, DOT_PRECISION=dot_precision(q), num_warps=4,
+        HAS_INITIAL_STATE=kv0 is not None, STORE_FINAL_STATE=output_final_state, DOT_PRECISION=dot_precision(q),
+        num_warps=4,
     )
     return o.to(out_dtype), (final if output_final_state else None)

@@ -69,7 +69,8 @@ def linear_attention_moments_kernel(
 @triton.jit
 def linear_attention_scan_kernel(
     h, h0, ht, NT, N,
-    BU: tl.constexpr, BN: tl.constexpr, REVERSE: tl.constexpr, HAS_INITIAL_STATE: tl.constexpr, STORE_FINAL_STATE: tl.constexpr,
+    BU: tl.constexpr, BN: tl.constexpr, REVERSE: tl.constexpr, HAS_INITIAL_STATE: tl.constexpr,
+    STORE_FINAL_STATE: tl.constexpr,
 ):
     """In place over h [BH, NT, N]: chunk moments -> the state before each chunk (after it if REVERSE), from h0 [BH, N];
     the total goes to ht [BH, N]. BU chunks per step keep enough loads in flight to stream at memory speed."""
@@ -345,7 +346,8 @@ def _chunk_states(x, y, r, c, initial, BT, reverse=False, store_final=False):
         BN = block_size(N, SCAN_BLOCK_N, minimum=1)
         linear_attention_scan_kernel[(triton.cdiv(N, BN), B * H)](
             state, state0, statet, NT, N,
-            BU=SCAN_BLOCK_U, BN=BN, REVERSE=reverse, HAS_INITIAL_STATE=initial is not None, STORE_FINAL_STATE=store_final,
+            BU=SCAN_BLOCK_U, BN=BN, REVERSE=reverse, HAS_INITIAL_STATE=initial is not None,
+            STORE_FINAL_STATE=store_final,
         )
     return h, z, final
 

@@ -184,7 +184,8 @@ def _value_readout(b_h0, b_h1, b_h2, b_x1, b_x2f, DOT_PRECISION: tl.constexpr):
 
 
 @triton.jit
-def _grad_readout(b_h1, b_h2, b_z1, b_z2, b_x1, b_y, b_c, BT: tl.constexpr, BD: tl.constexpr, DOT_PRECISION: tl.constexpr):
+def _grad_readout(b_h1, b_h2, b_z1, b_z2, b_x1, b_y, b_c, BT: tl.constexpr, BD: tl.constexpr,
+    DOT_PRECISION: tl.constexpr):
     """d/dx of phi(x_t).(kv y_t + z c_t) in units of d^(-1/4): u1 + sqrt(2) U2 x1_t, where u = kv y_t + z c_t and U2
     is its second-order block as [BD, BD] (symmetric). -> [BT, BD]."""
     b_u1 = _dot(b_y, b_h1, None, DOT_PRECISION) + b_c[:, None] * b_z1[None, :]
@@ -232,7 +233,8 @@ def taylor_state_kernel(
         b_x1, b_x2 = _load_features(x, o_t, m_t, D, s_xt, s_xd, scale1, scale2, BD)
         b_y, b_c = _load_values(y, w, c, o_t, m_t, o_v, DV, s_yt, s_yv, s_wt, WEIGHTED)
         b_h0, b_h1, b_h2, b_z0, b_z1, b_z2 = _update_state(
-            b_h0, b_h1, b_h2, b_z0, b_z1, b_z2, b_x1, b_x2, _square(b_x2, BT, BD, DOT_PRECISION), b_y, b_c, DOT_PRECISION
+            b_h0, b_h1, b_h2, b_z0, b_z1, b_z2, b_x1, b_x2, _square(b_x2, BT, BD, DOT_PRECISION), b_y, b_c,
+            DOT_PRECISION
         )
     slot = i_bh * NS + p + 1
     _store_state(kv + slot * F * DV, z + slot * F, b_h0, b_h1, b_h2, b_z0, b_z1, b_z2, o_v, D, DV, i_v == 0, BD)
@@ -244,7 +246,8 @@ def taylor_fwd_kernel(
     s_qb, s_qt, s_qh, s_qd, s_kb, s_kt, s_kh, s_kd, s_vb, s_vt, s_vh, s_vv, s_mb, s_mt, s_mh,
     T, H, D, DV, SEG, eps, scale1, scale2,
     BT: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr,
-    HAS_MASK: tl.constexpr, HAS_INITIAL_STATE: tl.constexpr, STORE_FINAL_STATE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_MASK: tl.constexpr, HAS_INITIAL_STATE: tl.constexpr, STORE_FINAL_STATE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     """o (and den) of one segment's chunks, scanning from the segment's starting state kv0[slot], z0[slot]."""
     i_v, i_s, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -263,7 +266,8 @@ def taylor_fwd_kernel(
     causal = o_i[:, None] >= o_i[None, :]
 
     slot = i_bh * NS + i_s
-    b_h0, b_h1, b_h2, b_z0, b_z1, b_z2 = _load_state(kv0 + slot * F * DV, z0 + slot * F, o_v, D, DV, BD, BV, HAS_INITIAL_STATE)
+    b_h0, b_h1, b_h2, b_z0, b_z1, b_z2 = _load_state(kv0 + slot * F * DV, z0 + slot * F, o_v, D, DV, BD, BV,
+        HAS_INITIAL_STATE)
     for t0 in range(i_s * SEG, tl.minimum(i_s * SEG + SEG, T), BT):
         o_t = t0 + o_i
         m_t = o_t < T
@@ -273,7 +277,8 @@ def taylor_fwd_kernel(
         b_y, b_c = _load_values(v, m, m, o_t, m_t, o_v, DV, s_vt, s_vv, s_mt, HAS_MASK)
         b_s = _dot(b_q1, tl.trans(b_k1), None, DOT_PRECISION)
         b_p = tl.where(causal, 1 + b_s + 0.5 * b_s * b_s, 0.0)
-        b_num = _dot(b_p, b_y, _value_readout(b_h0, b_h1, b_h2, b_q1, _square(b_q2, BT, BD, DOT_PRECISION), DOT_PRECISION), DOT_PRECISION)
+        b_q2f = _square(b_q2, BT, BD, DOT_PRECISION)
+        b_num = _dot(b_p, b_y, _value_readout(b_h0, b_h1, b_h2, b_q1, b_q2f, DOT_PRECISION), DOT_PRECISION)
         b_den = b_z0 + tl.sum(b_q1 * b_z1[None, :], 1) + tl.sum(_dot(b_q2, b_z2, None, DOT_PRECISION) * b_q2, 1)
         b_den += tl.sum(b_p * b_c[None, :], 1)
         b_o = b_num / (b_den + eps)[:, None]
@@ -282,7 +287,8 @@ def taylor_fwd_kernel(
         if i_v == 0:
             tl.store(den + o_t * H, b_den, mask=m_t)
         b_h0, b_h1, b_h2, b_z0, b_z1, b_z2 = _update_state(
-            b_h0, b_h1, b_h2, b_z0, b_z1, b_z2, b_k1, b_k2, _square(b_k2, BT, BD, DOT_PRECISION), b_y, b_c, DOT_PRECISION
+            b_h0, b_h1, b_h2, b_z0, b_z1, b_z2, b_k1, b_k2, _square(b_k2, BT, BD, DOT_PRECISION), b_y, b_c,
+            DOT_PRECISION
         )
     if STORE_FINAL_STATE:
         if i_s == NS - 1:
@@ -343,7 +349,8 @@ def taylor_bwd_dq_kernel(
     c_share = (i_v == 0).to(tl.float32)
 
     slot = i_bh * NS + i_s
-    b_h0, b_h1, b_h2, b_z0, b_z1, b_z2 = _load_state(kv0 + slot * F * DV, z0 + slot * F, o_v, D, DV, BD, BV, HAS_INITIAL_STATE)
+    b_h0, b_h1, b_h2, b_z0, b_z1, b_z2 = _load_state(kv0 + slot * F * DV, z0 + slot * F, o_v, D, DV, BD, BV,
+        HAS_INITIAL_STATE)
     for t0 in range(i_s * SEG, tl.minimum(i_s * SEG + SEG, T), BT):
         o_t = t0 + o_i
         m_t = o_t < T
@@ -357,11 +364,13 @@ def taylor_bwd_dq_kernel(
         # [BT, BT] dL/dK_tj (1 + s_tj)
         b_ds = _dot(b_g, tl.trans(b_y), None, DOT_PRECISION) + b_gd[:, None] * b_c[None, :]
         b_ds = tl.where(causal, b_ds * (1 + b_s), 0.0)
-        b_dq = _dot(b_ds, b_k1, _grad_readout(b_h1, b_h2, b_z1, b_z2, b_q1, b_g, b_gd, BT, BD, DOT_PRECISION), DOT_PRECISION)
+        b_dq = _dot(b_ds, b_k1, _grad_readout(b_h1, b_h2, b_z1, b_z2, b_q1, b_g, b_gd, BT, BD, DOT_PRECISION),
+            DOT_PRECISION)
         tl.store(dq + o_t[:, None] * H * D + o_d[None, :], (b_dq * scale1).to(dq.dtype.element_ty),
                  mask=m_t[:, None] & (o_d < D)[None, :])
         b_h0, b_h1, b_h2, b_z0, b_z1, b_z2 = _update_state(
-            b_h0, b_h1, b_h2, b_z0, b_z1, b_z2, b_k1, b_k2, _square(b_k2, BT, BD, DOT_PRECISION), b_y, b_c, DOT_PRECISION
+            b_h0, b_h1, b_h2, b_z0, b_z1, b_z2, b_k1, b_k2, _square(b_k2, BT, BD, DOT_PRECISION), b_y, b_c,
+            DOT_PRECISION
         )
 
 
@@ -372,7 +381,8 @@ def taylor_bwd_dkv_kernel(
     s_db, s_dt, s_dh, s_dv,
     B, T, H, D, DV, SEG, scale1, scale2,
     BT: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr,
-    HAS_MASK: tl.constexpr, HAS_INITIAL_STATE: tl.constexpr, STORE_FINAL_STATE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_MASK: tl.constexpr, HAS_INITIAL_STATE: tl.constexpr, STORE_FINAL_STATE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     """dk (value block i_v's share) and dv of one segment's chunks, scanning backwards in time from the moments of the
     later queries kv0[slot] = sum_t phi(q_t) g_t^T, z0[slot] = sum_t phi(q_t) gd_t; segment 0 writes the initial
@@ -398,7 +408,8 @@ def taylor_bwd_dkv_kernel(
     c_share = (i_v == 0).to(tl.float32)
 
     slot = i_bh * NS + NS - 1 - i_s
-    b_h0, b_h1, b_h2, b_z0, b_z1, b_z2 = _load_state(kv0 + slot * F * DV, z0 + slot * F, o_v, D, DV, BD, BV, HAS_INITIAL_STATE)
+    b_h0, b_h1, b_h2, b_z0, b_z1, b_z2 = _load_state(kv0 + slot * F * DV, z0 + slot * F, o_v, D, DV, BD, BV,
+        HAS_INITIAL_STATE)
     t_lo = i_s * SEG
     n = tl.cdiv(tl.minimum(t_lo + SEG, T) - t_lo, BT)
     for i in range(n):
@@ -411,18 +422,21 @@ def taylor_bwd_dkv_kernel(
         # [BT, BT] s_jt
         b_s = _dot(b_k1, tl.trans(b_q1), None, DOT_PRECISION)
         b_p = tl.where(causal, 1 + b_s + 0.5 * b_s * b_s, 0.0)
-        b_dv = _dot(b_p, b_g, _value_readout(b_h0, b_h1, b_h2, b_k1, _square(b_k2, BT, BD, DOT_PRECISION), DOT_PRECISION), DOT_PRECISION)
+        b_k2f = _square(b_k2, BT, BD, DOT_PRECISION)
+        b_dv = _dot(b_p, b_g, _value_readout(b_h0, b_h1, b_h2, b_k1, b_k2f, DOT_PRECISION), DOT_PRECISION)
         b_dv *= b_c[:, None]
         m_tv = m_t[:, None] & (o_v < DV)[None, :]
         tl.store(dv + o_t[:, None] * H * DV + o_v[None, :], b_dv.to(dv.dtype.element_ty), mask=m_tv)
         b_ck = b_c * c_share
         b_ds = _dot(b_y, tl.trans(b_g), None, DOT_PRECISION) + b_ck[:, None] * b_gd[None, :]
         b_ds = tl.where(causal, b_ds * (1 + b_s), 0.0)
-        b_dk = _dot(b_ds, b_q1, _grad_readout(b_h1, b_h2, b_z1, b_z2, b_k1, b_y, b_ck, BT, BD, DOT_PRECISION), DOT_PRECISION)
+        b_dk = _dot(b_ds, b_q1, _grad_readout(b_h1, b_h2, b_z1, b_z2, b_k1, b_y, b_ck, BT, BD, DOT_PRECISION),
+            DOT_PRECISION)
         tl.store(dk + o_t[:, None] * H * D + o_d[None, :], (b_dk * scale1).to(dk.dtype.element_ty),
                  mask=m_t[:, None] & (o_d < D)[None, :])
         b_h0, b_h1, b_h2, b_z0, b_z1, b_z2 = _update_state(
-            b_h0, b_h1, b_h2, b_z0, b_z1, b_z2, b_q1, b_q2, _square(b_q2, BT, BD, DOT_PRECISION), b_g, b_gd, DOT_PRECISION
+            b_h0, b_h1, b_h2, b_z0, b_z1, b_z2, b_q1, b_q2, _square(b_q2, BT, BD, DOT_PRECISION), b_g, b_gd,
+            DOT_PRECISION
         )
     if STORE_FINAL_STATE:
         if i_s == 0:
@@ -439,7 +453,8 @@ def taylor_recurrent_fwd_kernel(
     q, k, v, m, kv0, z0, o, kvT, zT,
     s_qb, s_qh, s_qd, s_kb, s_kh, s_kd, s_vb, s_vh, s_vv, s_mb,
     H, D, DV, eps, scale1, scale2,
-    BD: tl.constexpr, BV: tl.constexpr, HAS_MASK: tl.constexpr, HAS_INITIAL_STATE: tl.constexpr, STORE_FINAL_STATE: tl.constexpr,
+    BD: tl.constexpr, BV: tl.constexpr, HAS_MASK: tl.constexpr, HAS_INITIAL_STATE: tl.constexpr,
+    STORE_FINAL_STATE: tl.constexpr,
 ):
     """One token: fold key k (inclusive) into the state, read it out with q; fp32 elementwise, no matrix units."""
     i_v, i_bh = tl.program_id(0), tl.program_id(1)
@@ -460,7 +475,8 @@ def taylor_recurrent_fwd_kernel(
     b_q2f = tl.reshape(b_q2[:, None] * b_q2[None, :], [BD * BD])
     b_k2f = tl.reshape(b_k2[:, None] * b_k2[None, :], [BD * BD])
 
-    b_h0, b_h1, b_h2, b_z0, b_z1, b_z2 = _load_state(kv0 + i_bh * F * DV, z0 + i_bh * F, o_v, D, DV, BD, BV, HAS_INITIAL_STATE)
+    b_h0, b_h1, b_h2, b_z0, b_z1, b_z2 = _load_state(kv0 + i_bh * F * DV, z0 + i_bh * F, o_v, D, DV, BD, BV,
+        HAS_INITIAL_STATE)
     b_h0 += b_y
     b_h1 += b_y[:, None] * b_k1[None, :]
     b_h2 += b_k2f[:, None] * b_y[None, :]
@@ -702,7 +718,8 @@ def _taylor_decode(q, k, v, key_mask, start, output_final_state, eps):
         q.stride(0), q.stride(2), q.stride(3), k.stride(0), k.stride(2), k.stride(3),
         v.stride(0), v.stride(2), v.stride(3), m.stride(0),
         heads, d, value_dim, eps, d**-0.25, (2 * d) ** -0.25,
-        BD=bd, BV=bv, HAS_MASK=key_mask is not None, HAS_INITIAL_STATE=start is not None, STORE_FINAL_STATE=output_final_state,
+        BD=bd, BV=bv, HAS_MASK=key_mask is not None, HAS_INITIAL_STATE=start is not None,
+        STORE_FINAL_STATE=output_final_state,
     )
     return o, final
 
