@@ -10,7 +10,7 @@ import torch
 from transformers import AutoModelForCausalLM, GenerationConfig
 
 from hf_based import BasedCache, BasedConfig, BasedForCausalLM, preset_config
-from hf_based.modeling.modeling_based import CACHE_FIELD
+from hf_based.modeling.compat import CACHE_FIELD
 
 VOCAB = 101
 WINDOW = 5
@@ -70,7 +70,7 @@ def test_stepwise_decoding_equals_full_forward(name):
     ids = random_ids(2, 40)
     with torch.no_grad():
         full = model(ids, use_cache=False).logits
-        cache = BasedCache(len(model.model.layers))
+        cache = BasedCache(model.config)
         pieces = [model(ids[:, :13], cache=cache).logits, model(ids[:, 13:20], cache=cache).logits]
         pieces += [model(ids[:, t : t + 1], cache=cache).logits for t in range(20, 40)]
     assert_close(torch.cat(pieces, dim=1), full)
@@ -129,18 +129,93 @@ def test_cache_size_is_constant(name):
     prompt = random_ids(2, 6)
     sizes = {}
     with torch.no_grad():
-        for steps in (32, 512):
-            cache = BasedCache(len(model.model.layers))
+        for steps in (32, 128):
+            cache = BasedCache(model.config)
             model.generate(prompt, max_new_tokens=steps, min_new_tokens=steps, do_sample=False, pad_token_id=0,
                            **{CACHE_FIELD: cache})
             assert cache.get_seq_length() == 6 + steps - 1  # the last token is sampled, never fed back
             sizes[steps] = cache.nbytes()
-    assert sizes[32] == sizes[512] > 0
+    assert sizes[32] == sizes[128] > 0
+
+
+@pytest.mark.parametrize("name", CONSTANT_STATE_STACKS)
+def test_cache_updates_states_in_place(name):
+    """After the prefill every state keeps its address (what a CUDA graph replays): through decode steps, a batch-1
+    prefill widened to 3 rows, and beam reordering; the logits equal those of a cache filled by a batch-3 prefill."""
+    model = tiny_model(name)
+    prompt, steps = random_ids(1, 9), random_ids(3, 6, seed=2)
+    with torch.no_grad():
+        widened = BasedCache(model.config)
+        model(prompt, cache=widened)
+        widened.batch_repeat_interleave(3)
+        plain = BasedCache(model.config)
+        model(prompt.expand(3, -1), cache=plain)
+        addresses = {(i, n): t.data_ptr() for i, layer in enumerate(widened.layers) for n, t in layer.named_tensors().items()}
+        for t in range(steps.shape[1]):
+            assert_close(model(steps[:, t : t + 1], cache=widened).logits, model(steps[:, t : t + 1], cache=plain).logits,
+                         tol=1e-12)
+        expected = {key: widened.layers[key[0]].named_tensors()[key[1]][[2, 0, 1]].clone() for key in addresses}
+        widened.reorder_cache(torch.tensor([2, 0, 1]))
+    assert widened.is_static and len(addresses) > 0
+    for (i, n), address in addresses.items():
+        tensor = widened.layers[i].named_tensors()[n]
+        assert tensor.data_ptr() == address, (i, n)
+        assert torch.equal(tensor, expected[i, n]), (i, n)
+
+
+def test_cache_layers():
+    """One transformers cache layer per model layer, holding the states named and shaped as the kernels take them."""
+    from transformers.cache_utils import CacheLayerMixin, LinearAttentionLayer
+
+    model = tiny_model("based_mix", dtype=torch.float32)
+    config = model.config
+    cache = BasedCache(config)
+    assert len(cache) == 4 and all(layer.named_tensors() == {} for layer in cache.layers)
+    with torch.no_grad():
+        model(random_ids(2, 7), cache=cache)
+    conv, linear, window, _ = cache.layers
+    assert isinstance(conv, LinearAttentionLayer) and isinstance(linear, LinearAttentionLayer)
+    assert isinstance(window, CacheLayerMixin)
+    heads, features = config.num_attention_heads, 1 + config.feature_dim + config.feature_dim**2
+    assert {n: tuple(t.shape) for n, t in conv.named_tensors().items()} == {
+        "conv": (2, config.conv_kernel_size - 1, config.conv_intermediate_size)}
+    assert {n: (tuple(t.shape), t.dtype) for n, t in linear.named_tensors().items()} == {
+        "kv": ((2, heads, features, config.head_dim), torch.float32), "z": ((2, heads, features), torch.float32)}
+    kv_heads = config.num_key_value_heads
+    assert {n: tuple(t.shape) for n, t in window.named_tensors().items()} == {
+        "key": (2, WINDOW - 1, kv_heads, config.head_dim), "value": (2, WINDOW - 1, kv_heads, config.head_dim),
+        "key_mask": (2, WINDOW - 1)}
+    assert cache.nbytes() == sum(layer.nbytes() for layer in cache.layers) > 0
+    with pytest.raises(NotImplementedError, match="cannot be rolled back"):
+        cache.crop(3)
+
+    hybrid, full = BasedCache(tiny_model("lolcats_mix").config).layers
+    assert isinstance(hybrid, LinearAttentionLayer) and isinstance(hybrid, CacheLayerMixin)
+    assert not full.is_compileable and hybrid.is_compileable
+
+
+@pytest.mark.parametrize("name", ["based_mix", "lolcats_mix"])
+def test_reset_cache_decodes_like_a_new_one(name):
+    model = tiny_model(name)
+    ids = random_ids(2, 12)
+    with torch.no_grad():
+        expected = [model(ids[:, :8], cache=(new := BasedCache(model.config))).logits]
+        expected += [model(ids[:, t : t + 1], cache=new).logits for t in range(8, 12)]
+        cache = BasedCache(model.config)
+        model(random_ids(2, 10, seed=5), cache=cache)
+        cache.reset()
+        assert cache.get_seq_length() == 0
+        actual = [model(ids[:, :8], cache=cache).logits] + [model(ids[:, t : t + 1], cache=cache).logits
+                                                             for t in range(8, 12)]
+    for a, e in zip(actual, expected):
+        assert torch.equal(a, e)
+    assert cache.get_seq_length() == 12
+    assert BasedCache(model.config).is_static == (name == "based_mix")
 
 
 def test_full_attention_cache_grows():
     model = tiny_model("full_attention", dtype=torch.float32)
-    cache = BasedCache(2)
+    cache = BasedCache(model.config)
     with torch.no_grad():
         model(random_ids(1, 4), cache=cache)
         before = cache.nbytes()

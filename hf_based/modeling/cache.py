@@ -1,7 +1,7 @@
-"""Generation cache for BASED-family models.
+"""Generation cache for BASED-family models, one transformers cache layer per model layer.
 
-Every layer keeps a small dict of tensors whose size does not grow with the generated length, except
-`full_attention` layers, which keep an ordinary KV cache:
+Every layer keeps tensors whose size does not grow with the generated length, except `full_attention` layers, which
+keep an ordinary KV cache:
 
     linear_attention          kv [B, H, F, Dv], z [B, H, F] (fp32)
     sliding_window_attention  key/value [B, window-1, Hkv, D] + key_mask [B, window-1]: the keys that, with the
@@ -11,52 +11,233 @@ Every layer keeps a small dict of tensors whose size does not grow with the gene
     full_attention            key/value/key_mask growing along time
 
 Padded prompt positions never enter a state: the mixers mask them, and the key masks ride along in the buffers.
+
+A layer allocates its tensors at its first update and afterwards writes them in place (`copy_`), as transformers'
+linear-attention layers do; every layer but `full_attention` then keeps the same shapes and addresses for the rest of
+the generation, so a decode step can be captured in a CUDA graph (`BasedCache.is_static`).
 """
 
+from collections.abc import Callable
+
 import torch
-from transformers.cache_utils import Cache
+from transformers.cache_utils import Cache, CacheLayerMixin, LinearAttentionLayer
+
+from hf_based.modeling.configuration_based import BasedConfig
+
+
+class BasedLayerMixin:
+    """What the cache does with a layer's tensors, whatever transformers layer class holds them."""
+
+    def named_tensors(self) -> dict[str, torch.Tensor]:
+        """The tensors the layer holds, by name; empty before its first update."""
+        raise NotImplementedError
+
+    def apply_to_tensors(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """Replace every tensor the layer holds by `fn(tensor)`."""
+        raise NotImplementedError
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.named_tensors().values())
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        # In place, so that the states keep their addresses.
+        for tensor in self.named_tensors().values():
+            tensor.copy_(tensor.index_select(0, beam_idx.to(tensor.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self.apply_to_tensors(lambda tensor: tensor.repeat_interleave(repeats, dim=0))
+
+
+class BasedRecurrentLayer(BasedLayerMixin, LinearAttentionLayer):
+    """Fixed-size states carried from step to step: kv/z of linear attention, or the conv inputs of base_conv.
+
+    They are transformers' recurrent states 0, 1, ... (allocated at the first update, then copied into in place).
+    The conv state is one too: our conv kernels take and return it whole, time-major [B, K-1, C], where transformers'
+    `update_conv_state` appends new inputs along a trailing time dimension.
+    """
+
+    def __init__(self, state_names: tuple[str, ...]):
+        LinearAttentionLayer.__init__(self, number_of_states=len(state_names))
+        self.state_names = state_names
+
+    def state(self) -> tuple[torch.Tensor, ...] | None:
+        """The states after the tokens seen so far, in `state_names` order; None before the first update."""
+        if not self.has_previous_state[0]:
+            return None
+        return tuple(self.recurrent_states[i] for i in range(self.number_of_states))
+
+    def update_state(self, *states: torch.Tensor) -> None:
+        for i, state in enumerate(states):
+            self.update_recurrent_state(state, i)
+            self.has_previous_state[i] = True
+
+    def named_tensors(self) -> dict[str, torch.Tensor]:
+        return {
+            name: self.recurrent_states[i]
+            for i, name in enumerate(self.state_names)
+            if self.is_recurrent_states_initialized[i]
+        }
+
+    def apply_to_tensors(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        for i in range(self.number_of_states):
+            if self.is_recurrent_states_initialized[i]:
+                self.recurrent_states[i] = fn(self.recurrent_states[i])
+
+
+class BasedAttentionLayer(BasedLayerMixin, CacheLayerMixin):
+    """`full_attention`: every key/value [B, T, Hkv, D] and its key mask [B, T], growing along time.
+
+    Own class rather than transformers' DynamicLayer: our kernels take time-major keys and a padding mask, where
+    DynamicLayer concatenates head-major keys along dim -2 and keeps no mask.
+    """
+
+    def __init__(self):
+        CacheLayerMixin.__init__(self)
+        self.key_mask: torch.Tensor | None = None
+        self.cumulative_length = 0
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor, key_mask: torch.Tensor) -> None:
+        self.keys, self.values, self.key_mask = key_states, value_states, key_mask
+        self.is_initialized = True
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, key_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Store the new keys/values/key mask; return every key, value and key mask that the new queries attend to."""
+        self.cumulative_length += key_states.shape[1]
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states, key_mask)
+            return key_states, value_states, key_mask
+        self.keys = torch.cat([self.keys, key_states], dim=1)
+        self.values = torch.cat([self.values, value_states], dim=1)
+        self.key_mask = torch.cat([self.key_mask, key_mask], dim=1)
+        return self.keys, self.values, self.key_mask
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.get_seq_length() + query_length, 0
+
+    def get_seq_length(self) -> int:
+        return self.cumulative_length
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        # Forget the keys: the next update starts the sequence again, as in a new cache.
+        self.keys = self.values = self.key_mask = None
+        self.is_initialized = False
+        self.cumulative_length = 0
+
+    def named_tensors(self) -> dict[str, torch.Tensor]:
+        if not self.is_initialized:
+            return {}
+        return {"key": self.keys, "value": self.values, "key_mask": self.key_mask}
+
+    def apply_to_tensors(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        if self.is_initialized:
+            self.keys, self.values, self.key_mask = fn(self.keys), fn(self.values), fn(self.key_mask)
+
+
+class BasedSlidingWindowLayer(BasedAttentionLayer):
+    """`sliding_window_attention`: the window-1 most recent keys/values and their key mask, a fixed-size buffer.
+
+    Own class rather than transformers' sliding-window layers: those keep head-major keys that grow until the window
+    fills and no padding mask, where our kernels take time-major keys, a key mask and always window-1 cached keys.
+    """
+
+    is_compileable = True
+
+    def __init__(self, sliding_window: int):
+        super().__init__()
+        self.sliding_window = sliding_window
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor, key_mask: torch.Tensor) -> None:
+        batch, _, heads, dim = key_states.shape
+        kept = self.sliding_window - 1
+        self.keys = key_states.new_zeros(batch, kept, heads, dim)
+        self.values = value_states.new_zeros(batch, kept, heads, value_states.shape[-1])
+        self.key_mask = key_mask.new_zeros(batch, kept)  # empty slots: masked out
+        self.is_initialized = True
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, key_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Return the window-1 cached keys followed by the new ones (values, key mask alike); keep the last window-1."""
+        self.cumulative_length += key_states.shape[1]
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states, key_mask)
+        keys = torch.cat([self.keys, key_states], dim=1)
+        values = torch.cat([self.values, value_states], dim=1)
+        key_mask = torch.cat([self.key_mask, key_mask], dim=1)
+        start = keys.shape[1] - (self.sliding_window - 1)
+        self.keys.copy_(keys[:, start:])
+        self.values.copy_(values[:, start:])
+        self.key_mask.copy_(key_mask[:, start:])
+        return keys, values, key_mask
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.sliding_window - 1 + query_length, 0
+
+    def get_max_length(self) -> int:
+        return self.sliding_window
+
+    def reset(self) -> None:
+        # Zeros under a zero mask: the buffer of a new cache, at the same address.
+        if self.is_initialized:
+            for tensor in (self.keys, self.values, self.key_mask):
+                tensor.zero_()
+        self.cumulative_length = 0
+
+
+class BasedHybridLayer(BasedRecurrentLayer, BasedSlidingWindowLayer):
+    """`hybrid_attention`: the sliding-window buffer + kv/z of the keys that have left the window (like transformers'
+    LinearAttentionAndSlidingWindowAttentionLayer, on our own window layer)."""
+
+    def __init__(self, sliding_window: int):
+        BasedSlidingWindowLayer.__init__(self, sliding_window)
+        BasedRecurrentLayer.__init__(self, ("kv", "z"))
+
+    def lazy_initialization(self, *args, **kwargs) -> None:
+        # The window's update passes keys positionally, update_recurrent_state passes keyword states.
+        if args:
+            BasedSlidingWindowLayer.lazy_initialization(self, *args, **kwargs)
+        else:
+            BasedRecurrentLayer.lazy_initialization(self, **kwargs)
+
+    def reset(self) -> None:
+        BasedRecurrentLayer.reset(self)
+        BasedSlidingWindowLayer.reset(self)
+
+    def named_tensors(self) -> dict[str, torch.Tensor]:
+        return {**BasedSlidingWindowLayer.named_tensors(self), **BasedRecurrentLayer.named_tensors(self)}
+
+    def apply_to_tensors(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        BasedSlidingWindowLayer.apply_to_tensors(self, fn)
+        BasedRecurrentLayer.apply_to_tensors(self, fn)
+
+
+def cache_layer(config: BasedConfig, layer_idx: int) -> BasedLayerMixin:
+    mixer_type = config.mixer_types[layer_idx]
+    if mixer_type == "linear_attention":
+        return BasedRecurrentLayer(("kv", "z"))
+    if mixer_type == "sliding_window_attention":
+        return BasedSlidingWindowLayer(config.sliding_window)
+    if mixer_type == "full_attention":
+        return BasedAttentionLayer()
+    if mixer_type == "hybrid_attention":
+        return BasedHybridLayer(config.sliding_window)
+    return BasedRecurrentLayer(("conv",))
 
 
 class BasedCache(Cache):
-    def __init__(self, num_layers: int):
-        super().__init__(layers=[])
-        self.states: list[dict[str, torch.Tensor] | None] = [None] * num_layers
-        self.seen_tokens = 0  # positions consumed so far, padding included
+    """One cache layer per model layer (see the module docstring), and the count of positions consumed so far."""
 
-    def __len__(self) -> int:
-        return len(self.states)
+    def __init__(self, config: BasedConfig):
+        super().__init__(layers=[cache_layer(config, i) for i in range(config.num_hidden_layers)])
+        self.seen_tokens = 0  # padding included
 
     def __repr__(self) -> str:
-        return f"BasedCache(layers={len(self.states)}, seen_tokens={self.seen_tokens}, bytes={self.nbytes()})"
-
-    def layer_state(self, layer_idx: int) -> dict[str, torch.Tensor] | None:
-        return self.states[layer_idx]
-
-    def update_layer_state(self, layer_idx: int, **tensors: torch.Tensor) -> None:
-        self.states[layer_idx] = {**(self.states[layer_idx] or {}), **tensors}
-
-    def extend_keys(self, layer_idx, key, value, key_mask, keep=None):
-        """Prepend the cached keys/values of `layer_idx` to the new ones and store the result.
-
-        key/value: [B, T, Hkv, D]; key_mask: [B, T] bool. `keep` = how many of the most recent keys to store
-        (window - 1 for sliding windows, as a fixed-size buffer even before it fills up); None stores all of them.
-        Returns the keys, values and key mask that the new queries attend to.
-        """
-        state = self.states[layer_idx]
-        if state is None and keep is not None:
-            batch, _, heads, dim = key.shape
-            state = {
-                "key": key.new_zeros(batch, keep, heads, dim),
-                "value": value.new_zeros(batch, keep, heads, value.shape[-1]),
-                "key_mask": key_mask.new_zeros(batch, keep),
-            }
-        if state is not None:
-            key = torch.cat([state["key"], key], dim=1)
-            value = torch.cat([state["value"], value], dim=1)
-            key_mask = torch.cat([state["key_mask"], key_mask], dim=1)
-        start = 0 if keep is None else key.shape[1] - keep
-        self.update_layer_state(layer_idx, key=key[:, start:], value=value[:, start:], key_mask=key_mask[:, start:])
-        return key, value, key_mask
+        return f"BasedCache(layers={len(self.layers)}, seen_tokens={self.seen_tokens}, bytes={self.nbytes()})"
 
     def get_seq_length(self, layer_idx: int | None = 0) -> int:
         return self.seen_tokens
@@ -64,14 +245,8 @@ class BasedCache(Cache):
     def get_max_length(self, layer_idx: int | None = None) -> int:
         return -1
 
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        for state in self.states:
-            if state is not None:
-                for name, tensor in state.items():
-                    state[name] = tensor.index_select(0, beam_idx.to(tensor.device))
-
     def reset(self) -> None:
-        self.states = [None] * len(self.states)
+        super().reset()
         self.seen_tokens = 0
 
     def crop(self, max_length: int) -> None:
@@ -79,10 +254,17 @@ class BasedCache(Cache):
 
     def nbytes(self) -> int:
         """Bytes held by all layer states."""
-        return sum(t.numel() * t.element_size() for s in self.states if s is not None for t in s.values())
+        return sum(layer.nbytes() for layer in self.layers)
+
+    @property
+    def is_static(self) -> bool:
+        """Whether, once filled, every state keeps its shape and address (updated in place): then a decode step can
+        be captured in a CUDA graph and replayed. False when a `full_attention` layer's KV cache grows."""
+        return all(layer.is_compileable for layer in self.layers)
 
     @property
     def is_compileable(self) -> bool:
+        # generate() would build 4D attention masks for a compileable cache; our forward takes the 2D padding mask.
         return False
 
     @property
@@ -96,8 +278,8 @@ class BasedCache(Cache):
     @property
     def is_linear(self) -> list[bool]:
         # False everywhere so that generate() asks get_seq_length() (our token counter) like for attention caches.
-        return [False] * len(self.states)
+        return [False] * len(self.layers)
 
     @property
     def is_sliding(self) -> list[bool]:
-        return [False] * len(self.states)
+        return [False] * len(self.layers)

@@ -30,10 +30,8 @@ from hf_based.kernels import (
     taylor_linear_attention_recurrent,
 )
 from hf_based.modeling.cache import BasedCache
+from hf_based.modeling.compat import CACHE_FIELD
 from hf_based.modeling.configuration_based import BasedConfig
-
-# transformers renamed the cache argument and output field from `past_key_values` to `cache` during 5.x.
-CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 
 
 class BasedRMSNorm(nn.Module):
@@ -178,8 +176,7 @@ class BasedLinearAttention(BasedAttentionBase):
     def forward(self, hidden_states, key_mask, position_embeddings, cache=None):
         q, k, v = self.project(hidden_states, position_embeddings)
         k, v = repeat_kv(k, self.num_kv_groups), repeat_kv(v, self.num_kv_groups)
-        state = cache.layer_state(self.layer_idx) if cache is not None else None
-        initial_state = (state["kv"], state["z"]) if state is not None else None
+        initial_state = cache.layers[self.layer_idx].state() if cache is not None else None
         decode = initial_state is not None and q.shape[1] == 1
         if self.hedgehog:
             op = linear_attention_recurrent if decode else linear_attention
@@ -190,7 +187,7 @@ class BasedLinearAttention(BasedAttentionBase):
             q, k, v, key_mask=key_mask, initial_state=initial_state, output_final_state=cache is not None, eps=self.eps
         )
         if cache is not None:
-            cache.update_layer_state(self.layer_idx, kv=final_state[0], z=final_state[1])
+            cache.layers[self.layer_idx].update_state(*final_state)
         return self.out(o)
 
 
@@ -204,8 +201,7 @@ class BasedAttention(BasedAttentionBase):
     def forward(self, hidden_states, key_mask, position_embeddings, cache=None):
         q, k, v = self.project(hidden_states, position_embeddings)
         if cache is not None:
-            keep = None if self.window is None else self.window - 1
-            k, v, key_mask = cache.extend_keys(self.layer_idx, k, v, key_mask, keep)
+            k, v, key_mask = cache.layers[self.layer_idx].update(k, v, key_mask)
         return self.out(softmax_attention(q, k, v, window=self.window, key_mask=key_mask))
 
 
@@ -230,9 +226,8 @@ class BasedHybridAttention(BasedAttentionBase):
         q, k, v = self.project(hidden_states, position_embeddings)
         initial_state = None
         if cache is not None:
-            state = cache.layer_state(self.layer_idx)
-            initial_state = (state["kv"], state["z"]) if state is not None else None
-            k, v, key_mask = cache.extend_keys(self.layer_idx, k, v, key_mask, self.window - 1)
+            initial_state = cache.layers[self.layer_idx].state()
+            k, v, key_mask = cache.layers[self.layer_idx].update(k, v, key_mask)
         q_feat = self.feature_map_q(q)
         k_feat = self.feature_map_k(repeat_kv(k, self.num_kv_groups))
         op = hybrid_attention_recurrent if initial_state is not None and q.shape[1] == 1 else hybrid_attention
@@ -241,7 +236,7 @@ class BasedHybridAttention(BasedAttentionBase):
             key_mask=key_mask, initial_state=initial_state, output_final_state=cache is not None,
         )
         if cache is not None:
-            cache.update_layer_state(self.layer_idx, kv=final_state[0], z=final_state[1])
+            cache.layers[self.layer_idx].update_state(*final_state)
         return self.out(o)
 
 
@@ -260,14 +255,14 @@ class BasedConv(nn.Module):
         u, gate = self.in_proj(hidden_states).chunk(2, dim=-1)  # [B, T, C] each
         if key_mask is not None:  # a zero input is what the conv's own left padding feeds in
             u = u * key_mask[..., None].to(u.dtype)
-        state = cache.layer_state(self.layer_idx) if cache is not None else None
-        initial_state = state["conv"] if state is not None else None
+        state = cache.layers[self.layer_idx].state() if cache is not None else None
+        initial_state = state[0] if state is not None else None
         op = short_conv_recurrent if initial_state is not None and u.shape[1] == 1 else short_conv
         u, final_state = op(
             u, self.conv1d.weight[:, 0], initial_state=initial_state, output_final_state=cache is not None
         )
         if cache is not None:
-            cache.update_layer_state(self.layer_idx, conv=final_state)
+            cache.layers[self.layer_idx].update_state(final_state)
         return self.out_proj(nn.functional.silu(u) * gate)
 
 
@@ -379,7 +374,7 @@ class BasedModel(BasedPreTrainedModel):
         if self.gradient_checkpointing and self.training:
             use_cache, cache = False, None  # checkpoint replays would update the states twice
         if use_cache and cache is None:
-            cache = BasedCache(self.config.num_hidden_layers)
+            cache = BasedCache(self.config)
         if cache is not None and not isinstance(cache, BasedCache):
             raise TypeError(f"cache must be a BasedCache, got {type(cache).__name__}")
         past = cache.get_seq_length() if cache is not None else 0
