@@ -20,8 +20,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from hf_based.conversion import Recipe
 from hf_based.conversion.data import PackedData
 from hf_based.conversion.linearize import AttentionTransfer, linearize_model, stage1_optimizer
-from hf_based.conversion.pipeline import autocast_for, run_stage1, run_stage2
-from hf_based.conversion.training import Dist
+from hf_based.conversion.pipeline import run_stage1, run_stage2
+from hf_based.training import Dist, autocast_for
 from hf_based.bench.throughput import synchronize
 
 SEQ_LEN = 1024
@@ -53,7 +53,7 @@ def main(config_dir: str, out_dir: str) -> None:
     student = linearize_model(teacher, recipe, device=device)
     groups, _ = stage1_optimizer(student, student.config, recipe)
     modules = {i: student.model.layers[i].self_attn for i in groups}
-    batch, autocast = ids[:2].to(device), autocast_for(device, recipe)
+    batch, autocast = ids[:2].to(device), autocast_for(device, recipe.precision)
 
     def micro_step():
         with AttentionTransfer(modules) as transfer, autocast():

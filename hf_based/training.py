@@ -1,4 +1,5 @@
-"""The training loop shared by both conversion stages (and the blocks of block-wise attention transfer).
+"""Training utilities shared by conversion (joint and block-wise attention transfer, LoRA) and the MQAR benchmark:
+the learning-rate schedule, bf16 autocast, atomic checkpoints, the process group, and the conversion's loop.
 
 A small loop of our own rather than HF Trainer: stage 1's loss lives in forward hooks, it clips each layer on its
 own (so that block-wise training equals joint training) and syncs its few gradients by hand, and block-wise training
@@ -7,14 +8,16 @@ loop, its checkpoints and its resume logic fit on one screen.
 
 Checkpoints hold the trainable parameters, the optimizer state, the step and the loss history (the data position is
 the step: the data order is a function of the seed). They are written atomically (temporary file + rename) every
-`checkpoint_every` steps and at the end of the stage; a rerun of the same command continues from the last one.
+`Checkpointing.every` steps and at the end of the stage; a rerun of the same command continues from the last one.
 In a multi-process run (accelerate launch), torch.distributed.checkpoint gathers full state dicts, so DDP and FSDP2
 runs checkpoint alike.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import logging
 import math
 import os
 import time
@@ -26,6 +29,9 @@ import torch
 from torch import nn
 
 from hf_based.errors import ConversionError, NonFiniteLossError
+from hf_based.utils import pyplot
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -79,13 +85,27 @@ def _clip(params: Sequence[nn.Parameter], max_norm: float) -> float:
     return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # FSDP2: a DTensor
 
 
-def lr_at(step: int, total: int, peak: float, warmup: int, schedule: str) -> float:
-    if warmup and step < warmup:
-        return peak * (step + 1) / warmup
-    if schedule == "cosine" and total > warmup:
-        progress = (step - warmup) / max(1, total - warmup)
-        return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
-    return peak
+def lr_factor(step: int, total: int, warmup: int = 0, schedule: str = "cosine") -> float:
+    """The learning rate of step `step` (0-based) of `total`, as a fraction of the peak: a linear warm-up over
+    `warmup` steps, then constant, or cosine decay to 10% of the peak at the last step."""
+    if step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return 0.1 + 0.45 * (1 + math.cos(math.pi * progress))
+
+
+def uses_bf16(device: torch.device, precision: str | None = None) -> bool:
+    """bf16 compute on CUDA (unless precision="fp32"), fp32 elsewhere (unless "bf16"); parameters stay fp32."""
+    return precision == "bf16" or (precision is None and device.type == "cuda")
+
+
+def autocast_for(device: torch.device, precision: str | None = None) -> Callable[[], contextlib.AbstractContextManager]:
+    """A factory of the compute-precision context for `device`: bf16 autocast where `uses_bf16`, else nothing."""
+    if uses_bf16(device, precision):
+        return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext
 
 
 # --- checkpoints ----------------------------------------------------------------------------------------------------
@@ -185,43 +205,60 @@ class StageResult:
         return sum(losses) / len(losses) if losses else None
 
 
+@dataclass
+class Schedule:
+    """How a stage optimises: `steps` optimizer steps of `grad_accum` micro-steps, the learning rate at its peak and
+    its schedule (`lr_factor`), and the gradient-norm clip."""
+
+    steps: int
+    grad_accum: int
+    lr: float
+    warmup_steps: int = 0
+    lr_schedule: str = "constant"
+    max_grad_norm: float = 1.0
+
+
+@dataclass
+class Checkpointing:
+    """Where a stage checkpoints, how often, and the settings (`key`) a checkpoint must match to be resumed."""
+
+    path: Path
+    key: dict
+    every: int = 50
+
+
 def train(
-    *,
     name: str,
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
     loss_fn: Callable[[int, int], tuple[torch.Tensor, int]],
-    steps: int,
-    grad_accum: int,
-    lr: float,
-    warmup_steps: int = 0,
-    lr_schedule: str = "constant",
-    clip_groups: Sequence[Sequence[nn.Parameter]] = (),
-    max_grad_norm: float = 1.0,
-    sync_grads: Callable[[], None] | None = None,
-    checkpoint: Path,
-    checkpoint_every: int = 50,
-    key: dict,
+    schedule: Schedule,
+    checkpointing: Checkpointing,
     dist: Dist,
+    *,
+    clip_groups: Sequence[Sequence[nn.Parameter]] = (),
+    sync_grads: Callable[[], None] | None = None,
     progress: bool = True,
     on_step: Callable[[str, int], None] | None = None,
 ) -> StageResult:
-    """Run `steps` optimizer steps of `grad_accum` micro-steps each, resuming from `checkpoint` if it exists.
+    """Run the optimizer steps of `schedule`, resuming from `checkpointing.path` if it exists.
 
     loss_fn(step, micro) -> (loss of one micro-batch, tokens in it across all processes). Each group in `clip_groups`
-    is clipped to `max_grad_norm` on its own. A NaN/inf loss or gradient norm raises NonFiniteLossError before the
-    optimizer step, so the last checkpoint stays the last good state. `on_step(name, step)` runs after each step.
+    (default: all of the optimizer's parameters) is clipped to `schedule.max_grad_norm` on its own. A NaN/inf loss or
+    gradient norm raises NonFiniteLossError before the optimizer step, so the last checkpoint stays the last good
+    state. `on_step(name, step)` runs after each step.
     """
     from tqdm.auto import tqdm
 
+    steps, checkpoint = schedule.steps, checkpointing.path
     history: list[dict] = []
     start = 0
-    saved = read_checkpoint(checkpoint, key)
+    saved = read_checkpoint(checkpoint, checkpointing.key)
     if saved is not None:
         load_checkpoint(saved, model, optimizer, dist)
         start, history = saved["step"], saved["history"]
         if dist.is_main and start < steps:
-            print(f"{name}: resuming from {checkpoint} at step {start}/{steps}", flush=True)
+            logger.info("%s: resuming from %s at step %d/%d", name, checkpoint, start, steps)
     if start >= steps:
         tokens = history[-1]["tokens"] if history else 0
         seconds = history[-1]["seconds"] if history else 0.0
@@ -237,21 +274,21 @@ def train(
     try:
         for step in range(start, steps):
             t0 = time.perf_counter()
-            step_lr = lr_at(step, steps, lr, warmup_steps, lr_schedule)
+            step_lr = schedule.lr * lr_factor(step, steps, schedule.warmup_steps, schedule.lr_schedule)
             for group in optimizer.param_groups:
                 group["lr"] = step_lr
             total = torch.zeros((), device=dist.device)
             step_tokens = 0
-            for micro in range(grad_accum):
+            for micro in range(schedule.grad_accum):
                 loss, n = loss_fn(step, micro)
-                (loss / grad_accum).backward()
-                total += loss.detach().float() / grad_accum
+                (loss / schedule.grad_accum).backward()
+                total += loss.detach().float() / schedule.grad_accum
                 step_tokens += n
             if sync_grads is not None:
                 sync_grads()
             loss_value = dist.mean(total)
             groups = clip_groups or [params]
-            grad_norm = math.sqrt(sum(_clip(g, max_grad_norm) ** 2 for g in groups))
+            grad_norm = math.sqrt(sum(_clip(g, schedule.max_grad_norm) ** 2 for g in groups))
             if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
                 last = f"{checkpoint} (step {last_saved})" if last_saved else "none yet"
                 what = "loss" if not math.isfinite(loss_value) else "gradient norm"
@@ -269,8 +306,8 @@ def train(
             bar.update(1)
             bar.set_postfix(loss=f"{loss_value:.4g}", tok_s=f"{tokens / max(seconds, 1e-9):.0f}")
             done = step + 1 == steps
-            if done or (step + 1) % checkpoint_every == 0:
-                save_checkpoint(checkpoint, model, optimizer, step + 1, history, key, dist, done)
+            if done or (step + 1) % checkpointing.every == 0:
+                save_checkpoint(checkpoint, model, optimizer, step + 1, history, checkpointing.key, dist, done)
                 last_saved = step + 1
             if on_step is not None:
                 on_step(name, step + 1)
@@ -296,13 +333,9 @@ def plot_loss_curves(results: Sequence[StageResult], path: Path, title: str = ""
     results = [r for r in results if r.history]
     if not results:
         return False
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no loss plot (pip install matplotlib)", flush=True)
+    plt = pyplot()
+    if plt is None:
+        logger.warning("matplotlib is not installed: no loss plot (pip install matplotlib)")
         return False
     fig, axes = plt.subplots(1, len(results), figsize=(5 * len(results), 3.5), squeeze=False)
     for ax, result in zip(axes[0], results):

@@ -38,7 +38,6 @@ import dataclasses
 import functools
 import hashlib
 import json
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,6 +49,7 @@ import torch.nn.functional as F
 from hf_based.bench import report
 from hf_based.utils import pyplot
 from hf_based.modeling import BasedConfig, BasedForCausalLM
+from hf_based.training import autocast_for, lr_factor
 
 VOCAB_SIZE = 8192
 POWER_A = 0.01
@@ -271,24 +271,12 @@ SWEEPS = {
 # Training
 
 
-def lr_factor(step: int, total: int, warmup: int) -> float:
-    """Linear warm-up, then cosine decay to 10%."""
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return 0.1 + 0.45 * (1 + math.cos(math.pi * progress))
-
-
 def predictions(model: BasedForCausalLM, batch: MQARBatch) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits [B, N, V] (fp32) at the query positions, and their targets [B, N]."""
     hidden = model.model(input_ids=batch.input_ids, use_cache=False).last_hidden_state
     index = batch.positions[..., None].expand(-1, -1, hidden.shape[-1])
     logits = model.lm_head(hidden.gather(1, index)).float()  # only N of the T positions: 8x less lm_head work
     return logits, batch.labels.gather(1, batch.positions)
-
-
-def autocast(device: torch.device):
-    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
 
 
 @functools.lru_cache(maxsize=4)
@@ -310,7 +298,7 @@ def evaluate(model, settings: Settings, device: torch.device, eval_batch: int = 
         correct = torch.zeros((), device=device)
         for start in range(0, settings.test_examples, eval_batch):
             batch = MQARBatch(*(x[start : start + eval_batch].to(device) for x in data))
-            with autocast(device):
+            with autocast_for(device)():
                 logits, targets = predictions(model, batch)
             correct += (logits.argmax(-1) == targets).sum()
         accuracy[task.name] = correct.item() / (settings.test_examples * task.num_kv_pairs)
@@ -342,7 +330,7 @@ def train_and_evaluate(spec: ModelSpec, settings: Settings, device: torch.device
             group["lr"] = settings.lr * lr_factor(step, total, warmup)
         batch = sample_mqar(settings.batch_size, task.seq_len, task.num_kv_pairs, settings.vocab_size,
                             settings.power_a, settings.random_non_queries, generator)
-        with autocast(device):
+        with autocast_for(device)():
             logits, targets = predictions(model, batch)
         loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten())
         optimizer.zero_grad(set_to_none=True)

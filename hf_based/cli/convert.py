@@ -8,16 +8,18 @@ teacher writes itself; evaluation data from shared/data/eval beside the reposito
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
 import logging
 import time
+import typing
 
 from hf_based.conversion.demo import demo_teacher
-from hf_based.conversion.linearize import Recipe
-from hf_based.conversion.pipeline import convert
+from hf_based.conversion.pipeline import DataOptions, EvalOptions, convert
+from hf_based.conversion.recipe import Recipe
 from hf_based.errors import ConversionError
 from hf_based.eval.lm_eval_tasks import format_comparison
-from hf_based.utils import shared_data_dir
+from hf_based.utils import DTYPES, shared_data_dir
 
 logger = logging.getLogger(__name__)
 
@@ -37,16 +39,18 @@ def _name_list(text: str) -> tuple[str, ...]:
 
 # Defaults that differ between a full conversion (LoLCATs' recipe) and the demo's quick run: (convert, demo).
 MODE_DEFAULTS = {
-    "teacher_sequences": (256, 64),
-    "seq_len": (1024, 256),
-    "grad_accum": (8, 2),
-    "stage1_steps": (None, 60),
-    "stage2_steps": (None, 15),
-    "val_sequences": (8, 4),
-    "eval_tasks": (None, "piqa,winogrande,lambada_openai"),
-    "eval_limit": (None, 100),
-    "eval_batch_size": (8, 16),
+    "teacher_sequences": (DataOptions.teacher_sequences, 64),
+    "seq_len": (Recipe.seq_len, 256),
+    "grad_accum": (Recipe.grad_accum, 2),
+    "stage1_steps": (Recipe.stage1_steps, 60),
+    "stage2_steps": (Recipe.stage2_steps, 15),
+    "val_sequences": (DataOptions.val_sequences, 4),
+    "eval_tasks": (EvalOptions.tasks, "piqa,winogrande,lambada_openai"),
+    "eval_limit": (EvalOptions.limit, 100),
+    "eval_batch_size": (EvalOptions.batch_size, 16),
 }
+# Parsers of the recipe's tuple fields, by field name.
+LIST_TYPES = {"softmax_layers": _int_list, "lora_targets": _name_list}
 
 
 def resolve_defaults(args: argparse.Namespace, demo: bool) -> argparse.Namespace:
@@ -63,66 +67,60 @@ def resolve_defaults(args: argparse.Namespace, demo: bool) -> argparse.Namespace
     return args
 
 
-def add_recipe_arguments(parser: argparse.ArgumentParser) -> None:
-    """The conversion recipe. Defaults: LoLCATs'; the demo's quick budgets where MODE_DEFAULTS says (convert/demo)."""
-    arch = parser.add_argument_group("architecture")
-    arch.add_argument("--window", type=int, default=64, help="softmax window in keys, the current one included (64)")
-    arch.add_argument("--feature-map", choices=["hedgehog", "taylor"], default="hedgehog", help="default: hedgehog")
-    arch.add_argument("--hedgehog-dim", type=int, default=64, help="hedgehog W columns; features = 2x this (64)")
-    arch.add_argument("--softmax-layers", type=_int_list, default=(), metavar="I,J,...",
-                      help="layers kept as full softmax attention (negative: from the end)")
-    arch.add_argument("--linear-only", action="store_true", help="pure linear attention, no sliding window")
-    arch.add_argument("--window-factor-init", type=float, default=0.1, help="initial softmax-window weight (0.1)")
+def _mode_help(name: str) -> str:
+    convert_default, demo_default = MODE_DEFAULTS[name]
+    return f"convert {'none' if convert_default is None else convert_default}, demo {demo_default}"
 
-    data = parser.add_argument_group("data")
+
+def _default_help(value) -> str:
+    return ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
+
+
+def add_recipe_arguments(parser: argparse.ArgumentParser) -> None:
+    """The conversion recipe, one flag per `Recipe` field (help, choices, group from its metadata), with its default
+    (LoLCATs'); the demo's quick budgets where MODE_DEFAULTS says. Then the data and run options of `convert()`."""
+    groups = {name: parser.add_argument_group(name) for name in ("architecture", "data", "training", "run")}
+    exclusive: dict[str, argparse._MutuallyExclusiveGroup] = {}
+    types = typing.get_type_hints(Recipe)
+    for f in dataclasses.fields(Recipe):
+        meta = {**f.metadata, "help": f.metadata["help"].replace("%", "%%")}  # argparse %-formats help
+        group = groups[meta.pop("group")]
+        if "exclusive" in meta:
+            key = meta.pop("exclusive")
+            if key not in exclusive:
+                exclusive[key] = group.add_mutually_exclusive_group()
+            group = exclusive[key]
+        flag = "--" + f.name.replace("_", "-")
+        if f.default is False:
+            group.add_argument(flag, action="store_true", **meta)
+            continue
+        kind = LIST_TYPES.get(f.name) or next(t for t in typing.get_args(types[f.name]) or [types[f.name]]
+                                              if t is not type(None))
+        if f.name in MODE_DEFAULTS:
+            default, meta["help"] = None, f"{meta['help']} ({_mode_help(f.name)})"
+        else:
+            default = f.default
+            if default not in (None, ()):
+                meta["help"] = f"{meta['help']} (default: {_default_help(default)})"
+        group.add_argument(flag, type=kind, default=default, **meta)
+
+    data = groups["data"]
     data.add_argument("--data", action="append", metavar="PATH_OR_NAME",
                       help="training data: .json/.jsonl/.txt file, directory, hub dataset (name or name:split), or "
                            "'teacher' for text the teacher generates; repeatable")
-    data.add_argument("--template", choices=["alpaca", "chat", "none"], default="alpaca",
-                      help="prompt template for instruction records (default: alpaca)")
-    data.add_argument("--teacher-sequences", type=int, help="sequences the teacher writes with --data teacher "
-                      "(convert 256, demo 64)")
+    data.add_argument("--template", choices=["alpaca", "chat", "none"], default=DataOptions.template,
+                      help=f"prompt template for instruction records (default: {DataOptions.template})")
+    data.add_argument("--teacher-sequences", type=int,
+                      help=f"sequences the teacher writes with --data teacher ({_mode_help('teacher_sequences')})")
     data.add_argument("--max-records", type=int, help="use at most this many training records")
-    data.add_argument("--val-records", type=int, default=200, help="records held out for validation (200)")
-    data.add_argument("--seq-len", type=int, help="packed sequence length (convert 1024, demo 256)")
-    data.add_argument("--batch-size", type=int, default=1, help="sequences per micro-batch and process (1)")
-    data.add_argument("--grad-accum", type=int, help="micro-batches per step (convert 8, demo 2)")
-    data.add_argument("--val-sequences", type=int, help="held-out sequences for validation losses (convert 8, demo 4)")
-    data.add_argument("--epochs", type=float, default=2.0, help="passes per stage when no steps/tokens are given")
-    data.add_argument("--seed", type=int, default=0)
+    data.add_argument("--val-records", type=int, default=DataOptions.val_records,
+                      help=f"records held out for validation ({DataOptions.val_records})")
+    data.add_argument("--val-sequences", type=int,
+                      help=f"held-out sequences for validation losses ({_mode_help('val_sequences')})")
 
-    train = parser.add_argument_group("training")
-    for stage in ("1", "2"):
-        group = train.add_mutually_exclusive_group()
-        group.add_argument(f"--stage{stage}-steps", type=int,
-                           help=f"stage {stage} optimizer steps, 0 skips it (convert: --epochs passes; demo: 60, 15)")
-        group.add_argument(f"--stage{stage}-tokens", type=int, help=f"stage {stage} budget in tokens")
-    train.add_argument("--stage1-lr", type=float, default=1e-2, help="attention-transfer learning rate (1e-2)")
-    train.add_argument("--stage2-lr", type=float, default=1e-4, help="LoRA learning rate (1e-4)")
-    train.add_argument("--mse-factor", type=float, default=1000.0, help="stage-1 loss scale (1000)")
-    train.add_argument("--stage2-loss", choices=["next_token", "distill"], default="next_token",
-                       help="next-token cross-entropy, or KL to the teacher's logits")
-    train.add_argument("--distill-temperature", type=float, default=1.0)
-    train.add_argument("--lora-r", type=int, default=8)
-    train.add_argument("--lora-alpha", type=float, default=16.0)
-    train.add_argument("--lora-dropout", type=float, default=0.0)
-    train.add_argument("--lora-targets", type=_name_list, default=("q_proj", "k_proj", "v_proj", "o_proj"),
-                       metavar="NAMES", help="comma-separated (default: q_proj,k_proj,v_proj,o_proj)")
-    train.add_argument("--weight-decay", type=float, default=0.0)
-    train.add_argument("--max-grad-norm", type=float, default=1.0)
-    train.add_argument("--warmup-steps", type=int, default=0)
-    train.add_argument("--lr-schedule", choices=["constant", "cosine"], default="constant")
-    train.add_argument("--precision", choices=["bf16", "fp32"], help="compute precision (default: bf16 on CUDA)")
-    train.add_argument("--gradient-checkpointing", action="store_true", help="stage 2: recompute activations")
-
-    run = parser.add_argument_group("run")
-    run.add_argument("--checkpoint-every", type=int, default=50, help="steps between checkpoints (50)")
+    run = groups["run"]
     run.add_argument("--no-resume", action="store_true", help="ignore and delete OUT/checkpoints")
-    run.add_argument("--blockwise", type=int, metavar="LAYERS",
-                     help="block-wise attention transfer with blocks of this many layers")
-    run.add_argument("--block-index", type=int, help="with --blockwise: train only this block, then stop")
-    run.add_argument("--fsdp", action="store_true", help="stage 2 with FSDP2 in a multi-process (accelerate) run")
-    run.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
+    run.add_argument("--dtype", choices=["auto", *DTYPES], default="auto",
                      help="dtype of the saved weights (auto: the teacher's)")
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
 
@@ -135,24 +133,11 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--eval-data-dir", metavar="DIR", help="local task data (JSONL in the hub schema; demo "
                        "default: shared/data/eval beside the repository, if it exists)")
     group.add_argument("--eval-limit", type=int, help="documents per task (convert: all, demo 100)")
-    group.add_argument("--eval-batch-size", type=int, help="(convert 8, demo 16)")
+    group.add_argument("--eval-batch-size", type=int, help=f"({_mode_help('eval_batch_size')})")
 
 
 def recipe_from_args(args: argparse.Namespace) -> Recipe:
-    return Recipe(
-        window=args.window, feature_map=args.feature_map, hedgehog_dim=args.hedgehog_dim,
-        softmax_layers=tuple(args.softmax_layers), linear_only=args.linear_only,
-        window_factor_init=args.window_factor_init, seq_len=args.seq_len, batch_size=args.batch_size,
-        grad_accum=args.grad_accum, epochs=args.epochs, seed=args.seed, stage1_steps=args.stage1_steps,
-        stage1_tokens=args.stage1_tokens, stage1_lr=args.stage1_lr, mse_factor=args.mse_factor,
-        stage2_steps=args.stage2_steps, stage2_tokens=args.stage2_tokens, stage2_lr=args.stage2_lr,
-        stage2_loss=args.stage2_loss, distill_temperature=args.distill_temperature, lora_r=args.lora_r,
-        lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout, lora_targets=tuple(args.lora_targets),
-        weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm, warmup_steps=args.warmup_steps,
-        lr_schedule=args.lr_schedule, checkpoint_every=args.checkpoint_every, blockwise=args.blockwise,
-        block_index=args.block_index, fsdp=args.fsdp, gradient_checkpointing=args.gradient_checkpointing,
-        precision=args.precision,
-    )
+    return Recipe(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Recipe)})
 
 
 # --- hf-based convert -----------------------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ import importlib
 _EXPORTS = {
     "ConversionError": "hf_based.errors",
     "NonFiniteLossError": "hf_based.errors",
-    "Recipe": "hf_based.conversion.linearize",
+    "Recipe": "hf_based.conversion.recipe",
     "SUPPORTED_MODEL_TYPES": "hf_based.conversion.linearize",
     "AttentionTransfer": "hf_based.conversion.linearize",
     "based_config": "hf_based.conversion.linearize",

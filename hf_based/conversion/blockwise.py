@@ -1,5 +1,5 @@
-"""Block-wise attention transfer ("LoLCATs in a trenchcoat", anchors-mission.md 2.6): for models whose stage 1 does
-not fit one GPU.
+"""Block-wise attention transfer (the LoLCATs paper's block-wise training of large models): for models whose stage 1
+does not fit one GPU.
 
 The layers are cut into blocks of `recipe.blockwise` consecutive layers. Since attention transfer feeds every layer
 the teacher's hidden states, the blocks are independent problems:
@@ -7,7 +7,7 @@ the teacher's hidden states, the blocks are independent problems:
 1. dump: run the teacher block by block (one block on the device at a time, the full model stays in CPU memory) over
    the training sequences that stage 1 will use, saving each block's input hidden states to
    OUT/checkpoints/blockwise/hidden_<b>.pt (bf16 when training in bf16, else fp32);
-2. train: each block's feature maps and gamma on its saved inputs, with the same data order, loss normalisation
+2. train: each block's feature maps and window factors on its saved inputs, with the same data order, loss normalisation
    (sum over the block's layers / all converted layers x mse_factor), per-layer gradient clipping and optimizer as
    joint training - so block-wise training reproduces joint training (up to float rounding). In a multi-process
    run block b trains on rank b % world; `recipe.block_index` trains one block and stops (one process per block);
@@ -27,17 +27,26 @@ import torch.nn.functional as F
 from torch import nn
 
 from hf_based.conversion.data import PackedData, global_order
-from hf_based.errors import ConversionError
 from hf_based.conversion.linearize import (
     AttentionTransfer,
-    Recipe,
     converted_layers,
     load_weights,
     stage1_optimizer,
     stage1_parameters,
     teacher_tensors,
 )
-from hf_based.conversion.training import Dist, StageResult, atomic_save, read_checkpoint, train
+from hf_based.conversion.recipe import Recipe
+from hf_based.errors import ConversionError
+from hf_based.training import (
+    Checkpointing,
+    Dist,
+    StageResult,
+    atomic_save,
+    autocast_for,
+    read_checkpoint,
+    train,
+    uses_bf16,
+)
 from hf_based.modeling import BasedConfig
 from hf_based.modeling.modeling_based import BasedDecoderLayer, BasedRotaryEmbedding
 
@@ -65,7 +74,8 @@ class Block(nn.Module):
 
 
 def load_block(tensors, config: BasedConfig, layers: list[int], device) -> Block:
-    """A block with the teacher's weights (`tensors(full name)`) and freshly initialised feature maps and gamma."""
+    """A block with the teacher's weights (`tensors(full name)`) and freshly initialised feature maps and window
+    factors."""
     with torch.device("meta"):
         block = Block(config, layers)
     load_weights(block, tensors, config, prefix="model.", device=device)
@@ -101,16 +111,14 @@ def run_blockwise_stage1(teacher, student, recipe: Recipe, train_data: PackedDat
                          checkpoints: Path, key: dict, progress: bool = True, on_step=None) -> StageResult | None:
     """Stage 1 block by block; loads the trained parameters into `student` and writes checkpoints/stage1.pt.
     Returns None when `recipe.block_index` asked for one block only."""
-    from hf_based.conversion.pipeline import autocast_for, uses_bf16
-
     config = student.config
     blocks = block_layers(config.num_hidden_layers, recipe.blockwise)
     if recipe.block_index is not None and recipe.block_index >= len(blocks):
         raise ConversionError(f"block_index={recipe.block_index} is out of range: the model has {len(blocks)} blocks")
     tensors = teacher_tensors(teacher)
     directory = checkpoints / "blockwise"
-    autocast = autocast_for(dist.device, recipe)
-    storage = torch.bfloat16 if uses_bf16(dist.device, recipe) else torch.float32
+    autocast = autocast_for(dist.device, recipe.precision)
+    storage = torch.bfloat16 if uses_bf16(dist.device, recipe.precision) else torch.float32
     per_step = recipe.batch_size * recipe.grad_accum  # each block trains in one process
     order = global_order(len(train_data), steps * per_step, recipe.seed)
     used = torch.unique(order)  # sorted: row r of the hidden-state files is sequence used[r]
@@ -124,7 +132,6 @@ def run_blockwise_stage1(teacher, student, recipe: Recipe, train_data: PackedDat
     dist.barrier()
 
     num_layers = len(converted_layers(config))
-    results: dict[int, StageResult] = {}
     for b, layers in enumerate(blocks):
         if recipe.block_index is not None and b != recipe.block_index:
             continue
@@ -145,13 +152,11 @@ def run_blockwise_stage1(teacher, student, recipe: Recipe, train_data: PackedDat
                 block(x)
             return transfer.loss(num_layers, recipe.mse_factor), x.shape[0] * x.shape[1]
 
-        results[b] = train(
-            name=f"stage 1 block {b + 1}/{len(blocks)} (layers {layers[0]}-{layers[-1]})", model=block,
-            optimizer=optimizer, loss_fn=loss_fn, steps=steps, grad_accum=recipe.grad_accum, lr=recipe.stage1_lr,
-            warmup_steps=recipe.warmup_steps, lr_schedule=recipe.lr_schedule,
-            clip_groups=list(groups.values()), max_grad_norm=recipe.max_grad_norm,
-            checkpoint=checkpoints / f"stage1_block{b}.pt", checkpoint_every=recipe.checkpoint_every,
-            key={**key, "block": layers}, dist=local, progress=progress, on_step=on_step,
+        train(
+            f"stage 1 block {b + 1}/{len(blocks)} (layers {layers[0]}-{layers[-1]})", block, optimizer, loss_fn,
+            recipe.schedule(1, steps),
+            Checkpointing(checkpoints / f"stage1_block{b}.pt", {**key, "block": layers}, recipe.checkpoint_every),
+            local, clip_groups=list(groups.values()), progress=progress, on_step=on_step,
         )
         del block, hidden
     if recipe.block_index is not None:

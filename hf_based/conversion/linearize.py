@@ -3,7 +3,7 @@
 A Llama layer's attention becomes a BASED-family `hybrid_attention` mixer (softmax over a sliding window plus
 hedgehog linear attention over older keys, Zhang et al. 2024) with the *same* q/k/v/o projections, which sit under
 `self_attn` with Llama's names, so every weight drops in by name; only the feature maps and the per-head window
-weight gamma are new. `Recipe` holds every knob of the conversion, with LoLCATs' defaults.
+factors are new. `Recipe` (recipe.py) holds every knob of the conversion, with LoLCATs' defaults.
 
 Attention transfer (stage 1) needs, for every converted layer, the teacher's softmax attention output (before
 o_proj) on the same inputs. `AttentionTransfer` gets it without touching the model code: a forward pre-hook on the
@@ -14,7 +14,6 @@ the *teacher's* output on, as LoLCATs does, so every layer trains on the teacher
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import re
 from collections.abc import Callable, Mapping, Sequence
@@ -24,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hf_based.conversion.recipe import Recipe
 from hf_based.errors import ConversionError
 from hf_based.kernels import softmax_attention
 from hf_based.modeling import BasedConfig, BasedForCausalLM
@@ -40,112 +40,7 @@ SUPPORTED_MODEL_TYPES = {
     "mistral": "Mistral (Llama-shaped; its sliding_window, if any, is ignored: keep --seq-len within it)",
     "qwen2": "Qwen2 / Qwen2.5 (bias on q/k/v, none on o_proj)",
 }
-FEATURE_MAPS = ("hedgehog", "taylor")
 CONVERTED_MIXERS = ("hybrid_attention", "linear_attention")
-LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
-
-
-@dataclass
-class Recipe:
-    """Every setting of a conversion. Defaults follow LoLCATs (anchors-mission.md 2.2-2.5): window 64, hedgehog
-    maps with 64 -> 128 features, gamma init 0.1; stage 1 lr 1e-2 with MSE x 1000, stage 2 LoRA r 8 / alpha 16 on
-    q/k/v/o at lr 1e-4; packed 1024-token sequences, batch 1 x 8 accumulation, 2 epochs per stage, clip 1.0."""
-
-    # architecture
-    window: int = 64  # keys of the softmax window, the current one included (LoLCATs' window_size: same count)
-    feature_map: str = "hedgehog"
-    hedgehog_dim: int = 64
-    softmax_layers: tuple[int, ...] = ()  # kept as full softmax attention (negative = from the end)
-    linear_only: bool = False  # pure linear attention, no window
-    window_factor_init: float = 0.1
-    # data and batching
-    seq_len: int = 1024
-    batch_size: int = 1
-    grad_accum: int = 8
-    epochs: float = 2.0  # per stage, when neither steps nor tokens are given
-    seed: int = 0
-    # stage 1: attention transfer
-    stage1_steps: int | None = None
-    stage1_tokens: int | None = None
-    stage1_lr: float = 1e-2
-    mse_factor: float = 1000.0
-    # stage 2: LoRA
-    stage2_steps: int | None = None
-    stage2_tokens: int | None = None
-    stage2_lr: float = 1e-4
-    stage2_loss: str = "next_token"  # or "distill": KL to the teacher's logits
-    distill_temperature: float = 1.0
-    lora_r: int = 8
-    lora_alpha: float = 16.0
-    lora_dropout: float = 0.0
-    lora_targets: tuple[str, ...] = LORA_TARGETS
-    # optimisation
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    warmup_steps: int = 0
-    lr_schedule: str = "constant"  # or "cosine" (to 10% of the peak)
-    # engineering
-    checkpoint_every: int = 50
-    blockwise: int | None = None  # layers per block for block-wise attention transfer
-    block_index: int | None = None  # train only this block (one process per block), then stop
-    fsdp: bool = False  # shard stage 2 with FSDP2 (multi-process runs)
-    gradient_checkpointing: bool = False
-    precision: str | None = None  # "bf16" | "fp32"; default bf16 on CUDA, fp32 on CPU
-
-    def validate(self) -> None:
-        def positive(name, allow_zero=False, allow_none=False):
-            value = getattr(self, name)
-            if value is None and allow_none:
-                return
-            ok = isinstance(value, int) and not isinstance(value, bool) and (value >= 0 if allow_zero else value >= 1)
-            if not ok:
-                lowest = 0 if allow_zero else 1
-                raise ConversionError(f"{name}={value!r} is not supported; accepted: integers >= {lowest}")
-
-        for name in ("window", "hedgehog_dim", "seq_len", "batch_size", "grad_accum", "lora_r", "checkpoint_every"):
-            positive(name)
-        for name in ("stage1_steps", "stage1_tokens", "stage2_steps", "stage2_tokens"):
-            positive(name, allow_zero=True, allow_none=True)
-        positive("blockwise", allow_none=True)
-        positive("block_index", allow_zero=True, allow_none=True)
-        positive("warmup_steps", allow_zero=True)
-        if self.feature_map not in FEATURE_MAPS:
-            raise ConversionError(
-                f"feature_map={self.feature_map!r} is not supported; accepted: {', '.join(FEATURE_MAPS)}"
-            )
-        if self.stage2_loss not in ("next_token", "distill"):
-            raise ConversionError(f"stage2_loss={self.stage2_loss!r} is not supported; accepted: next_token, distill")
-        if self.lr_schedule not in ("constant", "cosine"):
-            raise ConversionError(f"lr_schedule={self.lr_schedule!r} is not supported; accepted: constant, cosine")
-        if self.precision not in (None, "bf16", "fp32"):
-            raise ConversionError(f"precision={self.precision!r} is not supported; accepted: bf16, fp32")
-        if not 0 < self.window_factor_init < 1:
-            raise ConversionError(
-                f"window_factor_init={self.window_factor_init!r} is not supported; accepted: 0 < value < 1"
-            )
-        for name in ("stage1_lr", "stage2_lr", "epochs", "mse_factor", "lora_alpha", "distill_temperature"):
-            value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
-                raise ConversionError(f"{name}={value!r} is not supported; accepted: a number > 0")
-        if not self.lora_targets or any(t not in LORA_TARGETS for t in self.lora_targets):
-            raise ConversionError(
-                f"lora_targets={list(self.lora_targets)!r} is not supported; "
-                f"accepted: a subset of {', '.join(LORA_TARGETS)}"
-            )
-        if self.block_index is not None and self.blockwise is None:
-            raise ConversionError("block_index needs blockwise (layers per block)")
-
-    def to_dict(self) -> dict:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
-
-    @classmethod
-    def from_dict(cls, values: Mapping) -> Recipe:
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(values) - names
-        if unknown:
-            raise ConversionError(f"unknown recipe field(s): {', '.join(sorted(unknown))}")
-        values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
-        return cls(**values)
 
 
 def _get(config, name, default=None):
@@ -249,7 +144,8 @@ def _new_parameter_names(config: BasedConfig) -> set[str]:
 
 def init_new_parameters(module: nn.Module, config: BasedConfig, device=None) -> None:
     """(Re)create the parameters that the teacher lacks, with LoLCATs' init: identity feature maps (each head's
-    W = the rectangular identity, `--lk_zero_init`) and gamma = `hybrid_window_factor_init` (logit(0.1) = -2.1972)."""
+    W = the rectangular identity, `--lk_zero_init`) and window factor = `hybrid_window_factor_init` (the parameter
+    `window_factors` holds its logit: logit(0.1) = -2.1972)."""
     for sub in module.modules():
         if isinstance(sub, BasedHedgehogFeatureMap):
             heads, dim, features = sub.weight.shape
@@ -326,7 +222,7 @@ def check_teacher_weights(teacher: nn.Module, config: BasedConfig) -> None:
 
 def linearize_model(teacher: nn.Module, recipe: Recipe | None = None, dtype: torch.dtype = torch.float32,
               device="cpu") -> BasedForCausalLM:
-    """The converted model before any training: the teacher's weights, new feature maps and gamma."""
+    """The converted model before any training: the teacher's weights, new feature maps and window factors."""
     config = based_config(teacher.config, recipe)
     check_teacher_weights(teacher, config)
     with torch.device("meta"):
@@ -338,7 +234,7 @@ def linearize_model(teacher: nn.Module, recipe: Recipe | None = None, dtype: tor
 
 
 def stage1_parameters(model: nn.Module, config: BasedConfig) -> dict[int, list[tuple[str, nn.Parameter]]]:
-    """Per converted layer: the (name, parameter) pairs that attention transfer trains (feature maps, gamma).
+    """Per converted layer: the (name, parameter) pairs that attention transfer trains (feature maps, window factors).
     Names are relative to `model` (a BasedForCausalLM, or anything whose named_parameters end the same)."""
     converted = set(converted_layers(config))
     groups: dict[int, list[tuple[str, nn.Parameter]]] = {}

@@ -2,8 +2,8 @@
 
 1. Linearize: the teacher's weights in a BasedForCausalLM whose attention layers are `hybrid_attention` (or pure
    `linear_attention`), except the layers kept as softmax `full_attention`.
-2. Stage 1, attention transfer: everything frozen but the feature maps and gamma; loss = per-layer MSE between the
-   converted and the teacher's softmax attention output before o_proj, on the teacher's hidden states
+2. Stage 1, attention transfer: everything frozen but the feature maps and window factors; loss = per-layer MSE
+   between the converted and the teacher's softmax attention output before o_proj, on the teacher's hidden states
    (`linearize.AttentionTransfer`), averaged over layers x 1000. Joint, or block-wise (`blockwise.py`).
 3. Stage 2: LoRA (peft) on q/k/v/o of the converted layers with the next-token loss (or distillation to the
    teacher's logits); single process, DDP, or FSDP2 when launched with `accelerate launch`.
@@ -11,7 +11,9 @@
    `save_pretrained` (safetensors, remote code), the tokenizer, the generation config, a model card, the loss
    curves (CSV + PNG) and `conversion.json`.
 
-Every stage checkpoints to OUT/checkpoints and a rerun of the same command resumes where it stopped.
+Every stage checkpoints to OUT/checkpoints and a rerun of the same command resumes where it stopped. `convert()`
+runs the stages as functions that can be called one by one: `load_inputs`, `plan_stages`, `stage1_attention_transfer`,
+`stage2_lora`, `save_artifacts`.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import math
 import shutil
 import time
@@ -28,6 +31,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from hf_based.conversion.data import (
     IGNORE_INDEX,
@@ -37,10 +41,8 @@ from hf_based.conversion.data import (
     load_training_data,
     teacher_generated_text,
 )
-from hf_based.errors import ConversionError
 from hf_based.conversion.linearize import (
     AttentionTransfer,
-    Recipe,
     based_config,
     check_teacher_weights,
     converted_layers,
@@ -49,8 +51,24 @@ from hf_based.conversion.linearize import (
     stage1_optimizer,
     stage1_parameters,
 )
-from hf_based.conversion.training import Dist, StageResult, plot_loss_curves, read_checkpoint, train, write_loss_csv
-from hf_based.modeling import BasedForCausalLM
+from hf_based.conversion.recipe import Recipe
+from hf_based.errors import ConversionError
+from hf_based.modeling import BasedConfig, BasedForCausalLM
+from hf_based.training import (
+    Checkpointing,
+    Dist,
+    StageResult,
+    atomic_save,
+    autocast_for,
+    plot_loss_curves,
+    read_checkpoint,
+    train,
+    uses_bf16,
+    write_loss_csv,
+)
+from hf_based.utils import format_number, torch_dtype
+
+logger = logging.getLogger(__name__)
 
 TEACHER_DATA = "teacher"  # data source: let the teacher generate its own training text
 
@@ -82,17 +100,6 @@ def batch_indices(order: torch.Tensor, step: int, micro: int, recipe: Recipe, di
     """The sequences of micro-batch `micro` of optimizer step `step` on this process."""
     start = ((step * recipe.grad_accum + micro) * dist.world + dist.rank) * recipe.batch_size
     return order[start : start + recipe.batch_size]
-
-
-def uses_bf16(device: torch.device, recipe: Recipe) -> bool:
-    """bf16 compute on CUDA (unless precision='fp32'), fp32 elsewhere; parameters stay fp32 either way."""
-    return recipe.precision == "bf16" or (recipe.precision is None and device.type == "cuda")
-
-
-def autocast_for(device: torch.device, recipe: Recipe) -> Callable[[], contextlib.AbstractContextManager]:
-    if uses_bf16(device, recipe):
-        return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext
 
 
 def _digest(value) -> str:
@@ -132,7 +139,7 @@ def run_stage1(student, recipe: Recipe, train_data: PackedData, steps: int, dist
     order = global_order(len(train_data), steps * global_batch, recipe.seed)
     modules = {i: student.model.layers[i].self_attn for i in groups}
     num_layers = len(converted_layers(config))
-    autocast = autocast_for(dist.device, recipe)
+    autocast = autocast_for(dist.device, recipe.precision)
 
     def loss_fn(step, micro):
         ids = train_data.input_ids[batch_indices(order, step, micro, recipe, dist)].to(dist.device)
@@ -141,11 +148,9 @@ def run_stage1(student, recipe: Recipe, train_data: PackedData, steps: int, dist
         return transfer.loss(num_layers, recipe.mse_factor), ids.numel() * dist.world
 
     return train(
-        name="stage 1 attention transfer", model=student, optimizer=optimizer, loss_fn=loss_fn, steps=steps,
-        grad_accum=recipe.grad_accum, lr=recipe.stage1_lr, warmup_steps=recipe.warmup_steps,
-        lr_schedule=recipe.lr_schedule, clip_groups=list(groups.values()),
-        max_grad_norm=recipe.max_grad_norm, sync_grads=lambda: dist.all_reduce_grads(params), checkpoint=checkpoint,
-        checkpoint_every=recipe.checkpoint_every, key=key, dist=dist, progress=progress, on_step=on_step,
+        "stage 1 attention transfer", student, optimizer, loss_fn, recipe.schedule(1, steps),
+        Checkpointing(checkpoint, key, recipe.checkpoint_every), dist, clip_groups=list(groups.values()),
+        sync_grads=lambda: dist.all_reduce_grads(params), progress=progress, on_step=on_step,
     )
 
 
@@ -182,7 +187,7 @@ def _shard_fsdp(peft_model, student, use_bf16: bool) -> None:
 
 def run_stage2(student, recipe: Recipe, train_data: PackedData, steps: int, dist: Dist, checkpoint: Path, key: dict,
                teacher=None, progress: bool = True, on_step=None) -> StageResult:
-    """LoRA fine-tuning of the converted layers' q/k/v/o; feature maps and gamma frozen (LoLCATs stage 2)."""
+    """LoRA fine-tuning of the converted layers' q/k/v/o; feature maps and window factors frozen (LoLCATs stage 2)."""
     from peft import get_peft_model
 
     student.requires_grad_(False)
@@ -191,17 +196,17 @@ def run_stage2(student, recipe: Recipe, train_data: PackedData, steps: int, dist
     if recipe.gradient_checkpointing:
         student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         student.enable_input_require_grads()
-    autocast = autocast_for(dist.device, recipe)
+    autocast = autocast_for(dist.device, recipe.precision)
     model = peft_model
     if dist.world > 1 and recipe.fsdp:
-        _shard_fsdp(peft_model, student, uses_bf16(dist.device, recipe))
+        _shard_fsdp(peft_model, student, uses_bf16(dist.device, recipe.precision))
         autocast = contextlib.nullcontext  # FSDP's mixed-precision policy casts instead
         mode = "FSDP2"
     elif dist.world > 1:
         model = dist.accelerator.prepare(peft_model)
         mode = "DDP"
     if dist.world > 1 and dist.is_main:
-        print(f"stage 2: {mode} over {dist.world} processes", flush=True)
+        logger.info("stage 2: %s over %d processes", mode, dist.world)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=recipe.stage2_lr, weight_decay=recipe.weight_decay)
     global_batch = recipe.batch_size * recipe.grad_accum * dist.world
@@ -225,10 +230,8 @@ def run_stage2(student, recipe: Recipe, train_data: PackedData, steps: int, dist
         return loss, ids.numel() * dist.world
 
     result = train(
-        name="stage 2 LoRA", model=model, optimizer=optimizer, loss_fn=loss_fn, steps=steps,
-        grad_accum=recipe.grad_accum, lr=recipe.stage2_lr, warmup_steps=recipe.warmup_steps,
-        lr_schedule=recipe.lr_schedule, max_grad_norm=recipe.max_grad_norm, checkpoint=checkpoint,
-        checkpoint_every=recipe.checkpoint_every, key=key, dist=dist, progress=progress, on_step=on_step,
+        "stage 2 LoRA", model, optimizer, loss_fn, recipe.schedule(2, steps),
+        Checkpointing(checkpoint, key, recipe.checkpoint_every), dist, progress=progress, on_step=on_step,
     )
     if recipe.stage2_loss == "distill":
         teacher.to("cpu")
@@ -240,7 +243,8 @@ def run_stage2(student, recipe: Recipe, train_data: PackedData, steps: int, dist
 
 def assemble(teacher, recipe: Recipe, stage1_state: dict | None, lora_state: dict | None,
              device="cpu") -> BasedForCausalLM:
-    """A plain BasedForCausalLM from the teacher's weights, the trained feature maps/gamma and the merged LoRA."""
+    """A plain BasedForCausalLM from the teacher's weights, the trained feature maps and window factors, and the
+    merged LoRA."""
     student = linearize_model(teacher, recipe, device=device)
     if stage1_state:
         result = student.load_state_dict(stage1_state, strict=False)
@@ -276,23 +280,11 @@ def perplexity(model, data: PackedData, device, batch_size: int = 1, autocast=co
 
 
 def _output_dtype(dtype: str | torch.dtype | None, teacher) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype in (None, "auto"):
-        dtype = getattr(teacher.config, "dtype", None) or "float32"
-        if isinstance(dtype, torch.dtype):
-            return dtype if dtype.is_floating_point else torch.float32
-    if dtype not in ("float32", "bfloat16", "float16"):
-        raise ConversionError(f"dtype={dtype!r} is not supported; accepted: auto, float32, bfloat16, float16")
-    return getattr(torch, dtype)
-
-
-def _fmt(value, digits=4):
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        return f"{value:.{digits}g}"
-    return str(value)
+    """The saved weights' dtype: `dtype`, or for "auto" (and None) the teacher's, fp32 if that is not a float."""
+    if dtype not in (None, "auto"):
+        return torch_dtype(dtype)
+    teacher_dtype = torch_dtype(getattr(teacher.config, "dtype", None) or "float32")
+    return teacher_dtype if teacher_dtype.is_floating_point else torch.float32
 
 
 def model_card(info: dict) -> str:
@@ -327,17 +319,17 @@ def model_card(info: dict) -> str:
         "|---|---|---|---|---|---|---|---|",
     ]
     for key, what in (("stage1", "feature maps + window weight (attention MSE x "
-                                 f"{_fmt(recipe['mse_factor'])})"),
-                      ("stage2", f"LoRA r={recipe['lora_r']} alpha={_fmt(recipe['lora_alpha'])} on "
+                                 f"{format_number(recipe['mse_factor'])})"),
+                      ("stage2", f"LoRA r={recipe['lora_r']} alpha={format_number(recipe['lora_alpha'])} on "
                                  f"{'/'.join(recipe['lora_targets'])} ({recipe['stage2_loss'].replace('_', '-')})")):
         s = stages.get(key)
         if not s or s["steps"] == 0:
             lines.append(f"| {key[-1]} | {what} | skipped | 0 | - | - | - | - |")
             continue
         lines.append(
-            f"| {key[-1]} | {what} | {s['steps']} | {s['tokens']:,} | {_fmt(recipe[key + '_lr'])} | "
-            f"{_fmt(s['final_loss'])} | {s['seconds']:.0f} s | {_fmt(s['tokens_per_second'], 3)} "
-            f"({_fmt(s.get('steady_tokens_per_second'), 3)}) |"
+            f"| {key[-1]} | {what} | {s['steps']} | {s['tokens']:,} | {format_number(recipe[key + '_lr'])} | "
+            f"{format_number(s['final_loss'])} | {s['seconds']:.0f} s | {format_number(s['tokens_per_second'], 3)} "
+            f"({format_number(s.get('steady_tokens_per_second'), 3)}) |"
         )
     lines += [
         "",
@@ -351,7 +343,7 @@ def model_card(info: dict) -> str:
     metrics = info.get("metrics") or {}
     if metrics:
         lines += ["## Validation", "", "| metric | value |", "|---|---|"]
-        lines += [f"| {k} | {_fmt(v)} |" for k, v in metrics.items()]
+        lines += [f"| {k} | {format_number(v)} |" for k, v in metrics.items()]
         lines.append("")
     evals = info.get("eval")
     if evals:
@@ -360,10 +352,293 @@ def model_card(info: dict) -> str:
                   "| task | metric | teacher | converted |", "|---|---|---|---|"]
         for task, values in evals.items():
             for metric, value in values.items():
-                lines.append(f"| {task} | {metric} | {_fmt(base.get(task, {}).get(metric))} | {_fmt(value)} |")
+                teacher_value = format_number(base.get(task, {}).get(metric))
+                lines.append(f"| {task} | {metric} | {teacher_value} | {format_number(value)} |")
         lines.append("")
     lines += ["## Recipe (all settings)", "", "```json", json.dumps(recipe, indent=2), "```", ""]
     return "\n".join(lines)
+
+
+# --- the stages of a conversion -------------------------------------------------------------------------------------
+
+
+@dataclass
+class DataOptions:
+    """The training text: files, directories, hub datasets, or TEACHER_DATA for text the teacher writes
+    (`teacher_sequences` sequences of seq_len tokens); the template of instruction records; what is held out."""
+
+    sources: list[str | Path]
+    template: str = "alpaca"
+    teacher_sequences: int = 256
+    val_records: int = 200
+    val_sequences: int = 8
+    max_records: int | None = None
+
+    def check(self) -> None:
+        """ConversionError for missing sources or TEACHER_DATA mixed with others; before the teacher loads."""
+        if not self.sources:
+            raise ConversionError(f"no training data: give data files/directories/hub datasets, or {TEACHER_DATA!r}")
+        if self.from_teacher:
+            return
+        if any(str(s) == TEACHER_DATA for s in self.sources):
+            check_sources([s for s in self.sources if str(s) != TEACHER_DATA])
+            raise ConversionError(f"{TEACHER_DATA!r} cannot be combined with other data sources")
+        check_sources(self.sources)
+
+    @property
+    def from_teacher(self) -> bool:
+        return [str(s) for s in self.sources] == [TEACHER_DATA]
+
+
+@dataclass
+class EvalOptions:
+    """lm-eval scoring of the teacher and the converted model (hf_based.eval); none without `tasks`."""
+
+    tasks: str | Sequence[str] | None = None
+    data_dir: str | Path | None = None  # local task data
+    limit: int | float | None = None  # documents per task
+    batch_size: int = 8
+    teacher_results: dict | None = None  # the teacher's known scores: it is not evaluated again
+
+
+@dataclass
+class Inputs:
+    """What a conversion starts from: the teacher, the converted model's config, the training and validation data."""
+
+    teacher: nn.Module
+    tokenizer: object
+    base_name: str  # how the model card names the teacher
+    config: BasedConfig
+    train_data: PackedData
+    val_data: PackedData | None
+    val_ids: torch.Tensor  # the sequences of the validation attention MSE
+    data_name: str
+    template: str  # as used; teacher-written text has none
+
+
+@dataclass
+class Plan:
+    """Optimizer steps of each stage, and the settings that their checkpoints must match to be resumed."""
+
+    stage1_steps: int
+    stage2_steps: int
+    stage1_key: dict
+    stage2_key: dict
+
+
+def _log(dist: Dist, message: str, *args) -> None:
+    if dist.is_main:
+        logger.info(message, *args)
+
+
+def prepare_output(out: str | Path, resume: bool, dist: Dist) -> Path:
+    """OUT as a Path; without `resume`, its checkpoints are deleted."""
+    out = Path(out)
+    if out.is_file():
+        raise ConversionError(f"{out} is a file; OUT must be a directory")
+    if not resume and dist.is_main and (out / "checkpoints").exists():
+        shutil.rmtree(out / "checkpoints")
+    dist.barrier()
+    return out
+
+
+def load_inputs(base: str | None, recipe: Recipe, data: DataOptions, dist: Dist, checkpoints: Path, *, teacher=None,
+                tokenizer=None, base_name: str | None = None, resume: bool = True,
+                progress: bool = True) -> Inputs:
+    """Load the teacher (from `base`, unless given) and the training data; check that the teacher converts."""
+    if teacher is None:
+        if base is None:
+            raise ConversionError("give BASE (a checkpoint directory, hub id or .gguf file) or a loaded teacher")
+        from hf_based.conversion.teacher import load_teacher
+
+        _log(dist, "loading teacher %s", base)
+        teacher, tokenizer = load_teacher(str(base))
+    elif tokenizer is None:
+        raise ConversionError("a loaded teacher needs its tokenizer")
+    if base_name is None:
+        base_name = str(base) if base is not None else getattr(teacher.config, "name_or_path", "") or "teacher"
+    teacher.eval().requires_grad_(False)
+    config = based_config(teacher.config, recipe)
+    check_teacher_weights(teacher, config)
+    window = getattr(teacher.config, "sliding_window", None)
+    if window and recipe.seq_len > window and getattr(teacher.config, "model_type", "") == "mistral" and dist.is_main:
+        logger.warning("the teacher attends within %d tokens; training on %d differs from it", window, recipe.seq_len)
+
+    val_data = None
+    if data.from_teacher:
+        train_data = _teacher_text(teacher, tokenizer, recipe, data, dist, checkpoints / "teacher_text.pt", resume,
+                                   progress)
+        template = "none (teacher-generated)"
+    else:
+        train_data, val_data = load_training_data(
+            data.sources, tokenizer, recipe.seq_len, data.template, data.val_records, data.max_records
+        )
+        template = data.template
+    if val_data is not None:
+        val_data = PackedData(val_data.input_ids[: data.val_sequences], val_data.labels[: data.val_sequences],
+                              val_data.source)
+    val_ids = val_data.input_ids if val_data is not None else train_data.input_ids[: data.val_sequences]
+    return Inputs(teacher, tokenizer, base_name, config, train_data, val_data, val_ids,
+                  ", ".join(map(str, data.sources)), template)
+
+
+def _teacher_text(teacher, tokenizer, recipe: Recipe, data: DataOptions, dist: Dist, cached: Path, resume: bool,
+                  progress: bool) -> PackedData:
+    """The teacher's own text as training data, generated once (main process) and kept in `cached`."""
+    if dist.is_main and not (resume and cached.is_file()):
+        logger.info("the teacher writes %d training sequences of %d tokens", data.teacher_sequences, recipe.seq_len)
+        generated = teacher_generated_text(
+            teacher.to(dist.device), tokenizer, data.teacher_sequences, recipe.seq_len, seed=recipe.seed,
+            progress=progress,
+        )
+        teacher.to("cpu")
+        atomic_save({"input_ids": generated.input_ids, "seq_len": recipe.seq_len}, cached)
+    dist.barrier()
+    saved = torch.load(cached, weights_only=True)
+    if saved["seq_len"] != recipe.seq_len:
+        raise ConversionError(f"{cached} holds sequences of another --seq-len; pass --no-resume")
+    return PackedData(saved["input_ids"], saved["input_ids"].clone(), "teacher-generated text")
+
+
+def plan_stages(inputs: Inputs, recipe: Recipe, student: BasedForCausalLM, dist: Dist) -> Plan:
+    """Each stage's optimizer steps (given, from a token budget, or from epochs) and its checkpoint key."""
+    config, num_sequences = inputs.config, len(inputs.train_data)
+    # Block-wise stage 1 trains each block in one process (blocks spread over processes), so its batch is per block.
+    world1 = 1 if recipe.blockwise else dist.world
+    global_batch = recipe.batch_size * recipe.grad_accum * dist.world
+    steps1 = resolve_steps(recipe.stage1_steps, recipe.stage1_tokens, recipe.epochs, num_sequences,
+                           recipe.batch_size * recipe.grad_accum * world1, recipe.seq_len)
+    steps2 = resolve_steps(recipe.stage2_steps, recipe.stage2_tokens, recipe.epochs, num_sequences, global_batch,
+                           recipe.seq_len)
+    if steps1 and not stage1_parameters(student, config):
+        _log(dist, "stage 1 skipped: this recipe has nothing to train in it (Taylor feature maps without a window)")
+        steps1 = 0
+    key1 = {
+        "base": inputs.base_name, "teacher_config": _digest(inputs.teacher.config.to_dict()),
+        "mixers": _digest(config.mixer_types), "window": recipe.window, "feature_map": recipe.feature_map,
+        "hedgehog_dim": recipe.hedgehog_dim, "seq_len": recipe.seq_len, "batch_size": recipe.batch_size,
+        "grad_accum": recipe.grad_accum, "world_size": world1, "data": inputs.data_name, "template": inputs.template,
+        "seed": recipe.seed, "train_sequences": num_sequences, "mse_factor": recipe.mse_factor,
+        "blockwise": recipe.blockwise,
+    }
+    key2 = {**key1, "world_size": dist.world, "stage1_steps": steps1, "stage1_lr": recipe.stage1_lr, "lora": _digest(
+        [recipe.lora_r, recipe.lora_alpha, recipe.lora_dropout, list(recipe.lora_targets)]),
+        "stage2_loss": recipe.stage2_loss, "fsdp": recipe.fsdp}
+    _log(dist, "converting %s: %d/%d layers %s (%s), %d training sequences of %d tokens; stage 1: %d steps, stage 2: "
+         "%d steps of %d sequences", inputs.base_name, len(converted_layers(config)), config.num_hidden_layers,
+         "linear" if recipe.linear_only else "hybrid", recipe.feature_map, num_sequences, recipe.seq_len, steps1,
+         steps2, global_batch)
+    return Plan(steps1, steps2, key1, key2)
+
+
+def stage1_attention_transfer(student: BasedForCausalLM, inputs: Inputs, recipe: Recipe, plan: Plan, dist: Dist,
+                              checkpoints: Path, progress: bool = True,
+                              on_step=None) -> tuple[StageResult | None, dict]:
+    """Stage 1, joint or block-wise, into `student`; a finished stage-1 checkpoint is loaded instead of retrained.
+    -> (its result, or None when `recipe.block_index` trained one block only; the validation attention MSE before
+    and after it, joint training only: block-wise, the full model need not fit the device)."""
+    steps, key, checkpoint = plan.stage1_steps, plan.stage1_key, checkpoints / "stage1.pt"
+    if not steps:
+        return StageResult("stage 1 attention transfer", 0, 0, 0.0, [], skipped=True), {}
+    measure = dist.is_main and not recipe.blockwise
+    autocast = autocast_for(dist.device, recipe.precision)
+    metrics = {}
+    finished = read_checkpoint(checkpoint, key)
+    if finished is not None and finished["done"] and finished["step"] >= steps:  # a rerun after stage 1
+        student.load_state_dict(finished["model"], strict=False)
+        history = finished["history"]
+        result = StageResult("stage 1 attention transfer", finished["step"], history[-1]["tokens"],
+                             history[-1]["seconds"], history)
+    else:
+        if measure:
+            student.to(dist.device)
+            metrics["val attention MSE x factor, before stage 1"] = attention_mse(
+                student, inputs.val_ids, recipe.mse_factor, recipe.batch_size, autocast)
+        if recipe.blockwise:
+            from hf_based.conversion.blockwise import run_blockwise_stage1
+
+            result = run_blockwise_stage1(inputs.teacher, student, recipe, inputs.train_data, steps, dist, checkpoints,
+                                          key, progress=progress, on_step=on_step)
+            if result is None:
+                return None, metrics
+        else:
+            student.to(dist.device)
+            result = run_stage1(student, recipe, inputs.train_data, steps, dist, checkpoint, key, progress, on_step)
+    if measure:
+        student.to(dist.device)
+        metrics["val attention MSE x factor, after stage 1"] = attention_mse(
+            student, inputs.val_ids, recipe.mse_factor, recipe.batch_size, autocast)
+    return result, metrics
+
+
+def stage2_lora(student: BasedForCausalLM, inputs: Inputs, recipe: Recipe, plan: Plan, dist: Dist, checkpoints: Path,
+                progress: bool = True, on_step=None) -> StageResult:
+    """Stage 2 (LoRA) on `student` after stage 1; its weights stay in OUT/checkpoints/stage2.pt."""
+    if not plan.stage2_steps:
+        return StageResult("stage 2 LoRA", 0, 0, 0.0, [], skipped=True)
+    if not (recipe.fsdp and dist.world > 1):  # FSDP shards the model from the CPU
+        student.to(dist.device)
+    return run_stage2(student, recipe, inputs.train_data, plan.stage2_steps, dist, checkpoints / "stage2.pt",
+                      plan.stage2_key, inputs.teacher, progress, on_step)
+
+
+def save_artifacts(out: Path, inputs: Inputs, recipe: Recipe, plan: Plan, stages: dict[str, StageResult],
+                   metrics: dict, dist: Dist, dtype: str | torch.dtype | None = "auto",
+                   evaluation: EvalOptions | None = None, started: float | None = None) -> ConversionResult:
+    """Main process: assemble the converted model from the stage checkpoints, measure it (validation perplexity,
+    lm-eval), and save it with its tokenizer, loss curves, conversion.json and model card. Other processes return
+    a result without a model."""
+    from hf_based import __version__
+
+    evaluation = evaluation or EvalOptions()
+    result = ConversionResult(out, None, inputs.tokenizer, recipe, stages, metrics)
+    if not dist.is_main:
+        return result
+    checkpoints = out / "checkpoints"
+    teacher, device = inputs.teacher, dist.device
+    autocast = autocast_for(device, recipe.precision)
+    stage1_state = read_checkpoint(checkpoints / "stage1.pt", plan.stage1_key)["model"] if plan.stage1_steps else None
+    lora_state = read_checkpoint(checkpoints / "stage2.pt", plan.stage2_key)["model"] if plan.stage2_steps else None
+    model = assemble(teacher, recipe, stage1_state, lora_state, device=device)
+    if inputs.val_data is not None:
+        teacher.to(device)
+        metrics["val perplexity, teacher"] = perplexity(teacher, inputs.val_data, device, recipe.batch_size, autocast)
+        teacher.to("cpu")
+        metrics["val perplexity, converted"] = perplexity(model, inputs.val_data, device, recipe.batch_size, autocast)
+    out_dtype = _output_dtype(dtype, teacher)
+    model.to(out_dtype).save_pretrained(out)
+    model.to(torch.float32)
+    inputs.tokenizer.save_pretrained(out)
+    result.model = model
+    if evaluation.tasks:
+        result.teacher_eval_results, result.eval_results = evaluate_pair(
+            teacher, model, inputs.tokenizer, evaluation.tasks, evaluation.data_dir, evaluation.limit,
+            evaluation.batch_size, device, evaluation.teacher_results,
+        )
+    for key, stage in stages.items():
+        if stage.history:
+            write_loss_csv(stage, out / f"loss_{key}.csv")
+    plot_loss_curves(list(stages.values()), out / "loss_curves.png", title=f"{inputs.base_name} -> BASED (LoLCATs)")
+    config = inputs.config
+    result.info = {
+        "name": out.name, "base_model": inputs.base_name, "hf_based_version": __version__,
+        "recipe": recipe.to_dict(),
+        "layers": {"total": config.num_hidden_layers, "converted": len(converted_layers(config)),
+                   "softmax": [i for i, m in enumerate(config.mixer_types) if m == "full_attention"]},
+        "data": inputs.data_name, "template": inputs.template, "train_sequences": len(inputs.train_data),
+        "world_size": dist.world, "device": str(device), "dtype": str(out_dtype).removeprefix("torch."),
+        "stages": {k: {"steps": s.steps, "tokens": s.tokens, "seconds": round(s.seconds, 2),
+                       "tokens_per_second": s.tokens_per_second,
+                       "steady_tokens_per_second": s.steady_tokens_per_second, "final_loss": s.final_loss()}
+                   for k, s in stages.items()},
+        "metrics": metrics, "eval": result.eval_results, "teacher_eval": result.teacher_eval_results,
+        "eval_limit": evaluation.limit,
+        "seconds": round(time.perf_counter() - started, 1) if started is not None else None,
+    }
+    (out / "conversion.json").write_text(json.dumps(result.info, indent=2, default=str))
+    (out / "README.md").write_text(model_card(result.info))
+    logger.info("saved the converted model to %s", out)
+    return result
 
 
 # --- the whole conversion -------------------------------------------------------------------------------------------
@@ -378,17 +653,17 @@ def convert(
     tokenizer=None,
     base_name: str | None = None,
     data: str | Path | Sequence[str | Path] | None = None,
-    template: str = "alpaca",
-    teacher_sequences: int = 256,
-    val_records: int = 200,
-    val_sequences: int = 8,
+    template: str = DataOptions.template,
+    teacher_sequences: int = DataOptions.teacher_sequences,
+    val_records: int = DataOptions.val_records,
+    val_sequences: int = DataOptions.val_sequences,
     max_records: int | None = None,
     resume: bool = True,
     dtype: str | torch.dtype | None = "auto",
     eval_tasks: str | Sequence[str] | None = None,
     eval_data_dir: str | Path | None = None,
     eval_limit: int | float | None = None,
-    eval_batch_size: int = 8,
+    eval_batch_size: int = EvalOptions.batch_size,
     teacher_eval_results: dict | None = None,
     progress: bool = True,
     on_step: Callable[[str, int], None] | None = None,
@@ -398,201 +673,44 @@ def convert(
 
     base_name: how the model card names the teacher (default: BASE or the teacher's name_or_path).
     data: training files/directories/hub datasets, or "teacher" for text the teacher generates
-        (`teacher_sequences` chunks of seq_len tokens). resume: continue from OUT/checkpoints (False: start over).
-    dtype: of the saved weights ("auto": the teacher's). eval_tasks: lm-eval tasks to score the teacher and the
-        converted model on (hf_based.eval; `eval_data_dir` for local data); `teacher_eval_results` skips the teacher.
+        (`teacher_sequences` chunks of seq_len tokens); with the other data keywords, a `DataOptions`.
+    resume: continue from OUT/checkpoints (False: start over). dtype: of the saved weights ("auto": the teacher's).
+    eval_tasks: lm-eval tasks to score the teacher and the converted model on (hf_based.eval; `eval_data_dir` for
+        local data); `teacher_eval_results` skips the teacher; with the other eval keywords, an `EvalOptions`.
     on_step(stage name, step): called after every optimizer step (tests use it to interrupt a run).
     """
-    from hf_based import __version__
-
-    t_start = time.perf_counter()
+    started = time.perf_counter()
     recipe = recipe or Recipe()
     recipe.validate()
-    out = Path(out)
     dist = Dist.create()
-    log = (lambda *a: print(*a, flush=True)) if dist.is_main else (lambda *a: None)
+    out = prepare_output(out, resume, dist)
     checkpoints = out / "checkpoints"
-    if out.is_file():
-        raise ConversionError(f"{out} is a file; OUT must be a directory")
-    if not resume and dist.is_main and checkpoints.exists():
-        shutil.rmtree(checkpoints)
-    dist.barrier()
-
     sources = [data] if isinstance(data, (str, Path)) else list(data or [])
-    if not sources:
-        raise ConversionError(f"no training data: give data files/directories/hub datasets, or {TEACHER_DATA!r}")
-    check_sources([s for s in sources if str(s) != TEACHER_DATA])
+    data_options = DataOptions(sources, template, teacher_sequences, val_records, val_sequences, max_records)
+    data_options.check()
 
-    # Teacher and target config.
-    if teacher is None:
-        if base is None:
-            raise ConversionError("give BASE (a checkpoint directory, hub id or .gguf file) or a loaded teacher")
-        from hf_based.conversion.teacher import load_teacher
-
-        log(f"loading teacher {base}")
-        teacher, tokenizer = load_teacher(str(base))
-    elif tokenizer is None:
-        raise ConversionError("a loaded teacher needs its tokenizer")
-    if base_name is None:
-        base_name = str(base) if base is not None else getattr(teacher.config, "name_or_path", "") or "teacher"
-    teacher.eval().requires_grad_(False)
-    config = based_config(teacher.config, recipe)
-    check_teacher_weights(teacher, config)
-    window = getattr(teacher.config, "sliding_window", None)
-    if window and recipe.seq_len > window and getattr(teacher.config, "model_type", "") == "mistral":
-        log(f"warning: the teacher attends within {window} tokens; training on {recipe.seq_len} differs from it")
-
-    # Training data.
-    val_data = None
-    if [str(s) for s in sources] == [TEACHER_DATA]:
-        cached = checkpoints / "teacher_text.pt"
-        if dist.is_main and not (resume and cached.is_file()):
-            from hf_based.conversion.training import atomic_save
-
-            log(f"the teacher writes {teacher_sequences} training sequences of {recipe.seq_len} tokens")
-            generated = teacher_generated_text(
-                teacher.to(dist.device), tokenizer, teacher_sequences, recipe.seq_len, seed=recipe.seed,
-                progress=progress,
-            )
-            teacher.to("cpu")
-            atomic_save({"input_ids": generated.input_ids, "seq_len": recipe.seq_len}, cached)
-        dist.barrier()
-        saved = torch.load(cached, weights_only=True)
-        if saved["seq_len"] != recipe.seq_len:
-            raise ConversionError(f"{cached} holds sequences of another --seq-len; pass --no-resume")
-        train_data = PackedData(saved["input_ids"], saved["input_ids"].clone(), "teacher-generated text")
-        template_used = "none (teacher-generated)"
-    else:
-        if any(str(s) == TEACHER_DATA for s in sources):
-            raise ConversionError(f"{TEACHER_DATA!r} cannot be combined with other data sources")
-        train_data, val_data = load_training_data(
-            sources, tokenizer, recipe.seq_len, template, val_records, max_records
-        )
-        template_used = template
-    if val_data is not None:
-        val_data = PackedData(val_data.input_ids[:val_sequences], val_data.labels[:val_sequences], val_data.source)
-
-    # Budgets.
-    # Block-wise stage 1 trains each block in one process (blocks spread over processes), so its batch is per block.
-    world1 = 1 if recipe.blockwise else dist.world
-    global_batch = recipe.batch_size * recipe.grad_accum * dist.world
-    steps1 = resolve_steps(recipe.stage1_steps, recipe.stage1_tokens, recipe.epochs, len(train_data),
-                           recipe.batch_size * recipe.grad_accum * world1, recipe.seq_len)
-    steps2 = resolve_steps(recipe.stage2_steps, recipe.stage2_tokens, recipe.epochs, len(train_data), global_batch,
-                           recipe.seq_len)
+    inputs = load_inputs(base, recipe, data_options, dist, checkpoints, teacher=teacher, tokenizer=tokenizer,
+                         base_name=base_name, resume=resume, progress=progress)
     # The full model goes to the device for joint stage 1 and for unsharded stage 2; block-wise stage 1 moves one
     # block at a time, FSDP shards it from the CPU.
-    student = linearize_model(teacher, recipe, device="cpu")
-    if steps1 and not stage1_parameters(student, config):
-        log("stage 1 skipped: this recipe has nothing to train in it (Taylor feature maps without a window)")
-        steps1 = 0
-    data_name = ", ".join(map(str, sources))
-    key1 = {
-        "base": base_name, "teacher_config": _digest(teacher.config.to_dict()), "mixers": _digest(config.mixer_types),
-        "window": recipe.window, "feature_map": recipe.feature_map, "hedgehog_dim": recipe.hedgehog_dim,
-        "seq_len": recipe.seq_len, "batch_size": recipe.batch_size, "grad_accum": recipe.grad_accum,
-        "world_size": world1, "data": data_name, "template": template_used, "seed": recipe.seed,
-        "train_sequences": len(train_data), "mse_factor": recipe.mse_factor, "blockwise": recipe.blockwise,
-    }
-    key2 = {**key1, "world_size": dist.world, "stage1_steps": steps1, "stage1_lr": recipe.stage1_lr, "lora": _digest(
-        [recipe.lora_r, recipe.lora_alpha, recipe.lora_dropout, list(recipe.lora_targets)]),
-        "stage2_loss": recipe.stage2_loss, "fsdp": recipe.fsdp}
-    log(f"converting {base_name}: {len(converted_layers(config))}/{config.num_hidden_layers} layers "
-        f"{'linear' if recipe.linear_only else 'hybrid'} ({recipe.feature_map}), {len(train_data)} training sequences "
-        f"of {recipe.seq_len} tokens; stage 1: {steps1} steps, stage 2: {steps2} steps of {global_batch} sequences")
+    student = linearize_model(inputs.teacher, recipe, device="cpu")
+    plan = plan_stages(inputs, recipe, student, dist)
     if dist.is_main:
         out.mkdir(parents=True, exist_ok=True)
-    autocast = autocast_for(dist.device, recipe)
-    metrics: dict = {}
 
-    # Stage 1.
-    stage1_file = checkpoints / "stage1.pt"
-    val_ids = val_data.input_ids if val_data is not None else train_data.input_ids[:val_sequences]
-    finished = read_checkpoint(stage1_file, key1) if steps1 else None
-    if finished is not None and finished["done"] and finished["step"] >= steps1:  # a rerun after stage 1
-        student.load_state_dict(finished["model"], strict=False)
-        history = finished["history"]
-        stage1 = StageResult("stage 1 attention transfer", finished["step"], history[-1]["tokens"],
-                             history[-1]["seconds"], history)
-    elif steps1:
-        if dist.is_main and not recipe.blockwise:  # (block-wise: the full model need not fit the device)
-            student.to(dist.device)
-            metrics["val attention MSE x factor, before stage 1"] = attention_mse(
-                student, val_ids, recipe.mse_factor, recipe.batch_size, autocast)
-        if recipe.blockwise:
-            from hf_based.conversion.blockwise import run_blockwise_stage1
-
-            stage1 = run_blockwise_stage1(teacher, student, recipe, train_data, steps1, dist, checkpoints, key1,
-                                          progress=progress, on_step=on_step)
-            if stage1 is None:  # only one block was asked for (block_index)
-                return ConversionResult(out, None, tokenizer, recipe, {}, metrics)
-        else:
-            student.to(dist.device)
-            stage1 = run_stage1(student, recipe, train_data, steps1, dist, stage1_file, key1, progress, on_step)
-    else:
-        stage1 = StageResult("stage 1 attention transfer", 0, 0, 0.0, [], skipped=True)
-    if steps1 and dist.is_main and not recipe.blockwise:
-        student.to(dist.device)
-        metrics["val attention MSE x factor, after stage 1"] = attention_mse(
-            student, val_ids, recipe.mse_factor, recipe.batch_size, autocast)
-    stage1_state = read_checkpoint(stage1_file, key1)["model"] if steps1 else None
-
-    # Stage 2.
-    stage2_file = checkpoints / "stage2.pt"
-    if steps2:
-        if not (recipe.fsdp and dist.world > 1):
-            student.to(dist.device)
-        stage2 = run_stage2(student, recipe, train_data, steps2, dist, stage2_file, key2, teacher, progress, on_step)
-    else:
-        stage2 = StageResult("stage 2 LoRA", 0, 0, 0.0, [], skipped=True)
+    stage1, metrics = stage1_attention_transfer(student, inputs, recipe, plan, dist, checkpoints, progress, on_step)
+    if stage1 is None:  # only one block was asked for (block_index)
+        return ConversionResult(out, None, inputs.tokenizer, recipe, {}, metrics)
+    stage2 = stage2_lora(student, inputs, recipe, plan, dist, checkpoints, progress, on_step)
     del student
     if dist.device.type == "cuda":
         torch.cuda.empty_cache()
 
-    # Assemble, measure, save (main process).
-    result = ConversionResult(out, None, tokenizer, recipe, {"stage1": stage1, "stage2": stage2}, metrics)
-    if dist.is_main:
-        lora_state = read_checkpoint(stage2_file, key2)["model"] if steps2 else None
-        model = assemble(teacher, recipe, stage1_state, lora_state, device=dist.device)
-        if val_data is not None:
-            teacher.to(dist.device)
-            metrics["val perplexity, teacher"] = perplexity(teacher, val_data, dist.device, recipe.batch_size, autocast)
-            teacher.to("cpu")
-            metrics["val perplexity, converted"] = perplexity(model, val_data, dist.device, recipe.batch_size, autocast)
-        out_dtype = _output_dtype(dtype, teacher)
-        model.to(out_dtype).save_pretrained(out)
-        model.to(torch.float32)
-        tokenizer.save_pretrained(out)
-        result.model = model
-        if eval_tasks:
-            result.teacher_eval_results, result.eval_results = evaluate_pair(
-                teacher, model, tokenizer, eval_tasks, eval_data_dir, eval_limit, eval_batch_size, dist.device,
-                teacher_eval_results,
-            )
-        for key, stage in (("stage1", stage1), ("stage2", stage2)):
-            if stage.history:
-                write_loss_csv(stage, out / f"loss_{key}.csv")
-        plot_loss_curves([stage1, stage2], out / "loss_curves.png", title=f"{base_name} -> BASED (LoLCATs)")
-        info = {
-            "name": out.name, "base_model": base_name, "hf_based_version": __version__, "recipe": recipe.to_dict(),
-            "layers": {"total": config.num_hidden_layers, "converted": len(converted_layers(config)),
-                       "softmax": [i for i, m in enumerate(config.mixer_types) if m == "full_attention"]},
-            "data": data_name, "template": template_used, "train_sequences": len(train_data),
-            "world_size": dist.world, "device": str(dist.device), "dtype": str(out_dtype).removeprefix("torch."),
-            "stages": {k: {"steps": s.steps, "tokens": s.tokens, "seconds": round(s.seconds, 2),
-                           "tokens_per_second": s.tokens_per_second,
-                           "steady_tokens_per_second": s.steady_tokens_per_second, "final_loss": s.final_loss()}
-                       for k, s in result.stages.items()},
-            "metrics": metrics, "eval": result.eval_results, "teacher_eval": result.teacher_eval_results,
-            "eval_limit": eval_limit, "seconds": round(time.perf_counter() - t_start, 1),
-        }
-        (out / "conversion.json").write_text(json.dumps(info, indent=2, default=str))
-        (out / "README.md").write_text(model_card(info))
-        result.info = info
-        log(f"saved the converted model to {out}")
-    # No barrier here: the other processes are done, and waiting for the main one's evaluation could outlast the
-    # process group's timeout.
-    return result
+    evaluation = EvalOptions(eval_tasks, eval_data_dir, eval_limit, eval_batch_size, teacher_eval_results)
+    # No barrier after this: the other processes are done, and waiting for the main one's evaluation could outlast
+    # the process group's timeout.
+    return save_artifacts(out, inputs, recipe, plan, {"stage1": stage1, "stage2": stage2}, metrics, dist, dtype,
+                          evaluation, started)
 
 
 def evaluate_pair(teacher, model, tokenizer, tasks, data_dir, limit, batch_size, device, teacher_results=None):

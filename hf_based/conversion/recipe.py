@@ -1,0 +1,143 @@
+"""`Recipe`: every setting of a conversion, with LoLCATs' defaults.
+
+Each field carries its command-line help in its metadata (`setting`), so `hf-based convert` and `hf-based demo`
+generate their recipe flags from the dataclass: one place for a setting's name, default, choices and help.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from hf_based.errors import ConversionError
+from hf_based.training import Schedule
+
+FEATURE_MAPS = ("hedgehog", "taylor")
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
+def setting(default, help: str, group: str, **argparse_kwargs):
+    """A Recipe field: its default, and for the command line its help, argument group and any argparse keywords
+    (choices, metavar, exclusive: the name of a mutually exclusive group within `group`)."""
+    return dataclasses.field(default=default, metadata={"help": help, "group": group, **argparse_kwargs})
+
+
+@dataclass
+class Recipe:
+    """Every setting of a conversion. Defaults follow LoLCATs (Zhang et al., 2024): window 64, hedgehog maps with
+    64 -> 128 features, window factor init 0.1; stage 1 lr 1e-2 with MSE x 1000, stage 2 LoRA r 8 / alpha 16 on
+    q/k/v/o at lr 1e-4; packed 1024-token sequences, batch 1 x 8 accumulation, 2 epochs per stage, clip 1.0."""
+
+    # LoLCATs' window_size counts the same keys
+    window: int = setting(64, "softmax window in keys, the current one included", "architecture")
+    feature_map: str = setting("hedgehog", "linear-attention feature map", "architecture", choices=FEATURE_MAPS)
+    hedgehog_dim: int = setting(64, "hedgehog W columns; features = 2x this", "architecture")
+    softmax_layers: tuple[int, ...] = setting(
+        (), "layers kept as full softmax attention (negative: from the end)", "architecture", metavar="I,J,..."
+    )
+    linear_only: bool = setting(False, "pure linear attention, no sliding window", "architecture")
+    window_factor_init: float = setting(0.1, "initial window factor (the softmax window's weight)", "architecture")
+
+    seq_len: int = setting(1024, "packed sequence length", "data")
+    batch_size: int = setting(1, "sequences per micro-batch and process", "data")
+    grad_accum: int = setting(8, "micro-batches per step", "data")
+    epochs: float = setting(2.0, "passes per stage when no steps/tokens are given", "data")
+    seed: int = setting(0, "seed of the initialisation and the data order", "data")
+
+    stage1_steps: int | None = setting(
+        None, "stage 1 optimizer steps, 0 skips it; none: --epochs passes", "training", exclusive="stage1"
+    )
+    stage1_tokens: int | None = setting(None, "stage 1 budget in tokens", "training", exclusive="stage1")
+    stage1_lr: float = setting(1e-2, "attention-transfer learning rate", "training")
+    mse_factor: float = setting(1000.0, "stage-1 loss scale", "training")
+    stage2_steps: int | None = setting(
+        None, "stage 2 optimizer steps, 0 skips it; none: --epochs passes", "training", exclusive="stage2"
+    )
+    stage2_tokens: int | None = setting(None, "stage 2 budget in tokens", "training", exclusive="stage2")
+    stage2_lr: float = setting(1e-4, "LoRA learning rate", "training")
+    stage2_loss: str = setting(
+        "next_token", "next-token cross-entropy, or KL to the teacher's logits", "training",
+        choices=("next_token", "distill"),
+    )
+    distill_temperature: float = setting(1.0, "softmax temperature of --stage2-loss distill", "training")
+    lora_r: int = setting(8, "LoRA rank", "training")
+    lora_alpha: float = setting(16.0, "LoRA alpha", "training")
+    lora_dropout: float = setting(0.0, "LoRA dropout", "training")
+    lora_targets: tuple[str, ...] = setting(
+        LORA_TARGETS, "comma-separated projections that get LoRA", "training", metavar="NAMES"
+    )
+    weight_decay: float = setting(0.0, "AdamW weight decay", "training")
+    max_grad_norm: float = setting(1.0, "gradient clipping norm", "training")
+    warmup_steps: int = setting(0, "linear learning-rate warm-up steps", "training")
+    lr_schedule: str = setting(
+        "constant", "after warm-up: constant, or cosine decay to 10% of the peak", "training",
+        choices=("constant", "cosine"),
+    )
+
+    checkpoint_every: int = setting(50, "steps between checkpoints", "run")
+    blockwise: int | None = setting(
+        None, "block-wise attention transfer with blocks of this many layers", "run", metavar="LAYERS"
+    )
+    block_index: int | None = setting(None, "with --blockwise: train only this block, then stop", "run")
+    fsdp: bool = setting(False, "stage 2 with FSDP2 in a multi-process (accelerate) run", "run")
+    gradient_checkpointing: bool = setting(False, "stage 2: recompute activations", "training")
+    precision: str | None = setting(
+        None, "compute precision (default: bf16 on CUDA, fp32 elsewhere)", "training", choices=("bf16", "fp32")
+    )
+
+    def validate(self) -> None:
+        def positive(name, allow_zero=False, allow_none=False):
+            value = getattr(self, name)
+            if value is None and allow_none:
+                return
+            ok = isinstance(value, int) and not isinstance(value, bool) and (value >= 0 if allow_zero else value >= 1)
+            if not ok:
+                lowest = 0 if allow_zero else 1
+                raise ConversionError(f"{name}={value!r} is not supported; accepted: integers >= {lowest}")
+
+        for name in ("window", "hedgehog_dim", "seq_len", "batch_size", "grad_accum", "lora_r", "checkpoint_every"):
+            positive(name)
+        for name in ("stage1_steps", "stage1_tokens", "stage2_steps", "stage2_tokens"):
+            positive(name, allow_zero=True, allow_none=True)
+        positive("blockwise", allow_none=True)
+        positive("block_index", allow_zero=True, allow_none=True)
+        positive("warmup_steps", allow_zero=True)
+        for f in dataclasses.fields(self):
+            choices = f.metadata.get("choices")
+            value = getattr(self, f.name)
+            if choices and value not in choices and not (value is None and f.default is None):
+                raise ConversionError(f"{f.name}={value!r} is not supported; accepted: {', '.join(choices)}")
+        if not 0 < self.window_factor_init < 1:
+            raise ConversionError(
+                f"window_factor_init={self.window_factor_init!r} is not supported; accepted: 0 < value < 1"
+            )
+        for name in ("stage1_lr", "stage2_lr", "epochs", "mse_factor", "lora_alpha", "distill_temperature"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                raise ConversionError(f"{name}={value!r} is not supported; accepted: a number > 0")
+        if not self.lora_targets or any(t not in LORA_TARGETS for t in self.lora_targets):
+            raise ConversionError(
+                f"lora_targets={list(self.lora_targets)!r} is not supported; "
+                f"accepted: a subset of {', '.join(LORA_TARGETS)}"
+            )
+        if self.block_index is not None and self.blockwise is None:
+            raise ConversionError("block_index needs blockwise (layers per block)")
+
+    def schedule(self, stage: int, steps: int) -> Schedule:
+        """The optimisation schedule of stage 1 (attention transfer) or 2 (LoRA) over `steps` optimizer steps."""
+        lr = self.stage1_lr if stage == 1 else self.stage2_lr
+        return Schedule(steps, self.grad_accum, lr, self.warmup_steps, self.lr_schedule, self.max_grad_norm)
+
+    def to_dict(self) -> dict:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, values: Mapping) -> Recipe:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(values) - names
+        if unknown:
+            raise ConversionError(f"unknown recipe field(s): {', '.join(sorted(unknown))}")
+        values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
+        return cls(**values)
