@@ -31,6 +31,7 @@ from hf_based.conversion import ConversionError, NonFiniteLossError, Recipe, bas
 from hf_based.conversion.blockwise import block_layers
 from hf_based.conversion.data import ALPACA_PROMPT_NO_INPUT, IGNORE_INDEX, load_records, load_training_data
 from hf_based.conversion.linearize import AttentionTransfer, converted_layers, stage1_parameters
+from hf_based.modeling.compat import output_cache
 
 REPO = Path(__file__).resolve().parents[1]
 WORDS = ("the cat dog fox bird runs jumps sits flies over under near a an big small red blue green old new house "
@@ -222,7 +223,7 @@ def test_convert_cli_end_to_end(workdir, tokenizer):
     with torch.no_grad():
         full = model(ids).logits[:, -1]
         out1 = model(ids[:, :-1], use_cache=True)
-        step = model(ids[:, -1:], cache=out1.cache if hasattr(out1, "cache") else out1.past_key_values).logits[:, -1]
+        step = model(ids[:, -1:], cache=output_cache(out1)).logits[:, -1]
     torch.testing.assert_close(step, full, atol=1e-4, rtol=1e-4)
 
 

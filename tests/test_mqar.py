@@ -3,12 +3,15 @@
 import dataclasses
 import json
 import re
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from hf_based import BasedConfig, BasedForCausalLM
 from hf_based.cli import main
+from hf_based.modeling.compat import output_cache
+from hf_based.bench import mqar
 from hf_based.bench.mqar import FAMILIES, SWEEPS, ModelSpec, multiquery_ar, sample_mqar, train_and_evaluate
 
 
@@ -84,8 +87,9 @@ def test_state_size_is_what_the_cache_holds():
         config = BasedConfig(**{**config.to_dict(), **overrides})
         model = BasedForCausalLM(config)
         out = model(torch.randint(0, 100, (3, 20)), use_cache=True)
-        cache = getattr(out, "cache", None) or out.past_key_values
-        held = [sum(t.numel() for name, t in s.items() if name != "key_mask") // 3 for s in cache.states]
+        cache = output_cache(out)
+        held = [sum(t.numel() for name, t in s.items() if name != "key_mask") // 3
+                for s in (layer.named_tensors() for layer in cache.layers)]
         assert held == config.recurrent_state_size(20)
     with pytest.raises(ValueError, match="pass seq_len"):
         config.recurrent_state_size()
@@ -134,12 +138,15 @@ def test_tiny_sweep_learns_and_resumes(tmp_path, one_thread, capsys):
     assert (tmp_path / "mqar.png").is_file()
 
 
-def test_time_budget_sets_the_steps(one_thread):
+def test_time_budget_sets_the_steps(one_thread, monkeypatch):
+    # A scripted clock: the run starts at 0 s and reaches steps 10 and 30 at 1 s and 3 s, i.e. 0.1 s a step, so a
+    # 10 s budget leaves 7 s for 70 more steps.
+    ticks = iter([0.0, 1.0, 3.0])
+    monkeypatch.setattr(mqar, "time", SimpleNamespace(perf_counter=lambda: next(ticks, 3.0)))
     settings, specs = SWEEPS["tiny"]
-    settings = dataclasses.replace(settings, max_steps=100_000, check_every=10)
-    record = train_and_evaluate(specs[1], settings, torch.device("cpu"), time_budget_s=3.0)
-    assert 30 <= record["steps"] < 100_000 and not record["early_stopped"]
-    assert 2.0 < record["train_seconds"] < 10.0
+    settings = dataclasses.replace(settings, max_steps=100_000, check_every=10, early_stop_accuracy=2.0)
+    record = train_and_evaluate(specs[1], settings, torch.device("cpu"), time_budget_s=10.0)
+    assert record["steps"] == 100 and not record["early_stopped"]
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -35,6 +35,7 @@ interrupted sweep resumes. The summary goes to DIR/results.json, DIR/results.md 
 """
 
 import dataclasses
+import logging
 import functools
 import hashlib
 import json
@@ -50,6 +51,8 @@ from hf_based.bench import report
 from hf_based.utils import pyplot
 from hf_based.modeling import BasedConfig, BasedForCausalLM
 from hf_based.training import autocast_for, lr_factor
+
+logger = logging.getLogger(__name__)
 
 VOCAB_SIZE = 8192
 POWER_A = 0.01
@@ -464,7 +467,7 @@ def write_report(runs: list[dict], settings: Settings, out: Path, env: dict) -> 
 def plot(runs: list[dict], settings: Settings, out: Path) -> Path | None:
     plt = pyplot()
     if plt is None:
-        print("matplotlib is missing: skipped mqar.png (rerun with --plot-only where it is installed)")
+        logger.warning("matplotlib is missing: skipped mqar.png (rerun with --plot-only where it is installed)")
         return None
     headline = settings.headline.name
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.8), sharey=True)

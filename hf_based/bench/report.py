@@ -12,7 +12,7 @@ import torch
 
 
 def git_commit() -> str:
-    """$COMMIT if set (the lead's runs on machines without the git history), else `git rev-parse --short HEAD`."""
+    """$COMMIT if set (for runs on machines without the git history), else `git rev-parse --short HEAD`."""
     if os.environ.get("COMMIT"):
         return os.environ["COMMIT"]
     try:

@@ -27,8 +27,8 @@ Writes DIR/results.json, DIR/results.md and DIR/bench.png.
 """
 
 import dataclasses
+import logging
 import gc
-import inspect
 import statistics
 import time
 from dataclasses import dataclass
@@ -42,8 +42,11 @@ from hf_based import checkpoints
 from hf_based.errors import UsageError
 from hf_based.utils import pyplot
 from hf_based.modeling import PRESETS, BasedConfig, BasedForCausalLM, preset_config
+from hf_based.modeling.compat import CACHE_FIELD, output_cache
 
-# Targets of issue 5 on the H200 (based-360m against a 360M Llama).
+logger = logging.getLogger(__name__)
+
+# The speed targets the results are checked against (based-360m against a 360M Llama, on an H200).
 DECODE_TARGET = {"batch": 64, "prompt_len": 8192, "speedup": 10.0}
 PREFILL_TARGET = {"length": 8192, "speedup": 1.5}
 
@@ -155,16 +158,6 @@ def describe(name: str, model) -> dict:
     return info
 
 
-def cache_argument(model) -> str:
-    """transformers renamed `past_key_values` to `cache` during 5.x."""
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-
-
-def output_cache(output):
-    cache = getattr(output, "cache", None)
-    return cache if cache is not None else getattr(output, "past_key_values", None)
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Timing
 
@@ -262,7 +255,7 @@ def measure_prefill(model, length: int, batch: int, device: torch.device) -> dic
 
 class Decoder:
     """Greedy decode steps of `batch` sequences after a `prompt_len`-token prompt, with the inputs, positions and
-    cache in static buffers so that `step` can be captured in a CUDA graph and replayed."""
+    cache in fixed buffers so that `step` can be captured in a CUDA graph and replayed."""
 
     graphable = True
 
@@ -270,11 +263,6 @@ class Decoder:
         self.model, self.batch, self.device = model, batch, device
         self.ids = torch.zeros(batch, 1, dtype=torch.long, device=device)
         self.positions = torch.full((batch, 1), prompt_len, dtype=torch.long, device=device)
-        self.static = False  # set when capturing: keep the cache in its buffers
-
-    def set_static(self, static: bool) -> None:
-        """Static mode (for capture): each step reads and writes the cache in fixed buffers."""
-        self.static = static
 
     def step(self) -> None:
         raise NotImplementedError
@@ -288,32 +276,17 @@ class Decoder:
 
 
 class BasedDecoder(Decoder):
+    """BasedCache updates its states in place once filled: its steps are capturable as they are."""
+
     def __init__(self, model, batch, prompt_len, headroom, device):
         super().__init__(model, batch, prompt_len, headroom, device)
-        self.graphable = "full_attention" not in model.config.mixer_types  # a growing KV cache has no static shape
         prompt = random_ids(model, 1, prompt_len, device)
         self.cache = output_cache(model(input_ids=prompt, use_cache=True, logits_to_keep=1))
-        self.cache.states = [
-            {name: t.expand(batch, *t.shape[1:]).contiguous() for name, t in state.items()}
-            for state in self.cache.states
-        ]
-        self.buffers = [dict(state) for state in self.cache.states]
-
-    def set_static(self, static):
-        if static:  # the buffers: the states as they are now (eager steps may have replaced the prompt's)
-            self.buffers = [dict(state) for state in self.cache.states]
-        else:  # back from a failed capture: the states in the buffers are the last ones computed
-            self.cache.states = [dict(buffers) for buffers in self.buffers]
-        self.static = static
+        self.cache.batch_repeat_interleave(batch)
+        self.graphable = self.cache.is_static  # a growing full_attention KV cache has no static shape
 
     def step(self):
-        if self.static:
-            self.cache.states = [dict(buffers) for buffers in self.buffers]
         logits = self.model(input_ids=self.ids, position_ids=self.positions, cache=self.cache, use_cache=True).logits
-        if self.static:
-            for buffers, state in zip(self.buffers, self.cache.states):
-                for name, tensor in buffers.items():
-                    tensor.copy_(state[name])
         self.advance(logits)
 
     def cache_bytes(self):
@@ -325,7 +298,6 @@ class StaticCacheDecoder(Decoder):
 
     def __init__(self, model, batch, prompt_len, headroom, device):
         super().__init__(model, batch, prompt_len, headroom, device)
-        self.cache_kwarg = cache_argument(model)
         prompt = random_ids(model, 1, prompt_len, device)
         prefix = output_cache(model(input_ids=prompt, use_cache=True, logits_to_keep=1))
         length = -(-(prompt_len + headroom) // 64) * 64  # aligned, as SDPA's masked kernels like their key dim
@@ -344,7 +316,7 @@ class StaticCacheDecoder(Decoder):
     def step(self):
         mask = self.key_positions <= self.positions[:, :, None, None]  # [B, 1, 1, L]: the prompt and the past steps
         logits = self.model(input_ids=self.ids, position_ids=self.positions, attention_mask=mask, use_cache=True,
-                            **{self.cache_kwarg: self.cache}).logits
+                            **{CACHE_FIELD: self.cache}).logits
         self.advance(logits)
 
     def cache_bytes(self):
@@ -372,11 +344,10 @@ def timed_steps(run_step, device: torch.device, steps: int, trials: int) -> floa
 
 
 def capture(decoder: Decoder, device: torch.device) -> "torch.cuda.CUDAGraph":
-    decoder.set_static(True)
     stream = torch.cuda.Stream(device)
     stream.wait_stream(torch.cuda.current_stream(device))
     with torch.cuda.stream(stream):
-        decoder.step()  # one eager step in static mode on a side stream, as torch.cuda.graphs recommends
+        decoder.step()  # one eager step on a side stream, as torch.cuda.graphs recommends
     torch.cuda.current_stream(device).wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
@@ -403,7 +374,6 @@ def measure_decode(model, batch: int, prompt_len: int, settings: BenchSettings, 
                     if is_oom(error):
                         raise
                     record["graph_error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
-                    decoder.set_static(False)
                     graph = None
                     synchronize(device)
             seconds = timed_steps(run_step, device, settings.steps, settings.trials)
@@ -577,7 +547,7 @@ def _cache(record) -> str:
 def plot(results: dict, out: Path) -> Path | None:
     plt = pyplot()
     if plt is None:
-        print("matplotlib is missing: skipped bench.png (rerun with --plot-only where it is installed)")
+        logger.warning("matplotlib is missing: skipped bench.png (rerun with --plot-only where it is installed)")
         return None
     names = {role: info["name"] for role, info in results["models"].items()}
     colors = {"model": "C2", "baseline": "C0"}
