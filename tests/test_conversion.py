@@ -258,6 +258,7 @@ def test_resume_after_interruption_gives_the_same_model(workdir):
     run(workdir, "resumed", tiny_recipe(stage1_steps=7, stage2_steps=5, window=4), resume=False)
 
 
+@pytest.mark.slow
 def test_killed_cli_run_resumes(workdir):
     """Kill `hf-based convert` mid-stage (SIGKILL), rerun the same command: it continues and finishes."""
     out = workdir / "killed"
@@ -284,6 +285,7 @@ def test_killed_cli_run_resumes(workdir):
     assert len((out / "loss_stage1.csv").read_text().splitlines()) == step + 3
 
 
+@pytest.mark.slow
 def test_fsdp_on_two_cpu_processes_matches_one_process_and_resumes(workdir):
     """`accelerate launch` with 2 CPU processes (gloo): stage 1 data-parallel, stage 2 sharded with FSDP2. Two
     processes x 1 micro-batch see what one process sees with 2 micro-batches, so the models must agree."""

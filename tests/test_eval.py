@@ -79,6 +79,7 @@ def local_tasks(tmp_path_factory) -> Path:
 
 
 @needs_data
+@pytest.mark.slow
 def test_local_tasks_serve_the_local_files(local_tasks):
     """Every local task reads the whole local file, with lm-eval's own prompts, and MMLU splits it per subject."""
     manager = TaskManager(include_path=local_tasks, include_defaults=False)
@@ -107,6 +108,7 @@ def test_local_tasks_serve_the_local_files(local_tasks):
 
 
 @needs_data
+@pytest.mark.slow
 def test_evaluate_every_local_task(tiny_model, tokenizer):
     # limit=1: one document of each task (one wikitext page), one question of each of MMLU's 57 subjects.
     results = evaluate(tiny_model, list(LOCAL_TASKS), tokenizer=tokenizer, data_dir=DATA, limit=1, batch_size=4)
@@ -185,6 +187,7 @@ def test_lm_eval_padding_does_not_change_scores(mixer, tokenizer):
 
 
 @needs_data
+@pytest.mark.slow
 def test_lm_eval_cli_on_our_checkpoint(checkpoint, local_tasks, tmp_path):
     """`lm_eval --model hf --model_args pretrained=DIR,trust_remote_code=True` loads our checkpoint through its
     auto_map (a fresh process that never imported hf_based), runs the local tasks via --include_path, and scores

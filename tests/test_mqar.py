@@ -111,6 +111,7 @@ def test_default_sweep_covers_every_family():
     assert sum(config.recurrent_state_size(512)) == sum(config.recurrent_state_size(64))
 
 
+@pytest.mark.slow
 def test_tiny_sweep_learns_and_resumes(tmp_path, one_thread, capsys):
     assert main(["mqar", "--out", str(tmp_path), "--preset", "tiny", "--quiet"]) == 0
     data = json.loads((tmp_path / "results.json").read_text())

@@ -7,7 +7,7 @@ references run on fp64 copies. With TRITON_INTERPRET=0 and a GPU, the same tests
 
 import pytest
 import torch
-from conftest import DEVICE
+from triton_helpers import DEVICE
 
 from hf_based.kernels.conv import triton as conv
 from hf_based.kernels.conv.reference import short_conv as reference

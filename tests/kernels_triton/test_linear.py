@@ -7,7 +7,7 @@ copies. With TRITON_INTERPRET=0 and a GPU, the same tests run the compiled kerne
 
 import pytest
 import torch
-from conftest import DEVICE, Rand, left_padding_mask
+from triton_helpers import DEVICE, Rand, left_padding_mask
 
 from hf_based.kernels.linear import triton as linear
 from hf_based.kernels.linear.reference import linear_attention as reference

@@ -7,7 +7,7 @@ TRITON_INTERPRET=0 and a GPU, the same tests run the compiled kernels.
 
 import pytest
 import torch
-from conftest import DEVICE, Rand, left_padding_mask
+from triton_helpers import DEVICE, Rand, left_padding_mask
 
 from hf_based.kernels.taylor import triton as taylor
 from hf_based.kernels.taylor.reference import taylor_linear_attention as reference

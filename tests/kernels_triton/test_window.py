@@ -7,7 +7,7 @@ kernels.
 
 import pytest
 import torch
-from conftest import DEVICE, Rand, left_padding_mask
+from triton_helpers import DEVICE, Rand, left_padding_mask
 
 from hf_based.kernels.hybrid import triton as hybrid
 from hf_based.kernels.hybrid.reference import hybrid_attention as reference_hybrid
