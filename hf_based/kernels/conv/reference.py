@@ -24,7 +24,13 @@ def _prepare(x, weight, bias, initial_state):
     return x.to(dtype), weight.to(dtype), bias, state
 
 
-def short_conv(x, weight, bias=None, initial_state=None, output_final_state=False):
+def short_conv(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """x: [B, T, C]; weight: [C, K]; bias: [C] or None; initial_state: [B, K-1, C] or None.
 
     Returns (y [B, T, C] in x.dtype, final state = the last K-1 inputs [B, K-1, C], or None).
@@ -36,7 +42,13 @@ def short_conv(x, weight, bias=None, initial_state=None, output_final_state=Fals
     return y.to(out_dtype), (xs[:, length:] if output_final_state else None)
 
 
-def short_conv_recurrent(x, weight, bias=None, initial_state=None, output_final_state=False):
+def short_conv_recurrent(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Step-by-step form (T = 1 is the decode step); same arguments and result as `short_conv`."""
     out_dtype = x.dtype
     x, weight, bias, state = _prepare(x, weight, bias, initial_state)

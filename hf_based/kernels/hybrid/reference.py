@@ -53,9 +53,18 @@ def _final_state(kv, z, k_feat, v, window, folded=0):
 
 
 def hybrid_attention(
-    q, k, v, q_feat, k_feat, window_factor, window, key_mask=None, initial_state=None, output_final_state=False,
-    scale=None,
-):
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    q_feat: torch.Tensor,
+    k_feat: torch.Tensor,
+    window_factor: torch.Tensor,
+    window: int,
+    key_mask: torch.Tensor | None = None,
+    initial_state: tuple[torch.Tensor, torch.Tensor] | None = None,
+    output_final_state: bool = False,
+    scale: float | None = None,
+) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
     """Parallel form, quadratic over Tq x Tk.
 
     q: [B, Tq, H, D]; k: [B, Tk, Hkv, D]; v: [B, Tk, Hkv, Dv] (queries are the last Tq keys, GQA as in
@@ -79,9 +88,18 @@ def hybrid_attention(
 
 
 def hybrid_attention_recurrent(
-    q, k, v, q_feat, k_feat, window_factor, window, key_mask=None, initial_state=None, output_final_state=False,
-    scale=None,
-):
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    q_feat: torch.Tensor,
+    k_feat: torch.Tensor,
+    window_factor: torch.Tensor,
+    window: int,
+    key_mask: torch.Tensor | None = None,
+    initial_state: tuple[torch.Tensor, torch.Tensor] | None = None,
+    output_final_state: bool = False,
+    scale: float | None = None,
+) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
     """One query at a time (Tq = 1 is the decode step), folding each key into the linear state once it leaves the
     window; same arguments and result as `hybrid_attention`."""
     out_dtype = v.dtype

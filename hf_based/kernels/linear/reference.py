@@ -31,7 +31,16 @@ def _prepare(q, k, v, key_mask, initial_state):
     return q, k, v, kv, z
 
 
-def linear_attention(q, k, v, key_mask=None, initial_state=None, output_final_state=False, eps=1e-12, chunk_size=64):
+def linear_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    key_mask: torch.Tensor | None = None,
+    initial_state: tuple[torch.Tensor, torch.Tensor] | None = None,
+    output_final_state: bool = False,
+    eps: float = 1e-12,
+    chunk_size: int = 64,
+) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
     """Parallel (training / prefill) form, chunked: quadratic within a chunk, the running state across chunks.
 
     q, k: [B, T, H, F] features; v: [B, T, H, Dv]; key_mask: [B, T] (1 = real token) or None;
@@ -51,7 +60,15 @@ def linear_attention(q, k, v, key_mask=None, initial_state=None, output_final_st
     return torch.cat(outs, dim=1).to(out_dtype), ((kv, z) if output_final_state else None)
 
 
-def linear_attention_recurrent(q, k, v, key_mask=None, initial_state=None, output_final_state=False, eps=1e-12):
+def linear_attention_recurrent(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    key_mask: torch.Tensor | None = None,
+    initial_state: tuple[torch.Tensor, torch.Tensor] | None = None,
+    output_final_state: bool = False,
+    eps: float = 1e-12,
+) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
     """Token-by-token form (T = 1 is the decode step); same arguments and result as `linear_attention`."""
     out_dtype = v.dtype
     q, k, v, kv, z = _prepare(q, k, v, key_mask, initial_state)

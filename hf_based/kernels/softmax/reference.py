@@ -28,7 +28,14 @@ def normalise(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
     return num / torch.where(den > 0, den, torch.ones_like(den))[..., None]
 
 
-def softmax_attention(q, k, v, window=None, key_mask=None, scale=None):
+def softmax_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    window: int | None = None,
+    key_mask: torch.Tensor | None = None,
+    scale: float | None = None,
+) -> torch.Tensor:
     """q: [B, Tq, H, D]; k: [B, Tk, Hkv, D]; v: [B, Tk, Hkv, Dv], Tk >= Tq, query head h uses kv head h // (H // Hkv).
 
     window: keys a query sees, itself included (None = all earlier keys); key_mask: [B, Tk], 0 = padding.

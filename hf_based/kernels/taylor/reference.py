@@ -15,13 +15,29 @@ def _taylor_features(q, k, v):
     return taylor_feature_map(q.to(dtype)), taylor_feature_map(k.to(dtype))
 
 
-def taylor_linear_attention(q, k, v, key_mask=None, initial_state=None, output_final_state=False, eps=1e-12):
+def taylor_linear_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    key_mask: torch.Tensor | None = None,
+    initial_state: tuple[torch.Tensor, torch.Tensor] | None = None,
+    output_final_state: bool = False,
+    eps: float = 1e-12,
+) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
     """BASED linear attention: `linear_attention` on Taylor features of raw q, k [B, T, H, d]."""
     q, k = _taylor_features(q, k, v)
     return linear_attention(q, k, v, key_mask, initial_state, output_final_state, eps)
 
 
-def taylor_linear_attention_recurrent(q, k, v, key_mask=None, initial_state=None, output_final_state=False, eps=1e-12):
+def taylor_linear_attention_recurrent(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    key_mask: torch.Tensor | None = None,
+    initial_state: tuple[torch.Tensor, torch.Tensor] | None = None,
+    output_final_state: bool = False,
+    eps: float = 1e-12,
+) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
     """Decode form of `taylor_linear_attention`."""
     q, k = _taylor_features(q, k, v)
     return linear_attention_recurrent(q, k, v, key_mask, initial_state, output_final_state, eps)
