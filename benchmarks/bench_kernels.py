@@ -97,6 +97,7 @@ def check_op(name, op, make_inputs, grad_names=()):
     """make_inputs(dtype) -> (args list, kwargs dict, dict name->tensor of differentiable inputs)."""
     torch.manual_seed(hash(name) % 2**31)
     args, kwargs, leaves = make_inputs(BF16)
+
     # fp64 copies of the very same values for the reference
     def to64(x):
         return x.detach().double().requires_grad_(x.requires_grad) if isinstance(x, torch.Tensor) else x
@@ -145,8 +146,12 @@ def correctness(quick: bool) -> list[dict]:
 
     checks = [
         ("taylor_linear_attention", K.taylor_linear_attention, taylor_inputs, ("q", "k", "v")),
-        ("taylor_linear_attention+state+mask", K.taylor_linear_attention,
-         lambda d: taylor_inputs(d, state=True, mask=True), ()),
+        (
+            "taylor_linear_attention+state+mask",
+            K.taylor_linear_attention,
+            lambda d: taylor_inputs(d, state=True, mask=True),
+            (),
+        ),
     ]
 
     def decode_inputs(dtype, feature_dim=16, features=None):
@@ -158,8 +163,9 @@ def correctness(quick: bool) -> list[dict]:
         state = (rand(64, H, F, 64, dtype=torch.float32), rand(64, H, F, dtype=torch.float32).abs() + 1)
         return [q, k, v], {"initial_state": state, "output_final_state": True}, {}
 
-    checks.append(("taylor_linear_attention_recurrent (decode)", K.taylor_linear_attention_recurrent,
-                   decode_inputs, ()))
+    checks.append(
+        ("taylor_linear_attention_recurrent (decode)", K.taylor_linear_attention_recurrent, decode_inputs, ())
+    )
 
     def feature_inputs(dtype, state=False):
         F, Dv = 128, 128
@@ -168,16 +174,24 @@ def correctness(quick: bool) -> list[dict]:
         v = rand(B, T, H, Dv, requires_grad=True)
         kwargs = {}
         if state:
-            kwargs = {"initial_state": (rand(B, H, F, Dv, dtype=torch.float32).abs(),
-                                        rand(B, H, F, dtype=torch.float32).abs() + 1),
-                      "output_final_state": True}
+            kwargs = {
+                "initial_state": (
+                    rand(B, H, F, Dv, dtype=torch.float32).abs(),
+                    rand(B, H, F, dtype=torch.float32).abs() + 1,
+                ),
+                "output_final_state": True,
+            }
         return [q, k, v], kwargs, {"q": q, "k": k, "v": v}
 
     checks += [
         ("linear_attention (hedgehog features)", K.linear_attention, feature_inputs, ("q", "k", "v")),
         ("linear_attention+state", K.linear_attention, lambda d: feature_inputs(d, state=True), ()),
-        ("linear_attention_recurrent (decode)", K.linear_attention_recurrent,
-         lambda d: decode_inputs(d, features=128), ()),
+        (
+            "linear_attention_recurrent (decode)",
+            K.linear_attention_recurrent,
+            lambda d: decode_inputs(d, features=128),
+            (),
+        ),
     ]
 
     def window_inputs(dtype, window, head_dim=64, kv_heads=2):
@@ -189,8 +203,18 @@ def correctness(quick: bool) -> list[dict]:
         return [q, k, v], {"window": window, "key_mask": key_mask}, {"q": q, "k": k, "v": v}
 
     checks += [
-        ("softmax_attention window=128 hd64 GQA", K.softmax_attention, lambda d: window_inputs(d, 128), ("q", "k", "v")),
-        ("softmax_attention full hd128", K.softmax_attention, lambda d: window_inputs(d, None, 128, 4), ("q", "k", "v")),
+        (
+            "softmax_attention window=128 hd64 GQA",
+            K.softmax_attention,
+            lambda d: window_inputs(d, 128),
+            ("q", "k", "v"),
+        ),
+        (
+            "softmax_attention full hd128",
+            K.softmax_attention,
+            lambda d: window_inputs(d, None, 128, 4),
+            ("q", "k", "v"),
+        ),
     ]
 
     def hybrid_inputs(dtype, state=False):
@@ -202,9 +226,13 @@ def correctness(quick: bool) -> list[dict]:
         gamma = torch.rand(H, device=DEVICE, requires_grad=True)
         kwargs = {}
         if state:
-            kwargs = {"initial_state": (rand(B, H, F, hd, dtype=torch.float32).abs(),
-                                        rand(B, H, F, dtype=torch.float32).abs() + 1),
-                      "output_final_state": True}
+            kwargs = {
+                "initial_state": (
+                    rand(B, H, F, hd, dtype=torch.float32).abs(),
+                    rand(B, H, F, dtype=torch.float32).abs() + 1,
+                ),
+                "output_final_state": True,
+            }
         leaves = {"q": q, "k": k, "v": v, "q_feat": qf, "k_feat": kf, "gamma": gamma}
         return [q, k, v, qf, kf, gamma, 64], kwargs, leaves
 
@@ -224,8 +252,12 @@ def correctness(quick: bool) -> list[dict]:
         return [q, k, v], {"window": window, "key_mask": key_mask}, {}
 
     checks += [
-        ("hybrid_attention window=64 hedgehog", K.hybrid_attention, hybrid_inputs,
-         ("q", "k", "v", "q_feat", "k_feat", "gamma")),
+        (
+            "hybrid_attention window=64 hedgehog",
+            K.hybrid_attention,
+            hybrid_inputs,
+            ("q", "k", "v", "q_feat", "k_feat", "gamma"),
+        ),
         ("hybrid_attention+state", K.hybrid_attention, lambda d: hybrid_inputs(d, state=True), ()),
         ("hybrid_attention_recurrent (decode)", K.hybrid_attention_recurrent, hybrid_decode_inputs, ()),
         ("softmax_attention window=129 (decode, padded)", K.softmax_attention, window_decode_inputs, ()),
@@ -241,8 +273,14 @@ def correctness(quick: bool) -> list[dict]:
         try:
             results.append(check_op(name, op, make, grads))
         except Exception as error:  # one broken kernel must not hide the others' results
-            results.append({"op": name, "ok": False, "error": f"{type(error).__name__}: {error}",
-                            "traceback": traceback.format_exc(limit=4)})
+            results.append(
+                {
+                    "op": name,
+                    "ok": False,
+                    "error": f"{type(error).__name__}: {error}",
+                    "traceback": traceback.format_exc(limit=4),
+                }
+            )
         print(results[-1], flush=True)
     return results
 
@@ -256,9 +294,17 @@ def model_checks() -> list[dict]:
     configs = {
         "based-360m": preset_config("based-360m"),
         "llama-shaped hybrid": BasedConfig(
-            vocab_size=32000, hidden_size=1024, intermediate_size=2816, num_hidden_layers=4,
-            num_attention_heads=16, num_key_value_heads=4, head_dim=64, sliding_window=64,
-            feature_map="hedgehog", hedgehog_dim=64, mixer_types=["hybrid_attention"] * 3 + ["full_attention"],
+            vocab_size=32000,
+            hidden_size=1024,
+            intermediate_size=2816,
+            num_hidden_layers=4,
+            num_attention_heads=16,
+            num_key_value_heads=4,
+            head_dim=64,
+            sliding_window=64,
+            feature_map="hedgehog",
+            hedgehog_dim=64,
+            mixer_types=["hybrid_attention"] * 3 + ["full_attention"],
             rope_parameters={"rope_type": "default", "rope_theta": 500000.0},
         ),
     }
@@ -269,15 +315,24 @@ def model_checks() -> list[dict]:
             model = BasedForCausalLM(config).to(DEVICE)
             ids = torch.randint(0, config.vocab_size, (2, 1500), device=DEVICE)
             outputs = {}
-            for label, backend, dtype in (("truth", "reference", torch.float32), ("reference bf16", "reference", BF16),
-                                          ("triton bf16", "triton", BF16)):
+            for label, backend, dtype in (
+                ("truth", "reference", torch.float32),
+                ("reference bf16", "reference", BF16),
+                ("triton bf16", "triton", BF16),
+            ):
                 os.environ["HF_BASED_KERNELS"] = backend
                 model.to(dtype).zero_grad()
                 out = model(ids, labels=ids, use_cache=False)
                 out.loss.backward()
-                outputs[label] = (out.logits.detach().float(), out.loss.item(),
-                                  {n: p.grad.float().clone() for n, p in model.named_parameters()
-                                   if p.grad is not None and ("self_attn" in n or "conv" in n)})
+                outputs[label] = (
+                    out.logits.detach().float(),
+                    out.loss.item(),
+                    {
+                        n: p.grad.float().clone()
+                        for n, p in model.named_parameters()
+                        if p.grad is not None and ("self_attn" in n or "conv" in n)
+                    },
+                )
             os.environ["HF_BASED_KERNELS"] = "auto"
             truth_logits, truth_loss, truth_grads = outputs.pop("truth")
             errors = {}
@@ -285,13 +340,21 @@ def model_checks() -> list[dict]:
                 errors[f"{label} logits"] = rel_l2(logits, truth_logits)
                 errors[f"{label} loss_abs"] = abs(loss - truth_loss)
                 errors[f"{label} max_mixer_grad"] = max(rel_l2(grads[n], truth_grads[n]) for n in truth_grads)
-            ok = all(errors[f"triton bf16 {m}"] <= 1.5 * errors[f"reference bf16 {m}"] + 1e-3
-                     for m in ("logits", "max_mixer_grad"))
+            ok = all(
+                errors[f"triton bf16 {m}"] <= 1.5 * errors[f"reference bf16 {m}"] + 1e-3
+                for m in ("logits", "max_mixer_grad")
+            )
             results.append({"model": name, "ok": ok, "errors": errors})
         except Exception as error:
             os.environ["HF_BASED_KERNELS"] = "auto"
-            results.append({"model": name, "ok": False, "error": f"{type(error).__name__}: {error}",
-                            "traceback": traceback.format_exc(limit=4)})
+            results.append(
+                {
+                    "model": name,
+                    "ok": False,
+                    "error": f"{type(error).__name__}: {error}",
+                    "traceback": traceback.format_exc(limit=4),
+                }
+            )
         print(results[-1], flush=True)
     return results
 
@@ -356,49 +419,122 @@ def timings(quick: bool, ceil: dict) -> list[dict]:
             nbytes = 2 * (2 * B * T * H * d + 2 * B * T * H * dv)  # read q, k, v; write o (bf16)
             shape = {"B": B, "H": H, "d": d, "dv": dv}
             ours = lambda: K.taylor_linear_attention(q, k, v)[0]
-            attempt(f"ours taylor T={T} dv={dv}", lambda: (
-                record("ours taylor_linear_attention", "fwd", T, bench(ours), flops, nbytes, **shape),
-                record("ours taylor_linear_attention", "fwd+bwd", T, bench(fwd_bwd(ours, [q, k, v])),
-                       3 * flops, 3 * nbytes, **shape)))
+            attempt(
+                f"ours taylor T={T} dv={dv}",
+                lambda: (
+                    record("ours taylor_linear_attention", "fwd", T, bench(ours), flops, nbytes, **shape),
+                    record(
+                        "ours taylor_linear_attention",
+                        "fwd+bwd",
+                        T,
+                        bench(fwd_bwd(ours, [q, k, v])),
+                        3 * flops,
+                        3 * nbytes,
+                        **shape,
+                    ),
+                ),
+            )
             if fused_chunk_based is not None:
                 fla_fc = lambda: fused_chunk_based(q, k, v, scale=d**-0.5)
-                attempt(f"fla fused_chunk T={T}", lambda: (
-                    record("fla fused_chunk_based", "fwd", T, bench(fla_fc), flops, nbytes, **shape),
-                    record("fla fused_chunk_based", "fwd+bwd", T, bench(fwd_bwd(fla_fc, [q, k, v])), 3 * flops,
-                           3 * nbytes, **shape)))
+                attempt(
+                    f"fla fused_chunk T={T}",
+                    lambda: (
+                        record("fla fused_chunk_based", "fwd", T, bench(fla_fc), flops, nbytes, **shape),
+                        record(
+                            "fla fused_chunk_based",
+                            "fwd+bwd",
+                            T,
+                            bench(fwd_bwd(fla_fc, [q, k, v])),
+                            3 * flops,
+                            3 * nbytes,
+                            **shape,
+                        ),
+                    ),
+                )
                 if T <= 16384:
                     fla_par = lambda: parallel_based(q, k, v, scale=d**-0.5)
-                    attempt(f"fla parallel T={T}", lambda: (
-                        record("fla parallel_based", "fwd", T, bench(fla_par), None, nbytes, **shape),
-                        record("fla parallel_based", "fwd+bwd", T, bench(fwd_bwd(fla_par, [q, k, v])), None,
-                               3 * nbytes, **shape)))
+                    attempt(
+                        f"fla parallel T={T}",
+                        lambda: (
+                            record("fla parallel_based", "fwd", T, bench(fla_par), None, nbytes, **shape),
+                            record(
+                                "fla parallel_based",
+                                "fwd+bwd",
+                                T,
+                                bench(fwd_bwd(fla_par, [q, k, v])),
+                                None,
+                                3 * nbytes,
+                                **shape,
+                            ),
+                        ),
+                    )
             del q, k, v
             if dv == 64:  # softmax peers at head dim 64
                 qs, ks, vs = (rand(B, H, T, 64, requires_grad=True) for _ in range(3))
                 attn_flops = 4 * B * H * T * T * 64 / 2
-                for backend_name, backend in (("cudnn", SDPBackend.CUDNN_ATTENTION), ("flash", SDPBackend.FLASH_ATTENTION)):
+                for backend_name, backend in (
+                    ("cudnn", SDPBackend.CUDNN_ATTENTION),
+                    ("flash", SDPBackend.FLASH_ATTENTION),
+                ):
+
                     def sdpa(backend=backend):
                         with sdpa_kernel(backend):
                             return torch.nn.functional.scaled_dot_product_attention(qs, ks, vs, is_causal=True)
-                    attempt(f"sdpa {backend_name} T={T}", lambda: (
-                        record(f"sdpa {backend_name} causal hd64", "fwd", T, bench(sdpa), attn_flops, None, **shape),
-                        record(f"sdpa {backend_name} causal hd64", "fwd+bwd", T, bench(fwd_bwd(sdpa, [qs, ks, vs])),
-                               3.5 * attn_flops, None, **shape)))
+
+                    attempt(
+                        f"sdpa {backend_name} T={T}",
+                        lambda: (
+                            record(
+                                f"sdpa {backend_name} causal hd64", "fwd", T, bench(sdpa), attn_flops, None, **shape
+                            ),
+                            record(
+                                f"sdpa {backend_name} causal hd64",
+                                "fwd+bwd",
+                                T,
+                                bench(fwd_bwd(sdpa, [qs, ks, vs])),
+                                3.5 * attn_flops,
+                                None,
+                                **shape,
+                            ),
+                        ),
+                    )
                 window = 129
                 block_mask = create_block_mask(
-                    lambda b, h, qi, ki: (qi >= ki) & (qi - ki < window), None, None, T, T, device=DEVICE)
+                    lambda b, h, qi, ki: (qi >= ki) & (qi - ki < window), None, None, T, T, device=DEVICE
+                )
                 flex_fn = lambda: flex(qs, ks, vs, block_mask=block_mask)
                 qw, kw, vw = (x.detach().transpose(1, 2).contiguous().requires_grad_() for x in (qs, ks, vs))
                 ours_w = lambda: K.softmax_attention(qw, kw, vw, window=window)
                 swa_flops = 4 * B * H * T * window * 64
-                attempt(f"swa T={T}", lambda: (
-                    record("flex_attention sliding window 129 hd64", "fwd", T, bench(flex_fn), swa_flops, None, **shape),
-                    record("flex_attention sliding window 129 hd64", "fwd+bwd", T,
-                           bench(fwd_bwd(flex_fn, [qs, ks, vs])), 3.5 * swa_flops, None, **shape),
-                    record("ours softmax_attention window 129 hd64", "fwd", T, bench(ours_w), swa_flops, None,
-                           **shape),
-                    record("ours softmax_attention window 129 hd64", "fwd+bwd", T,
-                           bench(fwd_bwd(ours_w, [qw, kw, vw])), 3.5 * swa_flops, None, **shape)))
+                attempt(
+                    f"swa T={T}",
+                    lambda: (
+                        record(
+                            "flex_attention sliding window 129 hd64", "fwd", T, bench(flex_fn), swa_flops, None, **shape
+                        ),
+                        record(
+                            "flex_attention sliding window 129 hd64",
+                            "fwd+bwd",
+                            T,
+                            bench(fwd_bwd(flex_fn, [qs, ks, vs])),
+                            3.5 * swa_flops,
+                            None,
+                            **shape,
+                        ),
+                        record(
+                            "ours softmax_attention window 129 hd64", "fwd", T, bench(ours_w), swa_flops, None, **shape
+                        ),
+                        record(
+                            "ours softmax_attention window 129 hd64",
+                            "fwd+bwd",
+                            T,
+                            bench(fwd_bwd(ours_w, [qw, kw, vw])),
+                            3.5 * swa_flops,
+                            None,
+                            **shape,
+                        ),
+                    ),
+                )
                 del qs, ks, vs, qw, kw, vw
 
     # LoLCATs hybrid shape: B=4, H=32, head dim 128, window 64, hedgehog features 128, T=8k
@@ -409,13 +545,21 @@ def timings(quick: bool, ceil: dict) -> list[dict]:
     gamma = torch.full((H2,), 0.1, device=DEVICE, requires_grad=True)
     shape = {"B": B2, "H": H2, "hd": hd, "F": F, "window": W}
     hybrid = lambda: K.hybrid_attention(q, k, v, qf, kf, gamma, W)[0]
-    attempt("ours hybrid", lambda: (
-        record("ours hybrid_attention", "fwd", T2, bench(hybrid), **shape),
-        record("ours hybrid_attention", "fwd+bwd", T2, bench(fwd_bwd(hybrid, [q, k, v, qf, kf, gamma])), **shape)))
+    attempt(
+        "ours hybrid",
+        lambda: (
+            record("ours hybrid_attention", "fwd", T2, bench(hybrid), **shape),
+            record("ours hybrid_attention", "fwd+bwd", T2, bench(fwd_bwd(hybrid, [q, k, v, qf, kf, gamma])), **shape),
+        ),
+    )
     feat = lambda: K.linear_attention(qf, kf, v)[0]
-    attempt("ours linear_attention F=128", lambda: (
-        record("ours linear_attention F=128", "fwd", T2, bench(feat), **shape),
-        record("ours linear_attention F=128", "fwd+bwd", T2, bench(fwd_bwd(feat, [qf, kf, v])), **shape)))
+    attempt(
+        "ours linear_attention F=128",
+        lambda: (
+            record("ours linear_attention F=128", "fwd", T2, bench(feat), **shape),
+            record("ours linear_attention F=128", "fwd+bwd", T2, bench(fwd_bwd(feat, [qf, kf, v])), **shape),
+        ),
+    )
     if chunk_linear_attn is not None:
         qh, kh, vh = (x.detach().transpose(1, 2).contiguous().requires_grad_() for x in (q, k, v))
         mask = create_block_mask(lambda b, h, qi, ki: (qi >= ki) & (qi - ki < W), None, None, T2, T2, device=DEVICE)
@@ -427,21 +571,46 @@ def timings(quick: bool, ceil: dict) -> list[dict]:
             for x in (qf, kf, v, qh, kh, vh):
                 x.grad = None
 
-        attempt("peers composed", lambda: (
-            record("fla chunk_linear_attn + flex window (composed peers)", "fwd", T2, bench(composed), **shape),
-            record("fla chunk_linear_attn + flex window (composed peers)", "fwd+bwd", T2, bench(composed_fwd_bwd),
-                   **shape)))
+        attempt(
+            "peers composed",
+            lambda: (
+                record("fla chunk_linear_attn + flex window (composed peers)", "fwd", T2, bench(composed), **shape),
+                record(
+                    "fla chunk_linear_attn + flex window (composed peers)",
+                    "fwd+bwd",
+                    T2,
+                    bench(composed_fwd_bwd),
+                    **shape,
+                ),
+            ),
+        )
     del q, k, v, qf, kf
 
     # Decode steps: one new token, fp32 state read and written once.
     for batch in (64, 256):
         q, k, v = rand(batch, 1, 16, d), rand(batch, 1, 16, d), rand(batch, 1, 16, 64)
-        state = (rand(batch, 16, features, 64, dtype=torch.float32), rand(batch, 16, features, dtype=torch.float32).abs())
+        state = (
+            rand(batch, 16, features, 64, dtype=torch.float32),
+            rand(batch, 16, features, dtype=torch.float32).abs(),
+        )
         floor_bytes = 2 * 4 * batch * 16 * features * 65  # fp32 kv and z, read + write
         step = lambda: K.taylor_linear_attention_recurrent(q, k, v, initial_state=state, output_final_state=True)
-        attempt(f"decode B={batch}", lambda: record("ours taylor decode step (eager)", "decode", 1, bench(step), None,
-                                                    floor_bytes, B=batch, H=16, d=d, dv=64,
-                                                    floor_us=floor_bytes / ceil["copy_GBps"] / 1e3))
+        attempt(
+            f"decode B={batch}",
+            lambda: record(
+                "ours taylor decode step (eager)",
+                "decode",
+                1,
+                bench(step),
+                None,
+                floor_bytes,
+                B=batch,
+                H=16,
+                d=d,
+                dv=64,
+                floor_us=floor_bytes / ceil["copy_GBps"] / 1e3,
+            ),
+        )
 
         def graphed():
             graph_stream = torch.cuda.Stream()
@@ -451,8 +620,19 @@ def timings(quick: bool, ceil: dict) -> list[dict]:
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
                 step()
-            record("ours taylor decode step (CUDA graph)", "decode", 1, bench(graph.replay), None, floor_bytes,
-                   B=batch, H=16, d=d, dv=64, floor_us=floor_bytes / ceil["copy_GBps"] / 1e3)
+            record(
+                "ours taylor decode step (CUDA graph)",
+                "decode",
+                1,
+                bench(graph.replay),
+                None,
+                floor_bytes,
+                B=batch,
+                H=16,
+                d=d,
+                dv=64,
+                floor_us=floor_bytes / ceil["copy_GBps"] / 1e3,
+            )
 
         attempt(f"decode graph B={batch}", graphed)
         hq, hk, hv = rand(batch, 1, 32, 128), rand(batch, 64, 8, 128), rand(batch, 64, 8, 128)
@@ -460,21 +640,47 @@ def timings(quick: bool, ceil: dict) -> list[dict]:
         hkf = rand(batch, 64, 32, 128).float().softmax(-1).to(BF16)
         hstate = (rand(batch, 32, 128, 128, dtype=torch.float32), rand(batch, 32, 128, dtype=torch.float32).abs())
         hgamma = torch.rand(32, device=DEVICE)
-        hybrid_step = lambda: K.hybrid_attention_recurrent(hq, hk, hv, hqf, hkf, hgamma, 64, initial_state=hstate,
-                                                           output_final_state=True)
+        hybrid_step = lambda: K.hybrid_attention_recurrent(
+            hq, hk, hv, hqf, hkf, hgamma, 64, initial_state=hstate, output_final_state=True
+        )
         # fp32 state read + write, window keys/values and features read (bf16)
         hybrid_bytes = 2 * 4 * batch * 32 * 128 * 129 + 2 * batch * 64 * (2 * 8 * 128 + 32 * 128)
-        attempt(f"hybrid decode B={batch}", lambda: record(
-            "ours hybrid decode step (eager) H=32 hd=128 F=128 w=64", "decode", 1, bench(hybrid_step), None,
-            hybrid_bytes, B=batch, H=32, hd=128, F=128, window=64, floor_us=hybrid_bytes / ceil["copy_GBps"] / 1e3))
+        attempt(
+            f"hybrid decode B={batch}",
+            lambda: record(
+                "ours hybrid decode step (eager) H=32 hd=128 F=128 w=64",
+                "decode",
+                1,
+                bench(hybrid_step),
+                None,
+                hybrid_bytes,
+                B=batch,
+                H=32,
+                hd=128,
+                F=128,
+                window=64,
+                floor_us=hybrid_bytes / ceil["copy_GBps"] / 1e3,
+            ),
+        )
         del hq, hk, hv, hqf, hkf, hstate
         ctx = 16384
         qd = rand(batch, 16, 1, 64)
         kc, vc = rand(batch, 16, ctx, 64), rand(batch, 16, ctx, 64)
         sdpa_dec = lambda: torch.nn.functional.scaled_dot_product_attention(qd, kc, vc)
-        attempt(f"sdpa decode B={batch}", lambda: record("sdpa decode step, context 16k hd64", "decode", 1,
-                                                         bench(sdpa_dec), None, 2 * 2 * batch * 16 * ctx * 64,
-                                                         B=batch, H=16, dv=64))
+        attempt(
+            f"sdpa decode B={batch}",
+            lambda: record(
+                "sdpa decode step, context 16k hd64",
+                "decode",
+                1,
+                bench(sdpa_dec),
+                None,
+                2 * 2 * batch * 16 * ctx * 64,
+                B=batch,
+                H=16,
+                dv=64,
+            ),
+        )
         del kc, vc
     return rows
 
@@ -487,16 +693,30 @@ def markdown(report: dict) -> str:
     lines = [f"# Kernel benchmark ({report['date']}, commit {report['commit']}, {report['machine']})", ""]
     if "timings_run" in report:
         run = report["timings_run"]
-        lines += [f"Checks from this run; ceilings and timings from the run of {run['date']} (commit {run['commit']}, "
-                  "same kernels).", ""]
-    lines += [f"Ceilings: copy {report['ceilings']['copy_GBps']:.0f} GB/s, "
-              f"bf16 matmul {report['ceilings']['bf16_matmul_TFLOPs']:.0f} TFLOP/s.", "", "## Correctness", "",
-              "| op | ok | errors |", "|---|---|---|"]
+        lines += [
+            f"Checks from this run; ceilings and timings from the run of {run['date']} (commit {run['commit']}, "
+            "same kernels).",
+            "",
+        ]
+    lines += [
+        f"Ceilings: copy {report['ceilings']['copy_GBps']:.0f} GB/s, "
+        f"bf16 matmul {report['ceilings']['bf16_matmul_TFLOPs']:.0f} TFLOP/s.",
+        "",
+        "## Correctness",
+        "",
+        "| op | ok | errors |",
+        "|---|---|---|",
+    ]
     for r in report["correctness"] + report["models"]:
         detail = r.get("error") or ", ".join(f"{k} {v:.2e}" for k, v in r["errors"].items())
         lines.append(f"| {r.get('op', r.get('model'))} | {'yes' if r['ok'] else '**NO**'} | {detail} |")
-    lines += ["", "## Timings (median ms)", "", "| kernel | pass | T | shape | ms | TFLOP/s | GB/s |",
-              "|---|---|---|---|---|---|---|"]
+    lines += [
+        "",
+        "## Timings (median ms)",
+        "",
+        "| kernel | pass | T | shape | ms | TFLOP/s | GB/s |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in report["timings"]:
         if "error" in r:
             lines.append(f"| {r['kernel']} | error | | | {r['error'][:80]} | | |")
@@ -523,8 +743,13 @@ def plot(report: dict, path: Path) -> None:
         for name, points in series.items():
             points.sort()
             ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=name)
-        ax.set(xscale="log", yscale="log", xlabel="sequence length T", ylabel="ms (median)",
-               title=f"{pass_}, B=8 H=16 d=16 dv=64 (softmax: hd64)")
+        ax.set(
+            xscale="log",
+            yscale="log",
+            xlabel="sequence length T",
+            ylabel="ms (median)",
+            title=f"{pass_}, B=8 H=16 d=16 dv=64 (softmax: hd64)",
+        )
         ax.grid(True, which="both", alpha=0.3)
     axes[0].legend(fontsize=7)
     fig.tight_layout()
@@ -537,12 +762,20 @@ def taylor_sweep(save) -> list[dict]:
     from hf_based.kernels.taylor import triton as taylor
 
     defaults = {name: getattr(taylor, name) for name in ("NUM_WARPS", "NUM_STAGES", "PROGRAMS_PER_SM")}
-    variants = [dict(chunk=c, block_v=bv, NUM_WARPS=w, NUM_STAGES=st, PROGRAMS_PER_SM=pps)
-                for c in (16, 32) for bv in (16, 32, 64) for w in (4, 8) for st in (2, 3) for pps in (4,)]
-    variants += [dict(chunk=32, block_v=32, NUM_WARPS=w, NUM_STAGES=3, PROGRAMS_PER_SM=pps)
-                 for w in (4, 8) for pps in (2, 8, 16)]
-    variants += [dict(chunk=64, block_v=bv, NUM_WARPS=w, NUM_STAGES=2, PROGRAMS_PER_SM=4)
-                 for bv in (16, 32) for w in (4, 8)]
+    variants = [
+        dict(chunk=c, block_v=bv, NUM_WARPS=w, NUM_STAGES=st, PROGRAMS_PER_SM=pps)
+        for c in (16, 32)
+        for bv in (16, 32, 64)
+        for w in (4, 8)
+        for st in (2, 3)
+        for pps in (4,)
+    ]
+    variants += [
+        dict(chunk=32, block_v=32, NUM_WARPS=w, NUM_STAGES=3, PROGRAMS_PER_SM=pps) for w in (4, 8) for pps in (2, 8, 16)
+    ]
+    variants += [
+        dict(chunk=64, block_v=bv, NUM_WARPS=w, NUM_STAGES=2, PROGRAMS_PER_SM=4) for bv in (16, 32) for w in (4, 8)
+    ]
     B, H, d, dv, T = 8, 16, 16, 64, 16384
     q, k = rand(B, T, H, d, requires_grad=True), rand(B, T, H, d, requires_grad=True)
     v = rand(B, T, H, dv, requires_grad=True)
@@ -585,10 +818,16 @@ def main():
     parser.add_argument("--quick", action="store_true", help="two sequence lengths only")
     parser.add_argument("--commit", default=os.environ.get("COMMIT", "unknown"))
     parser.add_argument("--machine", default=None)
-    parser.add_argument("--timings-from", metavar="JSON",
-                        help="reuse the ceilings and timings of an earlier run (same kernels), re-running the checks")
-    parser.add_argument("--taylor-sweep", action="store_true",
-                        help="only time variants of the Taylor kernels' block sizes (writes taylor_sweep.json)")
+    parser.add_argument(
+        "--timings-from",
+        metavar="JSON",
+        help="reuse the ceilings and timings of an earlier run (same kernels), re-running the checks",
+    )
+    parser.add_argument(
+        "--taylor-sweep",
+        action="store_true",
+        help="only time variants of the Taylor kernels' block sizes (writes taylor_sweep.json)",
+    )
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -599,6 +838,7 @@ def main():
         "versions": {"torch": torch.__version__, "triton": triton.__version__},
     }
     if args.taylor_sweep:
+
         def save_sweep(rows):
             (out / "taylor_sweep.json").write_text(json.dumps({**report, "variants": rows}, indent=1))
 

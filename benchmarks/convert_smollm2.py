@@ -39,8 +39,14 @@ if importlib.util.find_spec("hf_based") is None:  # run from a checkout without 
     sys.path.insert(0, str(REPO))
 TASKS = ["piqa", "arc_easy", "arc_challenge", "hellaswag", "winogrande", "lambada_openai"]
 # lm-eval's usual headline metric per task (acc_norm where the LoLCATs paper reports it).
-HEADLINE = {"piqa": "acc", "arc_easy": "acc", "arc_challenge": "acc_norm", "hellaswag": "acc_norm",
-            "winogrande": "acc", "lambada_openai": "acc"}
+HEADLINE = {
+    "piqa": "acc",
+    "arc_easy": "acc",
+    "arc_challenge": "acc_norm",
+    "hellaswag": "acc_norm",
+    "winogrande": "acc",
+    "lambada_openai": "acc",
+}
 VARIANTS = {
     "main": dict(),
     "lora_only": dict(stage1_steps=0),
@@ -61,8 +67,9 @@ def shared_data(*parts: str) -> Path | None:
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--teacher", metavar="PATH_OR_ID", help=".gguf file, directory or hub id (required unless "
-                        "--plot-only)")
+    parser.add_argument(
+        "--teacher", metavar="PATH_OR_ID", help=".gguf file, directory or hub id (required unless --plot-only)"
+    )
     parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument("--data", default=shared_data("corpora", "alpaca_5000.json"), help="training data")
     parser.add_argument("--eval-data-dir", default=shared_data("eval"), help="lm-eval task data (JSONL)")
@@ -72,8 +79,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     # tokens/s with micro-batches of 8 sequences (benchmarks/results/convert_smollm2/NOTES.md).
     parser.add_argument("--stage1-steps", type=int, default=500, help="main recipe (default 500)")
     parser.add_argument("--stage2-steps", type=int, default=250, help="main recipe (default 250)")
-    parser.add_argument("--ablation-scale", type=float, default=0.4,
-                        help="the ablations' step budgets as a fraction of the main recipe's (default 0.4)")
+    parser.add_argument(
+        "--ablation-scale",
+        type=float,
+        default=0.4,
+        help="the ablations' step budgets as a fraction of the main recipe's (default 0.4)",
+    )
     parser.add_argument("--seq-len", type=int, default=1024)
     # LoLCATs' 8 sequences per step, as one micro-batch: with 1 x 8 a 135M model leaves the GPU waiting on the host.
     parser.add_argument("--batch-size", type=int, default=8, help="sequences per micro-batch (default 8)")
@@ -81,10 +92,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--stage2-lr", type=float, default=1e-4)
     parser.add_argument("--eval-batch-size", type=int, default=32)
     parser.add_argument("--minutes", type=float, default=9.0, help="skip variants that would overrun this")
-    parser.add_argument("--work", help="directory for the conversions (default: a temporary one, deleted at the "
-                        "end); OUT itself receives only results.json, results.md and loss_curves.png")
-    parser.add_argument("--plot-only", action="store_true",
-                        help="only redraw OUT/loss_curves.png and OUT/results.md from OUT/results.json")
+    parser.add_argument(
+        "--work",
+        help="directory for the conversions (default: a temporary one, deleted at the "
+        "end); OUT itself receives only results.json, results.md and loss_curves.png",
+    )
+    parser.add_argument(
+        "--plot-only",
+        action="store_true",
+        help="only redraw OUT/loss_curves.png and OUT/results.md from OUT/results.json",
+    )
     args = parser.parse_args(argv)
     if args.teacher is None and not args.plot_only:
         parser.error("--teacher is required (or --plot-only)")
@@ -99,8 +116,17 @@ def average_accuracy(results: dict) -> float | None:
 def markdown(report: dict) -> str:
     teacher = report.get("teacher_eval") or {}
     teacher_avg = average_accuracy(teacher)
-    header = ["model", *[f"{t} ({HEADLINE[t]})" for t in TASKS], "avg acc", "% of teacher", "LAMBADA ppl",
-              "ppl ratio", "val ppl", "stage 1 tok/s (2nd half)", "stage 2 tok/s (2nd half)"]
+    header = [
+        "model",
+        *[f"{t} ({HEADLINE[t]})" for t in TASKS],
+        "avg acc",
+        "% of teacher",
+        "LAMBADA ppl",
+        "ppl ratio",
+        "val ppl",
+        "stage 1 tok/s (2nd half)",
+        "stage 2 tok/s (2nd half)",
+    ]
     lines = [
         f"# SmolLM2-135M-Instruct -> BASED (LoLCATs), {report['device']}",
         "",
@@ -124,17 +150,22 @@ def markdown(report: dict) -> str:
         avg = average_accuracy(results)
         ppl = results.get("lambada_openai", {}).get("perplexity")
         base_ppl = teacher.get("lambada_openai", {}).get("perplexity")
-        cells = [name, *[f"{results[t][HEADLINE[t]]:.4f}" if t in results else "-" for t in TASKS],
-                 f"{avg:.4f}" if avg is not None else "-",
-                 f"{100 * avg / teacher_avg:.1f}%" if avg is not None and teacher_avg else "-",
-                 f"{ppl:.2f}" if ppl is not None else "-",
-                 f"{ppl / base_ppl:.2f}x" if ppl is not None and base_ppl else "-"]
+        cells = [
+            name,
+            *[f"{results[t][HEADLINE[t]]:.4f}" if t in results else "-" for t in TASKS],
+            f"{avg:.4f}" if avg is not None else "-",
+            f"{100 * avg / teacher_avg:.1f}%" if avg is not None and teacher_avg else "-",
+            f"{ppl:.2f}" if ppl is not None else "-",
+            f"{ppl / base_ppl:.2f}x" if ppl is not None and base_ppl else "-",
+        ]
         if variant is None:
             cells += [f"{report.get('teacher_val_ppl', float('nan')):.2f}", "-", "-"]
         else:
             stages = variant["stages"]
-            cells += [f"{variant['metrics'].get('val perplexity, converted', float('nan')):.2f}",
-                      *[rate(stages.get(s, {})) for s in ("stage1", "stage2")]]
+            cells += [
+                f"{variant['metrics'].get('val perplexity, converted', float('nan')):.2f}",
+                *[rate(stages.get(s, {})) for s in ("stage1", "stage2")],
+            ]
         return "| " + " | ".join(cells) + " |"
 
     lines.append(row("teacher", teacher))
@@ -148,8 +179,11 @@ def markdown(report: dict) -> str:
         avg, ppl = average_accuracy(results), results.get("lambada_openai", {}).get("perplexity")
         acc_ok = avg is not None and teacher_avg and avg >= 0.97 * teacher_avg
         ppl_ok = ppl is not None and base_ppl and ppl <= 1.5 * base_ppl
-        lines += ["", f"Targets ({name}): average accuracy >= 97% of the teacher's: "
-                  f"{'PASS' if acc_ok else 'FAIL'}; LAMBADA perplexity within 1.5x: {'PASS' if ppl_ok else 'FAIL'}."]
+        lines += [
+            "",
+            f"Targets ({name}): average accuracy >= 97% of the teacher's: "
+            f"{'PASS' if acc_ok else 'FAIL'}; LAMBADA perplexity within 1.5x: {'PASS' if ppl_ok else 'FAIL'}.",
+        ]
     for name, variant in report["variants"].items():
         if variant.get("error"):
             lines += ["", f"{name} failed: {variant['error']}"]
@@ -169,8 +203,10 @@ def plot(report: dict, path: Path) -> None:
         print("matplotlib is not installed: no loss plot")
         return
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for ax, stage, label in ((axes[0], "stage1", "stage 1: attention MSE x 1000"),
-                             (axes[1], "stage2", "stage 2: next-token loss")):
+    for ax, stage, label in (
+        (axes[0], "stage1", "stage 1: attention MSE x 1000"),
+        (axes[1], "stage2", "stage 2: next-token loss"),
+    ):
         for name, variant in report["variants"].items():
             history = variant.get("history", {}).get(stage) or []
             if history:
@@ -222,12 +258,21 @@ def run(args: argparse.Namespace, work: Path) -> int:
     teacher, tokenizer = load_teacher(args.teacher)
     print(f"teacher loaded in {time.perf_counter() - start:.0f} s", flush=True)
     report = {
-        "teacher": str(args.teacher), "device": torch.cuda.get_device_name() if device.type == "cuda" else
-        platform.processor() or "cpu", "data": str(args.data), "limit": args.limit, "tasks": TASKS,
-        "torch": torch.__version__, "lm_eval": None, "variants": {}, "skipped": [],
-        "budget": {"stage1_steps": args.stage1_steps, "stage2_steps": args.stage2_steps,
-                   "ablation_scale": args.ablation_scale,
-                   "tokens_per_step": args.seq_len * args.batch_size * args.grad_accum},
+        "teacher": str(args.teacher),
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
+        "data": str(args.data),
+        "limit": args.limit,
+        "tasks": TASKS,
+        "torch": torch.__version__,
+        "lm_eval": None,
+        "variants": {},
+        "skipped": [],
+        "budget": {
+            "stage1_steps": args.stage1_steps,
+            "stage2_steps": args.stage2_steps,
+            "ablation_scale": args.ablation_scale,
+            "tokens_per_step": args.seq_len * args.batch_size * args.grad_accum,
+        },
     }
     if have_lm_eval:
         import lm_eval
@@ -236,8 +281,14 @@ def run(args: argparse.Namespace, work: Path) -> int:
 
         report["lm_eval"] = getattr(lm_eval, "__version__", "?")
         t0 = time.perf_counter()
-        report["teacher_eval"] = evaluate(teacher.to(device), tasks, tokenizer=tokenizer, data_dir=args.eval_data_dir,
-                                          limit=args.limit, batch_size=args.eval_batch_size)
+        report["teacher_eval"] = evaluate(
+            teacher.to(device),
+            tasks,
+            tokenizer=tokenizer,
+            data_dir=args.eval_data_dir,
+            limit=args.limit,
+            batch_size=args.eval_batch_size,
+        )
         teacher.to("cpu")
         report["teacher_eval_seconds"] = round(time.perf_counter() - t0, 1)
         print(f"teacher scored in {report['teacher_eval_seconds']} s: {report['teacher_eval']}", flush=True)
@@ -256,27 +307,51 @@ def run(args: argparse.Namespace, work: Path) -> int:
         t0 = time.perf_counter()
         overrides = VARIANTS[name]
         steps1, steps2 = round(args.stage1_steps * scale), round(args.stage2_steps * scale)
-        settings = dict(seq_len=args.seq_len, batch_size=args.batch_size, grad_accum=args.grad_accum,
-                        stage1_steps=steps1, stage2_steps=steps2, stage2_lr=args.stage2_lr,
-                        checkpoint_every=max(steps1, steps2, 1))
+        settings = dict(
+            seq_len=args.seq_len,
+            batch_size=args.batch_size,
+            grad_accum=args.grad_accum,
+            stage1_steps=steps1,
+            stage2_steps=steps2,
+            stage2_lr=args.stage2_lr,
+            checkpoint_every=max(steps1, steps2, 1),
+        )
         recipe = Recipe(**{**settings, **overrides})
         try:
             result = convert(
-                None, work / name, recipe, teacher=teacher, tokenizer=tokenizer, base_name=str(args.teacher),
-                data=args.data, resume=False, eval_tasks=tasks if have_lm_eval else None,
-                eval_data_dir=args.eval_data_dir, eval_limit=args.limit, eval_batch_size=args.eval_batch_size,
-                teacher_eval_results=report.get("teacher_eval"), progress=False,
+                None,
+                work / name,
+                recipe,
+                teacher=teacher,
+                tokenizer=tokenizer,
+                base_name=str(args.teacher),
+                data=args.data,
+                resume=False,
+                eval_tasks=tasks if have_lm_eval else None,
+                eval_data_dir=args.eval_data_dir,
+                eval_limit=args.limit,
+                eval_batch_size=args.eval_batch_size,
+                teacher_eval_results=report.get("teacher_eval"),
+                progress=False,
             )
         except Exception as error:  # noqa: BLE001 - one failed variant must not cost the others
             traceback.print_exc()
-            report["variants"][name] = {"recipe": recipe.to_dict(), "error": f"{type(error).__name__}: {error}",
-                                        "stages": {}, "metrics": {}, "eval": None}
+            report["variants"][name] = {
+                "recipe": recipe.to_dict(),
+                "error": f"{type(error).__name__}: {error}",
+                "stages": {},
+                "metrics": {},
+                "eval": None,
+            }
             teacher.to("cpu")
         else:
             info = result.info
             report["teacher_val_ppl"] = result.metrics.get("val perplexity, teacher")
             report["variants"][name] = {
-                "recipe": info["recipe"], "stages": info["stages"], "metrics": info["metrics"], "eval": info["eval"],
+                "recipe": info["recipe"],
+                "stages": info["stages"],
+                "metrics": info["metrics"],
+                "eval": info["eval"],
                 "seconds": round(time.perf_counter() - t0, 1),
                 "history": {k: [(h["tokens"], h["loss"]) for h in s.history] for k, s in result.stages.items()},
             }

@@ -17,12 +17,12 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from hf_based.bench.throughput import synchronize
 from hf_based.conversion import Recipe
 from hf_based.conversion.data import PackedData
 from hf_based.conversion.linearize import AttentionTransfer, linearize_model, stage1_optimizer
 from hf_based.conversion.pipeline import run_stage1, run_stage2
 from hf_based.training import Dist, autocast_for
-from hf_based.bench.throughput import synchronize
 
 SEQ_LEN = 1024
 SHAPES = [(2, 2), (4, 1), (8, 1)]  # (sequences per micro-batch, micro-batches per step)
@@ -44,8 +44,10 @@ def main(config_dir: str, out_dir: str) -> None:
             tag = f"{name} {batch}x{accum}"
             s1 = run_stage1(student, recipe, data, 8, dist, work / f"{tag} 1.pt", {}, progress=False)
             s2 = run_stage2(student, recipe, data, 8, dist, work / f"{tag} 2.pt", {}, progress=False)
-            results[tag] = {"stage1_tokens_per_s": s1.steady_tokens_per_second,
-                            "stage2_tokens_per_s": s2.steady_tokens_per_second}
+            results[tag] = {
+                "stage1_tokens_per_s": s1.steady_tokens_per_second,
+                "stage2_tokens_per_s": s2.steady_tokens_per_second,
+            }
             print(tag, results[tag], flush=True)
             del student
 
@@ -71,8 +73,9 @@ def main(config_dir: str, out_dir: str) -> None:
         results["profiled micro-step (2 sequences) s"] = time.perf_counter() - start
     table = prof.key_averages()
     sort = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
-    (out / "prof_stage1.txt").write_text(table.table(sort_by=sort, row_limit=40) + "\n\n"
-                                        + table.table(sort_by="cpu_time_total", row_limit=40))
+    (out / "prof_stage1.txt").write_text(
+        table.table(sort_by=sort, row_limit=40) + "\n\n" + table.table(sort_by="cpu_time_total", row_limit=40)
+    )
     (out / "profile.json").write_text(json.dumps(results, indent=1))
     print(json.dumps(results, indent=1))
 

@@ -46,8 +46,10 @@ def main() -> None:
                 by_name[e.name][1] += e.device_time
             replay = timed_steps(capture(decoder, device).replay, device, 32, 3)
             results[f"B{batch}"] = {
-                "kernels": len(kernels), "kernel_us_sum": round(sum(e.device_time for e in kernels), 1),
-                "eager_ms": round(eager * 1e3, 3), "graph_ms": round(replay * 1e3, 3),
+                "kernels": len(kernels),
+                "kernel_us_sum": round(sum(e.device_time for e in kernels), 1),
+                "eager_ms": round(eager * 1e3, 3),
+                "graph_ms": round(replay * 1e3, 3),
                 "top": sorted(([n[:90], c, round(t, 1)] for n, (c, t) in by_name.items()), key=lambda r: -r[2])[:30],
             }
             print(batch, {k: v for k, v in results[f"B{batch}"].items() if k != "top"}, flush=True)

@@ -133,8 +133,15 @@ def save_checkpoint(path: Path, model, optimizer, step: int, history: list, key:
     model_state, optim_state = _state_dicts(model, optimizer, dist)
     if dist.is_main:
         atomic_save(
-            {"step": step, "done": done, "model": model_state, "optimizer": optim_state, "history": history,
-             "key": key, "rng": torch.get_rng_state()},
+            {
+                "step": step,
+                "done": done,
+                "model": model_state,
+                "optimizer": optim_state,
+                "history": history,
+                "key": key,
+                "rng": torch.get_rng_state(),
+            },
             path,
         )
     dist.barrier()
@@ -168,7 +175,10 @@ def load_checkpoint(checkpoint: dict, model, optimizer, dist: Dist) -> None:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
         set_state_dict(
-            model, optimizer, model_state_dict=checkpoint["model"], optim_state_dict=checkpoint["optimizer"],
+            model,
+            optimizer,
+            model_state_dict=checkpoint["model"],
+            optim_state_dict=checkpoint["optimizer"],
             options=StateDictOptions(full_state_dict=True, strict=False),
         )
     torch.set_rng_state(checkpoint["rng"])
@@ -269,8 +279,9 @@ def train(
     seconds = history[-1]["seconds"] if history else 0.0
     params = [p for group in optimizer.param_groups for p in group["params"]]
     last_saved = start
-    bar = tqdm(total=steps, initial=start, desc=name, unit="step", disable=not (progress and dist.is_main),
-               dynamic_ncols=True)
+    bar = tqdm(
+        total=steps, initial=start, desc=name, unit="step", disable=not (progress and dist.is_main), dynamic_ncols=True
+    )
     try:
         for step in range(start, steps):
             t0 = time.perf_counter()
@@ -301,8 +312,16 @@ def train(
             optimizer.zero_grad(set_to_none=True)
             tokens += step_tokens
             seconds += time.perf_counter() - t0
-            history.append({"step": step + 1, "tokens": tokens, "loss": loss_value, "lr": step_lr,
-                            "grad_norm": grad_norm, "seconds": round(seconds, 3)})
+            history.append(
+                {
+                    "step": step + 1,
+                    "tokens": tokens,
+                    "loss": loss_value,
+                    "lr": step_lr,
+                    "grad_norm": grad_norm,
+                    "seconds": round(seconds, 3),
+                }
+            )
             bar.update(1)
             bar.set_postfix(loss=f"{loss_value:.4g}", tok_s=f"{tokens / max(seconds, 1e-9):.0f}")
             done = step + 1 == steps

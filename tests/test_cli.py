@@ -33,8 +33,13 @@ def test_init_writes_checkpoint(tiny_dir):
     config = json.loads((tiny_dir / "config.json").read_text())
     assert config["model_type"] == "based"
     assert set(config["auto_map"]) >= {"AutoConfig", "AutoModelForCausalLM"}
-    for name in ("model.safetensors", "tokenizer.json", "tokenizer_config.json",
-                 "configuration_based.py", "modeling_based.py"):
+    for name in (
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "configuration_based.py",
+        "modeling_based.py",
+    ):
         assert (tiny_dir / name).is_file(), name
     assert load_tokenizer(str(tiny_dir))("Hello").input_ids == [15496]
 

@@ -34,10 +34,18 @@ from hf_based.conversion.linearize import AttentionTransfer, converted_layers, s
 from hf_based.modeling.compat import output_cache
 
 REPO = Path(__file__).resolve().parents[1]
-WORDS = ("the cat dog fox bird runs jumps sits flies over under near a an big small red blue green old new house "
-         "tree river hill sun moon and then so because later").split()
-LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
-               "high_freq_factor": 4.0, "original_max_position_embeddings": 16}
+WORDS = (
+    "the cat dog fox bird runs jumps sits flies over under near a an big small red blue green old new house "
+    "tree river hill sun moon and then so because later"
+).split()
+LLAMA3_ROPE = {
+    "rope_type": "llama3",
+    "rope_theta": 500000.0,
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 16,
+}
 
 
 def make_tokenizer() -> PreTrainedTokenizerFast:
@@ -50,15 +58,24 @@ def make_tokenizer() -> PreTrainedTokenizerFast:
         vocab.setdefault(word, len(vocab))
     backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
-                                   pad_token="</s>")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="</s>"
+    )
 
 
 def make_teacher(cls=LlamaForCausalLM, config_cls=LlamaConfig, vocab=128, layers=4, seed=0, **overrides):
     torch.manual_seed(seed)
     config = config_cls(
-        vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=layers, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=256, bos_token_id=1, eos_token_id=2, pad_token_id=2,
+        vocab_size=vocab,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=2,
         **overrides,
     )
     model = cls(config).eval()
@@ -71,9 +88,14 @@ def make_teacher(cls=LlamaForCausalLM, config_cls=LlamaConfig, vocab=128, layers
 
 def records(n: int, seed: int = 0) -> list[dict]:
     rng = random.Random(seed)
-    return [{"instruction": " ".join(rng.choices(WORDS, k=6)),
-             "input": "" if i % 2 else " ".join(rng.choices(WORDS, k=4)),
-             "output": " ".join(rng.choices(WORDS, k=rng.randint(10, 30)))} for i in range(n)]
+    return [
+        {
+            "instruction": " ".join(rng.choices(WORDS, k=6)),
+            "input": "" if i % 2 else " ".join(rng.choices(WORDS, k=4)),
+            "output": " ".join(rng.choices(WORDS, k=rng.randint(10, 30))),
+        }
+        for i in range(n)
+    ]
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -97,8 +119,16 @@ def workdir(tmp_path_factory, tokenizer):
 
 # Small budgets: seq 32, 2 x 2 sequences a step.
 def tiny_recipe(**overrides) -> Recipe:
-    values = dict(window=8, seq_len=32, batch_size=2, grad_accum=2, stage1_steps=6, stage2_steps=4,
-                  checkpoint_every=2, stage2_lr=1e-3)
+    values = dict(
+        window=8,
+        seq_len=32,
+        batch_size=2,
+        grad_accum=2,
+        stage1_steps=6,
+        stage2_steps=4,
+        checkpoint_every=2,
+        stage2_lr=1e-3,
+    )
     return Recipe(**{**values, **overrides})
 
 
@@ -110,8 +140,11 @@ def run(workdir, out, recipe, **kwargs):
 
 
 def trainable_state(model) -> dict:
-    return {n: p.detach().clone() for n, p in model.named_parameters()
-            if ".feature_map_" in n or "window_factors" in n or "self_attn" in n}
+    return {
+        n: p.detach().clone()
+        for n, p in model.named_parameters()
+        if ".feature_map_" in n or "window_factors" in n or "self_attn" in n
+    }
 
 
 # --- mapping and weight transfer --------------------------------------------------------------------------------------
@@ -133,8 +166,9 @@ def test_based_config_from_llama():
 def test_converted_model_equals_teacher_when_window_covers_the_sequence(family):
     """Before any training, hybrid attention with a window >= the sequence is exactly softmax attention."""
     if family == "llama":  # GQA, llama3 RoPE scaling, attention and MLP biases, untied embeddings
-        teacher = make_teacher(rope_parameters=LLAMA3_ROPE, tie_word_embeddings=False, attention_bias=True,
-                               mlp_bias=True)
+        teacher = make_teacher(
+            rope_parameters=LLAMA3_ROPE, tie_word_embeddings=False, attention_bias=True, mlp_bias=True
+        )
     elif family == "llama-3.2":  # llama3 RoPE scaling, tied embeddings
         teacher = make_teacher(rope_parameters=LLAMA3_ROPE, tie_word_embeddings=True)
     elif family == "mistral":
@@ -197,13 +231,49 @@ def test_blockwise_equals_joint(workdir):
 
 def test_convert_cli_end_to_end(workdir, tokenizer):
     out = workdir / "cli"
-    code = main(["convert", str(workdir / "teacher"), str(out), "--data", str(workdir / "alpaca.json"),
-                 "--window", "8", "--seq-len", "32", "--batch-size", "2", "--grad-accum", "2", "--stage1-steps", "4",
-                 "--stage2-tokens", "384", "--stage2-lr", "1e-3", "--lora-r", "4", "--softmax-layers", "-1",
-                 "--val-records", "40", "--no-progress"])
+    code = main(
+        [
+            "convert",
+            str(workdir / "teacher"),
+            str(out),
+            "--data",
+            str(workdir / "alpaca.json"),
+            "--window",
+            "8",
+            "--seq-len",
+            "32",
+            "--batch-size",
+            "2",
+            "--grad-accum",
+            "2",
+            "--stage1-steps",
+            "4",
+            "--stage2-tokens",
+            "384",
+            "--stage2-lr",
+            "1e-3",
+            "--lora-r",
+            "4",
+            "--softmax-layers",
+            "-1",
+            "--val-records",
+            "40",
+            "--no-progress",
+        ]
+    )
     assert code == 0
-    for name in ("model.safetensors", "config.json", "generation_config.json", "modeling_based.py", "tokenizer.json",
-                 "README.md", "conversion.json", "loss_stage1.csv", "loss_stage2.csv", "loss_curves.png"):
+    for name in (
+        "model.safetensors",
+        "config.json",
+        "generation_config.json",
+        "modeling_based.py",
+        "tokenizer.json",
+        "README.md",
+        "conversion.json",
+        "loss_stage1.csv",
+        "loss_stage2.csv",
+        "loss_curves.png",
+    ):
         assert (out / name).is_file(), name
     info = json.loads((out / "conversion.json").read_text())
     assert info["stages"]["stage1"]["steps"] == 4 and info["stages"]["stage2"]["steps"] == 3  # 384 / (4 x 32)
@@ -262,10 +332,33 @@ def test_resume_after_interruption_gives_the_same_model(workdir):
 def test_killed_cli_run_resumes(workdir):
     """Kill `hf-based convert` mid-stage (SIGKILL), rerun the same command: it continues and finishes."""
     out = workdir / "killed"
-    command = [sys.executable, "-m", "hf_based", "convert", str(workdir / "teacher"), str(out), "--data",
-               str(workdir / "alpaca.json"), "--window", "8", "--seq-len", "32", "--batch-size", "2", "--grad-accum",
-               "2", "--stage1-steps", "400", "--stage2-steps", "2", "--checkpoint-every", "1", "--val-records", "40",
-               "--no-progress"]
+    command = [
+        sys.executable,
+        "-m",
+        "hf_based",
+        "convert",
+        str(workdir / "teacher"),
+        str(out),
+        "--data",
+        str(workdir / "alpaca.json"),
+        "--window",
+        "8",
+        "--seq-len",
+        "32",
+        "--batch-size",
+        "2",
+        "--grad-accum",
+        "2",
+        "--stage1-steps",
+        "400",
+        "--stage2-steps",
+        "2",
+        "--checkpoint-every",
+        "1",
+        "--val-records",
+        "40",
+        "--no-progress",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     checkpoint = out / "checkpoints" / "stage1.pt"
@@ -298,14 +391,52 @@ def test_fsdp_on_two_cpu_processes_matches_one_process_and_resumes(workdir):
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                   "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
-                   str(port), "-m", "hf_based", "convert", str(workdir / "teacher"), str(out), "--data",
-                   str(workdir / "alpaca.json"), "--window", "8", "--seq-len", "32", "--batch-size", "2",
-                   "--grad-accum", "1", "--stage1-steps", "3", "--stage2-steps", str(stage2_steps), "--stage2-lr",
-                   "1e-3", "--checkpoint-every", "2", "--val-records", "40", "--no-progress", "--fsdp"]
-        done = subprocess.run(command, capture_output=True, text=True, timeout=300,
-                              env={**os.environ, "OMP_NUM_THREADS": "1"})
+        command = [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--multi_gpu",
+            "--num_processes",
+            "2",
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            "--main_process_port",
+            str(port),
+            "-m",
+            "hf_based",
+            "convert",
+            str(workdir / "teacher"),
+            str(out),
+            "--data",
+            str(workdir / "alpaca.json"),
+            "--window",
+            "8",
+            "--seq-len",
+            "32",
+            "--batch-size",
+            "2",
+            "--grad-accum",
+            "1",
+            "--stage1-steps",
+            "3",
+            "--stage2-steps",
+            str(stage2_steps),
+            "--stage2-lr",
+            "1e-3",
+            "--checkpoint-every",
+            "2",
+            "--val-records",
+            "40",
+            "--no-progress",
+            "--fsdp",
+        ]
+        done = subprocess.run(
+            command, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"}
+        )
         assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
         return done.stderr  # the library logs its progress messages
 
@@ -339,15 +470,17 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(workdir, monkeypatch)
 def test_variants_taylor_linear_only_distill_teacher_data(workdir):
     taylor = run(workdir, "taylor", tiny_recipe(feature_map="taylor", stage2_steps=2))
     assert [n for g in stage1_parameters(taylor.model, taylor.model.config).values() for n, _ in g] == [
-        f"model.layers.{i}.self_attn.window_factors" for i in range(4)]
+        f"model.layers.{i}.self_attn.window_factors" for i in range(4)
+    ]
     linear = run(workdir, "linear", tiny_recipe(linear_only=True, feature_map="taylor", stage2_steps=2))
     assert linear.stages["stage1"].skipped and set(linear.model.config.mixer_types) == {"linear_attention"}
     hedgehog_linear = run(workdir, "linear_hh", tiny_recipe(linear_only=True, stage1_steps=3, stage2_steps=0))
     assert hedgehog_linear.stages["stage1"].steps == 3
     distill = run(workdir, "distill", tiny_recipe(stage1_steps=0, stage2_steps=3, stage2_loss="distill"))
     assert distill.stages["stage1"].skipped and distill.stages["stage2"].final_loss() > 0
-    generated = run(workdir, "generated", tiny_recipe(stage1_steps=2, stage2_steps=2), data="teacher",
-                    teacher_sequences=12)
+    generated = run(
+        workdir, "generated", tiny_recipe(stage1_steps=2, stage2_steps=2), data="teacher", teacher_sequences=12
+    )
     assert generated.info["data"] == "teacher" and generated.info["train_sequences"] == 12
 
 
@@ -386,19 +519,29 @@ def test_bad_inputs_give_clear_errors(workdir, tmp_path, capsys):
     data = str(workdir / "alpaca.json")
     cases = [
         (["convert", str(tmp_path / "gpt2"), str(tmp_path / "o"), "--data", data], "cannot convert a 'gpt2'"),
-        (["convert", str(tmp_path / "missing"), str(tmp_path / "o"), "--data", data],
-         "BASE .*missing.* does not exist"),
-        (["convert", str(workdir / "teacher"), str(tmp_path / "o"), "--data", str(tmp_path / "none.json")],
-         "data file .* does not exist"),
+        (
+            ["convert", str(tmp_path / "missing"), str(tmp_path / "o"), "--data", data],
+            "BASE .*missing.* does not exist",
+        ),
+        (
+            ["convert", str(workdir / "teacher"), str(tmp_path / "o"), "--data", str(tmp_path / "none.json")],
+            "data file .* does not exist",
+        ),
         (["convert", str(workdir / "teacher"), str(tmp_path / "o")], "give training data with --data"),
         (["convert", str(workdir / "teacher")], "give BASE and OUT"),
         (["convert", str(workdir / "teacher"), str(tmp_path / "o"), "--data", "x", "--window", "0"], "window=0"),
-        (["convert", str(workdir / "teacher"), str(tmp_path / "o"), "--data", "x", "--block-index", "1"],
-         "block_index needs blockwise"),
-        (["convert", str(workdir / "teacher"), str(tmp_path / "o"), "--data", "x", "--softmax-layers", "9"],
-         "softmax layer 9 is out of range"),
-        (["convert", str(workdir / "teacher"), str(tmp_path / "o"), "--data", "x", "--lora-targets", "up_proj"],
-         "lora_targets"),
+        (
+            ["convert", str(workdir / "teacher"), str(tmp_path / "o"), "--data", "x", "--block-index", "1"],
+            "block_index needs blockwise",
+        ),
+        (
+            ["convert", str(workdir / "teacher"), str(tmp_path / "o"), "--data", "x", "--softmax-layers", "9"],
+            "softmax layer 9 is out of range",
+        ),
+        (
+            ["convert", str(workdir / "teacher"), str(tmp_path / "o"), "--data", "x", "--lora-targets", "up_proj"],
+            "lora_targets",
+        ),
     ]
     for argv, message in cases:
         with pytest.raises(SystemExit) as exit_info:

@@ -36,13 +36,23 @@ needs_data = pytest.mark.skipif(DATA is None, reason="no shared/data/eval next t
 
 # Rows of each local file (shared/data/SOURCES.md), i.e. the documents each local task must serve.
 DOCS = {
-    "piqa": 1838, "arc_easy": 570, "arc_challenge": 299, "hellaswag": 10042, "winogrande": 1267,
-    "lambada_openai": 5153, "wikitext": 62,
+    "piqa": 1838,
+    "arc_easy": 570,
+    "arc_challenge": 299,
+    "hellaswag": 10042,
+    "winogrande": 1267,
+    "lambada_openai": 5153,
+    "wikitext": 62,
 }
 METRICS = {
-    "piqa": {"acc", "acc_norm"}, "arc_easy": {"acc", "acc_norm"}, "arc_challenge": {"acc", "acc_norm"},
-    "hellaswag": {"acc", "acc_norm"}, "winogrande": {"acc"}, "lambada_openai": {"perplexity", "acc"},
-    "wikitext": {"word_perplexity", "byte_perplexity", "bits_per_byte"}, "mmlu": {"acc"},
+    "piqa": {"acc", "acc_norm"},
+    "arc_easy": {"acc", "acc_norm"},
+    "arc_challenge": {"acc", "acc_norm"},
+    "hellaswag": {"acc", "acc_norm"},
+    "winogrande": {"acc"},
+    "lambada_openai": {"perplexity", "acc"},
+    "wikitext": {"word_perplexity", "byte_perplexity", "bits_per_byte"},
+    "mmlu": {"acc"},
 }
 ALL_MIXERS = ["linear_attention", "sliding_window_attention", "base_conv", "hybrid_attention", "full_attention"]
 
@@ -98,7 +108,11 @@ def test_local_tasks_serve_the_local_files(local_tasks):
     mmlu = manager.load(["mmlu"])
     subjects = mmlu["tasks"]
     assert len(subjects) == 57 and set(mmlu["groups"]) == {
-        "mmlu", "mmlu_stem", "mmlu_other", "mmlu_social_sciences", "mmlu_humanities"
+        "mmlu",
+        "mmlu_stem",
+        "mmlu_other",
+        "mmlu_social_sciences",
+        "mmlu_humanities",
     }
     assert sum(len(task.eval_docs) for task in subjects.values()) == 1531  # mmlu_validation.jsonl
     for name, task in subjects.items():
@@ -194,10 +208,25 @@ def test_lm_eval_cli_on_our_checkpoint(checkpoint, local_tasks, tmp_path):
     what evaluate() scores."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     command = [
-        sys.executable, "-m", "lm_eval", "--model", "hf",
-        "--model_args", f"pretrained={checkpoint},trust_remote_code=True",
-        "--tasks", "piqa,lambada_openai", "--include_path", str(local_tasks),
-        "--limit", "3", "--batch_size", "2", "--device", "cpu", "--output_path", str(tmp_path / "out"),
+        sys.executable,
+        "-m",
+        "lm_eval",
+        "--model",
+        "hf",
+        "--model_args",
+        f"pretrained={checkpoint},trust_remote_code=True",
+        "--tasks",
+        "piqa,lambada_openai",
+        "--include_path",
+        str(local_tasks),
+        "--limit",
+        "3",
+        "--batch_size",
+        "2",
+        "--device",
+        "cpu",
+        "--output_path",
+        str(tmp_path / "out"),
     ]
     run = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
@@ -215,8 +244,22 @@ def test_lm_eval_cli_on_our_checkpoint(checkpoint, local_tasks, tmp_path):
 def test_cli_compare_and_output(checkpoint, tmp_path, capsys):
     base = _checkpoint(tmp_path / "base", seed=1)
     output = tmp_path / "report" / "results.json"
-    argv = ["eval", str(checkpoint), "--compare", str(base), "--tasks", "lambada_openai,piqa", "--data-dir", str(DATA),
-            "--limit", "3", "--batch-size", "3", "--output", str(output)]
+    argv = [
+        "eval",
+        str(checkpoint),
+        "--compare",
+        str(base),
+        "--tasks",
+        "lambada_openai,piqa",
+        "--data-dir",
+        str(DATA),
+        "--limit",
+        "3",
+        "--batch-size",
+        "3",
+        "--output",
+        str(output),
+    ]
     assert main(argv) == 0
     printed = capsys.readouterr().out
     report = json.loads(output.read_text())

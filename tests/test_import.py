@@ -30,20 +30,49 @@ EMBEDDINGS = "transformer.embeddings.word_embeddings.weight"
 def based_config(**overrides) -> dict:
     """A tiny config.json as GPT2MixerConfig dumps it (HazyResearch/based reference configs, shrunk)."""
     cfg = {
-        "model_type": "gpt2", "vocab_size": 100, "pad_vocab_size_multiple": 8, "n_embd": 32, "n_layer": 5,
-        "n_head": 4, "n_inner": 48, "n_positions": 0, "layer_norm_epsilon": 1e-5, "rms_norm": True,
-        "activation_function": "swiglu", "mlp_fc1_bias": False, "mlp_fc2_bias": False, "qkv_proj_bias": False,
-        "out_proj_bias": False, "rotary_emb_fraction": 1, "residual_in_fp32": True, "fused_mlp": False,
-        "special_initializer": True, "fixed_decay": True,
+        "model_type": "gpt2",
+        "vocab_size": 100,
+        "pad_vocab_size_multiple": 8,
+        "n_embd": 32,
+        "n_layer": 5,
+        "n_head": 4,
+        "n_inner": 48,
+        "n_positions": 0,
+        "layer_norm_epsilon": 1e-5,
+        "rms_norm": True,
+        "activation_function": "swiglu",
+        "mlp_fc1_bias": False,
+        "mlp_fc2_bias": False,
+        "qkv_proj_bias": False,
+        "out_proj_bias": False,
+        "rotary_emb_fraction": 1,
+        "residual_in_fp32": True,
+        "fused_mlp": False,
+        "special_initializer": True,
+        "fixed_decay": True,
         "alt_mixer_layers": [1, 2, 4],  # layer 2 is also in alt_mixer_2_layers, which wins
         "alt_mixer_2_layers": [2],
-        "mixer": {"_target_": "based.models.mixers.convolution.BaseConv", "l_max": 64, "use_bias": True,
-                  "expand_proj": 4, "kernel_sizes": 3},
-        "alt_mixer": {"_target_": "based.models.mixers.linear_attention.LinearAttention", "l_max": 64,
-                      "feature_map": {"_target_": "based.models.mixers.linear_attention.TaylorExp", "input_dim": 4},
-                      "feature_dim": 4, "num_heads": 4, "parallel_implementation": "fla_parallel"},
-        "alt_mixer_2": {"_target_": "based.models.mixers.slide_attention.SlidingAttention", "window_size": 8,
-                        "num_heads": 4, "causal": True},
+        "mixer": {
+            "_target_": "based.models.mixers.convolution.BaseConv",
+            "l_max": 64,
+            "use_bias": True,
+            "expand_proj": 4,
+            "kernel_sizes": 3,
+        },
+        "alt_mixer": {
+            "_target_": "based.models.mixers.linear_attention.LinearAttention",
+            "l_max": 64,
+            "feature_map": {"_target_": "based.models.mixers.linear_attention.TaylorExp", "input_dim": 4},
+            "feature_dim": 4,
+            "num_heads": 4,
+            "parallel_implementation": "fla_parallel",
+        },
+        "alt_mixer_2": {
+            "_target_": "based.models.mixers.slide_attention.SlidingAttention",
+            "window_size": 8,
+            "num_heads": 4,
+            "causal": True,
+        },
     }
     cfg.update(overrides)
     return cfg
@@ -63,17 +92,29 @@ def based_state(cfg: dict, seed: int = 0) -> dict:
     state = {EMBEDDINGS: rand(vocab, d, scale=1.0), "transformer.ln_f.weight": 1 + rand(d, scale=0.1)}
     for i in range(cfg["n_layer"]):
         p = f"transformer.layers.{i}."
-        state |= {p + "norm1.weight": 1 + rand(d, scale=0.1), p + "norm2.weight": 1 + rand(d, scale=0.1),
-                  p + "mlp.fc1.weight": rand(2 * inner, d), p + "mlp.fc2.weight": rand(d, inner)}
+        state |= {
+            p + "norm1.weight": 1 + rand(d, scale=0.1),
+            p + "norm2.weight": 1 + rand(d, scale=0.1),
+            p + "mlp.fc1.weight": rand(2 * inner, d),
+            p + "mlp.fc2.weight": rand(d, inner),
+        }
         if i in WINDOW:
             state |= {p + "mixer.Wqkv.weight": rand(3 * d, d), p + "mixer.out_proj.weight": rand(d, d)}
         elif i in LINEAR:
-            state |= {p + "mixer.proj_q.weight": rand(16, d), p + "mixer.proj_k.weight": rand(16, d),
-                      p + "mixer.proj_v.weight": rand(d, d), p + "mixer.out_proj.weight": rand(d, d)}
+            state |= {
+                p + "mixer.proj_q.weight": rand(16, d),
+                p + "mixer.proj_k.weight": rand(16, d),
+                p + "mixer.proj_v.weight": rand(d, d),
+                p + "mixer.out_proj.weight": rand(d, d),
+            }
         else:
-            state |= {p + "mixer.in_proj.weight": rand(4 * d, d), p + "mixer.in_proj.bias": rand(4 * d),
-                      p + "mixer.conv.conv.weight": rand(2 * d, 1, 3), p + "mixer.out_proj.weight": rand(d, 2 * d),
-                      p + "mixer.out_proj.bias": rand(d)}
+            state |= {
+                p + "mixer.in_proj.weight": rand(4 * d, d),
+                p + "mixer.in_proj.bias": rand(4 * d),
+                p + "mixer.conv.conv.weight": rand(2 * d, 1, 3),
+                p + "mixer.out_proj.weight": rand(d, 2 * d),
+                p + "mixer.out_proj.bias": rand(d),
+            }
     return state
 
 
@@ -167,8 +208,13 @@ def based_import(tmp_path_factory):
 def test_import_based_config(based_import):
     _, _, model = based_import
     config = model.config
-    assert config.mixer_types == ["base_conv", "linear_attention", "sliding_window_attention", "base_conv",
-                                  "linear_attention"]
+    assert config.mixer_types == [
+        "base_conv",
+        "linear_attention",
+        "sliding_window_attention",
+        "base_conv",
+        "linear_attention",
+    ]
     assert config.sliding_window == 5  # window_size 8 -> flash-attn (4, 0): 4 keys to the left + the query
     assert config.linear_attention_eps == 1e-6  # fla_parallel's denominator eps
     assert (config.vocab_size, config.feature_dim, config.conv_kernel_size) == (104, 4, 3)  # padded to a multiple of 8
@@ -181,26 +227,43 @@ def test_import_based_config(based_import):
 def test_import_based_places_every_tensor(based_import):
     cfg, s, model = based_import
     ours = model.state_dict()
-    expected = {"model.embed_tokens.weight": s[EMBEDDINGS], "lm_head.weight": s[EMBEDDINGS],
-                "model.norm.weight": s["transformer.ln_f.weight"]}
+    expected = {
+        "model.embed_tokens.weight": s[EMBEDDINGS],
+        "lm_head.weight": s[EMBEDDINGS],
+        "model.norm.weight": s["transformer.ln_f.weight"],
+    }
     for i in range(cfg["n_layer"]):
         p, q = f"transformer.layers.{i}.", f"model.layers.{i}."
-        expected |= {q + "input_layernorm.weight": s[p + "norm1.weight"],
-                     q + "post_attention_layernorm.weight": s[p + "norm2.weight"],
-                     q + "mlp.up_proj.weight": s[p + "mlp.fc1.weight"][:48],
-                     q + "mlp.gate_proj.weight": s[p + "mlp.fc1.weight"][48:],
-                     q + "mlp.down_proj.weight": s[p + "mlp.fc2.weight"]}
+        expected |= {
+            q + "input_layernorm.weight": s[p + "norm1.weight"],
+            q + "post_attention_layernorm.weight": s[p + "norm2.weight"],
+            q + "mlp.up_proj.weight": s[p + "mlp.fc1.weight"][:48],
+            q + "mlp.gate_proj.weight": s[p + "mlp.fc1.weight"][48:],
+            q + "mlp.down_proj.weight": s[p + "mlp.fc2.weight"],
+        }
         if i in WINDOW:
             wqkv = s[p + "mixer.Wqkv.weight"]
-            expected |= {q + "self_attn.q_proj.weight": wqkv[:32], q + "self_attn.k_proj.weight": wqkv[32:64],
-                         q + "self_attn.v_proj.weight": wqkv[64:],
-                         q + "self_attn.o_proj.weight": s[p + "mixer.out_proj.weight"]}
+            expected |= {
+                q + "self_attn.q_proj.weight": wqkv[:32],
+                q + "self_attn.k_proj.weight": wqkv[32:64],
+                q + "self_attn.v_proj.weight": wqkv[64:],
+                q + "self_attn.o_proj.weight": s[p + "mixer.out_proj.weight"],
+            }
         elif i in LINEAR:
-            expected |= {q + f"self_attn.{ours_name}.weight": s[p + f"mixer.{name}.weight"] for name, ours_name in
-                         [("proj_q", "q_proj"), ("proj_k", "k_proj"), ("proj_v", "v_proj"), ("out_proj", "o_proj")]}
+            expected |= {
+                q + f"self_attn.{ours_name}.weight": s[p + f"mixer.{name}.weight"]
+                for name, ours_name in [
+                    ("proj_q", "q_proj"),
+                    ("proj_k", "k_proj"),
+                    ("proj_v", "v_proj"),
+                    ("out_proj", "o_proj"),
+                ]
+            }
         else:
-            expected |= {q + "conv." + name: s[p + "mixer." + name] for name in
-                         ("in_proj.weight", "in_proj.bias", "out_proj.weight", "out_proj.bias")}
+            expected |= {
+                q + "conv." + name: s[p + "mixer." + name]
+                for name in ("in_proj.weight", "in_proj.bias", "out_proj.weight", "out_proj.bias")
+            }
             expected[q + "conv.conv1d.weight"] = s[p + "mixer.conv.conv.weight"]
     assert ours.keys() == expected.keys()
     for key, value in expected.items():
@@ -273,19 +336,31 @@ def _drop(key):
 
 
 BASED_ERRORS = {
-    "missing key": (_drop("transformer.layers.0.mixer.in_proj.bias"),
-                    ["missing keys", "transformer.layers.0.mixer.in_proj.bias"]),
-    "unexpected key": (lambda cfg, s: s.update({"transformer.layers.1.mixer.decay_proj.weight": torch.ones(4, 32)}),
-                       ["unexpected keys", "transformer.layers.1.mixer.decay_proj.weight"]),
-    "shape": (lambda cfg, s: s.update({"transformer.layers.1.mixer.proj_q.weight": torch.ones(12, 32)}),
-              ["transformer.layers.1.mixer.proj_q.weight", "(12, 32)", "(16, 32)"]),
+    "missing key": (
+        _drop("transformer.layers.0.mixer.in_proj.bias"),
+        ["missing keys", "transformer.layers.0.mixer.in_proj.bias"],
+    ),
+    "unexpected key": (
+        lambda cfg, s: s.update({"transformer.layers.1.mixer.decay_proj.weight": torch.ones(4, 32)}),
+        ["unexpected keys", "transformer.layers.1.mixer.decay_proj.weight"],
+    ),
+    "shape": (
+        lambda cfg, s: s.update({"transformer.layers.1.mixer.proj_q.weight": torch.ones(12, 32)}),
+        ["transformer.layers.1.mixer.proj_q.weight", "(12, 32)", "(16, 32)"],
+    ),
     "untied head": (lambda cfg, s: s.update({"lm_head.weight": s[EMBEDDINGS] + 1}), ["lm_head.weight", "ties"]),
-    "activation": (lambda cfg, s: cfg.update(activation_function="gelu_new"),
-                   ["activation_function='gelu_new'", "'swiglu'"]),
-    "mixer class": (lambda cfg, s: cfg["alt_mixer"].update(_target_="based.models.mixers.hedgehog.Hedgehog"),
-                    ["alt_mixer", "'LinearAttention'"]),
-    "tk kernel": (lambda cfg, s: cfg["alt_mixer"].update(parallel_implementation="tk"),
-                  ["parallel_implementation='tk'", "'fla_parallel'"]),
+    "activation": (
+        lambda cfg, s: cfg.update(activation_function="gelu_new"),
+        ["activation_function='gelu_new'", "'swiglu'"],
+    ),
+    "mixer class": (
+        lambda cfg, s: cfg["alt_mixer"].update(_target_="based.models.mixers.hedgehog.Hedgehog"),
+        ["alt_mixer", "'LinearAttention'"],
+    ),
+    "tk kernel": (
+        lambda cfg, s: cfg["alt_mixer"].update(parallel_implementation="tk"),
+        ["parallel_implementation='tk'", "'fla_parallel'"],
+    ),
     "biases": (lambda cfg, s: cfg.pop("qkv_proj_bias"), ["qkv_proj_bias=True", "qkv_proj_bias=False"]),
 }
 
@@ -336,9 +411,17 @@ HEADS, KV_HEADS, HEAD_DIM, FEATURES, RANK, LAYERS, LORA_ALPHA, LOLCATS_WINDOW = 
 def llama_dir(tmp_path_factory):
     """A tiny random Llama (fp64, untied head, GQA) with a tokenizer, saved as a base model."""
     config = LlamaConfig(
-        vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
-        num_key_value_heads=KV_HEADS, head_dim=HEAD_DIM, max_position_embeddings=64, tie_word_embeddings=False,
-        bos_token_id=1, eos_token_id=2,
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=HEADS,
+        num_key_value_heads=KV_HEADS,
+        head_dim=HEAD_DIM,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+        bos_token_id=1,
+        eos_token_id=2,
     )
     torch.manual_seed(0)
     llama = LlamaForCausalLM(config).double()
@@ -359,16 +442,24 @@ def lolcats_checkpoints(directory, seed=0):
         return torch.randn(*shape, generator=generator, dtype=torch.float64)
 
     distill, finetune = {}, {}
-    sizes = {"q_proj": (HEADS * HEAD_DIM, 32), "k_proj": (KV_HEADS * HEAD_DIM, 32),
-             "v_proj": (KV_HEADS * HEAD_DIM, 32), "o_proj": (32, HEADS * HEAD_DIM)}
+    sizes = {
+        "q_proj": (HEADS * HEAD_DIM, 32),
+        "k_proj": (KV_HEADS * HEAD_DIM, 32),
+        "v_proj": (KV_HEADS * HEAD_DIM, 32),
+        "o_proj": (32, HEADS * HEAD_DIM),
+    }
     for i in range(LAYERS):
         p = f"model.layers.{i}.self_attn."
-        distill |= {p + "feature_map_q.mlp.layer": rand(HEADS, HEAD_DIM, FEATURES),
-                    p + "feature_map_k.mlp.layer": rand(HEADS, HEAD_DIM, FEATURES),
-                    p + "window_factors": rand(1, HEADS, 1, 1)}
+        distill |= {
+            p + "feature_map_q.mlp.layer": rand(HEADS, HEAD_DIM, FEATURES),
+            p + "feature_map_k.mlp.layer": rand(HEADS, HEAD_DIM, FEATURES),
+            p + "window_factors": rand(1, HEADS, 1, 1),
+        }
         for proj, (out_features, in_features) in sizes.items():
-            finetune |= {f"base_model.{p}{proj}.lora_A.default.weight": 0.3 * rand(RANK, in_features),
-                         f"base_model.{p}{proj}.lora_B.default.weight": 0.3 * rand(out_features, RANK)}
+            finetune |= {
+                f"base_model.{p}{proj}.lora_A.default.weight": 0.3 * rand(RANK, in_features),
+                f"base_model.{p}{proj}.lora_B.default.weight": 0.3 * rand(out_features, RANK),
+            }
     finetune = {key.replace("base_model.", "base_model.model."): value for key, value in finetune.items()}
     torch.save({"model_state_dict": distill, "step": 100, "eval/loss": 1.5}, directory / "run_distill.pt")
     torch.save({"model_state_dict": finetune, "step": 200, "eval/loss": 1.2}, directory / "run_ft.pt")
@@ -388,7 +479,7 @@ def reference_lolcats_logits(llama, distill, finetune, ids, window):
     cos, sin = torch.cat([angles, angles], -1).cos(), torch.cat([angles, angles], -1).sin()
 
     def rope(z):  # [B, H, T, D]
-        return z * cos + torch.cat([-z[..., HEAD_DIM // 2:], z[..., : HEAD_DIM // 2]], -1) * sin
+        return z * cos + torch.cat([-z[..., HEAD_DIM // 2 :], z[..., : HEAD_DIM // 2]], -1) * sin
 
     def proj(h, i, name):
         p = f"model.layers.{i}.self_attn.{name}"
@@ -417,8 +508,10 @@ def reference_lolcats_logits(llama, distill, finetune, ids, window):
         y = ((a @ v) / a.sum(-1, keepdim=True)).transpose(1, 2).reshape(b, t, HEADS * HEAD_DIM)
         x = x + proj(y, i, "o_proj")
         h = rms_norm(x, s[p + "post_attention_layernorm.weight"], eps=1e-6)
-        x = x + F.linear(F.silu(F.linear(h, s[p + "mlp.gate_proj.weight"])) * F.linear(h, s[p + "mlp.up_proj.weight"]),
-                         s[p + "mlp.down_proj.weight"])
+        x = x + F.linear(
+            F.silu(F.linear(h, s[p + "mlp.gate_proj.weight"])) * F.linear(h, s[p + "mlp.up_proj.weight"]),
+            s[p + "mlp.down_proj.weight"],
+        )
     return F.linear(rms_norm(x, s["model.norm.weight"], eps=1e-6), s["lm_head.weight"])
 
 
@@ -426,8 +519,15 @@ def reference_lolcats_logits(llama, distill, finetune, ids, window):
 def lolcats_import(llama_dir, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("lolcats")
     distill, finetune = lolcats_checkpoints(tmp)
-    args = ["import-lolcats", str(llama_dir), str(tmp / "run_distill.pt"), str(tmp / "run_ft.pt"), str(tmp / "out"),
-            "--window", str(LOLCATS_WINDOW)]
+    args = [
+        "import-lolcats",
+        str(llama_dir),
+        str(tmp / "run_distill.pt"),
+        str(tmp / "run_ft.pt"),
+        str(tmp / "out"),
+        "--window",
+        str(LOLCATS_WINDOW),
+    ]
     assert main(args) == 0
     llama = LlamaForCausalLM.from_pretrained(llama_dir).eval()
     return llama, distill, finetune, BasedForCausalLM.from_pretrained(tmp / "out").eval()
@@ -491,26 +591,42 @@ def _edit(file, change):
         checkpoint = torch.load(directory / file, weights_only=True)
         change(checkpoint["model_state_dict"])
         torch.save(checkpoint, directory / file)
+
     return apply
 
 
 FT_LAYER = "base_model.model.model.layers.{}.self_attn."
 UP = "model.layers.0.mlp.up_proj.weight"  # not something LoLCATs trains
 LOLCATS_ERRORS = {
-    "unexpected key": (_edit("run_distill.pt", lambda s: s.update({UP: torch.ones(2)})),
-                       ["run_distill.pt", f"unexpected key {UP!r}"]),
-    "missing key": (_edit("run_distill.pt", lambda s: s.pop("model.layers.1.self_attn.window_factors")),
-                    ["missing key layers.1.self_attn.window_factors"]),
-    "shape": (_edit("run_distill.pt", lambda s: s.update({"model.layers.0.self_attn.feature_map_k.mlp.layer":
-                                                          torch.ones(4, 7, 6)})),
-              ["model.layers.0.self_attn.feature_map_k.mlp.layer", "(4, 7, 6)", "(4, 8, 6)"]),
-    "lora pair": (_edit("run_ft.pt", lambda s: s.pop(FT_LAYER.format(1) + "v_proj.lora_A.default.weight")),
-                  ["missing key layers.1.self_attn.v_proj.lora_A"]),
-    "extra layer": (_edit("run_ft.pt", lambda s: s.update({FT_LAYER.format(5) + "q_proj.lora_A.default.weight":
-                                                           torch.ones(3, 32)})),
-                    ["layers.5", "2 layers"]),
-    "pickled object": (lambda d: torch.save({"model_state_dict": {"x": Fraction(1, 3)}}, d / "run_ft.pt"),
-                       ["run_ft.pt", "weights_only=True"]),
+    "unexpected key": (
+        _edit("run_distill.pt", lambda s: s.update({UP: torch.ones(2)})),
+        ["run_distill.pt", f"unexpected key {UP!r}"],
+    ),
+    "missing key": (
+        _edit("run_distill.pt", lambda s: s.pop("model.layers.1.self_attn.window_factors")),
+        ["missing key layers.1.self_attn.window_factors"],
+    ),
+    "shape": (
+        _edit(
+            "run_distill.pt",
+            lambda s: s.update({"model.layers.0.self_attn.feature_map_k.mlp.layer": torch.ones(4, 7, 6)}),
+        ),
+        ["model.layers.0.self_attn.feature_map_k.mlp.layer", "(4, 7, 6)", "(4, 8, 6)"],
+    ),
+    "lora pair": (
+        _edit("run_ft.pt", lambda s: s.pop(FT_LAYER.format(1) + "v_proj.lora_A.default.weight")),
+        ["missing key layers.1.self_attn.v_proj.lora_A"],
+    ),
+    "extra layer": (
+        _edit(
+            "run_ft.pt", lambda s: s.update({FT_LAYER.format(5) + "q_proj.lora_A.default.weight": torch.ones(3, 32)})
+        ),
+        ["layers.5", "2 layers"],
+    ),
+    "pickled object": (
+        lambda d: torch.save({"model_state_dict": {"x": Fraction(1, 3)}}, d / "run_ft.pt"),
+        ["run_ft.pt", "weights_only=True"],
+    ),
 }
 
 
@@ -520,8 +636,15 @@ def test_import_lolcats_errors(llama_dir, tmp_path, capsys, case):
     lolcats_checkpoints(tmp_path)
     change(tmp_path)
     with pytest.raises(SystemExit) as exit_info:
-        main(["import-lolcats", str(llama_dir), str(tmp_path / "run_distill.pt"), str(tmp_path / "run_ft.pt"),
-              str(tmp_path / "out")])
+        main(
+            [
+                "import-lolcats",
+                str(llama_dir),
+                str(tmp_path / "run_distill.pt"),
+                str(tmp_path / "run_ft.pt"),
+                str(tmp_path / "out"),
+            ]
+        )
     err = capsys.readouterr().err
     assert exit_info.value.code == 1 and err.count("\n") == 1, err
     assert all(text in err for text in expected), err

@@ -21,10 +21,10 @@ from hf_based.kernels import (
     short_conv,
     short_conv_recurrent,
     softmax_attention,
-    taylor_num_features,
     taylor_feature_map,
     taylor_linear_attention,
     taylor_linear_attention_recurrent,
+    taylor_num_features,
 )
 
 LENGTHS = (1, 7, 63, 300)
@@ -181,8 +181,12 @@ def test_taylor_linear_attention_matches_kernel_formula(length):
 
 @pytest.mark.parametrize(
     "op, dim",
-    [(partial(linear_attention, chunk_size=8), FEAT), (linear_attention_recurrent, FEAT),
-     (taylor_linear_attention, D), (taylor_linear_attention_recurrent, D)],
+    [
+        (partial(linear_attention, chunk_size=8), FEAT),
+        (linear_attention_recurrent, FEAT),
+        (taylor_linear_attention, D),
+        (taylor_linear_attention_recurrent, D),
+    ],
 )
 def test_linear_attention_state_passing(op, dim):
     """Prefill 20 tokens, decode 1, then the rest: equal to one call over the whole sequence."""
@@ -192,8 +196,9 @@ def test_linear_attention_state_passing(op, dim):
     whole, whole_state = op(q, k, v, key_mask=mask, output_final_state=True)
     outs, state = [], None
     for a, b in [(0, 20), (20, 21), (21, length)]:
-        o, state = op(q[:, a:b], k[:, a:b], v[:, a:b], key_mask=mask[:, a:b], initial_state=state,
-                      output_final_state=True)
+        o, state = op(
+            q[:, a:b], k[:, a:b], v[:, a:b], key_mask=mask[:, a:b], initial_state=state, output_final_state=True
+        )
         outs.append(o)
     close(torch.cat(outs, 1), whole)
     close(state, whole_state)
@@ -270,8 +275,11 @@ def test_softmax_attention_window_one_is_own_value():
 
 def hybrid_inputs(rand, q_len, k_len, batch=2):
     return dict(
-        q=rand.normal(batch, q_len, H, D), k=rand.normal(batch, k_len, HKV, D), v=rand.normal(batch, k_len, HKV, DV),
-        q_feat=rand.positive(batch, q_len, H, FEAT), k_feat=rand.positive(batch, k_len, H, FEAT),
+        q=rand.normal(batch, q_len, H, D),
+        k=rand.normal(batch, k_len, HKV, D),
+        v=rand.normal(batch, k_len, HKV, DV),
+        q_feat=rand.positive(batch, q_len, H, FEAT),
+        k_feat=rand.positive(batch, k_len, H, FEAT),
         window_factor=rand.positive(H) / 1.2,
     )
 
@@ -349,9 +357,16 @@ def test_hybrid_attention_state_passing(op, window):
     for a, b in [(0, 11), (11, 12), (12, 13), (13, length)]:
         keys = slice(a, b + slots)  # the buffer (last window - 1 keys) + the new ones
         o, state = op(
-            x["q"][:, a:b], buffered["k"][:, keys], buffered["v"][:, keys], x["q_feat"][:, a:b],
-            buffered["k_feat"][:, keys], x["window_factor"], window, key_mask=buffered_mask[:, keys],
-            initial_state=state, output_final_state=True,
+            x["q"][:, a:b],
+            buffered["k"][:, keys],
+            buffered["v"][:, keys],
+            x["q_feat"][:, a:b],
+            buffered["k_feat"][:, keys],
+            x["window_factor"],
+            window,
+            key_mask=buffered_mask[:, keys],
+            initial_state=state,
+            output_final_state=True,
         )
         outs.append(o)
     close(torch.cat(outs, 1), whole)
@@ -419,14 +434,32 @@ def grad_cases():
     rand = Rand(13)
     mask = torch.tensor([[True] * 5, [False, False, True, True, True]])
     # q, k features [2, 5, 2, 3], v [2, 5, 2, 2], kv [2, 2, 3, 2], z [2, 2, 3]
-    lin = [rand.positive(2, 5, 2, 3), rand.positive(2, 5, 2, 3), rand.normal(2, 5, 2, 2),
-           rand.normal(2, 2, 3, 2), rand.positive(2, 2, 3)]
+    lin = [
+        rand.positive(2, 5, 2, 3),
+        rand.positive(2, 5, 2, 3),
+        rand.normal(2, 5, 2, 2),
+        rand.normal(2, 2, 3, 2),
+        rand.positive(2, 2, 3),
+    ]
     # raw q, k [2, 5, 2, 2] -> Taylor features of size 7
-    raw = [rand.normal(2, 5, 2, 2), rand.normal(2, 5, 2, 2), rand.normal(2, 5, 2, 2),
-           rand.normal(2, 2, 7, 2), rand.positive(2, 2, 7)]
+    raw = [
+        rand.normal(2, 5, 2, 2),
+        rand.normal(2, 5, 2, 2),
+        rand.normal(2, 5, 2, 2),
+        rand.normal(2, 2, 7, 2),
+        rand.positive(2, 2, 7),
+    ]
     # 3 queries over 5 keys, 2 query heads sharing 1 kv head; in row 1 the first query (window 2) sees no key
-    hyb = [rand.normal(2, 3, 2, 2), rand.normal(2, 5, 1, 2), rand.normal(2, 5, 1, 2), rand.positive(2, 3, 2, 2),
-           rand.positive(2, 5, 2, 2), rand.positive(2), rand.normal(2, 2, 2, 2), rand.positive(2, 2, 2)]
+    hyb = [
+        rand.normal(2, 3, 2, 2),
+        rand.normal(2, 5, 1, 2),
+        rand.normal(2, 5, 1, 2),
+        rand.positive(2, 3, 2, 2),
+        rand.positive(2, 5, 2, 2),
+        rand.positive(2),
+        rand.normal(2, 2, 2, 2),
+        rand.positive(2, 2, 2),
+    ]
     hyb_mask = torch.tensor([[True] * 5, [False, False, False, True, True]])
     conv = [rand.normal(2, 5, 3), rand.normal(3, 3), rand.normal(3), rand.normal(2, 2, 3)]
 
@@ -436,9 +469,9 @@ def grad_cases():
         )
 
     def hybrid_case(op, window):
-        return lambda q, k, v, qf, kf, g, kv, z: flat(op(
-            q, k, v, qf, kf, g, window, key_mask=hyb_mask, initial_state=(kv, z), output_final_state=True
-        ))
+        return lambda q, k, v, qf, kf, g, kv, z: flat(
+            op(q, k, v, qf, kf, g, window, key_mask=hyb_mask, initial_state=(kv, z), output_final_state=True)
+        )
 
     def conv_case(op):
         return lambda x, w, b, s: flat(op(x, w, b, initial_state=s, output_final_state=True))
@@ -450,9 +483,7 @@ def grad_cases():
         "linear_attention_recurrent": (linear_case(linear_attention_recurrent), lin),
         "taylor_linear_attention": (linear_case(taylor_linear_attention), raw),
         "taylor_linear_attention_recurrent": (linear_case(taylor_linear_attention_recurrent), raw),
-        "softmax_attention": (
-            lambda q, k, v: softmax_attention(q, k, v, window=2, key_mask=hyb_mask), hyb[:3]
-        ),
+        "softmax_attention": (lambda q, k, v: softmax_attention(q, k, v, window=2, key_mask=hyb_mask), hyb[:3]),
         "hybrid_attention": (hybrid_case(hybrid_attention, 2), hyb),
         "hybrid_attention_recurrent": (hybrid_case(hybrid_attention_recurrent, 2), hyb),
         "short_conv": (conv_case(short_conv), conv),
@@ -472,10 +503,12 @@ def test_gradcheck(name):
 
 @pytest.mark.parametrize(
     "parallel, recurrent",
-    [("linear_attention", "linear_attention_recurrent"),
-     ("taylor_linear_attention", "taylor_linear_attention_recurrent"),
-     ("hybrid_attention", "hybrid_attention_recurrent"),
-     ("short_conv", "short_conv_recurrent")],
+    [
+        ("linear_attention", "linear_attention_recurrent"),
+        ("taylor_linear_attention", "taylor_linear_attention_recurrent"),
+        ("hybrid_attention", "hybrid_attention_recurrent"),
+        ("short_conv", "short_conv_recurrent"),
+    ],
 )
 def test_parallel_and_recurrent_gradients_match(parallel, recurrent):
     def grads(name):
@@ -499,24 +532,36 @@ def dtype_cases():
     window_factor = rand.positive(H) / 1.2
     mask = left_padding_mask(9)
     return {
-        "linear_attention": (lambda qf, kf, v: linear_attention(qf, kf, v, mask, output_final_state=True, chunk_size=4),
-                             [qf, kf, vh]),
-        "linear_attention_recurrent": (lambda qf, kf, v: linear_attention_recurrent(qf, kf, v, mask, None, True),
-                                       [qf, kf, vh]),
-        "taylor_linear_attention": (lambda q, k, v: taylor_linear_attention(q, k, v, mask, None, True),
-                                    [q, q.flip(1), vh]),
+        "linear_attention": (
+            lambda qf, kf, v: linear_attention(qf, kf, v, mask, output_final_state=True, chunk_size=4),
+            [qf, kf, vh],
+        ),
+        "linear_attention_recurrent": (
+            lambda qf, kf, v: linear_attention_recurrent(qf, kf, v, mask, None, True),
+            [qf, kf, vh],
+        ),
+        "taylor_linear_attention": (
+            lambda q, k, v: taylor_linear_attention(q, k, v, mask, None, True),
+            [q, q.flip(1), vh],
+        ),
         "taylor_linear_attention_recurrent": (
-            lambda q, k, v: taylor_linear_attention_recurrent(q, k, v, mask, None, True), [q, q.flip(1), vh]),
+            lambda q, k, v: taylor_linear_attention_recurrent(q, k, v, mask, None, True),
+            [q, q.flip(1), vh],
+        ),
         "softmax_attention": (lambda q, k, v: (softmax_attention(q, k, v, window=3, key_mask=mask), None), [q, k, v]),
         "hybrid_attention": (
             lambda q, k, v, qf, kf: hybrid_attention(q, k, v, qf, kf, window_factor, 3, mask, output_final_state=True),
-            [q, k, v, qf, kf]),
+            [q, k, v, qf, kf],
+        ),
         "hybrid_attention_recurrent": (
             lambda q, k, v, qf, kf: hybrid_attention_recurrent(q, k, v, qf, kf, window_factor, 3, mask, None, True),
-            [q, k, v, qf, kf]),
+            [q, k, v, qf, kf],
+        ),
         "short_conv": (lambda x, w: short_conv(x, w, output_final_state=True), [vh.flatten(2), rand.normal(20, 4)]),
-        "short_conv_recurrent": (lambda x, w: short_conv_recurrent(x, w, output_final_state=True),
-                                 [vh.flatten(2), rand.normal(20, 4)]),
+        "short_conv_recurrent": (
+            lambda x, w: short_conv_recurrent(x, w, output_final_state=True),
+            [vh.flatten(2), rand.normal(20, 4)],
+        ),
         "hedgehog_feature_map": (lambda x, w: (hedgehog_feature_map(x, w), None), [q, rand.normal(H, D, FEAT)]),
     }
 
@@ -557,46 +602,94 @@ def t(*shape):
 
 
 BAD_INPUTS = [
-    (lambda: linear_attention(t(2, 3, 4), t(2, 3, 4), t(2, 3, 4)),
-     r"q must have shape \[batch, time, heads, features\], got \(2, 3, 4\)"),
-    (lambda: linear_attention(t(2, 3, 4, 5), t(2, 3, 3, 5), t(2, 3, 4, 6)),
-     r"k must have shape \[batch, time, heads, features\] = \[2, 3, 4, 5\], got \(2, 3, 3, 5\)"),
-    (lambda: linear_attention(t(2, 3, 4, 5), t(2, 3, 4, 5), t(2, 3, 4, 6), initial_state=(t(2, 4, 5, 7), t(2, 4, 5))),
-     r"initial_state kv must have shape \[batch, heads, features, value_dim\] = \[2, 4, 5, 6\], got \(2, 4, 5, 7\)"),
-    (lambda: linear_attention(t(2, 3, 4, 5), t(2, 3, 4, 5), t(2, 3, 4, 6), initial_state=t(2, 4, 5, 6)),
-     r"initial_state must be a \(kv, z\) tuple of tensors, got Tensor"),
-    (lambda: linear_attention(t(2, 3, 4, 5), t(2, 3, 4, 5), t(2, 3, 4, 6), chunk_size=0),
-     r"chunk_size must be an int >= 1, got 0"),
-    (lambda: linear_attention_recurrent(t(2, 3, 4, 5), t(2, 3, 4, 5), t(2, 3, 4, 6), key_mask=t(2, 4)),
-     r"key_mask must have shape \[batch, time\] = \[2, 3\], got \(2, 4\)"),
-    (lambda: taylor_linear_attention(t(2, 3, 4, 5), t(2, 3, 4, 6), t(2, 3, 4, 6)),
-     r"k must have shape \[batch, time, heads, dim\] = \[\*, \*, \*, 5\], got \(2, 3, 4, 6\)"),
-    (lambda: softmax_attention(t(2, 5, 4, 8), t(2, 5, 3, 8), t(2, 5, 3, 8)),
-     r"k must have a number of heads that divides q's 4 heads, got \(2, 5, 3, 8\)"),
-    (lambda: softmax_attention(t(2, 5, 4, 8), t(2, 4, 2, 8), t(2, 4, 2, 8)),
-     r"k must have at least as many time steps as q \(5\).*got \(2, 4, 2, 8\)"),
-    (lambda: softmax_attention(t(2, 5, 4, 8), t(2, 5, 2, 8), t(2, 5, 2, 8), window=0),
-     r"window must be an int >= 1 .*got 0"),
-    (lambda: softmax_attention(t(2, 5, 4, 8), t(2, 5, 2, 8), t(2, 5, 2, 8), window=2.5),
-     r"window must be an int >= 1 .*got 2.5"),
-    (lambda: softmax_attention(t(2, 5, 4, 8), t(2, 5, 2, 8), t(2, 5, 1, 8)),
-     r"v must have shape \[batch, time, kv_heads, value_dim\] = \[2, 5, 2, \*\], got \(2, 5, 1, 8\)"),
-    (lambda: hybrid_attention(t(2, 5, 4, 8), t(2, 5, 2, 8), t(2, 5, 2, 8), t(2, 5, 4, 3), t(2, 5, 4, 3), t(4), -1),
-     r"window must be an int >= 1 .*got -1"),
-    (lambda: hybrid_attention(t(2, 5, 4, 8), t(2, 5, 2, 8), t(2, 5, 2, 8), t(2, 5, 4, 3), t(2, 5, 4, 2), t(4), 2),
-     r"k_feat must have shape \[batch, time, heads, features\] = \[2, 5, 4, 3\], got \(2, 5, 4, 2\)"),
-    (lambda: hybrid_attention(t(2, 5, 4, 8), t(2, 5, 2, 8), t(2, 5, 2, 8), t(2, 5, 4, 3), t(2, 5, 4, 3), t(2), 2),
-     r"window_factor must have shape \[heads\] = \[4\], got \(2,\)"),
-    (lambda: hybrid_attention_recurrent(t(2, 5, 4, 8), t(2, 5, 2, 8), t(2, 5, 2, 8), t(2, 5, 4, 3), t(2, 5, 4, 3),
-                                        t(4), 2, initial_state=(t(2, 4, 3, 8), t(2, 2, 3))),
-     r"initial_state z must have shape \[batch, heads, features\] = \[2, 4, 3\], got \(2, 2, 3\)"),
-    (lambda: short_conv(t(2, 5, 6), t(5, 4)),
-     r"weight must have shape \[channels, kernel_size\] = \[6, \*\], got \(5, 4\)"),
-    (lambda: short_conv_recurrent(t(2, 5, 6), t(6, 4), initial_state=t(2, 4, 6)),
-     r"initial_state must have shape \[batch, kernel_size - 1, channels\] = \[2, 3, 6\], got \(2, 4, 6\)"),
+    (
+        lambda: linear_attention(t(2, 3, 4), t(2, 3, 4), t(2, 3, 4)),
+        r"q must have shape \[batch, time, heads, features\], got \(2, 3, 4\)",
+    ),
+    (
+        lambda: linear_attention(t(2, 3, 4, 5), t(2, 3, 3, 5), t(2, 3, 4, 6)),
+        r"k must have shape \[batch, time, heads, features\] = \[2, 3, 4, 5\], got \(2, 3, 3, 5\)",
+    ),
+    (
+        lambda: linear_attention(
+            t(2, 3, 4, 5), t(2, 3, 4, 5), t(2, 3, 4, 6), initial_state=(t(2, 4, 5, 7), t(2, 4, 5))
+        ),
+        r"initial_state kv must have shape \[batch, heads, features, value_dim\] = \[2, 4, 5, 6\], got \(2, 4, 5, 7\)",
+    ),
+    (
+        lambda: linear_attention(t(2, 3, 4, 5), t(2, 3, 4, 5), t(2, 3, 4, 6), initial_state=t(2, 4, 5, 6)),
+        r"initial_state must be a \(kv, z\) tuple of tensors, got Tensor",
+    ),
+    (
+        lambda: linear_attention(t(2, 3, 4, 5), t(2, 3, 4, 5), t(2, 3, 4, 6), chunk_size=0),
+        r"chunk_size must be an int >= 1, got 0",
+    ),
+    (
+        lambda: linear_attention_recurrent(t(2, 3, 4, 5), t(2, 3, 4, 5), t(2, 3, 4, 6), key_mask=t(2, 4)),
+        r"key_mask must have shape \[batch, time\] = \[2, 3\], got \(2, 4\)",
+    ),
+    (
+        lambda: taylor_linear_attention(t(2, 3, 4, 5), t(2, 3, 4, 6), t(2, 3, 4, 6)),
+        r"k must have shape \[batch, time, heads, dim\] = \[\*, \*, \*, 5\], got \(2, 3, 4, 6\)",
+    ),
+    (
+        lambda: softmax_attention(t(2, 5, 4, 8), t(2, 5, 3, 8), t(2, 5, 3, 8)),
+        r"k must have a number of heads that divides q's 4 heads, got \(2, 5, 3, 8\)",
+    ),
+    (
+        lambda: softmax_attention(t(2, 5, 4, 8), t(2, 4, 2, 8), t(2, 4, 2, 8)),
+        r"k must have at least as many time steps as q \(5\).*got \(2, 4, 2, 8\)",
+    ),
+    (
+        lambda: softmax_attention(t(2, 5, 4, 8), t(2, 5, 2, 8), t(2, 5, 2, 8), window=0),
+        r"window must be an int >= 1 .*got 0",
+    ),
+    (
+        lambda: softmax_attention(t(2, 5, 4, 8), t(2, 5, 2, 8), t(2, 5, 2, 8), window=2.5),
+        r"window must be an int >= 1 .*got 2.5",
+    ),
+    (
+        lambda: softmax_attention(t(2, 5, 4, 8), t(2, 5, 2, 8), t(2, 5, 1, 8)),
+        r"v must have shape \[batch, time, kv_heads, value_dim\] = \[2, 5, 2, \*\], got \(2, 5, 1, 8\)",
+    ),
+    (
+        lambda: hybrid_attention(t(2, 5, 4, 8), t(2, 5, 2, 8), t(2, 5, 2, 8), t(2, 5, 4, 3), t(2, 5, 4, 3), t(4), -1),
+        r"window must be an int >= 1 .*got -1",
+    ),
+    (
+        lambda: hybrid_attention(t(2, 5, 4, 8), t(2, 5, 2, 8), t(2, 5, 2, 8), t(2, 5, 4, 3), t(2, 5, 4, 2), t(4), 2),
+        r"k_feat must have shape \[batch, time, heads, features\] = \[2, 5, 4, 3\], got \(2, 5, 4, 2\)",
+    ),
+    (
+        lambda: hybrid_attention(t(2, 5, 4, 8), t(2, 5, 2, 8), t(2, 5, 2, 8), t(2, 5, 4, 3), t(2, 5, 4, 3), t(2), 2),
+        r"window_factor must have shape \[heads\] = \[4\], got \(2,\)",
+    ),
+    (
+        lambda: hybrid_attention_recurrent(
+            t(2, 5, 4, 8),
+            t(2, 5, 2, 8),
+            t(2, 5, 2, 8),
+            t(2, 5, 4, 3),
+            t(2, 5, 4, 3),
+            t(4),
+            2,
+            initial_state=(t(2, 4, 3, 8), t(2, 2, 3)),
+        ),
+        r"initial_state z must have shape \[batch, heads, features\] = \[2, 4, 3\], got \(2, 2, 3\)",
+    ),
+    (
+        lambda: short_conv(t(2, 5, 6), t(5, 4)),
+        r"weight must have shape \[channels, kernel_size\] = \[6, \*\], got \(5, 4\)",
+    ),
+    (
+        lambda: short_conv_recurrent(t(2, 5, 6), t(6, 4), initial_state=t(2, 4, 6)),
+        r"initial_state must have shape \[batch, kernel_size - 1, channels\] = \[2, 3, 6\], got \(2, 4, 6\)",
+    ),
     (lambda: short_conv(t(2, 5, 6, 1), t(6, 4)), r"x must have shape \[batch, time, channels\], got \(2, 5, 6, 1\)"),
-    (lambda: hedgehog_feature_map(t(2, 5, 4, 8), t(4, 7, 3)),
-     r"weight must have shape \[heads, dim, feature_dim\] = \[4, 8, \*\], got \(4, 7, 3\)"),
+    (
+        lambda: hedgehog_feature_map(t(2, 5, 4, 8), t(4, 7, 3)),
+        r"weight must have shape \[heads, dim, feature_dim\] = \[4, 8, \*\], got \(4, 7, 3\)",
+    ),
 ]
 
 

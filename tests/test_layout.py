@@ -43,7 +43,7 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
         path.append(node)
         for target in sorted(graph[node]):
             if state[target] == 1:
-                return path[path.index(target):] + [target]
+                return path[path.index(target) :] + [target]
             if state[target] == 0 and (cycle := visit(target)):
                 return cycle
         path.pop()
@@ -68,13 +68,23 @@ def test_cycle_finder_finds_cycles():
 
 def test_only_the_command_line_imports_the_command_line():
     graph = import_graph()
-    offenders = {m for m, targets in graph.items() if not m.startswith("hf_based.cli")
-                 and any(t.startswith("hf_based.cli") for t in targets) and m != "hf_based.__main__"}
+    offenders = {
+        m
+        for m, targets in graph.items()
+        if not m.startswith("hf_based.cli")
+        and any(t.startswith("hf_based.cli") for t in targets)
+        and m != "hf_based.__main__"
+    }
     assert not offenders
 
 
 def test_benchmarks_do_not_import_conversion():
     graph = import_graph()
-    offenders = {m: t for m, targets in graph.items() if m.startswith("hf_based.bench")
-                 for t in targets if t.startswith("hf_based.conversion")}
+    offenders = {
+        m: t
+        for m, targets in graph.items()
+        if m.startswith("hf_based.bench")
+        for t in targets
+        if t.startswith("hf_based.conversion")
+    }
     assert not offenders

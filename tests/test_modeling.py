@@ -7,7 +7,7 @@ import textwrap
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, GenerationConfig
+from transformers import AutoModelForCausalLM
 
 from hf_based import BasedCache, BasedConfig, BasedForCausalLM, preset_config
 from hf_based.modeling.compat import CACHE_FIELD
@@ -34,9 +34,18 @@ CONSTANT_STATE_STACKS = [name for name, kw in STACKS.items() if "full_attention"
 
 def tiny_config(**overrides) -> BasedConfig:
     defaults = dict(
-        vocab_size=VOCAB, hidden_size=32, num_attention_heads=4, num_key_value_heads=2, feature_dim=4,
-        hedgehog_dim=6, sliding_window=WINDOW, intermediate_size=48, conv_intermediate_size=40,
-        pad_token_id=0, bos_token_id=1, eos_token_id=2,
+        vocab_size=VOCAB,
+        hidden_size=32,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        feature_dim=4,
+        hedgehog_dim=6,
+        sliding_window=WINDOW,
+        intermediate_size=48,
+        conv_intermediate_size=40,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
     )
     defaults.update(overrides)
     defaults["num_hidden_layers"] = len(defaults["mixer_types"])
@@ -83,8 +92,13 @@ def test_generated_logits_equal_full_forward(name):
     prompt = random_ids(1, 9)
     with torch.no_grad():
         out = model.generate(
-            prompt, max_new_tokens=130, do_sample=False, output_logits=True, return_dict_in_generate=True,
-            eos_token_id=None, pad_token_id=0,
+            prompt,
+            max_new_tokens=130,
+            do_sample=False,
+            output_logits=True,
+            return_dict_in_generate=True,
+            eos_token_id=None,
+            pad_token_id=0,
         )
         full = model(out.sequences, use_cache=False).logits
     generated = torch.stack(out.logits, dim=1)  # logits that produced tokens 9..138; generate() stores them in fp32
@@ -101,17 +115,23 @@ def test_left_padded_batch_equals_sequences_alone(name):
     ids = random_ids(len(rows), width, seed=99)  # padded positions hold real tokens: only the mask hides them
     mask = torch.zeros(len(rows), width, dtype=torch.long)
     for i, row in enumerate(rows):
-        ids[i, width - len(row):], mask[i, width - len(row):] = row, 1
-    settings = dict(max_new_tokens=12, do_sample=False, eos_token_id=None, pad_token_id=0,
-                    output_logits=True, return_dict_in_generate=True)
+        ids[i, width - len(row) :], mask[i, width - len(row) :] = row, 1
+    settings = dict(
+        max_new_tokens=12,
+        do_sample=False,
+        eos_token_id=None,
+        pad_token_id=0,
+        output_logits=True,
+        return_dict_in_generate=True,
+    )
     with torch.no_grad():
         batched = model.generate(ids, attention_mask=mask, **settings)
         prefill = model(ids, attention_mask=mask).logits
         for i, row in enumerate(rows):
             alone = model.generate(row[None], **settings)
-            assert torch.equal(batched.sequences[i, width:], alone.sequences[0, len(row):])
+            assert torch.equal(batched.sequences[i, width:], alone.sequences[0, len(row) :])
             assert_close(torch.stack(batched.logits, 1)[i], torch.stack(alone.logits, 1)[0], tol=1e-6)
-            assert_close(prefill[i, width - len(row):], model(row[None]).logits[0], tol=1e-8)
+            assert_close(prefill[i, width - len(row) :], model(row[None]).logits[0], tol=1e-8)
 
 
 def test_right_padding_leaves_real_positions_unchanged():
@@ -131,8 +151,14 @@ def test_cache_size_is_constant(name):
     with torch.no_grad():
         for steps in (32, 128):
             cache = BasedCache(model.config)
-            model.generate(prompt, max_new_tokens=steps, min_new_tokens=steps, do_sample=False, pad_token_id=0,
-                           **{CACHE_FIELD: cache})
+            model.generate(
+                prompt,
+                max_new_tokens=steps,
+                min_new_tokens=steps,
+                do_sample=False,
+                pad_token_id=0,
+                **{CACHE_FIELD: cache},
+            )
             assert cache.get_seq_length() == 6 + steps - 1  # the last token is sampled, never fed back
             sizes[steps] = cache.nbytes()
     assert sizes[32] == sizes[128] > 0
@@ -150,10 +176,15 @@ def test_cache_updates_states_in_place(name):
         widened.batch_repeat_interleave(3)
         plain = BasedCache(model.config)
         model(prompt.expand(3, -1), cache=plain)
-        addresses = {(i, n): t.data_ptr() for i, layer in enumerate(widened.layers) for n, t in layer.named_tensors().items()}
+        addresses = {
+            (i, n): t.data_ptr() for i, layer in enumerate(widened.layers) for n, t in layer.named_tensors().items()
+        }
         for t in range(steps.shape[1]):
-            assert_close(model(steps[:, t : t + 1], cache=widened).logits, model(steps[:, t : t + 1], cache=plain).logits,
-                         tol=1e-12)
+            assert_close(
+                model(steps[:, t : t + 1], cache=widened).logits,
+                model(steps[:, t : t + 1], cache=plain).logits,
+                tol=1e-12,
+            )
         expected = {key: widened.layers[key[0]].named_tensors()[key[1]][[2, 0, 1]].clone() for key in addresses}
         widened.reorder_cache(torch.tensor([2, 0, 1]))
     assert widened.is_static and len(addresses) > 0
@@ -178,13 +209,18 @@ def test_cache_layers():
     assert isinstance(window, CacheLayerMixin)
     heads, features = config.num_attention_heads, 1 + config.feature_dim + config.feature_dim**2
     assert {n: tuple(t.shape) for n, t in conv.named_tensors().items()} == {
-        "conv": (2, config.conv_kernel_size - 1, config.conv_intermediate_size)}
+        "conv": (2, config.conv_kernel_size - 1, config.conv_intermediate_size)
+    }
     assert {n: (tuple(t.shape), t.dtype) for n, t in linear.named_tensors().items()} == {
-        "kv": ((2, heads, features, config.head_dim), torch.float32), "z": ((2, heads, features), torch.float32)}
+        "kv": ((2, heads, features, config.head_dim), torch.float32),
+        "z": ((2, heads, features), torch.float32),
+    }
     kv_heads = config.num_key_value_heads
     assert {n: tuple(t.shape) for n, t in window.named_tensors().items()} == {
-        "key": (2, WINDOW - 1, kv_heads, config.head_dim), "value": (2, WINDOW - 1, kv_heads, config.head_dim),
-        "key_mask": (2, WINDOW - 1)}
+        "key": (2, WINDOW - 1, kv_heads, config.head_dim),
+        "value": (2, WINDOW - 1, kv_heads, config.head_dim),
+        "key_mask": (2, WINDOW - 1),
+    }
     assert cache.nbytes() == sum(layer.nbytes() for layer in cache.layers) > 0
     with pytest.raises(NotImplementedError, match="cannot be rolled back"):
         cache.crop(3)
@@ -205,8 +241,9 @@ def test_reset_cache_decodes_like_a_new_one(name):
         model(random_ids(2, 10, seed=5), cache=cache)
         cache.reset()
         assert cache.get_seq_length() == 0
-        actual = [model(ids[:, :8], cache=cache).logits] + [model(ids[:, t : t + 1], cache=cache).logits
-                                                             for t in range(8, 12)]
+        actual = [model(ids[:, :8], cache=cache).logits] + [
+            model(ids[:, t : t + 1], cache=cache).logits for t in range(8, 12)
+        ]
     for a, e in zip(actual, expected):
         assert torch.equal(a, e)
     assert cache.get_seq_length() == 12
@@ -230,15 +267,25 @@ def test_generation_modes():
         greedy = model.generate(prompt, max_new_tokens=10, do_sample=False, pad_token_id=0)
         torch.manual_seed(0)
         sampled = model.generate(prompt, max_new_tokens=10, do_sample=True, top_k=20, temperature=0.9, pad_token_id=0)
-        beams = model.generate(prompt, max_new_tokens=10, num_beams=3, num_return_sequences=2, do_sample=False,
-                               pad_token_id=0, output_scores=True, return_dict_in_generate=True)
+        beams = model.generate(
+            prompt,
+            max_new_tokens=10,
+            num_beams=3,
+            num_return_sequences=2,
+            do_sample=False,
+            pad_token_id=0,
+            output_scores=True,
+            return_dict_in_generate=True,
+        )
     assert greedy.shape == sampled.shape == (2, 17)
     assert beams.sequences.shape == (4, 17)
     # The best beam's sequence score must be at least that of greedy decoding (beam search explores a superset).
     with torch.no_grad():
+
         def log_prob(seq):
             logits = model(seq[None]).logits[0, 6:-1].log_softmax(-1)
             return logits.gather(-1, seq[7:, None]).sum()
+
         assert log_prob(beams.sequences[0]) >= log_prob(greedy[0]) - 1e-4
 
 
@@ -248,8 +295,9 @@ def test_beam_search_reorders_cache():
     prompt = random_ids(1, 6)
     with torch.no_grad():
         cached = model.generate(prompt, max_new_tokens=8, num_beams=4, do_sample=False, pad_token_id=0)
-        uncached = model.generate(prompt, max_new_tokens=8, num_beams=4, do_sample=False, pad_token_id=0,
-                                  use_cache=False)
+        uncached = model.generate(
+            prompt, max_new_tokens=8, num_beams=4, do_sample=False, pad_token_id=0, use_cache=False
+        )
     assert torch.equal(cached, uncached)
 
 
@@ -269,9 +317,14 @@ def test_streaming_generation():
 
     ids = tokenizer("Hello world", return_tensors="pt").input_ids
     with torch.no_grad():
-        out = model.generate(ids, max_new_tokens=8, do_sample=False, streamer=Collector(tokenizer, skip_prompt=True),
-                             pad_token_id=tokenizer.eos_token_id)
-    assert "".join(streamed) == tokenizer.decode(out[0, ids.shape[1]:])
+        out = model.generate(
+            ids,
+            max_new_tokens=8,
+            do_sample=False,
+            streamer=Collector(tokenizer, skip_prompt=True),
+            pad_token_id=tokenizer.eos_token_id,
+        )
+    assert "".join(streamed) == tokenizer.decode(out[0, ids.shape[1] :])
 
 
 def test_save_load_round_trip_is_exact(tmp_path):
@@ -392,9 +445,15 @@ def test_presets_shapes():
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        (dict(mixer_types=["linear_attention", "mamba"]), r"mixer_types\[1\]='mamba'.*accepted mixers: linear_attention"),
+        (
+            dict(mixer_types=["linear_attention", "mamba"]),
+            r"mixer_types\[1\]='mamba'.*accepted mixers: linear_attention",
+        ),
         (dict(mixer_types=["base_conv"], num_hidden_layers=3), r"mixer_types has 1 entries but num_hidden_layers=3"),
-        (dict(mixer_types=["base_conv"], hidden_size=30, num_attention_heads=4), r"hidden_size=30.*num_attention_heads=4"),
+        (
+            dict(mixer_types=["base_conv"], hidden_size=30, num_attention_heads=4),
+            r"hidden_size=30.*num_attention_heads=4",
+        ),
         (dict(mixer_types=["base_conv"], num_key_value_heads=3), r"num_key_value_heads=3"),
         (dict(mixer_types=["sliding_window_attention"], sliding_window=0), r"sliding_window=0.*integers >= 1"),
         (dict(mixer_types=["base_conv"], feature_map="elu"), r"feature_map='elu'.*'taylor', 'hedgehog'"),

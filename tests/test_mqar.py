@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from hf_based import BasedConfig, BasedForCausalLM
-from hf_based.cli import main
-from hf_based.modeling.compat import output_cache
 from hf_based.bench import mqar
 from hf_based.bench.mqar import FAMILIES, SWEEPS, ModelSpec, multiquery_ar, sample_mqar, train_and_evaluate
+from hf_based.cli import main
+from hf_based.modeling.compat import output_cache
 
 
 @pytest.mark.parametrize("seq_len, pairs, vocab", [(64, 4, 128), (128, 16, 8192), (512, 64, 8192), (16, 4, 32)])
@@ -40,8 +40,9 @@ def test_examples_follow_zoology(seq_len, pairs, vocab):
 
 def test_labels_are_the_only_predictions_scored():
     batch = sample_mqar(8, 64, 4, vocab_size=128, generator=torch.Generator().manual_seed(0))
-    assert torch.equal(batch.labels != -100, torch.zeros_like(batch.labels, dtype=torch.bool).scatter_(
-        1, batch.positions, True))
+    assert torch.equal(
+        batch.labels != -100, torch.zeros_like(batch.labels, dtype=torch.bool).scatter_(1, batch.positions, True)
+    )
     assert (batch.labels.gather(1, batch.positions) >= 64).all()
 
 
@@ -66,12 +67,15 @@ def test_no_random_filler():
     assert ((ids[:, 8:] == 0) | (labels[:, 8:] != -100)).all()
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(seq_len=63, num_kv_pairs=4, vocab_size=128), "seq_len must be even"),
-    (dict(seq_len=64, num_kv_pairs=17, vocab_size=128), "4 * num_kv_pairs <= seq_len"),
-    (dict(seq_len=64, num_kv_pairs=4, vocab_size=64), "vocab_size must exceed seq_len"),
-    (dict(seq_len=64, num_kv_pairs=0, vocab_size=128), "num_kv_pairs must be an int >= 1"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(seq_len=63, num_kv_pairs=4, vocab_size=128), "seq_len must be even"),
+        (dict(seq_len=64, num_kv_pairs=17, vocab_size=128), "4 * num_kv_pairs <= seq_len"),
+        (dict(seq_len=64, num_kv_pairs=4, vocab_size=64), "vocab_size must exceed seq_len"),
+        (dict(seq_len=64, num_kv_pairs=0, vocab_size=128), "num_kv_pairs must be an int >= 1"),
+    ],
+)
 def test_bad_tasks_are_refused(kwargs, message):
     with pytest.raises(ValueError, match=re.escape(message)):
         multiquery_ar(2, **kwargs)
@@ -79,8 +83,14 @@ def test_bad_tasks_are_refused(kwargs, message):
 
 def test_state_size_is_what_the_cache_holds():
     config = BasedConfig(
-        vocab_size=100, hidden_size=32, num_hidden_layers=5, num_attention_heads=4, num_key_value_heads=2,
-        feature_dim=8, sliding_window=6, hedgehog_dim=8,
+        vocab_size=100,
+        hidden_size=32,
+        num_hidden_layers=5,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        feature_dim=8,
+        sliding_window=6,
+        hedgehog_dim=8,
         mixer_types=["base_conv", "linear_attention", "sliding_window_attention", "hybrid_attention", "full_attention"],
     )
     for overrides in ({}, {"feature_map": "hedgehog", "linear_attention_projections": "llama"}):
@@ -88,8 +98,10 @@ def test_state_size_is_what_the_cache_holds():
         model = BasedForCausalLM(config)
         out = model(torch.randint(0, 100, (3, 20)), use_cache=True)
         cache = output_cache(out)
-        held = [sum(t.numel() for name, t in s.items() if name != "key_mask") // 3
-                for s in (layer.named_tensors() for layer in cache.layers)]
+        held = [
+            sum(t.numel() for name, t in s.items() if name != "key_mask") // 3
+            for s in (layer.named_tensors() for layer in cache.layers)
+        ]
         assert held == config.recurrent_state_size(20)
     with pytest.raises(ValueError, match="pass seq_len"):
         config.recurrent_state_size()
@@ -150,12 +162,15 @@ def test_time_budget_sets_the_steps(one_thread, monkeypatch):
     assert record["steps"] == 100 and not record["early_stopped"]
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--families", "mamba"], "unknown family mamba"),
-    (["--lr", "0"], "lr must be > 0"),
-    (["--max-steps", "0"], "max_steps must be >= 1"),
-    (["--plot-only"], "does not exist"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--families", "mamba"], "unknown family mamba"),
+        (["--lr", "0"], "lr must be > 0"),
+        (["--max-steps", "0"], "max_steps must be >= 1"),
+        (["--plot-only"], "does not exist"),
+    ],
+)
 def test_bad_arguments_give_one_line_errors(tmp_path, capsys, argv, message):
     with pytest.raises(SystemExit) as exit_info:
         main(["mqar", "--out", str(tmp_path / "out"), "--preset", "tiny", *argv])
@@ -179,4 +194,5 @@ def test_a_failing_run_is_reported_and_retried(tmp_path, monkeypatch, capsys):
     assert "FAILED based-d32-f8: RuntimeError: Triton compilation failed" in capsys.readouterr().out
     assert "FAILED: RuntimeError" in (tmp_path / "results.md").read_text()
     assert [json.loads(line)["name"] for line in (tmp_path / "results.jsonl").read_text().splitlines()] == [
-        "attention-d32"]
+        "attention-d32"
+    ]

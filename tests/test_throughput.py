@@ -7,8 +7,6 @@ import torch
 from transformers import LlamaForCausalLM
 
 from hf_based import preset_config
-from hf_based.cli import main
-from hf_based.modeling.compat import CACHE_FIELD, output_cache
 from hf_based.bench.throughput import (
     TINY,
     BasedDecoder,
@@ -20,6 +18,8 @@ from hf_based.bench.throughput import (
     measure_prefill,
     random_ids,
 )
+from hf_based.cli import main
+from hf_based.modeling.compat import CACHE_FIELD, output_cache
 
 CPU = torch.device("cpu")
 
@@ -32,7 +32,10 @@ def test_matched_llama_has_the_same_size(preset):
         parameters = LlamaForCausalLM(llama).num_parameters()
     assert abs(parameters / based_parameters(config) - 1) < 0.02
     assert (llama.hidden_size, llama.num_hidden_layers, llama.vocab_size) == (
-        config.hidden_size, config.num_hidden_layers, config.vocab_size)
+        config.hidden_size,
+        config.num_hidden_layers,
+        config.vocab_size,
+    )
     assert llama.num_key_value_heads == llama.num_attention_heads == config.num_attention_heads
 
 
@@ -138,12 +141,15 @@ def test_bench_tiny_writes_results(tmp_path, one_thread, capsys):
     assert (tmp_path / "bench.png").is_file()
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--model", "no/such/dir-xyz"], "cannot read a config from model 'no/such/dir-xyz'"),
-    (["--baseline", "./missing.gguf"], "--baseline: BASE './missing.gguf' does not exist"),
-    (["--steps", "0"], "steps must be >= 1"),
-    (["--plot-only"], "does not exist"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--model", "no/such/dir-xyz"], "cannot read a config from model 'no/such/dir-xyz'"),
+        (["--baseline", "./missing.gguf"], "--baseline: BASE './missing.gguf' does not exist"),
+        (["--steps", "0"], "steps must be >= 1"),
+        (["--plot-only"], "does not exist"),
+    ],
+)
 def test_bad_arguments_give_one_line_errors(tmp_path, capsys, argv, message):
     with pytest.raises(SystemExit) as exit_info:
         main(["bench", "--tiny", "--out", str(tmp_path / "out"), *argv])

@@ -35,10 +35,10 @@ interrupted sweep resumes. The summary goes to DIR/results.json, DIR/results.md 
 """
 
 import dataclasses
-import logging
 import functools
 import hashlib
 import json
+import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,9 +48,9 @@ import torch
 import torch.nn.functional as F
 
 from hf_based.bench import report
-from hf_based.utils import pyplot
 from hf_based.modeling import BasedConfig, BasedForCausalLM
 from hf_based.training import autocast_for, lr_factor
+from hf_based.utils import pyplot
 
 logger = logging.getLogger(__name__)
 
@@ -84,8 +84,16 @@ class MQARBatch(NamedTuple):
     positions: torch.Tensor  # [B, N] int64: where the queries are (the positions with a label), in key order
 
 
-def sample_mqar(num_examples, seq_len, num_kv_pairs, vocab_size=VOCAB_SIZE, power_a=POWER_A,
-                random_non_queries=True, generator=None, device=None) -> MQARBatch:
+def sample_mqar(
+    num_examples,
+    seq_len,
+    num_kv_pairs,
+    vocab_size=VOCAB_SIZE,
+    power_a=POWER_A,
+    random_non_queries=True,
+    generator=None,
+    device=None,
+) -> MQARBatch:
     """`multiquery_ar` with the query positions (for gathering the predictions without a host sync)."""
     check_task(seq_len, num_kv_pairs, vocab_size)
     device = torch.device(device) if device is not None else (generator.device if generator else torch.device("cpu"))
@@ -116,8 +124,16 @@ def sample_mqar(num_examples, seq_len, num_kv_pairs, vocab_size=VOCAB_SIZE, powe
     return MQARBatch(input_ids, labels, positions)
 
 
-def multiquery_ar(num_examples, seq_len, num_kv_pairs, vocab_size=VOCAB_SIZE, power_a=POWER_A,
-                  random_non_queries=True, seed=0, device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
+def multiquery_ar(
+    num_examples,
+    seq_len,
+    num_kv_pairs,
+    vocab_size=VOCAB_SIZE,
+    power_a=POWER_A,
+    random_non_queries=True,
+    seed=0,
+    device="cpu",
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Zoology's MQAR examples, seeded: (input_ids [N, T], labels [N, T]), labels as described in the module doc."""
     generator = torch.Generator(device).manual_seed(seed)
     batch = sample_mqar(num_examples, seq_len, num_kv_pairs, vocab_size, power_a, random_non_queries, generator)
@@ -181,9 +197,17 @@ class ModelSpec:
         if self.family == "lolcats":
             extra.update(feature_map="hedgehog", hedgehog_dim=self.hedgehog_dim)
         return BasedConfig(
-            vocab_size=vocab_size, hidden_size=self.d_model, num_hidden_layers=2 * len(block),
-            num_attention_heads=1, mixer_types=2 * block, sliding_window=self.window or max_len,
-            max_position_embeddings=max_len, bos_token_id=None, eos_token_id=None, use_cache=False, **extra,
+            vocab_size=vocab_size,
+            hidden_size=self.d_model,
+            num_hidden_layers=2 * len(block),
+            num_attention_heads=1,
+            mixer_types=2 * block,
+            sliding_window=self.window or max_len,
+            max_position_embeddings=max_len,
+            bos_token_id=None,
+            eos_token_id=None,
+            use_cache=False,
+            **extra,
         )
 
 
@@ -262,8 +286,15 @@ SWEEPS = {
     # CPU tests: about a minute on 2 cores.
     "tiny": (
         Settings(
-            train_tasks=tasks((64, 4), (64, 8)), test_tasks=tasks((64, 4), (64, 8)), vocab_size=128,
-            batch_size=32, test_examples=128, max_steps=200, warmup_steps=20, lr=1e-2, check_every=25,
+            train_tasks=tasks((64, 4), (64, 8)),
+            test_tasks=tasks((64, 4), (64, 8)),
+            vocab_size=128,
+            batch_size=32,
+            test_examples=128,
+            max_steps=200,
+            warmup_steps=20,
+            lr=1e-2,
+            check_every=25,
         ),
         [ModelSpec("attention", 32), ModelSpec("based", 32, feature_dim=8)],
     ),
@@ -286,8 +317,15 @@ def predictions(model: BasedForCausalLM, batch: MQARBatch) -> tuple[torch.Tensor
 def held_out_sets(settings: Settings) -> tuple[MQARBatch, ...]:
     """Each test task's fixed test set, on the CPU: seeded apart from training, the same for every run (built once)."""
     return tuple(
-        sample_mqar(settings.test_examples, task.seq_len, task.num_kv_pairs, settings.vocab_size, settings.power_a,
-                    settings.random_non_queries, torch.Generator("cpu").manual_seed(10_000 + 97 * settings.seed + i))
+        sample_mqar(
+            settings.test_examples,
+            task.seq_len,
+            task.num_kv_pairs,
+            settings.vocab_size,
+            settings.power_a,
+            settings.random_non_queries,
+            torch.Generator("cpu").manual_seed(10_000 + 97 * settings.seed + i),
+        )
         for i, task in enumerate(settings.test_tasks)
     )
 
@@ -312,8 +350,9 @@ def evaluate(model, settings: Settings, device: torch.device, eval_batch: int = 
 CALIBRATE = (10, 30)  # steps between which the step time is measured (after the kernels are compiled)
 
 
-def train_and_evaluate(spec: ModelSpec, settings: Settings, device: torch.device, time_budget_s: float | None = None,
-                       progress=None) -> dict:
+def train_and_evaluate(
+    spec: ModelSpec, settings: Settings, device: torch.device, time_budget_s: float | None = None, progress=None
+) -> dict:
     """Train one model on fresh MQAR batches and evaluate it; returns the run's record."""
     start = time.perf_counter()
     torch.manual_seed(settings.seed)
@@ -331,8 +370,15 @@ def train_and_evaluate(spec: ModelSpec, settings: Settings, device: torch.device
         task = settings.train_tasks[step % len(settings.train_tasks)]
         for group in optimizer.param_groups:
             group["lr"] = settings.lr * lr_factor(step, total, warmup)
-        batch = sample_mqar(settings.batch_size, task.seq_len, task.num_kv_pairs, settings.vocab_size,
-                            settings.power_a, settings.random_non_queries, generator)
+        batch = sample_mqar(
+            settings.batch_size,
+            task.seq_len,
+            task.num_kv_pairs,
+            settings.vocab_size,
+            settings.power_a,
+            settings.random_non_queries,
+            generator,
+        )
         with autocast_for(device)():
             logits, targets = predictions(model, batch)
         loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten())
@@ -395,8 +441,9 @@ def read_runs(path: Path, fingerprint: str) -> dict[str, dict]:
     return runs
 
 
-def run_sweep(settings: Settings, specs: list[ModelSpec], out: Path, device: torch.device,
-              show_progress: bool = True) -> list[dict]:
+def run_sweep(
+    settings: Settings, specs: list[ModelSpec], out: Path, device: torch.device, show_progress: bool = True
+) -> list[dict]:
     """Train and evaluate every spec not yet in out/results.jsonl under these settings; returns all runs in spec
     order. With a time budget, the runs still to do share the part of it that is theirs (len(todo) / len(specs))."""
     from tqdm.auto import tqdm
@@ -428,9 +475,11 @@ def run_sweep(settings: Settings, specs: list[ModelSpec], out: Path, device: tor
         with log.open("a") as f:
             f.write(json.dumps(record) + "\n")
         headline = settings.headline.name
-        bar.write(f"{spec.name}: {headline} accuracy {record['accuracy'][headline]:.3f}, "
-                  f"state {record['state_size'][headline]:,}, {record['steps']} steps, "
-                  f"{record['train_seconds'] + record['eval_seconds']:.0f} s")
+        bar.write(
+            f"{spec.name}: {headline} accuracy {record['accuracy'][headline]:.3f}, "
+            f"state {record['state_size'][headline]:,}, {record['steps']} steps, "
+            f"{record['train_seconds'] + record['eval_seconds']:.0f} s"
+        )
     return [done[spec.name] for spec in specs]
 
 
@@ -444,9 +493,16 @@ def write_report(runs: list[dict], settings: Settings, out: Path, env: dict) -> 
     report.write_json(out / "results.json", data)
     tasks_ = [t.name for t in settings.test_tasks]
     rows = [
-        [r["name"], r["parameters"], f"{r['state_size'][headline]:,}", r["steps"],
-         f"{r['train_seconds'] + r['eval_seconds']:.0f}", *(f"{r['accuracy'][t]:.3f}" for t in tasks_)]
-        if "error" not in r else [r["name"], "", "", "", "", f"FAILED: {r['error']}", *[""] * (len(tasks_) - 1)]
+        [
+            r["name"],
+            r["parameters"],
+            f"{r['state_size'][headline]:,}",
+            r["steps"],
+            f"{r['train_seconds'] + r['eval_seconds']:.0f}",
+            *(f"{r['accuracy'][t]:.3f}" for t in tasks_),
+        ]
+        if "error" not in r
+        else [r["name"], "", "", "", "", f"FAILED: {r['error']}", *[""] * (len(tasks_) - 1)]
         for r in runs
     ]
     table = report.markdown_table(
@@ -481,11 +537,21 @@ def plot(runs: list[dict], settings: Settings, out: Path) -> Path | None:
             if not members:
                 continue
             x = [r["state_size"][headline] for r in members]
-            ax.scatter(x, [accuracy(r) for r in members], marker=family.marker, color=family.color, s=60,
-                       label=family.label, zorder=3)
+            ax.scatter(
+                x,
+                [accuracy(r) for r in members],
+                marker=family.marker,
+                color=family.color,
+                s=60,
+                label=family.label,
+                zorder=3,
+            )
             for r, xi in zip(members, x):
-                tag = f"d{r['d_model']}" + (f" f{r['feature_dim']}" if r["feature_dim"] else "") + (
-                    f" w{r['window']}" if r["window"] else "")
+                tag = (
+                    f"d{r['d_model']}"
+                    + (f" f{r['feature_dim']}" if r["feature_dim"] else "")
+                    + (f" w{r['window']}" if r["window"] else "")
+                )
                 ax.annotate(tag, (xi, accuracy(r)), fontsize=6, xytext=(3, 3), textcoords="offset points")
         ax.axhline(2 / settings.vocab_size, color="gray", linestyle=":", linewidth=1, label="chance")
         ax.set_xscale("log")

@@ -27,8 +27,8 @@ Writes DIR/results.json, DIR/results.md and DIR/bench.png.
 """
 
 import dataclasses
-import logging
 import gc
+import logging
 import statistics
 import time
 from dataclasses import dataclass
@@ -37,12 +37,12 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, StaticCache
 
-from hf_based.bench import report
 from hf_based import checkpoints
+from hf_based.bench import report
 from hf_based.errors import UsageError
-from hf_based.utils import pyplot
 from hf_based.modeling import PRESETS, BasedConfig, BasedForCausalLM, preset_config
 from hf_based.modeling.compat import CACHE_FIELD, output_cache
+from hf_based.utils import pyplot
 
 logger = logging.getLogger(__name__)
 
@@ -80,8 +80,15 @@ class BenchSettings:
         return self.warmup_steps + self.steps * self.trials + 1
 
 
-TINY = BenchSettings(prefill_lengths=(32, 64), decode_batches=(1, 2), prompt_lengths=(16, 32), steps=4, trials=2,
-                     warmup_steps=1, dtype="float32")
+TINY = BenchSettings(
+    prefill_lengths=(32, 64),
+    decode_batches=(1, 2),
+    prompt_lengths=(16, 32),
+    steps=4,
+    trials=2,
+    warmup_steps=1,
+    dtype="float32",
+)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -97,11 +104,19 @@ def matched_llama_config(config: BasedConfig) -> LlamaConfig:
     rest = target - embeddings - layers * (attention + 2 * h) - h
     intermediate = max(64, round(rest / (3 * h * layers) / 64) * 64)
     return LlamaConfig(
-        vocab_size=vocab, hidden_size=h, intermediate_size=intermediate, num_hidden_layers=layers,
-        num_attention_heads=config.num_attention_heads, num_key_value_heads=config.num_attention_heads,
-        head_dim=config.head_dim, max_position_embeddings=max(config.max_position_embeddings, 32768),
-        tie_word_embeddings=config.tie_word_embeddings, rms_norm_eps=config.rms_norm_eps,
-        bos_token_id=None, eos_token_id=None, pad_token_id=None,
+        vocab_size=vocab,
+        hidden_size=h,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=config.num_attention_heads,
+        num_key_value_heads=config.num_attention_heads,
+        head_dim=config.head_dim,
+        max_position_embeddings=max(config.max_position_embeddings, 32768),
+        tie_word_embeddings=config.tie_word_embeddings,
+        rms_norm_eps=config.rms_norm_eps,
+        bos_token_id=None,
+        eos_token_id=None,
+        pad_token_id=None,
     )
 
 
@@ -146,10 +161,16 @@ def build(config, dtype: torch.dtype, device: torch.device):
 
 def describe(name: str, model) -> dict:
     config = model.config
-    info = {"name": name, "class": type(model).__name__, "parameters": model.num_parameters(),
-            "hidden_size": config.hidden_size, "layers": config.num_hidden_layers,
-            "heads": config.num_attention_heads, "kv_heads": getattr(config, "num_key_value_heads", None),
-            "vocab_size": config.vocab_size}
+    info = {
+        "name": name,
+        "class": type(model).__name__,
+        "parameters": model.num_parameters(),
+        "hidden_size": config.hidden_size,
+        "layers": config.num_hidden_layers,
+        "heads": config.num_attention_heads,
+        "kv_heads": getattr(config, "num_key_value_heads", None),
+        "vocab_size": config.vocab_size,
+    }
     if isinstance(config, BasedConfig):
         info["mixer_types"] = {m: config.mixer_types.count(m) for m in dict.fromkeys(config.mixer_types)}
     else:
@@ -241,8 +262,12 @@ def measure_prefill(model, length: int, batch: int, device: torch.device) -> dic
         with Memory(device) as memory:  # one call on its own: do_bench's L2-flush buffer is not counted
             prefill()
         seconds = median_seconds(prefill, device)
-        record.update(status="ok", ms=round(seconds * 1e3, 3), tokens_per_s=round(batch * length / seconds, 1),
-                      peak_memory_gb=memory.peak_gb)
+        record.update(
+            status="ok",
+            ms=round(seconds * 1e3, 3),
+            tokens_per_s=round(batch * length / seconds, 1),
+            peak_memory_gb=memory.peak_gb,
+        )
     except Exception as error:  # noqa: BLE001 - see failure()
         record.update(failure(error))
     free(device)
@@ -315,8 +340,13 @@ class StaticCacheDecoder(Decoder):
 
     def step(self):
         mask = self.key_positions <= self.positions[:, :, None, None]  # [B, 1, 1, L]: the prompt and the past steps
-        logits = self.model(input_ids=self.ids, position_ids=self.positions, attention_mask=mask, use_cache=True,
-                            **{CACHE_FIELD: self.cache}).logits
+        logits = self.model(
+            input_ids=self.ids,
+            position_ids=self.positions,
+            attention_mask=mask,
+            use_cache=True,
+            **{CACHE_FIELD: self.cache},
+        ).logits
         self.advance(logits)
 
     def cache_bytes(self):
@@ -377,9 +407,14 @@ def measure_decode(model, batch: int, prompt_len: int, settings: BenchSettings, 
                     graph = None
                     synchronize(device)
             seconds = timed_steps(run_step, device, settings.steps, settings.trials)
-        record.update(status="ok", mode=mode, ms_per_step=round(seconds * 1e3, 4),
-                      tokens_per_s=round(batch / seconds, 1), peak_memory_gb=memory.peak_gb,
-                      cache_bytes=decoder.cache_bytes())
+        record.update(
+            status="ok",
+            mode=mode,
+            ms_per_step=round(seconds * 1e3, 4),
+            tokens_per_s=round(batch / seconds, 1),
+            peak_memory_gb=memory.peak_gb,
+            cache_bytes=decoder.cache_bytes(),
+        )
     except Exception as error:  # noqa: BLE001 - see failure()
         record.update(failure(error))
     del decoder, graph
@@ -401,8 +436,9 @@ def resolve_configs(model_spec: str, baseline_spec: str) -> tuple[BasedConfig, o
     return config, load_config(baseline_spec, "baseline")
 
 
-def run_bench(model_spec: str, baseline_spec: str, settings: BenchSettings, device: torch.device,
-              show_progress: bool = True) -> dict:
+def run_bench(
+    model_spec: str, baseline_spec: str, settings: BenchSettings, device: torch.device, show_progress: bool = True
+) -> dict:
     dtype = getattr(torch, settings.dtype)
     config, baseline_config = resolve_configs(model_spec, baseline_spec)
     env = report.environment(device)
@@ -425,8 +461,10 @@ def run_bench(model_spec: str, baseline_spec: str, settings: BenchSettings, devi
             else:
                 record = measure_decode(model, batch, length, settings, device)
                 results["decode"].append({"model": role, **record})
-                say(f"  decode  P={length:>6} B={batch:>4}: {_rate(record)}"
-                    + (f" ({record.get('mode')})" if record["status"] == "ok" else ""))
+                say(
+                    f"  decode  P={length:>6} B={batch:>4}: {_rate(record)}"
+                    + (f" ({record.get('mode')})" if record["status"] == "ok" else "")
+                )
         del model
         free(device)
     results["summary"] = summarize(results)
@@ -446,8 +484,11 @@ def _speedup(rows: list[dict], key) -> dict:
         if row["model"] == "model" and row["status"] == "ok":
             twin = next((r for r in rows if r["model"] == "baseline" and key(r) == key(row)), None)
             table[key(row)] = (
-                round(row["tokens_per_s"] / twin["tokens_per_s"], 2) if twin and twin["status"] == "ok"
-                else f"baseline {twin['status']}" if twin else None
+                round(row["tokens_per_s"] / twin["tokens_per_s"], 2)
+                if twin and twin["status"] == "ok"
+                else f"baseline {twin['status']}"
+                if twin
+                else None
             )
     return table
 
@@ -461,12 +502,14 @@ def summarize(results: dict) -> dict:
     }
     d_key = (DECODE_TARGET["prompt_len"], DECODE_TARGET["batch"])
     if d_key in decode:
-        summary["decode_target"] = {**DECODE_TARGET, "measured": decode[d_key],
-                                    "met": _met(decode[d_key], DECODE_TARGET["speedup"])}
+        summary["decode_target"] = {
+            **DECODE_TARGET,
+            "measured": decode[d_key],
+            "met": _met(decode[d_key], DECODE_TARGET["speedup"]),
+        }
     if PREFILL_TARGET["length"] in prefill:
         value = prefill[PREFILL_TARGET["length"]]
-        summary["prefill_target"] = {**PREFILL_TARGET, "measured": value,
-                                     "met": _met(value, PREFILL_TARGET["speedup"])}
+        summary["prefill_target"] = {**PREFILL_TARGET, "measured": value, "met": _met(value, PREFILL_TARGET["speedup"])}
     return summary
 
 
@@ -479,48 +522,102 @@ def write_report(results: dict, out: Path) -> None:
     report.write_json(out / "results.json", results)
     models, summary = results["models"], results["summary"]
     names = {role: info["name"] for role, info in models.items()}
-    lines = [f"# Throughput: {names['model']} vs {names['baseline']}", "",
-             report.environment_lines(results["environment"]), ""]
-    lines.append(report.markdown_table(
-        ["role", "model", "class", "parameters", "layers", "hidden"],
-        [[role, i["name"], i["class"], f"{i['parameters'] / 1e6:.1f}M", i["layers"], i["hidden_size"]]
-         for role, i in models.items()],
-    ))
+    lines = [
+        f"# Throughput: {names['model']} vs {names['baseline']}",
+        "",
+        report.environment_lines(results["environment"]),
+        "",
+    ]
+    lines.append(
+        report.markdown_table(
+            ["role", "model", "class", "parameters", "layers", "hidden"],
+            [
+                [role, i["name"], i["class"], f"{i['parameters'] / 1e6:.1f}M", i["layers"], i["hidden_size"]]
+                for role, i in models.items()
+            ],
+        )
+    )
     for key in ("decode_target", "prefill_target"):
         if key in summary:
             t = summary[key]
-            where = (f"batch {t['batch']}, prompt {t['prompt_len']}" if key == "decode_target"
-                     else f"{t['length']} tokens")
-            lines += ["", f"**{key.split('_')[0]} target** ({where}): >= {t['speedup']}x, measured {t['measured']}x "
-                          f"-> {'met' if t['met'] else 'NOT met'}"]
-    lines += ["", "## Prefill (tokens/s, batch %d)" % results["settings"]["prefill_batch"], ""]
+            where = (
+                f"batch {t['batch']}, prompt {t['prompt_len']}" if key == "decode_target" else f"{t['length']} tokens"
+            )
+            lines += [
+                "",
+                f"**{key.split('_')[0]} target** ({where}): >= {t['speedup']}x, measured {t['measured']}x "
+                f"-> {'met' if t['met'] else 'NOT met'}",
+            ]
+    lines += ["", f"## Prefill (tokens/s, batch {results['settings']['prefill_batch']})", ""]
     rows = []
     for length in results["settings"]["prefill_lengths"]:
         cells = [_find(results["prefill"], role, length=length) for role in ("model", "baseline")]
-        rows.append([length, *(_cell(c) for c in cells), *(_mem(c) for c in cells),
-                     summary["prefill_speedup"].get(str(length), "")])
-    lines.append(report.markdown_table(
-        ["tokens", "BASED tok/s", "baseline tok/s", "BASED peak GB", "baseline peak GB", "speedup"], rows))
+        rows.append(
+            [
+                length,
+                *(_cell(c) for c in cells),
+                *(_mem(c) for c in cells),
+                summary["prefill_speedup"].get(str(length), ""),
+            ]
+        )
+    lines.append(
+        report.markdown_table(
+            ["tokens", "BASED tok/s", "baseline tok/s", "BASED peak GB", "baseline peak GB", "speedup"], rows
+        )
+    )
     lines += ["", "## Decode (tokens/s; steps after a prompt of P tokens)", ""]
     rows = []
     for prompt in results["settings"]["prompt_lengths"]:
         for batch in results["settings"]["decode_batches"]:
             cells = [_find(results["decode"], role, prompt_len=prompt, batch=batch) for role in ("model", "baseline")]
-            rows.append([prompt, batch, *(_cell(c) for c in cells), *(_mem(c) for c in cells),
-                         *(_cache(c) for c in cells), *((c or {}).get("mode", "") for c in cells),
-                         summary["decode_speedup"].get(f"P={prompt},B={batch}", "")])
-    lines.append(report.markdown_table(
-        ["P", "B", "BASED tok/s", "baseline tok/s", "BASED peak GB", "baseline peak GB", "BASED cache GB",
-         "baseline cache GB", "BASED mode", "baseline mode", "speedup"], rows))
+            rows.append(
+                [
+                    prompt,
+                    batch,
+                    *(_cell(c) for c in cells),
+                    *(_mem(c) for c in cells),
+                    *(_cache(c) for c in cells),
+                    *((c or {}).get("mode", "") for c in cells),
+                    summary["decode_speedup"].get(f"P={prompt},B={batch}", ""),
+                ]
+            )
+    lines.append(
+        report.markdown_table(
+            [
+                "P",
+                "B",
+                "BASED tok/s",
+                "baseline tok/s",
+                "BASED peak GB",
+                "baseline peak GB",
+                "BASED cache GB",
+                "baseline cache GB",
+                "BASED mode",
+                "baseline mode",
+                "speedup",
+            ],
+            rows,
+        )
+    )
     errors = [r for r in results["decode"] if "graph_error" in r]
     if errors:
-        lines += ["", "CUDA-graph capture failed (eager steps instead): "
-                  + "; ".join(f"{r['model']} P={r['prompt_len']} B={r['batch']}: {r['graph_error']}" for r in errors)]
+        lines += [
+            "",
+            "CUDA-graph capture failed (eager steps instead): "
+            + "; ".join(f"{r['model']} P={r['prompt_len']} B={r['batch']}: {r['graph_error']}" for r in errors),
+        ]
     failed = [r for r in results["prefill"] + results["decode"] if r["status"] == "error"]
     if failed:
-        lines += ["", "Failed measurements: " + "; ".join(
-            f"{r['model']} " + ", ".join(f"{k}={r[k]}" for k in ("length", "prompt_len", "batch") if k in r)
-            + f": {r['error']}" for r in failed)]
+        lines += [
+            "",
+            "Failed measurements: "
+            + "; ".join(
+                f"{r['model']} "
+                + ", ".join(f"{k}={r[k]}" for k in ("length", "prompt_len", "batch") if k in r)
+                + f": {r['error']}"
+                for r in failed
+            ),
+        ]
     lines += ["", "![bench](bench.png)", ""]
     (out / "results.md").write_text("\n".join(lines))
     plot(results, out)
@@ -556,8 +653,13 @@ def plot(results: dict, out: Path) -> Path | None:
     for role in ("model", "baseline"):
         ok = [r for r in results["prefill"] if r["model"] == role and r["status"] == "ok"]
         ax.plot([r["length"] for r in ok], [r["tokens_per_s"] for r in ok], "o-", color=colors[role], label=names[role])
-    ax.set(xscale="log", yscale="log", xlabel="prompt tokens", ylabel="prefill tokens/s",
-           title=f"prefill (batch {results['settings']['prefill_batch']})")
+    ax.set(
+        xscale="log",
+        yscale="log",
+        xlabel="prompt tokens",
+        ylabel="prefill tokens/s",
+        title=f"prefill (batch {results['settings']['prefill_batch']})",
+    )
     panels = ((axes[1], "tokens_per_s", "decode tokens/s"), (axes[2], "peak_memory_gb", "decode peak memory (GB)"))
     for ax, key, label in panels:
         if not any(r["status"] == "ok" and r.get(key) for r in results["decode"]):
@@ -567,8 +669,13 @@ def plot(results: dict, out: Path) -> Path | None:
             for prompt, style in zip(results["settings"]["prompt_lengths"], ("-", "--", ":", "-.") * 4):
                 rows = [r for r in results["decode"] if r["model"] == role and r["prompt_len"] == prompt]
                 ok = [r for r in rows if r["status"] == "ok" and r.get(key) is not None]
-                ax.plot([r["batch"] for r in ok], [r[key] for r in ok], "o" + style, color=colors[role],
-                        label=f"{names[role]}, P={prompt}")
+                ax.plot(
+                    [r["batch"] for r in ok],
+                    [r[key] for r in ok],
+                    "o" + style,
+                    color=colors[role],
+                    label=f"{names[role]}, P={prompt}",
+                )
                 oom = [r["batch"] for r in rows if r["status"] == "oom"]
                 if oom and ok:
                     ax.scatter(oom, [ok[-1][key]] * len(oom), marker="x", color=colors[role], s=70, zorder=3)

@@ -31,19 +31,23 @@ COMMANDS: dict[str, Command] = {
     ),
     "eval": Command("score causal LMs on lm-eval tasks (local JSONL with --data-dir)", eval.add_arguments, eval.run),
     "convert": Command(
-        "linearize a Llama-family checkpoint with LoLCATs (attention transfer + LoRA)", convert.add_convert_arguments,
+        "linearize a Llama-family checkpoint with LoLCATs (attention transfer + LoRA)",
+        convert.add_convert_arguments,
         convert.run_convert,
     ),
     "demo": Command(
         "convert SmolLM2-135M-Instruct with a short recipe and compare it with the teacher",
-        convert.add_demo_arguments, convert.run_demo,
+        convert.add_demo_arguments,
+        convert.run_demo,
     ),
     "mqar": Command(
-        "train small models of each mixer family on MQAR; plot recall against state size", mqar.add_arguments,
+        "train small models of each mixer family on MQAR; plot recall against state size",
+        mqar.add_arguments,
         mqar.run,
     ),
     "bench": Command(
-        "prefill and decode throughput of a BASED model against a same-size Transformer", bench.add_arguments,
+        "prefill and decode throughput of a BASED model against a same-size Transformer",
+        bench.add_arguments,
         bench.run,
     ),
 }

@@ -13,20 +13,30 @@ from hf_based.modeling import PRESETS
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, metavar="DIR", help="directory for results.json/.md and bench.png")
-    parser.add_argument("--model", metavar="PRESET_OR_PATH",
-                        help=f"BASED-family model: a preset ({', '.join(PRESETS)}) or a checkpoint directory / hub id "
-                             "(only its config is read; weights are random) (default: based-360m, tiny with --tiny)")
-    parser.add_argument("--baseline", default="llama", metavar="llama|PATH",
-                        help="'llama' (matched to --model) or a Transformer checkpoint directory / hub id / .gguf file "
-                             "(config only) (default: llama)")
+    parser.add_argument(
+        "--model",
+        metavar="PRESET_OR_PATH",
+        help=f"BASED-family model: a preset ({', '.join(PRESETS)}) or a checkpoint directory / hub id "
+        "(only its config is read; weights are random) (default: based-360m, tiny with --tiny)",
+    )
+    parser.add_argument(
+        "--baseline",
+        default="llama",
+        metavar="llama|PATH",
+        help="'llama' (matched to --model) or a Transformer checkpoint directory / hub id / .gguf file "
+        "(config only) (default: llama)",
+    )
     parser.add_argument("--prefill-lengths", type=int_list, metavar="N,N", help="prompt lengths for prefill")
     parser.add_argument("--prefill-batch", type=int, help="batch size for prefill (default 1)")
     parser.add_argument("--decode-batches", type=int_list, metavar="B,B", help="batch sizes for decode")
     parser.add_argument("--prompt-lengths", type=int_list, metavar="P,P", help="prompt lengths before decode")
     parser.add_argument("--steps", type=int, help="decode steps per timed trial (default 32)")
     parser.add_argument("--trials", type=int, help="timed trials per decode point (default 3)")
-    parser.add_argument("--dtype", choices=("bfloat16", "float16", "float32"),
-                        help="weights and activations (default bfloat16; float32 with --tiny)")
+    parser.add_argument(
+        "--dtype",
+        choices=("bfloat16", "float16", "float32"),
+        help="weights and activations (default bfloat16; float32 with --tiny)",
+    )
     parser.add_argument("--no-cuda-graphs", action="store_true", help="time eager decode steps")
     parser.add_argument("--tiny", action="store_true", help="tiny model and sizes (CPU tests)")
     parser.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
@@ -42,11 +52,19 @@ def run(args: argparse.Namespace) -> None:
         return
     device = command_device(args.device)
     settings = TINY if args.tiny else BenchSettings()
-    overrides = {name: value for name, value in (
-        ("prefill_lengths", args.prefill_lengths), ("prefill_batch", args.prefill_batch),
-        ("decode_batches", args.decode_batches), ("prompt_lengths", args.prompt_lengths), ("steps", args.steps),
-        ("trials", args.trials), ("dtype", args.dtype),
-    ) if value is not None}
+    overrides = {
+        name: value
+        for name, value in (
+            ("prefill_lengths", args.prefill_lengths),
+            ("prefill_batch", args.prefill_batch),
+            ("decode_batches", args.decode_batches),
+            ("prompt_lengths", args.prompt_lengths),
+            ("steps", args.steps),
+            ("trials", args.trials),
+            ("dtype", args.dtype),
+        )
+        if value is not None
+    }
     if args.no_cuda_graphs:
         overrides["cuda_graphs"] = False
     model = args.model or ("tiny" if args.tiny else "based-360m")
@@ -58,12 +76,16 @@ def run(args: argparse.Namespace) -> None:
     results = run_bench(model, args.baseline, settings, device, show_progress=not args.quiet)
     write_report(results, out)
     summary = results["summary"]
-    print(f"hf-based bench: {results['models']['model']['name']} vs {results['models']['baseline']['name']} on "
-          f"{machine(device)} -> {out}/results.json, results.md, bench.png")
+    print(
+        f"hf-based bench: {results['models']['model']['name']} vs {results['models']['baseline']['name']} on "
+        f"{machine(device)} -> {out}/results.json, results.md, bench.png"
+    )
     print(f"  prefill speedup by length: {summary['prefill_speedup']}")
     print(f"  decode speedup by (prompt, batch): {summary['decode_speedup']}")
     for key in ("decode_target", "prefill_target"):
         if key in summary:
             target = summary[key]
-            print(f"  {key}: >= {target['speedup']}x, measured {target['measured']} -> "
-                  f"{'met' if target['met'] else 'NOT met'}")
+            print(
+                f"  {key}: >= {target['speedup']}x, measured {target['measured']} -> "
+                f"{'met' if target['met'] else 'NOT met'}"
+            )

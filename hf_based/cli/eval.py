@@ -37,11 +37,14 @@ def _count(text: str) -> int:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", metavar="MODEL", help="checkpoint directory or hub id of any causal LM")
     parser.add_argument(
-        "--tasks", required=True, metavar="TASKS",
+        "--tasks",
+        required=True,
+        metavar="TASKS",
         help=f"comma-separated lm-eval task names; with --data-dir: {', '.join(LOCAL_TASKS)}",
     )
     parser.add_argument(
-        "--data-dir", metavar="DIR",
+        "--data-dir",
+        metavar="DIR",
         help="read the standard tasks from local JSONL in the hub schema in DIR, not from the hub",
     )
     parser.add_argument(
@@ -55,7 +58,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available, else cpu)")
     parser.add_argument(
-        "--dtype", choices=DTYPES,
+        "--dtype",
+        choices=DTYPES,
         help="load weights in this dtype (default: the checkpoint's)",
     )
 
@@ -69,8 +73,12 @@ def run(args: argparse.Namespace) -> None:
     if args.output is not None and Path(args.output).is_dir():
         raise UsageError(f"--output {args.output} is a directory; give a file name")
     options = dict(
-        data_dir=args.data_dir, limit=args.limit, batch_size=args.batch_size, num_fewshot=args.num_fewshot,
-        device=args.device, dtype=args.dtype,
+        data_dir=args.data_dir,
+        limit=args.limit,
+        batch_size=args.batch_size,
+        num_fewshot=args.num_fewshot,
+        device=args.device,
+        dtype=args.dtype,
     )
     evaluated = {}
     for name in [args.model] + ([args.compare] if args.compare else []):

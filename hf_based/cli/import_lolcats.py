@@ -13,15 +13,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("finetune", metavar="FINETUNE_PT", nargs="?", help="LoRA fine-tune .pt file or hub repo")
     parser.add_argument("out", metavar="OUT", help="directory for the converted checkpoint and its tokenizer")
     parser.add_argument(
-        "--window", type=int, default=LOLCATS_WINDOW,
+        "--window",
+        type=int,
+        default=LOLCATS_WINDOW,
         help=f"softmax keys per query, itself included (default: {LOLCATS_WINDOW}, LoLCATs' decode window)",
     )
     parser.add_argument(
-        "--lora-alpha", type=float, default=LOLCATS_LORA_ALPHA,
+        "--lora-alpha",
+        type=float,
+        default=LOLCATS_LORA_ALPHA,
         help=f"LoRA alpha of the fine-tune, not stored in the .pt (default: {LOLCATS_LORA_ALPHA:g}, the released runs)",
     )
-    parser.add_argument("--dtype", choices=("auto", *DTYPES), default="auto",
-                        help="parameter dtype (default: the base model's)")
+    parser.add_argument(
+        "--dtype", choices=("auto", *DTYPES), default="auto", help="parameter dtype (default: the base model's)"
+    )
 
 
 def run(args: argparse.Namespace) -> None:

@@ -12,17 +12,26 @@ from hf_based.errors import UsageError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", required=True, metavar="DIR",
-                        help="directory for results.jsonl/.json/.md and mqar.png")
-    parser.add_argument("--preset", choices=list(SWEEPS), default="default",
-                        help="sweep: 'default' (23 models, under 8 min on one H200) or 'tiny' (2 models, for CPUs)")
+    parser.add_argument(
+        "--out", required=True, metavar="DIR", help="directory for results.jsonl/.json/.md and mqar.png"
+    )
+    parser.add_argument(
+        "--preset",
+        choices=list(SWEEPS),
+        default="default",
+        help="sweep: 'default' (23 models, under 8 min on one H200) or 'tiny' (2 models, for CPUs)",
+    )
     parser.add_argument("--families", metavar="A,B", help=f"only these model families ({', '.join(FAMILIES)})")
     parser.add_argument("--max-steps", type=int, help="training steps per run at most")
     parser.add_argument("--batch-size", type=int, help="training batch size")
     parser.add_argument("--lr", type=float, help="peak learning rate")
-    parser.add_argument("--time-budget", type=float, metavar="SECONDS",
-                        help="wall-clock budget of the whole sweep, shared by the runs (0: none, max-steps per run); "
-                             "default: 400 for the default sweep on CUDA, none otherwise")
+    parser.add_argument(
+        "--time-budget",
+        type=float,
+        metavar="SECONDS",
+        help="wall-clock budget of the whole sweep, shared by the runs (0: none, max-steps per run); "
+        "default: 400 for the default sweep on CUDA, none otherwise",
+    )
     parser.add_argument("--seed", type=int, help="seed of the weights and the data (default 0)")
     parser.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     parser.add_argument("--plot-only", action="store_true", help="only redraw mqar.png and results.md from DIR")
@@ -37,9 +46,16 @@ def run(args: argparse.Namespace) -> None:
         return
     device = command_device(args.device)
     settings, specs = SWEEPS[args.preset]
-    overrides = {name: value for name, value in (
-        ("max_steps", args.max_steps), ("batch_size", args.batch_size), ("lr", args.lr), ("seed", args.seed),
-    ) if value is not None}
+    overrides = {
+        name: value
+        for name, value in (
+            ("max_steps", args.max_steps),
+            ("batch_size", args.batch_size),
+            ("lr", args.lr),
+            ("seed", args.seed),
+        )
+        if value is not None
+    }
     if args.time_budget is not None:
         overrides["time_budget_s"] = args.time_budget or None
     elif device.type != "cuda":
@@ -52,8 +68,10 @@ def run(args: argparse.Namespace) -> None:
         wanted = [f.strip() for f in args.families.split(",") if f.strip()]
         unknown = [f for f in wanted if f not in FAMILIES]
         if unknown or not wanted:
-            raise UsageError(f"--families {args.families!r}: unknown family {', '.join(unknown) or '(none given)'}; "
-                           f"accepted: {', '.join(FAMILIES)}")
+            raise UsageError(
+                f"--families {args.families!r}: unknown family {', '.join(unknown) or '(none given)'}; "
+                f"accepted: {', '.join(FAMILIES)}"
+            )
         specs = [spec for spec in specs if spec.family in wanted]
         if not specs:
             raise UsageError(f"--families {args.families!r}: the {args.preset!r} sweep has no model of these families")
@@ -61,8 +79,10 @@ def run(args: argparse.Namespace) -> None:
     runs = run_sweep(settings, specs, out, device, show_progress=not args.quiet)
     write_report(runs, settings, out, environment(device))
     headline = settings.headline.name
-    print(f"hf-based mqar: {len(runs)} runs in {time.perf_counter() - start:.0f} s on {machine(device)} "
-          f"-> {out}/results.json, results.md, mqar.png")
+    print(
+        f"hf-based mqar: {len(runs)} runs in {time.perf_counter() - start:.0f} s on {machine(device)} "
+        f"-> {out}/results.json, results.md, mqar.png"
+    )
     for run in runs:
         if "error" in run:
             print(f"  FAILED {run['name']}: {run['error']}")
@@ -70,5 +90,7 @@ def run(args: argparse.Namespace) -> None:
         members = [r for r in runs if r["family"] == family and "error" not in r]
         if members:
             best = max(members, key=lambda r: r["accuracy"][headline])
-            print(f"  {family:>15}: best {headline} accuracy {best['accuracy'][headline]:.3f} ({best['name']}, "
-                  f"state {best['state_size'][headline]:,})")
+            print(
+                f"  {family:>15}: best {headline} accuracy {best['accuracy'][headline]:.3f} ({best['name']}, "
+                f"state {best['state_size'][headline]:,})"
+            )

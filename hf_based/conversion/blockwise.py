@@ -37,6 +37,8 @@ from hf_based.conversion.linearize import (
 )
 from hf_based.conversion.recipe import Recipe
 from hf_based.errors import ConversionError
+from hf_based.modeling import BasedConfig
+from hf_based.modeling.modeling_based import BasedDecoderLayer, BasedRotaryEmbedding
 from hf_based.training import (
     Checkpointing,
     Dist,
@@ -47,8 +49,6 @@ from hf_based.training import (
     train,
     uses_bf16,
 )
-from hf_based.modeling import BasedConfig
-from hf_based.modeling.modeling_based import BasedDecoderLayer, BasedRotaryEmbedding
 
 
 class Block(nn.Module):
@@ -107,8 +107,18 @@ def _dump_hidden_states(tensors, config, blocks, input_ids, directory: Path, bat
         del block, inputs
 
 
-def run_blockwise_stage1(teacher, student, recipe: Recipe, train_data: PackedData, steps: int, dist: Dist,
-                         checkpoints: Path, key: dict, progress: bool = True, on_step=None) -> StageResult | None:
+def run_blockwise_stage1(
+    teacher,
+    student,
+    recipe: Recipe,
+    train_data: PackedData,
+    steps: int,
+    dist: Dist,
+    checkpoints: Path,
+    key: dict,
+    progress: bool = True,
+    on_step=None,
+) -> StageResult | None:
     """Stage 1 block by block; loads the trained parameters into `student` and writes checkpoints/stage1.pt.
     Returns None when `recipe.block_index` asked for one block only."""
     config = student.config
@@ -127,8 +137,17 @@ def run_blockwise_stage1(teacher, student, recipe: Recipe, train_data: PackedDat
     local = Dist(device=dist.device)
 
     if dist.is_main:
-        _dump_hidden_states(tensors, config, blocks, train_data.input_ids[used], directory, recipe.batch_size,
-                            dist.device, storage, autocast)
+        _dump_hidden_states(
+            tensors,
+            config,
+            blocks,
+            train_data.input_ids[used],
+            directory,
+            recipe.batch_size,
+            dist.device,
+            storage,
+            autocast,
+        )
     dist.barrier()
 
     num_layers = len(converted_layers(config))
@@ -153,10 +172,16 @@ def run_blockwise_stage1(teacher, student, recipe: Recipe, train_data: PackedDat
             return transfer.loss(num_layers, recipe.mse_factor), x.shape[0] * x.shape[1]
 
         train(
-            f"stage 1 block {b + 1}/{len(blocks)} (layers {layers[0]}-{layers[-1]})", block, optimizer, loss_fn,
+            f"stage 1 block {b + 1}/{len(blocks)} (layers {layers[0]}-{layers[-1]})",
+            block,
+            optimizer,
+            loss_fn,
             recipe.schedule(1, steps),
             Checkpointing(checkpoints / f"stage1_block{b}.pt", {**key, "block": layers}, recipe.checkpoint_every),
-            local, clip_groups=list(groups.values()), progress=progress, on_step=on_step,
+            local,
+            clip_groups=list(groups.values()),
+            progress=progress,
+            on_step=on_step,
         )
         del block, hidden
     if recipe.block_index is not None:
@@ -187,8 +212,18 @@ def run_blockwise_stage1(teacher, student, recipe: Recipe, train_data: PackedDat
         raise ConversionError(f"internal error: stitched stage 1 lacks {sorted(missing)[:3]}")
     student.load_state_dict(state, strict=False)
     if dist.is_main:
-        atomic_save({"step": steps, "done": True, "model": state, "optimizer": {}, "history": history, "key": key,
-                     "rng": torch.get_rng_state()}, checkpoints / "stage1.pt")
+        atomic_save(
+            {
+                "step": steps,
+                "done": True,
+                "model": state,
+                "optimizer": {},
+                "history": history,
+                "key": key,
+                "rng": torch.get_rng_state(),
+            },
+            checkpoints / "stage1.pt",
+        )
         shutil.rmtree(directory, ignore_errors=True)  # the hidden states: no longer needed, possibly huge
     dist.barrier()
     return StageResult("stage 1 attention transfer (block-wise)", steps, tokens, seconds, history or [])

@@ -163,8 +163,10 @@ def format_record(record, template: str, tokenizer=None) -> tuple[str, str]:
         instruction, extra = record["instruction"], record.get("input") or ""
         response = record.get("output", record.get("response", ""))
         if template == "alpaca":
-            prompt = ALPACA_PROMPT.format(instruction=instruction, input=extra) if extra else (
-                ALPACA_PROMPT_NO_INPUT.format(instruction=instruction)
+            prompt = (
+                ALPACA_PROMPT.format(instruction=instruction, input=extra)
+                if extra
+                else (ALPACA_PROMPT_NO_INPUT.format(instruction=instruction))
             )
             return prompt, response
         if template == "chat":
@@ -237,8 +239,15 @@ def load_training_data(
 
 @torch.no_grad()
 def teacher_generated_text(
-    teacher, tokenizer, num_sequences: int, seq_len: int, batch_size: int = 8, seed: int = 0,
-    temperature: float = 1.0, top_p: float = 0.95, progress: bool = True,
+    teacher,
+    tokenizer,
+    num_sequences: int,
+    seq_len: int,
+    batch_size: int = 8,
+    seed: int = 0,
+    temperature: float = 1.0,
+    top_p: float = 0.95,
+    progress: bool = True,
 ) -> PackedData:
     """Let the teacher sample its own training text: documents started from BOS (EOS if there is none), sampled
     with `temperature`/`top_p`, each ended at its EOS, concatenated and packed into `num_sequences` chunks."""
@@ -258,8 +267,14 @@ def teacher_generated_text(
         while len(ids) < needed:
             prompt = torch.full((batch_size, 1), start, dtype=torch.long, device=device)
             out = teacher.generate(
-                prompt, attention_mask=torch.ones_like(prompt), do_sample=True, temperature=temperature,
-                top_p=top_p, top_k=0, max_new_tokens=seq_len, pad_token_id=eos if eos is not None else start,
+                prompt,
+                attention_mask=torch.ones_like(prompt),
+                do_sample=True,
+                temperature=temperature,
+                top_p=top_p,
+                top_k=0,
+                max_new_tokens=seq_len,
+                pad_token_id=eos if eos is not None else start,
             )
             for row in out.tolist():
                 doc = row[1:]

@@ -156,8 +156,14 @@ def init_new_parameters(module: nn.Module, config: BasedConfig, device=None) -> 
             sub.window_factors = nn.Parameter(torch.full((sub.num_heads,), logit, device=device))
 
 
-def load_weights(module: nn.Module, tensors: Callable[[str], torch.Tensor | None], config: BasedConfig,
-                 prefix: str = "", dtype: torch.dtype = torch.float32, device="cpu") -> None:
+def load_weights(
+    module: nn.Module,
+    tensors: Callable[[str], torch.Tensor | None],
+    config: BasedConfig,
+    prefix: str = "",
+    dtype: torch.dtype = torch.float32,
+    device="cpu",
+) -> None:
     """Fill a meta-device `module` (a BasedForCausalLM, or one of its layers with `prefix` = its name in the full
     model) with the teacher's tensors (`tensors(full_name)`, None if absent), creating the new parameters.
 
@@ -220,8 +226,9 @@ def check_teacher_weights(teacher: nn.Module, config: BasedConfig) -> None:
         )
 
 
-def linearize_model(teacher: nn.Module, recipe: Recipe | None = None, dtype: torch.dtype = torch.float32,
-              device="cpu") -> BasedForCausalLM:
+def linearize_model(
+    teacher: nn.Module, recipe: Recipe | None = None, dtype: torch.dtype = torch.float32, device="cpu"
+) -> BasedForCausalLM:
     """The converted model before any training: the teacher's weights, new feature maps and window factors."""
     config = based_config(teacher.config, recipe)
     check_teacher_weights(teacher, config)
@@ -264,7 +271,10 @@ def teacher_attention(q, k, v, key_mask=None) -> torch.Tensor:
     computes it (scale head_dim^-0.5)."""
     if key_mask is None and q.shape[1] == k.shape[1]:
         o = F.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
+            q.transpose(1, 2),
+            k.transpose(1, 2),
+            v.transpose(1, 2),
+            is_causal=True,
             enable_gqa=q.shape[2] != k.shape[2],
         ).transpose(1, 2)
     else:

@@ -86,8 +86,9 @@ class ConversionResult:
     info: dict = field(default_factory=dict)  # what conversion.json holds
 
 
-def resolve_steps(steps: int | None, tokens: int | None, epochs: float, num_sequences: int, global_batch: int,
-                  seq_len: int) -> int:
+def resolve_steps(
+    steps: int | None, tokens: int | None, epochs: float, num_sequences: int, global_batch: int, seq_len: int
+) -> int:
     """Optimizer steps of a stage: given, from a token budget, or `epochs` passes over the training sequences."""
     if steps is not None:
         return steps
@@ -112,8 +113,13 @@ def _digest(value) -> str:
 
 
 @torch.no_grad()
-def attention_mse(model: BasedForCausalLM, input_ids: torch.Tensor, factor: float = 1.0, batch_size: int = 1,
-                  autocast=contextlib.nullcontext) -> float:
+def attention_mse(
+    model: BasedForCausalLM,
+    input_ids: torch.Tensor,
+    factor: float = 1.0,
+    batch_size: int = 1,
+    autocast=contextlib.nullcontext,
+) -> float:
     """Mean over sequences of the stage-1 loss (per-layer MSE to the teacher's attention, averaged over layers)."""
     layers = converted_layers(model.config)
     if not layers:
@@ -128,8 +134,17 @@ def attention_mse(model: BasedForCausalLM, input_ids: torch.Tensor, factor: floa
     return sum(losses) / len(losses)
 
 
-def run_stage1(student, recipe: Recipe, train_data: PackedData, steps: int, dist: Dist, checkpoint: Path, key: dict,
-               progress: bool = True, on_step=None) -> StageResult:
+def run_stage1(
+    student,
+    recipe: Recipe,
+    train_data: PackedData,
+    steps: int,
+    dist: Dist,
+    checkpoint: Path,
+    key: dict,
+    progress: bool = True,
+    on_step=None,
+) -> StageResult:
     """Joint attention transfer over all converted layers, on `train_data` token chunks."""
     config = student.config
     torch.manual_seed(recipe.seed)
@@ -148,9 +163,17 @@ def run_stage1(student, recipe: Recipe, train_data: PackedData, steps: int, dist
         return transfer.loss(num_layers, recipe.mse_factor), ids.numel() * dist.world
 
     return train(
-        "stage 1 attention transfer", student, optimizer, loss_fn, recipe.schedule(1, steps),
-        Checkpointing(checkpoint, key, recipe.checkpoint_every), dist, clip_groups=list(groups.values()),
-        sync_grads=lambda: dist.all_reduce_grads(params), progress=progress, on_step=on_step,
+        "stage 1 attention transfer",
+        student,
+        optimizer,
+        loss_fn,
+        recipe.schedule(1, steps),
+        Checkpointing(checkpoint, key, recipe.checkpoint_every),
+        dist,
+        clip_groups=list(groups.values()),
+        sync_grads=lambda: dist.all_reduce_grads(params),
+        progress=progress,
+        on_step=on_step,
     )
 
 
@@ -177,16 +200,28 @@ def _shard_fsdp(peft_model, student, use_bf16: bool) -> None:
     """FSDP2 (torch fully_shard): each decoder layer is a unit, the rest the root unit; bf16 compute on CUDA."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if use_bf16 else (
-        MixedPrecisionPolicy()
+    policy = (
+        MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        if use_bf16
+        else (MixedPrecisionPolicy())
     )
     for layer in student.model.layers:
         fully_shard(layer, mp_policy=policy)
     fully_shard(peft_model, mp_policy=policy)
 
 
-def run_stage2(student, recipe: Recipe, train_data: PackedData, steps: int, dist: Dist, checkpoint: Path, key: dict,
-               teacher=None, progress: bool = True, on_step=None) -> StageResult:
+def run_stage2(
+    student,
+    recipe: Recipe,
+    train_data: PackedData,
+    steps: int,
+    dist: Dist,
+    checkpoint: Path,
+    key: dict,
+    teacher=None,
+    progress: bool = True,
+    on_step=None,
+) -> StageResult:
     """LoRA fine-tuning of the converted layers' q/k/v/o; feature maps and window factors frozen (LoLCATs stage 2)."""
     from peft import get_peft_model
 
@@ -230,8 +265,15 @@ def run_stage2(student, recipe: Recipe, train_data: PackedData, steps: int, dist
         return loss, ids.numel() * dist.world
 
     result = train(
-        "stage 2 LoRA", model, optimizer, loss_fn, recipe.schedule(2, steps),
-        Checkpointing(checkpoint, key, recipe.checkpoint_every), dist, progress=progress, on_step=on_step,
+        "stage 2 LoRA",
+        model,
+        optimizer,
+        loss_fn,
+        recipe.schedule(2, steps),
+        Checkpointing(checkpoint, key, recipe.checkpoint_every),
+        dist,
+        progress=progress,
+        on_step=on_step,
     )
     if recipe.stage2_loss == "distill":
         teacher.to("cpu")
@@ -241,8 +283,9 @@ def run_stage2(student, recipe: Recipe, train_data: PackedData, steps: int, dist
 # --- assembling and saving ------------------------------------------------------------------------------------------
 
 
-def assemble(teacher, recipe: Recipe, stage1_state: dict | None, lora_state: dict | None,
-             device="cpu") -> BasedForCausalLM:
+def assemble(
+    teacher, recipe: Recipe, stage1_state: dict | None, lora_state: dict | None, device="cpu"
+) -> BasedForCausalLM:
     """A plain BasedForCausalLM from the teacher's weights, the trained feature maps and window factors, and the
     merged LoRA."""
     student = linearize_model(teacher, recipe, device=device)
@@ -264,8 +307,14 @@ def assemble(teacher, recipe: Recipe, stage1_state: dict | None, lora_state: dic
 
 
 @torch.no_grad()
-def perplexity(model, data: PackedData, device, batch_size: int = 1, autocast=contextlib.nullcontext,
-               max_sequences: int | None = None) -> float:
+def perplexity(
+    model,
+    data: PackedData,
+    device,
+    batch_size: int = 1,
+    autocast=contextlib.nullcontext,
+    max_sequences: int | None = None,
+) -> float:
     """exp(mean next-token loss) over all tokens of `data` (prompt tokens included: it measures the model)."""
     model.eval()
     total, count = 0.0, 0
@@ -304,9 +353,12 @@ def model_card(info: dict) -> str:
         f"`{info['base_model']}` linearized with LoLCATs (Zhang et al., 2024) by "
         f"[hf-based](https://pypi.org/project/hf-based/) {info['hf_based_version']}: "
         f"{layers['converted']} of {layers['total']} attention layers are "
-        + ("pure linear attention" if recipe["linear_only"] else
-           f"sliding-window softmax ({recipe['window']} keys, the current one included) plus linear attention over "
-           "older keys, with one shared denominator")
+        + (
+            "pure linear attention"
+            if recipe["linear_only"]
+            else f"sliding-window softmax ({recipe['window']} keys, the current one included) plus linear attention over "
+            "older keys, with one shared denominator"
+        )
         + f", {recipe['feature_map']} feature maps"
         + (f"; layers {layers['softmax']} keep softmax attention." if layers["softmax"] else "."),
         "",
@@ -318,10 +370,14 @@ def model_card(info: dict) -> str:
         "| stage | what trains | steps | tokens | lr | final loss | time | tokens/s (2nd half) |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    for key, what in (("stage1", "feature maps + window weight (attention MSE x "
-                                 f"{format_number(recipe['mse_factor'])})"),
-                      ("stage2", f"LoRA r={recipe['lora_r']} alpha={format_number(recipe['lora_alpha'])} on "
-                                 f"{'/'.join(recipe['lora_targets'])} ({recipe['stage2_loss'].replace('_', '-')})")):
+    for key, what in (
+        ("stage1", f"feature maps + window weight (attention MSE x {format_number(recipe['mse_factor'])})"),
+        (
+            "stage2",
+            f"LoRA r={recipe['lora_r']} alpha={format_number(recipe['lora_alpha'])} on "
+            f"{'/'.join(recipe['lora_targets'])} ({recipe['stage2_loss'].replace('_', '-')})",
+        ),
+    ):
         s = stages.get(key)
         if not s or s["steps"] == 0:
             lines.append(f"| {key[-1]} | {what} | skipped | 0 | - | - | - | - |")
@@ -337,7 +393,8 @@ def model_card(info: dict) -> str:
         f"packed into {recipe['seq_len']}-token sequences; "
         f"batch {recipe['batch_size']} x {recipe['grad_accum']} accumulation x {info['world_size']} process(es); "
         f"AdamW, weight decay {recipe['weight_decay']}, gradient clip {recipe['max_grad_norm']}"
-        + (", stage 1 block-wise, " + f"{recipe['blockwise']} layers a block" if recipe["blockwise"] else "") + ".",
+        + (", stage 1 block-wise, " + f"{recipe['blockwise']} layers a block" if recipe["blockwise"] else "")
+        + ".",
         "",
     ]
     metrics = info.get("metrics") or {}
@@ -348,8 +405,14 @@ def model_card(info: dict) -> str:
     evals = info.get("eval")
     if evals:
         base = info.get("teacher_eval") or {}
-        lines += ["## Evaluation (lm-eval)", "", f"Limit: {info.get('eval_limit') or 'all'} documents per task.", "",
-                  "| task | metric | teacher | converted |", "|---|---|---|---|"]
+        lines += [
+            "## Evaluation (lm-eval)",
+            "",
+            f"Limit: {info.get('eval_limit') or 'all'} documents per task.",
+            "",
+            "| task | metric | teacher | converted |",
+            "|---|---|---|---|",
+        ]
         for task, values in evals.items():
             for metric, value in values.items():
                 teacher_value = format_number(base.get(task, {}).get(metric))
@@ -442,9 +505,19 @@ def prepare_output(out: str | Path, resume: bool, dist: Dist) -> Path:
     return out
 
 
-def load_inputs(base: str | None, recipe: Recipe, data: DataOptions, dist: Dist, checkpoints: Path, *, teacher=None,
-                tokenizer=None, base_name: str | None = None, resume: bool = True,
-                progress: bool = True) -> Inputs:
+def load_inputs(
+    base: str | None,
+    recipe: Recipe,
+    data: DataOptions,
+    dist: Dist,
+    checkpoints: Path,
+    *,
+    teacher=None,
+    tokenizer=None,
+    base_name: str | None = None,
+    resume: bool = True,
+    progress: bool = True,
+) -> Inputs:
     """Load the teacher (from `base`, unless given) and the training data; check that the teacher converts."""
     if teacher is None:
         if base is None:
@@ -466,8 +539,9 @@ def load_inputs(base: str | None, recipe: Recipe, data: DataOptions, dist: Dist,
 
     val_data = None
     if data.from_teacher:
-        train_data = _teacher_text(teacher, tokenizer, recipe, data, dist, checkpoints / "teacher_text.pt", resume,
-                                   progress)
+        train_data = _teacher_text(
+            teacher, tokenizer, recipe, data, dist, checkpoints / "teacher_text.pt", resume, progress
+        )
         template = "none (teacher-generated)"
     else:
         train_data, val_data = load_training_data(
@@ -475,20 +549,35 @@ def load_inputs(base: str | None, recipe: Recipe, data: DataOptions, dist: Dist,
         )
         template = data.template
     if val_data is not None:
-        val_data = PackedData(val_data.input_ids[: data.val_sequences], val_data.labels[: data.val_sequences],
-                              val_data.source)
+        val_data = PackedData(
+            val_data.input_ids[: data.val_sequences], val_data.labels[: data.val_sequences], val_data.source
+        )
     val_ids = val_data.input_ids if val_data is not None else train_data.input_ids[: data.val_sequences]
-    return Inputs(teacher, tokenizer, base_name, config, train_data, val_data, val_ids,
-                  ", ".join(map(str, data.sources)), template)
+    return Inputs(
+        teacher,
+        tokenizer,
+        base_name,
+        config,
+        train_data,
+        val_data,
+        val_ids,
+        ", ".join(map(str, data.sources)),
+        template,
+    )
 
 
-def _teacher_text(teacher, tokenizer, recipe: Recipe, data: DataOptions, dist: Dist, cached: Path, resume: bool,
-                  progress: bool) -> PackedData:
+def _teacher_text(
+    teacher, tokenizer, recipe: Recipe, data: DataOptions, dist: Dist, cached: Path, resume: bool, progress: bool
+) -> PackedData:
     """The teacher's own text as training data, generated once (main process) and kept in `cached`."""
     if dist.is_main and not (resume and cached.is_file()):
         logger.info("the teacher writes %d training sequences of %d tokens", data.teacher_sequences, recipe.seq_len)
         generated = teacher_generated_text(
-            teacher.to(dist.device), tokenizer, data.teacher_sequences, recipe.seq_len, seed=recipe.seed,
+            teacher.to(dist.device),
+            tokenizer,
+            data.teacher_sequences,
+            recipe.seq_len,
+            seed=recipe.seed,
             progress=progress,
         )
         teacher.to("cpu")
@@ -506,34 +595,75 @@ def plan_stages(inputs: Inputs, recipe: Recipe, student: BasedForCausalLM, dist:
     # Block-wise stage 1 trains each block in one process (blocks spread over processes), so its batch is per block.
     world1 = 1 if recipe.blockwise else dist.world
     global_batch = recipe.batch_size * recipe.grad_accum * dist.world
-    steps1 = resolve_steps(recipe.stage1_steps, recipe.stage1_tokens, recipe.epochs, num_sequences,
-                           recipe.batch_size * recipe.grad_accum * world1, recipe.seq_len)
-    steps2 = resolve_steps(recipe.stage2_steps, recipe.stage2_tokens, recipe.epochs, num_sequences, global_batch,
-                           recipe.seq_len)
+    steps1 = resolve_steps(
+        recipe.stage1_steps,
+        recipe.stage1_tokens,
+        recipe.epochs,
+        num_sequences,
+        recipe.batch_size * recipe.grad_accum * world1,
+        recipe.seq_len,
+    )
+    steps2 = resolve_steps(
+        recipe.stage2_steps, recipe.stage2_tokens, recipe.epochs, num_sequences, global_batch, recipe.seq_len
+    )
     if steps1 and not stage1_parameters(student, config):
         _log(dist, "stage 1 skipped: this recipe has nothing to train in it (Taylor feature maps without a window)")
         steps1 = 0
     key1 = {
-        "base": inputs.base_name, "teacher_config": _digest(inputs.teacher.config.to_dict()),
-        "mixers": _digest(config.mixer_types), "window": recipe.window, "feature_map": recipe.feature_map,
-        "hedgehog_dim": recipe.hedgehog_dim, "seq_len": recipe.seq_len, "batch_size": recipe.batch_size,
-        "grad_accum": recipe.grad_accum, "world_size": world1, "data": inputs.data_name, "template": inputs.template,
-        "seed": recipe.seed, "train_sequences": num_sequences, "mse_factor": recipe.mse_factor,
+        "base": inputs.base_name,
+        "teacher_config": _digest(inputs.teacher.config.to_dict()),
+        "mixers": _digest(config.mixer_types),
+        "window": recipe.window,
+        "feature_map": recipe.feature_map,
+        "hedgehog_dim": recipe.hedgehog_dim,
+        "seq_len": recipe.seq_len,
+        "batch_size": recipe.batch_size,
+        "grad_accum": recipe.grad_accum,
+        "world_size": world1,
+        "data": inputs.data_name,
+        "template": inputs.template,
+        "seed": recipe.seed,
+        "train_sequences": num_sequences,
+        "mse_factor": recipe.mse_factor,
         "blockwise": recipe.blockwise,
     }
-    key2 = {**key1, "world_size": dist.world, "stage1_steps": steps1, "stage1_lr": recipe.stage1_lr, "lora": _digest(
-        [recipe.lora_r, recipe.lora_alpha, recipe.lora_dropout, list(recipe.lora_targets)]),
-        "stage2_loss": recipe.stage2_loss, "fsdp": recipe.fsdp}
-    _log(dist, "converting %s: %d/%d layers %s (%s), %d training sequences of %d tokens; stage 1: %d steps, stage 2: "
-         "%d steps of %d sequences", inputs.base_name, len(converted_layers(config)), config.num_hidden_layers,
-         "linear" if recipe.linear_only else "hybrid", recipe.feature_map, num_sequences, recipe.seq_len, steps1,
-         steps2, global_batch)
+    key2 = {
+        **key1,
+        "world_size": dist.world,
+        "stage1_steps": steps1,
+        "stage1_lr": recipe.stage1_lr,
+        "lora": _digest([recipe.lora_r, recipe.lora_alpha, recipe.lora_dropout, list(recipe.lora_targets)]),
+        "stage2_loss": recipe.stage2_loss,
+        "fsdp": recipe.fsdp,
+    }
+    _log(
+        dist,
+        "converting %s: %d/%d layers %s (%s), %d training sequences of %d tokens; stage 1: %d steps, stage 2: "
+        "%d steps of %d sequences",
+        inputs.base_name,
+        len(converted_layers(config)),
+        config.num_hidden_layers,
+        "linear" if recipe.linear_only else "hybrid",
+        recipe.feature_map,
+        num_sequences,
+        recipe.seq_len,
+        steps1,
+        steps2,
+        global_batch,
+    )
     return Plan(steps1, steps2, key1, key2)
 
 
-def stage1_attention_transfer(student: BasedForCausalLM, inputs: Inputs, recipe: Recipe, plan: Plan, dist: Dist,
-                              checkpoints: Path, progress: bool = True,
-                              on_step=None) -> tuple[StageResult | None, dict]:
+def stage1_attention_transfer(
+    student: BasedForCausalLM,
+    inputs: Inputs,
+    recipe: Recipe,
+    plan: Plan,
+    dist: Dist,
+    checkpoints: Path,
+    progress: bool = True,
+    on_step=None,
+) -> tuple[StageResult | None, dict]:
     """Stage 1, joint or block-wise, into `student`; a finished stage-1 checkpoint is loaded instead of retrained.
     -> (its result, or None when `recipe.block_index` trained one block only; the validation attention MSE before
     and after it, joint training only: block-wise, the full model need not fit the device)."""
@@ -547,18 +677,30 @@ def stage1_attention_transfer(student: BasedForCausalLM, inputs: Inputs, recipe:
     if finished is not None and finished["done"] and finished["step"] >= steps:  # a rerun after stage 1
         student.load_state_dict(finished["model"], strict=False)
         history = finished["history"]
-        result = StageResult("stage 1 attention transfer", finished["step"], history[-1]["tokens"],
-                             history[-1]["seconds"], history)
+        result = StageResult(
+            "stage 1 attention transfer", finished["step"], history[-1]["tokens"], history[-1]["seconds"], history
+        )
     else:
         if measure:
             student.to(dist.device)
             metrics["val attention MSE x factor, before stage 1"] = attention_mse(
-                student, inputs.val_ids, recipe.mse_factor, recipe.batch_size, autocast)
+                student, inputs.val_ids, recipe.mse_factor, recipe.batch_size, autocast
+            )
         if recipe.blockwise:
             from hf_based.conversion.blockwise import run_blockwise_stage1
 
-            result = run_blockwise_stage1(inputs.teacher, student, recipe, inputs.train_data, steps, dist, checkpoints,
-                                          key, progress=progress, on_step=on_step)
+            result = run_blockwise_stage1(
+                inputs.teacher,
+                student,
+                recipe,
+                inputs.train_data,
+                steps,
+                dist,
+                checkpoints,
+                key,
+                progress=progress,
+                on_step=on_step,
+            )
             if result is None:
                 return None, metrics
         else:
@@ -567,24 +709,52 @@ def stage1_attention_transfer(student: BasedForCausalLM, inputs: Inputs, recipe:
     if measure:
         student.to(dist.device)
         metrics["val attention MSE x factor, after stage 1"] = attention_mse(
-            student, inputs.val_ids, recipe.mse_factor, recipe.batch_size, autocast)
+            student, inputs.val_ids, recipe.mse_factor, recipe.batch_size, autocast
+        )
     return result, metrics
 
 
-def stage2_lora(student: BasedForCausalLM, inputs: Inputs, recipe: Recipe, plan: Plan, dist: Dist, checkpoints: Path,
-                progress: bool = True, on_step=None) -> StageResult:
+def stage2_lora(
+    student: BasedForCausalLM,
+    inputs: Inputs,
+    recipe: Recipe,
+    plan: Plan,
+    dist: Dist,
+    checkpoints: Path,
+    progress: bool = True,
+    on_step=None,
+) -> StageResult:
     """Stage 2 (LoRA) on `student` after stage 1; its weights stay in OUT/checkpoints/stage2.pt."""
     if not plan.stage2_steps:
         return StageResult("stage 2 LoRA", 0, 0, 0.0, [], skipped=True)
     if not (recipe.fsdp and dist.world > 1):  # FSDP shards the model from the CPU
         student.to(dist.device)
-    return run_stage2(student, recipe, inputs.train_data, plan.stage2_steps, dist, checkpoints / "stage2.pt",
-                      plan.stage2_key, inputs.teacher, progress, on_step)
+    return run_stage2(
+        student,
+        recipe,
+        inputs.train_data,
+        plan.stage2_steps,
+        dist,
+        checkpoints / "stage2.pt",
+        plan.stage2_key,
+        inputs.teacher,
+        progress,
+        on_step,
+    )
 
 
-def save_artifacts(out: Path, inputs: Inputs, recipe: Recipe, plan: Plan, stages: dict[str, StageResult],
-                   metrics: dict, dist: Dist, dtype: str | torch.dtype | None = "auto",
-                   evaluation: EvalOptions | None = None, started: float | None = None) -> ConversionResult:
+def save_artifacts(
+    out: Path,
+    inputs: Inputs,
+    recipe: Recipe,
+    plan: Plan,
+    stages: dict[str, StageResult],
+    metrics: dict,
+    dist: Dist,
+    dtype: str | torch.dtype | None = "auto",
+    evaluation: EvalOptions | None = None,
+    started: float | None = None,
+) -> ConversionResult:
     """Main process: assemble the converted model from the stage checkpoints, measure it (validation perplexity,
     lm-eval), and save it with its tokenizer, loss curves, conversion.json and model card. Other processes return
     a result without a model."""
@@ -612,8 +782,15 @@ def save_artifacts(out: Path, inputs: Inputs, recipe: Recipe, plan: Plan, stages
     result.model = model
     if evaluation.tasks:
         result.teacher_eval_results, result.eval_results = evaluate_pair(
-            teacher, model, inputs.tokenizer, evaluation.tasks, evaluation.data_dir, evaluation.limit,
-            evaluation.batch_size, device, evaluation.teacher_results,
+            teacher,
+            model,
+            inputs.tokenizer,
+            evaluation.tasks,
+            evaluation.data_dir,
+            evaluation.limit,
+            evaluation.batch_size,
+            device,
+            evaluation.teacher_results,
         )
     for key, stage in stages.items():
         if stage.history:
@@ -621,17 +798,35 @@ def save_artifacts(out: Path, inputs: Inputs, recipe: Recipe, plan: Plan, stages
     plot_loss_curves(list(stages.values()), out / "loss_curves.png", title=f"{inputs.base_name} -> BASED (LoLCATs)")
     config = inputs.config
     result.info = {
-        "name": out.name, "base_model": inputs.base_name, "hf_based_version": __version__,
+        "name": out.name,
+        "base_model": inputs.base_name,
+        "hf_based_version": __version__,
         "recipe": recipe.to_dict(),
-        "layers": {"total": config.num_hidden_layers, "converted": len(converted_layers(config)),
-                   "softmax": [i for i, m in enumerate(config.mixer_types) if m == "full_attention"]},
-        "data": inputs.data_name, "template": inputs.template, "train_sequences": len(inputs.train_data),
-        "world_size": dist.world, "device": str(device), "dtype": str(out_dtype).removeprefix("torch."),
-        "stages": {k: {"steps": s.steps, "tokens": s.tokens, "seconds": round(s.seconds, 2),
-                       "tokens_per_second": s.tokens_per_second,
-                       "steady_tokens_per_second": s.steady_tokens_per_second, "final_loss": s.final_loss()}
-                   for k, s in stages.items()},
-        "metrics": metrics, "eval": result.eval_results, "teacher_eval": result.teacher_eval_results,
+        "layers": {
+            "total": config.num_hidden_layers,
+            "converted": len(converted_layers(config)),
+            "softmax": [i for i, m in enumerate(config.mixer_types) if m == "full_attention"],
+        },
+        "data": inputs.data_name,
+        "template": inputs.template,
+        "train_sequences": len(inputs.train_data),
+        "world_size": dist.world,
+        "device": str(device),
+        "dtype": str(out_dtype).removeprefix("torch."),
+        "stages": {
+            k: {
+                "steps": s.steps,
+                "tokens": s.tokens,
+                "seconds": round(s.seconds, 2),
+                "tokens_per_second": s.tokens_per_second,
+                "steady_tokens_per_second": s.steady_tokens_per_second,
+                "final_loss": s.final_loss(),
+            }
+            for k, s in stages.items()
+        },
+        "metrics": metrics,
+        "eval": result.eval_results,
+        "teacher_eval": result.teacher_eval_results,
         "eval_limit": evaluation.limit,
         "seconds": round(time.perf_counter() - started, 1) if started is not None else None,
     }
@@ -689,8 +884,18 @@ def convert(
     data_options = DataOptions(sources, template, teacher_sequences, val_records, val_sequences, max_records)
     data_options.check()
 
-    inputs = load_inputs(base, recipe, data_options, dist, checkpoints, teacher=teacher, tokenizer=tokenizer,
-                         base_name=base_name, resume=resume, progress=progress)
+    inputs = load_inputs(
+        base,
+        recipe,
+        data_options,
+        dist,
+        checkpoints,
+        teacher=teacher,
+        tokenizer=tokenizer,
+        base_name=base_name,
+        resume=resume,
+        progress=progress,
+    )
     # The full model goes to the device for joint stage 1 and for unsharded stage 2; block-wise stage 1 moves one
     # block at a time, FSDP shards it from the CPU.
     student = linearize_model(inputs.teacher, recipe, device="cpu")
@@ -709,8 +914,9 @@ def convert(
     evaluation = EvalOptions(eval_tasks, eval_data_dir, eval_limit, eval_batch_size, teacher_eval_results)
     # No barrier after this: the other processes are done, and waiting for the main one's evaluation could outlast
     # the process group's timeout.
-    return save_artifacts(out, inputs, recipe, plan, {"stage1": stage1, "stage2": stage2}, metrics, dist, dtype,
-                          evaluation, started)
+    return save_artifacts(
+        out, inputs, recipe, plan, {"stage1": stage1, "stage2": stage2}, metrics, dist, dtype, evaluation, started
+    )
 
 
 def evaluate_pair(teacher, model, tokenizer, tasks, data_dir, limit, batch_size, device, teacher_results=None):

@@ -58,7 +58,9 @@ class Recipe:
     stage2_tokens: int | None = setting(None, "stage 2 budget in tokens", "training", exclusive="stage2")
     stage2_lr: float = setting(1e-4, "LoRA learning rate", "training")
     stage2_loss: str = setting(
-        "next_token", "next-token cross-entropy, or KL to the teacher's logits", "training",
+        "next_token",
+        "next-token cross-entropy, or KL to the teacher's logits",
+        "training",
         choices=("next_token", "distill"),
     )
     distill_temperature: float = setting(1.0, "softmax temperature of --stage2-loss distill", "training")
@@ -72,7 +74,9 @@ class Recipe:
     max_grad_norm: float = setting(1.0, "gradient clipping norm", "training")
     warmup_steps: int = setting(0, "linear learning-rate warm-up steps", "training")
     lr_schedule: str = setting(
-        "constant", "after warm-up: constant, or cosine decay to 10% of the peak", "training",
+        "constant",
+        "after warm-up: constant, or cosine decay to 10% of the peak",
+        "training",
         choices=("constant", "cosine"),
     )
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 
 from hf_based.checkpoints import gguf_location, load_config
-from hf_based.errors import ConversionError
 from hf_based.conversion.linearize import check_supported
+from hf_based.errors import ConversionError
 
 
 def load_teacher_config(base: str):

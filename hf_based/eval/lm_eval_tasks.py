@@ -243,6 +243,7 @@ def _fmt(value: float | None) -> str:
 
 def _table(header: list[str], rows: list[list[str]]) -> str:
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+
     # Task and metric names left-aligned, numbers right-aligned.
     def line(row):
         return "  ".join(cell.ljust(w) if i < 2 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))

@@ -172,14 +172,18 @@ def original_layout(config: BasedConfig) -> dict[str, tuple[int, ...]]:
     for i, mixer in enumerate(config.mixer_types):
         p = f"transformer.layers.{i}."
         layout |= {
-            p + "norm1.weight": (d,), p + "norm2.weight": (d,),
-            p + "mlp.fc1.weight": (2 * inner, d), p + "mlp.fc2.weight": (d, inner),
+            p + "norm1.weight": (d,),
+            p + "norm2.weight": (d,),
+            p + "mlp.fc1.weight": (2 * inner, d),
+            p + "mlp.fc2.weight": (d, inner),
         }
         if mixer == "base_conv":
             layout |= {
-                p + "mixer.in_proj.weight": (2 * conv, d), p + "mixer.in_proj.bias": (2 * conv,),
+                p + "mixer.in_proj.weight": (2 * conv, d),
+                p + "mixer.in_proj.bias": (2 * conv,),
                 p + "mixer.conv.conv.weight": (conv, 1, config.conv_kernel_size),
-                p + "mixer.out_proj.weight": (d, conv), p + "mixer.out_proj.bias": (d,),
+                p + "mixer.out_proj.weight": (d, conv),
+                p + "mixer.out_proj.bias": (d,),
             }
         elif mixer == "linear_attention":
             layout |= {
@@ -218,8 +222,10 @@ def check_layout(state: dict, config: BasedConfig, source: str) -> dict:
     layout = original_layout(config)
     problems = [
         f"{what} keys {keys[:5]}{' ...' if len(keys) > 5 else ''}"
-        for what, keys in (("missing", [k for k in layout if k not in state]),
-                           ("unexpected", [k for k in state if k not in layout]))
+        for what, keys in (
+            ("missing", [k for k in layout if k not in state]),
+            ("unexpected", [k for k in state if k not in layout]),
+        )
         if keys
     ]
     if problems:

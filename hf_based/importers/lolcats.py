@@ -20,8 +20,8 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
 
-from hf_based.errors import CheckpointError, ConversionError
 from hf_based.conversion.linearize import Recipe, based_config
+from hf_based.errors import CheckpointError, ConversionError
 from hf_based.importers.common import check_output_directory, load_tensors, save_checkpoint
 from hf_based.modeling import BasedConfig, BasedForCausalLM
 from hf_based.utils import torch_dtype
@@ -111,8 +111,12 @@ def lolcats_tensors(parsed: dict, config: BasedConfig, lora_alpha: float) -> tup
     keyed by our parameter names. Consumes `parsed`; anything left over is reported."""
     heads, head_dim, hidden = config.num_attention_heads, config.head_dim, config.hidden_size
     kv_size = config.num_key_value_heads * head_dim
-    projection_shapes = {"q_proj": (heads * head_dim, hidden), "k_proj": (kv_size, hidden),
-                         "v_proj": (kv_size, hidden), "o_proj": (hidden, heads * head_dim)}
+    projection_shapes = {
+        "q_proj": (heads * head_dim, hidden),
+        "k_proj": (kv_size, hidden),
+        "v_proj": (kv_size, hidden),
+        "o_proj": (hidden, heads * head_dim),
+    }
     feature_map_shape = (heads, head_dim, config.hedgehog_dim)  # FeatureMapMLP: einsum("hdf,bhld->bhlf")
     what = "attention-transfer weights (DISTILL_PT)"
     tensors, deltas = {}, {}

@@ -3,6 +3,12 @@ from hf_based.modeling.configuration_based import MIXER_TYPES, PRESETS, BasedCon
 from hf_based.modeling.modeling_based import BasedForCausalLM, BasedModel, BasedPreTrainedModel
 
 __all__ = [
-    "BasedCache", "BasedConfig", "BasedForCausalLM", "BasedModel", "BasedPreTrainedModel", "MIXER_TYPES", "PRESETS",
+    "BasedCache",
+    "BasedConfig",
+    "BasedForCausalLM",
+    "BasedModel",
+    "BasedPreTrainedModel",
+    "MIXER_TYPES",
+    "PRESETS",
     "preset_config",
 ]

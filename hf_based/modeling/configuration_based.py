@@ -121,8 +121,17 @@ class BasedConfig(PretrainedConfig):
             )
         _one_of("feature_map", self.feature_map, FEATURE_MAPS)
         _one_of("linear_attention_projections", self.linear_attention_projections, LINEAR_ATTENTION_PROJECTIONS)
-        for name in ("hidden_size", "num_attention_heads", "num_key_value_heads", "feature_dim", "hedgehog_dim",
-                     "sliding_window", "conv_kernel_size", "intermediate_size", "conv_intermediate_size"):
+        for name in (
+            "hidden_size",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "feature_dim",
+            "hedgehog_dim",
+            "sliding_window",
+            "conv_kernel_size",
+            "intermediate_size",
+            "conv_intermediate_size",
+        ):
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
                 raise ValueError(f"{name}={value!r} is not supported; accepted values: integers >= 1")
@@ -163,31 +172,46 @@ class BasedConfig(PretrainedConfig):
             linear = heads * self.feature_size(mixer) * (head_dim + 1)  # kv [H, F, Dv] + z [H, F]
             if mixer == "full_attention" and seq_len is None:
                 raise ValueError("full_attention layers keep every key: pass seq_len to recurrent_state_size")
-            sizes.append({
-                "linear_attention": linear,
-                "sliding_window_attention": window,
-                "hybrid_attention": window + linear,
-                "base_conv": (self.conv_kernel_size - 1) * self.conv_intermediate_size,
-                "full_attention": (seq_len or 0) * kv_heads * 2 * head_dim,
-            }[mixer])
+            sizes.append(
+                {
+                    "linear_attention": linear,
+                    "sliding_window_attention": window,
+                    "hybrid_attention": window + linear,
+                    "base_conv": (self.conv_kernel_size - 1) * self.conv_intermediate_size,
+                    "full_attention": (seq_len or 0) * kv_heads * 2 * head_dim,
+                }[mixer]
+            )
         return sizes
 
 
 PRESETS = {
     # For tests and quick starts: every BASED mixer, small enough for a CPU.
     "tiny": dict(
-        hidden_size=64, num_hidden_layers=4, num_attention_heads=4, feature_dim=8, sliding_window=16,
+        hidden_size=64,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        feature_dim=8,
+        sliding_window=16,
         mixer_types=["base_conv", "linear_attention", "sliding_window_attention", "base_conv"],
     ),
     # HazyResearch/based train/configs/experiment/reference/based-360m.yaml; it trains with fla `parallel_based`,
     # whose denominator eps is 1e-6 (based-1b uses the PyTorch path's 1e-12)
     "based-360m": dict(
-        hidden_size=1024, num_hidden_layers=27, num_attention_heads=16, feature_dim=16, sliding_window=129,
-        linear_attention_eps=1e-6, mixer_types=based_layer_pattern(27, [1, 6, 11, 16, 21], [2, 7, 12, 17, 22]),
+        hidden_size=1024,
+        num_hidden_layers=27,
+        num_attention_heads=16,
+        feature_dim=16,
+        sliding_window=129,
+        linear_attention_eps=1e-6,
+        mixer_types=based_layer_pattern(27, [1, 6, 11, 16, 21], [2, 7, 12, 17, 22]),
     ),
     # HazyResearch/based train/configs/experiment/reference/based-1b.yaml (the released "based-1b", ~1.3B parameters)
     "based-1.3b": dict(
-        hidden_size=1792, num_hidden_layers=36, num_attention_heads=16, feature_dim=16, sliding_window=129,
+        hidden_size=1792,
+        num_hidden_layers=36,
+        num_attention_heads=16,
+        feature_dim=16,
+        sliding_window=129,
         mixer_types=based_layer_pattern(36, [1, 6, 11, 16, 21, 27, 33], [2, 7, 12, 17, 22, 28, 34]),
     ),
 }

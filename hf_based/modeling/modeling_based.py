@@ -100,7 +100,9 @@ class BasedMLP(nn.Module):
         super().__init__()
         self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
         self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
-        self.down_proj = residual_projection(nn.Linear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias))
+        self.down_proj = residual_projection(
+            nn.Linear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
+        )
         self.act_fn = ACT2FN[config.hidden_act]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -232,8 +234,16 @@ class BasedHybridAttention(BasedAttentionBase):
         k_feat = self.feature_map_k(repeat_kv(k, self.num_kv_groups))
         op = hybrid_attention_recurrent if initial_state is not None and q.shape[1] == 1 else hybrid_attention
         o, final_state = op(
-            q, k, v, q_feat, k_feat, torch.sigmoid(self.window_factors), self.window,
-            key_mask=key_mask, initial_state=initial_state, output_final_state=cache is not None,
+            q,
+            k,
+            v,
+            q_feat,
+            k_feat,
+            torch.sigmoid(self.window_factors),
+            self.window,
+            key_mask=key_mask,
+            initial_state=initial_state,
+            output_final_state=cache is not None,
         )
         if cache is not None:
             cache.layers[self.layer_idx].update_state(*final_state)

@@ -5,9 +5,7 @@ triton) with fp32 inputs and small blocks; the references run on fp64 copies. Wi
 same tests run the compiled kernels.
 """
 
-
 import torch
-
 from triton_helpers import INTERPRET
 
 

@@ -68,8 +68,9 @@ def test_chunked_matches_reference(length, d, value_dim, masked, with_state, blo
     weights = [rand.normal(*shape) for shape in shapes]
     blocks = dict(BLOCKS, block_v=block_v, block_v_bwd=block_v)
     actual = run(taylor._taylor_linear_attention, q, k, v, key_mask, state, weights, **blocks)
-    expected = run(reference, *(x.double() for x in (q, k, v)), key_mask,
-                   state and tuple(x.double() for x in state), weights)
+    expected = run(
+        reference, *(x.double() for x in (q, k, v)), key_mask, state and tuple(x.double() for x in state), weights
+    )
     for name, a, e in zip(NAMES, actual, expected):
         assert_close(a, e, name)
 
@@ -140,8 +141,10 @@ def raised(op, *args):
 )
 def test_bad_input_raises_reference_error(shapes):
     q, k, v = (torch.zeros(s, device=DEVICE) for s in shapes)
-    for op, ref in ((taylor.taylor_linear_attention, reference),
-                    (taylor.taylor_linear_attention_recurrent, reference_recurrent)):
+    for op, ref in (
+        (taylor.taylor_linear_attention, reference),
+        (taylor.taylor_linear_attention_recurrent, reference_recurrent),
+    ):
         assert raised(op, q, k, v) == raised(ref, q, k, v)
 
 
@@ -154,6 +157,8 @@ def test_bad_mask_and_state_raise_reference_error():
         (None, torch.zeros(2, 2, features, 8, device=DEVICE)),
     ]
     for key_mask, state in cases:
-        for op, ref in ((taylor.taylor_linear_attention, reference),
-                        (taylor.taylor_linear_attention_recurrent, reference_recurrent)):
+        for op, ref in (
+            (taylor.taylor_linear_attention, reference),
+            (taylor.taylor_linear_attention_recurrent, reference_recurrent),
+        ):
             assert raised(op, q, k, v, key_mask, state) == raised(ref, q, k, v, key_mask, state)

@@ -136,8 +136,12 @@ def hybrid_inputs(rand, q_len, k_len, features=FEAT, heads=(H, HKV)):
     """[q, k, v, q_feat, k_feat, window_factor]: GQA raw values, positive features per query head, window_factor in (0.1, 1.1)."""
     heads, kv_heads = heads
     return [
-        rand.normal(B, q_len, heads, D), rand.normal(B, k_len, kv_heads, D), rand.normal(B, k_len, kv_heads, DV),
-        rand.positive(B, q_len, heads, features), rand.positive(B, k_len, heads, features), rand.positive(heads),
+        rand.normal(B, q_len, heads, D),
+        rand.normal(B, k_len, kv_heads, D),
+        rand.normal(B, k_len, kv_heads, DV),
+        rand.positive(B, q_len, heads, features),
+        rand.positive(B, k_len, heads, features),
+        rand.positive(heads),
     ]
 
 
@@ -204,7 +208,9 @@ def test_hybrid_attention_queries_without_keys():
     assert torch.equal(o[1, :empty], torch.zeros_like(o[1, :empty]))
     grad_out[1, :empty] = 0
     (_, _), expected_grads = run_hybrid(reference_hybrid, as_fp64(inputs), [], grad_out, 5, mask)
-    for name, grad, expected_grad in zip(("dq", "dk", "dv", "dq_feat", "dk_feat", "dwindow_factor"), grads, expected_grads):
+    for name, grad, expected_grad in zip(
+        ("dq", "dk", "dv", "dq_feat", "dk_feat", "dwindow_factor"), grads, expected_grads
+    ):
         assert_close(grad, expected_grad, name)
 
 
@@ -218,7 +224,9 @@ def test_hybrid_attention_dtypes_and_final_state_gradient():
     (o, _), grads = run_hybrid(hybrid.hybrid_attention, half, [], grad_out, window_size, None)
     assert o.dtype == torch.float16
     assert_close(o, expected, "o fp16", tol=1e-2)
-    for name, grad, expected_grad in zip(("dq", "dk", "dv", "dq_feat", "dk_feat", "dwindow_factor"), grads, expected_grads):
+    for name, grad, expected_grad in zip(
+        ("dq", "dk", "dv", "dq_feat", "dk_feat", "dwindow_factor"), grads, expected_grads
+    ):
         assert_close(grad, expected_grad, f"{name} fp16", tol=1e-2)
 
     # autocast's mix (fp32 q, k and features after RoPE, 16-bit v) runs in the 16-bit dtype, as all-16-bit inputs do
@@ -291,7 +299,11 @@ def bad_calls():
     yield "hybrid_attention", (q, k, v, qf, kf[:, :, :1], window_factor, 2), {}
     yield "hybrid_attention", (q, k, v, qf, kf, window_factor[:1], 2), {}
     yield "hybrid_attention", (q, k, v, qf, kf, window_factor, 2), dict(initial_state=state[0])
-    yield "hybrid_attention_recurrent", (q[:, :1], k, v, qf[:, :1], kf, window_factor, 2), dict(initial_state=(state[0], q))
+    yield (
+        "hybrid_attention_recurrent",
+        (q[:, :1], k, v, qf[:, :1], kf, window_factor, 2),
+        dict(initial_state=(state[0], q)),
+    )
 
 
 @pytest.mark.parametrize("name, args, kwargs", list(bad_calls()))
