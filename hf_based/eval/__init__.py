@@ -1,23 +1,6 @@
-"""lm-eval integration: local-data tasks, `evaluate` and comparison tables (`lm_eval_tasks`).
+"""lm-eval integration: local-data tasks, `evaluate` and comparison tables. lm-eval itself (the `eval` extra) is
+imported when a task runs, so this package imports without it."""
 
-Names resolve lazily, so `import hf_based.eval` needs no optional dependency (lm-eval is the `eval` extra).
-"""
+from hf_based.eval.lm_eval_tasks import LOCAL_TASKS, evaluate, format_comparison, format_results, write_local_tasks
 
-import importlib
-
-_EXPORTS = {
-    "LOCAL_TASKS": "hf_based.eval.lm_eval_tasks",
-    "evaluate": "hf_based.eval.lm_eval_tasks",
-    "format_comparison": "hf_based.eval.lm_eval_tasks",
-    "format_results": "hf_based.eval.lm_eval_tasks",
-    "write_local_tasks": "hf_based.eval.lm_eval_tasks",
-}
-
-
-def __getattr__(name):
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-__all__ = list(_EXPORTS)
+__all__ = ["LOCAL_TASKS", "evaluate", "format_comparison", "format_results", "write_local_tasks"]
