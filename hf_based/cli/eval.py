@@ -6,7 +6,14 @@ import math
 from pathlib import Path
 
 from hf_based.errors import UnknownTaskError, UsageError
-from hf_based.eval.lm_eval_tasks import LOCAL_TASKS, evaluate, format_comparison, format_results, split_tasks
+from hf_based.eval.lm_eval_tasks import (
+    LOCAL_TASKS,
+    RETRIEVAL_NAMES,
+    evaluate,
+    format_comparison,
+    format_results,
+    split_tasks,
+)
 from hf_based.utils import DTYPES
 
 
@@ -34,13 +41,24 @@ def _count(text: str) -> int:
     return int(text)
 
 
+def _metadata(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        value = None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a JSON object")
+    return value
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", metavar="MODEL", help="checkpoint directory or hub id of any causal LM")
     parser.add_argument(
         "--tasks",
         required=True,
         metavar="TASKS",
-        help=f"comma-separated lm-eval task names; with --data-dir: {', '.join(LOCAL_TASKS)}",
+        help=f"comma-separated lm-eval task names; with --data-dir: {', '.join(LOCAL_TASKS)}; always (generated, "
+        f"scored per prompt length): {', '.join(RETRIEVAL_NAMES)}",
     )
     parser.add_argument(
         "--data-dir",
@@ -52,6 +70,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--batch-size", type=_positive_int, default=1, metavar="N", help="default: 1")
     parser.add_argument("--num-fewshot", type=_count, metavar="N", help="default: each task's own")
+    parser.add_argument(
+        "--metadata",
+        type=_metadata,
+        metavar="JSON",
+        help='task metadata, e.g. the retrieval tasks\' {"max_seq_lengths": [256, 512], "num_samples": 2, '
+        '"depths": [0, 50, 100], "seed": 0}',
+    )
     parser.add_argument("--output", metavar="JSON", help="also write the results to this JSON file")
     parser.add_argument(
         "--compare", metavar="BASE", help="also evaluate BASE (e.g. the teacher) and print both with deltas"
@@ -79,12 +104,13 @@ def run(args: argparse.Namespace) -> None:
         num_fewshot=args.num_fewshot,
         device=args.device,
         dtype=args.dtype,
+        metadata=args.metadata,
     )
     evaluated = {}
     for name in [args.model] + ([args.compare] if args.compare else []):
         try:
             evaluated[name] = evaluate(name, tasks, **options)
-        except (ImportError, UnknownTaskError, FileNotFoundError) as error:  # no lm-eval, bad task, missing data
+        except (ImportError, UsageError, UnknownTaskError, FileNotFoundError) as error:  # no lm-eval, bad input
             raise UsageError(str(error)) from error
         except (ValueError, OSError) as error:  # a model or tokenizer that does not load
             raise UsageError(f"cannot evaluate {name}: {error}") from error
@@ -102,7 +128,7 @@ def run(args: argparse.Namespace) -> None:
             "base": args.compare,
             "base_results": evaluated.get(args.compare),
             "tasks": tasks,
-            **{key: options[key] for key in ("data_dir", "limit", "batch_size", "num_fewshot")},
+            **{key: options[key] for key in ("data_dir", "limit", "batch_size", "num_fewshot", "metadata")},
         }
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)
         Path(args.output).write_text(json.dumps(report, indent=2) + "\n")

@@ -7,6 +7,9 @@ process functions) and override only the dataset fields, so task names and score
 tasks. `write_local_tasks()` renders them for a data directory into a folder that lm-eval takes as an include
 path, for `evaluate()` and equally for `lm_eval --include_path DIR` on the command line.
 
+The synthetic retrieval tasks of `hf_based.eval.retrieval` (passkey, niah_*, kv_lookup, copy and their group
+`retrieval`) are always available; `evaluate()` sizes their prompts with the evaluated model's own tokenizer.
+
 Recurrent models need nothing special here: lm-eval right-pads loglikelihood batches and calls the model without
 an attention mask, and a causal model's outputs at the real positions do not depend on padding after them.
 """
@@ -15,8 +18,10 @@ from __future__ import annotations
 
 import math
 import re
+import shutil
 import string
 import tempfile
+import uuid
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -24,12 +29,15 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from hf_based.errors import UnknownTaskError
+from hf_based.eval import retrieval
 
 if TYPE_CHECKING:
     import datasets
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 TEMPLATES = Path(__file__).with_name("tasks")
+
+RETRIEVAL_NAMES = (*retrieval.TASKS, "retrieval")
 
 # The standard tasks that `data_dir` serves locally (their mmlu_* subjects and categories come with `mmlu`).
 LOCAL_TASKS = (
@@ -74,7 +82,8 @@ def write_local_tasks(data_dir: str | Path, out_dir: str | Path) -> Path:
 
     `out_dir` is then an lm-eval include path: `TaskManager(include_path=out_dir)` in Python, or
     `lm_eval --include_path OUT_DIR --tasks piqa,...` on the command line, where its tasks replace the hub ones
-    of the same name. Files are checked when a task loads, not here. Returns `out_dir`.
+    of the same name. The retrieval tasks come along (in OUT_DIR/retrieval). Files are checked when a task loads,
+    not here. Returns `out_dir`.
     """
     lm_eval = _import_lm_eval()
     lm_eval_tasks = Path(lm_eval.tasks.__file__).resolve().parent
@@ -91,6 +100,7 @@ def write_local_tasks(data_dir: str | Path, out_dir: str | Path) -> Path:
     for upstream in sorted((lm_eval_tasks / "mmlu" / "default").glob("*.yaml")):
         kind = "group" if upstream.name.startswith("_") else "subject"
         _render(TEMPLATES / "mmlu" / f"{kind}.yaml", mmlu_out / upstream.name, name=upstream.stem, **paths)
+    shutil.copytree(retrieval.TASK_DIR, out_dir / "retrieval", dirs_exist_ok=True)
     return out_dir
 
 
@@ -172,6 +182,7 @@ def evaluate(
     num_fewshot: int | None = None,
     device: str | None = None,
     dtype: str | torch.dtype | None = None,
+    metadata: Mapping[str, Any] | None = None,
 ) -> dict[str, dict[str, float]]:
     """Score a causal LM on lm-eval tasks; returns {task: {metric: value}}, e.g. {'piqa': {'acc': .., 'acc_norm': ..}}.
 
@@ -183,6 +194,8 @@ def evaluate(
     limit: documents per task (an int), or a fraction of them (a float < 1); None: all.
     batch_size, num_fewshot: as in lm-eval (num_fewshot None: each task's default).
     device: default cuda if available, else cpu.
+    metadata: lm-eval task metadata, e.g. the retrieval tasks' {"max_seq_lengths": [256, 512], "num_samples": 2,
+        "depths": [0, 50, 100], "seed": 0}; bad retrieval settings raise UsageError (a ValueError) naming them.
 
     Metric names drop lm-eval's ',none' filter suffix; standard errors are not computed. Unknown task names raise
     UnknownTaskError (a ValueError); missing data files FileNotFoundError.
@@ -194,36 +207,46 @@ def evaluate(
     names = split_tasks(tasks)
     if not names:
         raise UnknownTaskError("no tasks given")
+    retrieval.settings(metadata)  # bad retrieval settings fail here, before a model loads
+    # The retrieval tasks size prompts with the evaluated model's tokenizer, registered under this name below.
+    tokenizer_name = f"evaluate-{uuid.uuid4().hex}"
+    metadata = {**(metadata or {}), "registered_tokenizer": tokenizer_name}
     with tempfile.TemporaryDirectory(prefix="hf-based-tasks-") as task_dir:
         if data_dir is not None:
             write_local_tasks(data_dir, task_dir)
             # The local tasks only: lm-eval's own task index takes seconds to build and is not needed.
-            task_manager = TaskManager(include_path=task_dir, include_defaults=False)
+            task_manager = TaskManager(include_path=task_dir, include_defaults=False, metadata=metadata)
             unknown = [name for name in names if name not in task_manager.all_tasks]
             if unknown:
                 raise UnknownTaskError(
                     f"unknown task(s) {', '.join(unknown)} with a data directory; accepted: "
-                    f"{', '.join(LOCAL_TASKS)} (and mmlu_* subjects and categories)"
+                    f"{', '.join(LOCAL_TASKS)} (and mmlu_* subjects and categories), {', '.join(RETRIEVAL_NAMES)}"
                 )
             missing = _missing_files(Path(task_dir), names)
             if missing:
                 names_missing = ", ".join(Path(f).name for f in missing)
                 raise FileNotFoundError(f"missing data file(s) in {data_dir}: {names_missing}")
         else:
-            task_manager = TaskManager()
+            # lm-eval's own task index takes seconds to build: only when a task needs it.
+            task_manager = TaskManager(
+                include_path=retrieval.TASK_DIR.as_posix(),
+                include_defaults=not set(names) <= set(RETRIEVAL_NAMES),
+                metadata=metadata,
+            )
             unknown = [name for name in names if name not in task_manager.all_tasks and not Path(name).is_file()]
             if unknown:
                 raise UnknownTaskError(f"unknown lm-eval task(s) {', '.join(unknown)} (`lm_eval ls tasks` lists them)")
         lm = _make_lm(model, tokenizer, batch_size, device, dtype)
-        output = simple_evaluate(
-            model=lm,
-            tasks=names,
-            num_fewshot=num_fewshot,
-            limit=limit,
-            task_manager=task_manager,
-            bootstrap_iters=0,
-            log_samples=False,
-        )
+        with retrieval.registered_tokenizer(tokenizer_name, lm.tokenizer):
+            output = simple_evaluate(
+                model=lm,
+                tasks=names,
+                num_fewshot=num_fewshot,
+                limit=limit,
+                task_manager=task_manager,
+                bootstrap_iters=0,
+                log_samples=False,
+            )
     if output is None:  # a non-zero rank of a distributed run
         return {}
     # Requested tasks and groups; a tag (e.g. ai2_arc) stands for its tasks, which then appear by name.
@@ -280,6 +303,7 @@ def format_comparison(
 
 __all__ = [
     "LOCAL_TASKS",
+    "RETRIEVAL_NAMES",
     "UnknownTaskError",
     "evaluate",
     "format_comparison",
