@@ -66,8 +66,11 @@ ENDINGS = (
     "with great care", "late at night", "in the rain", "without a word", "once again",
 )  # fmt: skip
 # Passkey's haystack is one paragraph repeated: the needle is the only thing that differs.
-PASSKEY_FILLER = (
-    "The river runs past the mill. The wind turns the sails. The baker opens the shop at dawn. So the day goes."
+PASSKEY_PARAGRAPH = (
+    "The river runs past the mill.",
+    "The wind turns the sails.",
+    "The baker opens the shop at dawn.",
+    "So the day goes.",
 )
 KEY_ADJECTIVES = ("amber", "quiet", "rapid", "hollow", "gentle", "crimson", "distant", "frozen", "golden", "silent")
 KEY_NOUNS = ("harbor", "falcon", "meadow", "lantern", "canyon", "orchard", "glacier", "compass", "willow", "ember")
@@ -139,12 +142,14 @@ def _haystack_doc(
 ) -> dict[str, Any]:
     """header, the sentences with needles[0] at `depth` percent and the others at random sentence starts, question.
 
-    The haystack is cut at a word to fit `length`; needles go between sentences, so they stay whole.
+    The haystack is cut after a whole sentence to fit `length`; needles go between sentences, so everything around
+    them reads as whole sentences.
     """
     words, starts = _words(sentences)
     others = [rng.random() for _ in needles[1:]]
 
-    def build(n_words: int) -> str:
+    def build(n_sentences: int) -> str:
+        n_words = starts[n_sentences] if n_sentences < len(starts) else len(words)
         slots = [_nearest_start(starts, n_words, fraction) for fraction in [depth / 100, *others]]
         pieces = list(words[:n_words])
         # From the back, so earlier slots stay valid; at a shared slot needles[0] goes first.
@@ -152,7 +157,7 @@ def _haystack_doc(
             pieces.insert(slot, needles[index])
         return f"{header}{' '.join(pieces)}{question}"
 
-    prompt = build(_largest_fit(tokenizer, build, length, upper=len(words)))
+    prompt = build(_largest_fit(tokenizer, build, length, upper=len(sentences)))
     return dict(
         input=prompt, outputs=outputs, length=length, depth=depth, prompt_tokens=count_tokens(tokenizer, prompt)
     )
@@ -175,7 +180,7 @@ def passkey_doc(tokenizer: PreTrainedTokenizerBase, length: int, depth: int, see
         length,
         depth,
         rng,
-        sentences=[PASSKEY_FILLER] * (length // 4),
+        sentences=list(PASSKEY_PARAGRAPH) * (length // 4),
         header="A pass key is hidden in the text below. Find it and remember it.\n\n",
         needles=[f"The pass key is {key}. Remember it. {key} is the pass key."],
         question="\n\nWhat is the pass key? The pass key is",
