@@ -1,5 +1,6 @@
 """LoLCATs conversion (`hf_based.conversion`, `hf-based convert`) on tiny random Llama-family teachers, on CPU."""
 
+import contextlib
 import gzip
 import json
 import os
@@ -27,9 +28,18 @@ from transformers import (
 )
 
 from hf_based.cli import main
-from hf_based.conversion import ConversionError, NonFiniteLossError, Recipe, based_config, convert, linearize_model
+from hf_based.conversion import (
+    ConversionError,
+    NonFiniteLossError,
+    Recipe,
+    based_config,
+    convert,
+    linearize_model,
+    pipeline,
+)
 from hf_based.conversion.blockwise import block_layers
 from hf_based.conversion.data import ALPACA_PROMPT_NO_INPUT, IGNORE_INDEX, load_records, load_training_data
+from hf_based.conversion.layer_selection import full_attention, select_softmax_layers
 from hf_based.conversion.linearize import AttentionTransfer, converted_layers, stage1_parameters
 from hf_based.modeling.compat import output_cache
 
@@ -553,3 +563,92 @@ def test_bad_inputs_give_clear_errors(workdir, tmp_path, capsys):
         teacher = make_teacher()
         teacher.model.layers[0].self_attn.register_parameter("q_norm", torch.nn.Parameter(torch.ones(8)))
         linearize_model(teacher)
+
+
+# --- measured softmax-layer selection -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("worst", [1, 2])
+def test_layer_selection_picks_the_layer_that_linearizes_worst(worst):
+    """Layer `worst` gets sharp attention (q/k x 3), which the untrained hybrid approximates poorly; the other layers'
+    attention contributes little (v x 0.1). kl:1 and mse:1 must pick `worst`, the same way every time."""
+    teacher = make_teacher(vocab=64)
+    with torch.no_grad():
+        for i, layer in enumerate(teacher.model.layers):
+            for name, scale in (("q_proj", 3.0), ("k_proj", 3.0)) if i == worst else (("v_proj", 0.1),):
+                getattr(layer.self_attn, name).weight.mul_(scale)
+    ids = torch.randint(3, 64, (4, 32), generator=torch.Generator().manual_seed(0))
+    for spec in ("kl:1", "mse:1", "auto:1"):
+        selection = select_softmax_layers(teacher, tiny_recipe(softmax_layers=spec), ids, progress=False)
+        again = select_softmax_layers(teacher, tiny_recipe(softmax_layers=spec), ids, progress=False)
+        assert selection.layers == again.layers == [worst], (spec, selection.scores)
+        assert selection.scores == again.scores and sorted(selection.scores) == [0, 1, 2, 3]
+        assert selection.strategy == ("mse" if spec.startswith("mse") else "kl")
+    assert select_softmax_layers(teacher, tiny_recipe(softmax_layers="mse:4"), ids, progress=False).layers == [
+        0,
+        1,
+        2,
+        3,
+    ]
+    assert select_softmax_layers(teacher, tiny_recipe(softmax_layers="kl:0"), ids, progress=False).layers == []
+
+
+def test_restoring_every_layer_gives_the_teacher():
+    """The swapped-in full attention holds the converted layer's own projections: all restored == the teacher."""
+    teacher = make_teacher(vocab=64)
+    student = linearize_model(teacher)
+    ids = torch.randint(3, 64, (2, 24), generator=torch.Generator().manual_seed(0))
+    with contextlib.ExitStack() as stack, torch.no_grad():
+        for layer in student.model.layers:
+            stack.enter_context(full_attention(layer, student.config))
+        torch.testing.assert_close(student(ids).logits, teacher(ids).logits, atol=1e-4, rtol=1e-4)
+    assert all(type(layer.self_attn).__name__ == "BasedHybridAttention" for layer in student.model.layers)
+
+
+def test_convert_with_selected_softmax_layers_records_and_resumes(workdir, monkeypatch):
+    recipe = tiny_recipe(softmax_layers="auto:2", stage1_steps=2, stage2_steps=2)
+    result = run(workdir, "selected", recipe)
+    out = workdir / "selected"
+    info = json.loads((out / "conversion.json").read_text())
+    chosen = info["softmax_layers_selected"]
+    assert len(chosen) == 2 and chosen == sorted(chosen) and info["layers"]["softmax"] == chosen
+    selection = info["layer_selection"]
+    assert selection["spec"] == "auto:2" and selection["strategy"] == "kl" and len(selection["scores"]) == 4
+    assert selection["calibration_sequences"] == 8 and result.recipe.softmax_layers == tuple(chosen)
+    card = (out / "README.md").read_text()
+    assert "## Softmax layers" in card and f"--softmax-layers auto:2` kept layers {chosen}" in card
+    config = json.loads((out / "config.json").read_text())
+    assert [i for i, m in enumerate(config["mixer_types"]) if m == "full_attention"] == chosen
+
+    def no_step(name, step):
+        raise AssertionError(f"{name} trained again at step {step}")
+
+    def no_selection(*args, **kwargs):
+        raise AssertionError("the selection was measured again")
+
+    monkeypatch.setattr(pipeline, "select_softmax_layers", no_selection)
+    rerun = run(workdir, "selected", recipe, on_step=no_step)
+    assert json.loads((out / "conversion.json").read_text())["softmax_layers_selected"] == chosen
+    for name, tensor in result.model.state_dict().items():
+        torch.testing.assert_close(rerun.model.state_dict()[name], tensor, msg=name)
+    with pytest.raises(ConversionError, match="different settings .*softmax_layers"):
+        run(workdir, "selected", tiny_recipe(softmax_layers="mse:2", stage1_steps=2, stage2_steps=2))
+
+
+def test_bad_softmax_layer_specs_give_one_line_errors(workdir, tmp_path, capsys):
+    out = str(tmp_path / "o")
+    for value, message in (
+        ("foo:2", "softmax_layers='foo:2' is not supported; accepted: layer indices"),
+        ("kl:x", "softmax_layers='kl:x' is not supported; accepted: .*auto:K, kl:K or mse:K"),
+        ("kl:-1", "softmax_layers='kl:-1' is not supported; accepted: .*K >= 0"),
+        ("1,x", "softmax_layers='1,x' is not supported"),
+        ("auto:5", "softmax_layers='auto:5' asks for 5 layers of a model of 4; accepted: .* K <= 4"),
+    ):
+        argv = ["convert", str(workdir / "teacher"), out, "--data", "x", "--softmax-layers", value]
+        with pytest.raises(SystemExit) as exit_info:
+            main(argv)
+        assert exit_info.value.code == 1, value
+        err = capsys.readouterr().err.strip().splitlines()[-1]  # after any log lines
+        assert err.startswith("hf-based convert: error:") and re.search(message, err), (value, err)
+    for value in ("kl:0", "auto:4", "mse:1"):
+        Recipe(softmax_layers=value).validate()

@@ -33,6 +33,15 @@ def _int_list(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"expected comma-separated layer indices, got {text!r}") from error
 
 
+def _softmax_layers(text: str) -> tuple[int, ...] | str:
+    """I,J,... as layer indices; anything else (auto:K, kl:K, mse:K) as a selection spec that Recipe.validate checks,
+    so that a bad value is reported in one line with the accepted forms."""
+    try:
+        return _int_list(text)
+    except argparse.ArgumentTypeError:
+        return text.strip()
+
+
 def _name_list(text: str) -> tuple[str, ...]:
     return tuple(x.strip() for x in text.split(",") if x.strip())
 
@@ -50,7 +59,7 @@ MODE_DEFAULTS = {
     "eval_batch_size": (EvalOptions.batch_size, 16),
 }
 # Parsers of the recipe's tuple fields, by field name.
-LIST_TYPES = {"softmax_layers": _int_list, "lora_targets": _name_list}
+LIST_TYPES = {"softmax_layers": _softmax_layers, "lora_targets": _name_list}
 
 
 def resolve_defaults(args: argparse.Namespace, demo: bool) -> argparse.Namespace:

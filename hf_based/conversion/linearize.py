@@ -14,6 +14,7 @@ the *teacher's* output on, as LoLCATs does, so every layer trains on the teacher
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
 from collections.abc import Callable, Mapping, Sequence
@@ -93,6 +94,11 @@ def based_config(teacher_config, recipe: Recipe | None = None) -> BasedConfig:
     recipe.validate()
     check_supported(teacher_config)
     num_layers = teacher_config.num_hidden_layers
+    if recipe.layer_selection is not None:
+        raise ConversionError(
+            f"softmax_layers={recipe.softmax_layers!r} is a selection spec: choose the layers first "
+            "(layer_selection.select_softmax_layers; convert() does)"
+        )
     softmax = _layer_indices(recipe.softmax_layers, num_layers, "softmax layer")
     converted = "linear_attention" if recipe.linear_only else "hybrid_attention"
     heads = teacher_config.num_attention_heads
@@ -331,6 +337,34 @@ class AttentionTransfer:
         total = torch.stack(list(self.mse.values())).sum() / num_layers * factor
         self.mse = {}
         return total
+
+
+@torch.no_grad()
+def layer_attention_mse(
+    model: BasedForCausalLM, input_ids: torch.Tensor, batch_size: int = 1, autocast=contextlib.nullcontext
+) -> dict[int, float]:
+    """{converted layer: its attention-transfer MSE (the stage-1 loss term, unscaled), mean over the batches of
+    `input_ids`}, every layer on the teacher's hidden states; one forward per batch."""
+    layers = converted_layers(model.config)
+    device = next(model.parameters()).device
+    modules = {i: model.model.layers[i].self_attn for i in layers}
+    totals = dict.fromkeys(layers, 0.0)
+    batches = input_ids.split(batch_size)
+    for ids in batches:
+        with AttentionTransfer(modules) as transfer, autocast():
+            model.model(input_ids=ids.to(device), use_cache=False)
+        for i in layers:
+            totals[i] += float(transfer.mse[i])
+    return {i: total / len(batches) for i, total in totals.items()}
+
+
+def distillation_loss(logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """KL(teacher || student) per token at `temperature`, x T^2, averaged over tokens."""
+    t = temperature
+    student_logp = F.log_softmax(logits.float() / t, dim=-1)
+    teacher_logp = F.log_softmax(teacher_logits.float() / t, dim=-1)
+    kl = F.kl_div(student_logp.flatten(0, 1), teacher_logp.flatten(0, 1), log_target=True, reduction="batchmean")
+    return kl * t * t
 
 
 def lora_config(recipe: Recipe, config: BasedConfig):

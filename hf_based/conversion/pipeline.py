@@ -1,7 +1,8 @@
 """`convert()`: the whole LoLCATs conversion of a Llama-family checkpoint, from teacher to saved BASED checkpoint.
 
 1. Linearize: the teacher's weights in a BasedForCausalLM whose attention layers are `hybrid_attention` (or pure
-   `linear_attention`), except the layers kept as softmax `full_attention`.
+   `linear_attention`), except the layers kept as softmax `full_attention`: given, or measured on the first training
+   sequences before stage 1 ("kl:K", `layer_selection.py`) and fixed for the whole run.
 2. Stage 1, attention transfer: everything frozen but the feature maps and window factors; loss = per-layer MSE
    between the converted and the teacher's softmax attention output before o_proj, on the teacher's hidden states
    (`linearize.AttentionTransfer`), averaged over layers x 1000. Joint, or block-wise (`blockwise.py`).
@@ -19,6 +20,7 @@ runs the stages as functions that can be called one by one: `load_inputs`, `plan
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
@@ -41,11 +43,20 @@ from hf_based.conversion.data import (
     load_training_data,
     teacher_generated_text,
 )
+from hf_based.conversion.layer_selection import (
+    CALIBRATION_SEQUENCES,
+    CRITERIA,
+    LayerSelection,
+    check_selection_size,
+    select_softmax_layers,
+)
 from hf_based.conversion.linearize import (
     AttentionTransfer,
     based_config,
     check_teacher_weights,
     converted_layers,
+    distillation_loss,
+    layer_attention_mse,
     linearize_model,
     lora_config,
     stage1_optimizer,
@@ -112,7 +123,6 @@ def _digest(value) -> str:
 # --- stage 1 --------------------------------------------------------------------------------------------------------
 
 
-@torch.no_grad()
 def attention_mse(
     model: BasedForCausalLM,
     input_ids: torch.Tensor,
@@ -120,18 +130,9 @@ def attention_mse(
     batch_size: int = 1,
     autocast=contextlib.nullcontext,
 ) -> float:
-    """Mean over sequences of the stage-1 loss (per-layer MSE to the teacher's attention, averaged over layers)."""
-    layers = converted_layers(model.config)
-    if not layers:
-        return 0.0
-    device = next(model.parameters()).device
-    modules = {i: model.model.layers[i].self_attn for i in layers}
-    losses = []
-    for chunk in input_ids.split(batch_size):
-        with AttentionTransfer(modules) as transfer, autocast():
-            model.model(input_ids=chunk.to(device), use_cache=False)
-        losses.append(float(transfer.loss(len(layers), factor)))
-    return sum(losses) / len(losses)
+    """The stage-1 loss on `input_ids`: per-layer MSE to the teacher's attention, averaged over layers, x factor."""
+    per_layer = layer_attention_mse(model, input_ids, batch_size, autocast)
+    return sum(per_layer.values()) / len(per_layer) * factor if per_layer else 0.0
 
 
 def run_stage1(
@@ -185,15 +186,6 @@ def next_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     if not (targets != IGNORE_INDEX).any():  # a chunk of prompt tokens only: nothing to learn, no NaN
         return logits.sum() * 0.0
     return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX)
-
-
-def distillation_loss(logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """KL(teacher || student) per token at `temperature`, x T^2, averaged over tokens."""
-    t = temperature
-    student_logp = F.log_softmax(logits.float() / t, dim=-1)
-    teacher_logp = F.log_softmax(teacher_logits.float() / t, dim=-1)
-    kl = F.kl_div(student_logp.flatten(0, 1), teacher_logp.flatten(0, 1), log_target=True, reduction="batchmean")
-    return kl * t * t
 
 
 def _shard_fsdp(peft_model, student, use_bf16: bool) -> None:
@@ -365,6 +357,22 @@ def model_card(info: dict) -> str:
         "Load it with `AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)` "
         "(needs `pip install hf-based`), or import `hf_based` first.",
         "",
+    ]
+    selection = info.get("layer_selection")
+    if selection and selection["layers"]:
+        lines += [
+            "## Softmax layers",
+            "",
+            f"`--softmax-layers {selection['spec']}` kept layers {selection['layers']} as softmax attention, chosen "
+            f"before training on {selection['calibration_sequences']} training sequences: those where "
+            f"{CRITERIA[selection['strategy']]}.",
+            "",
+            "| layer | score |",
+            "|---|---|",
+            *(f"| {layer} | {format_number(score)} |" for layer, score in selection["scores"].items()),
+            "",
+        ]
+    lines += [
         "## Recipe",
         "",
         "| stage | what trains | steps | tokens | lr | final loss | time | tokens/s (2nd half) |",
@@ -466,7 +474,8 @@ class EvalOptions:
 
 @dataclass
 class Inputs:
-    """What a conversion starts from: the teacher, the converted model's config, the training and validation data."""
+    """What a conversion starts from: the teacher, the converted model's config, the training and validation data,
+    and the recipe as run (a softmax-layer selection spec resolved to the layers it chose)."""
 
     teacher: nn.Module
     tokenizer: object
@@ -477,6 +486,8 @@ class Inputs:
     val_ids: torch.Tensor  # the sequences of the validation attention MSE
     data_name: str
     template: str  # as used; teacher-written text has none
+    recipe: Recipe
+    layer_selection: LayerSelection | None = None  # when softmax_layers was a spec such as "kl:2"
 
 
 @dataclass
@@ -518,7 +529,8 @@ def load_inputs(
     resume: bool = True,
     progress: bool = True,
 ) -> Inputs:
-    """Load the teacher (from `base`, unless given) and the training data; check that the teacher converts."""
+    """Load the teacher (from `base`, unless given) and the training data; check that the teacher converts; choose
+    the softmax layers when the recipe asks for a measured selection ("kl:K", kept in OUT/checkpoints)."""
     if teacher is None:
         if base is None:
             raise ConversionError("give BASE (a checkpoint directory, hub id or .gguf file) or a loaded teacher")
@@ -531,8 +543,11 @@ def load_inputs(
     if base_name is None:
         base_name = str(base) if base is not None else getattr(teacher.config, "name_or_path", "") or "teacher"
     teacher.eval().requires_grad_(False)
-    config = based_config(teacher.config, recipe)
-    check_teacher_weights(teacher, config)
+    selecting = recipe.layer_selection is not None
+    unselected = recipe.with_softmax_layers(()) if selecting else recipe  # the spec is resolved after the data loads
+    check_teacher_weights(teacher, based_config(teacher.config, unselected))
+    if selecting:
+        check_selection_size(recipe, teacher.config.num_hidden_layers)
     window = getattr(teacher.config, "sliding_window", None)
     if window and recipe.seq_len > window and getattr(teacher.config, "model_type", "") == "mistral" and dist.is_main:
         logger.warning("the teacher attends within %d tokens; training on %d differs from it", window, recipe.seq_len)
@@ -553,17 +568,44 @@ def load_inputs(
             val_data.input_ids[: data.val_sequences], val_data.labels[: data.val_sequences], val_data.source
         )
     val_ids = val_data.input_ids if val_data is not None else train_data.input_ids[: data.val_sequences]
+    selection = None
+    if selecting:
+        selection = _layer_selection(teacher, recipe, train_data, dist, checkpoints / "layer_selection.pt", progress)
+        recipe = recipe.with_softmax_layers(selection.layers)
     return Inputs(
         teacher,
         tokenizer,
         base_name,
-        config,
+        based_config(teacher.config, recipe),
         train_data,
         val_data,
         val_ids,
         ", ".join(map(str, data.sources)),
         template,
+        recipe,
+        selection,
     )
+
+
+def _layer_selection(
+    teacher, recipe: Recipe, train_data: PackedData, dist: Dist, cached: Path, progress: bool
+) -> LayerSelection:
+    """The recipe's softmax-layer selection on the first training sequences, measured once (main process) and kept in
+    `cached`, so that a rerun resumes with the same layers."""
+    calibration_ids = train_data.input_ids[:CALIBRATION_SEQUENCES]
+    key = {
+        "softmax_layers": recipe.softmax_layers,
+        "teacher_config": _digest(teacher.config.to_dict()),
+        "calibration_ids": _digest(calibration_ids.tolist()),
+        "conversion": _digest(
+            [recipe.window, recipe.feature_map, recipe.hedgehog_dim, recipe.linear_only, recipe.window_factor_init]
+        ),
+    }
+    if dist.is_main and read_checkpoint(cached, key) is None:
+        selection = select_softmax_layers(teacher, recipe, calibration_ids, dist.device, progress)
+        atomic_save({"key": key, "selection": dataclasses.asdict(selection)}, cached)
+    dist.barrier()
+    return LayerSelection(**read_checkpoint(cached, key)["selection"])
 
 
 def _teacher_text(
@@ -796,7 +838,7 @@ def save_artifacts(
         if stage.history:
             write_loss_csv(stage, out / f"loss_{key}.csv")
     plot_loss_curves(list(stages.values()), out / "loss_curves.png", title=f"{inputs.base_name} -> BASED (LoLCATs)")
-    config = inputs.config
+    config, selection = inputs.config, inputs.layer_selection
     result.info = {
         "name": out.name,
         "base_model": inputs.base_name,
@@ -807,6 +849,8 @@ def save_artifacts(
             "converted": len(converted_layers(config)),
             "softmax": [i for i, m in enumerate(config.mixer_types) if m == "full_attention"],
         },
+        "softmax_layers_selected": selection.layers if selection else None,
+        "layer_selection": dataclasses.asdict(selection) if selection else None,
         "data": inputs.data_name,
         "template": inputs.template,
         "train_sequences": len(inputs.train_data),
@@ -896,6 +940,7 @@ def convert(
         resume=resume,
         progress=progress,
     )
+    recipe = inputs.recipe
     # The full model goes to the device for joint stage 1 and for unsharded stage 2; block-wise stage 1 moves one
     # block at a time, FSDP shards it from the CPU.
     student = linearize_model(inputs.teacher, recipe, device="cpu")

@@ -16,6 +16,17 @@ from hf_based.training import Schedule
 
 FEATURE_MAPS = ("hedgehog", "taylor")
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
+# How `softmax_layers = "STRATEGY:K"` picks its K layers (layer_selection.py); "auto" is the default strategy, kl.
+SELECTION_STRATEGIES = {"auto": "kl", "kl": "kl", "mse": "mse"}
+SOFTMAX_LAYERS_FORMS = "layer indices I,J,... (negative: from the end), or auto:K, kl:K or mse:K with K >= 0"
+
+
+def parse_layer_selection(spec: str) -> tuple[str, int]:
+    """A selection spec "STRATEGY:K" -> (strategy, K), e.g. ("kl", 2); "auto" names the default strategy, kl."""
+    strategy, _, k = spec.partition(":")
+    if strategy not in SELECTION_STRATEGIES or not k.strip().isdigit():
+        raise ConversionError(f"softmax_layers={spec!r} is not supported; accepted: {SOFTMAX_LAYERS_FORMS}")
+    return SELECTION_STRATEGIES[strategy], int(k)
 
 
 def setting(default, help: str, group: str, **argparse_kwargs):
@@ -34,8 +45,13 @@ class Recipe:
     window: int = setting(64, "softmax window in keys, the current one included", "architecture")
     feature_map: str = setting("hedgehog", "linear-attention feature map", "architecture", choices=FEATURE_MAPS)
     hedgehog_dim: int = setting(64, "hedgehog W columns; features = 2x this", "architecture")
-    softmax_layers: tuple[int, ...] = setting(
-        (), "layers kept as full softmax attention (negative: from the end)", "architecture", metavar="I,J,..."
+    softmax_layers: tuple[int, ...] | str = setting(
+        (),
+        "layers kept as full softmax attention: indices (negative: from the end), or auto:K, kl:K or mse:K to keep "
+        "the K layers that linearize worst, measured before training: kl (auto's strategy) = those whose restoring "
+        "lowers the KL to the teacher's next-token distribution most, mse = the largest attention-transfer error",
+        "architecture",
+        metavar="I,J,...|auto:K",
     )
     linear_only: bool = setting(False, "pure linear attention, no sliding window", "architecture")
     window_factor_init: float = setting(0.1, "initial window factor (the softmax window's weight)", "architecture")
@@ -91,7 +107,15 @@ class Recipe:
         None, "compute precision (default: bf16 on CUDA, fp32 elsewhere)", "training", choices=("bf16", "fp32")
     )
 
+    @property
+    def layer_selection(self) -> tuple[str, int] | None:
+        """(strategy, K) when `softmax_layers` is a selection spec such as "kl:2", else None."""
+        return parse_layer_selection(self.softmax_layers) if isinstance(self.softmax_layers, str) else None
+
     def validate(self) -> None:
+        if isinstance(self.softmax_layers, str):
+            parse_layer_selection(self.softmax_layers)
+
         def positive(name, allow_zero=False, allow_none=False):
             value = getattr(self, name)
             if value is None and allow_none:
@@ -133,6 +157,10 @@ class Recipe:
         """The optimisation schedule of stage 1 (attention transfer) or 2 (LoRA) over `steps` optimizer steps."""
         lr = self.stage1_lr if stage == 1 else self.stage2_lr
         return Schedule(steps, self.grad_accum, lr, self.warmup_steps, self.lr_schedule, self.max_grad_norm)
+
+    def with_softmax_layers(self, layers: tuple[int, ...] | list[int]) -> Recipe:
+        """This recipe with explicit softmax layers (a selection spec resolved, or none)."""
+        return dataclasses.replace(self, softmax_layers=tuple(layers))
 
     def to_dict(self) -> dict:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}

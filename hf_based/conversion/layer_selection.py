@@ -1,0 +1,148 @@
+"""Measured choice of the layers kept as softmax attention: `Recipe.softmax_layers = "STRATEGY:K"`.
+
+A converted model loses in-context recall; keeping a few full-softmax layers restores much of it, and which layers
+matters (KL-guided layer selection, Jet-Nemotron, HALO). Both strategies score the untrained conversion with every
+attention layer converted, on a few calibration sequences, and keep the K layers that score highest:
+
+- kl (the default, "auto"): for each layer alone, put back full softmax attention (a `BasedAttention` holding that
+  layer's own q/k/v/o modules, so nothing is copied) and measure how much this lowers the KL divergence of the
+  model's next-token distribution from the teacher's. One teacher forward and one forward per layer.
+- mse: each layer's attention-transfer error, the stage-1 MSE between its output and the teacher's softmax attention
+  on the teacher's hidden states (`AttentionTransfer`). One forward.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from hf_based.conversion.linearize import (
+    converted_layers,
+    distillation_loss,
+    layer_attention_mse,
+    linearize_model,
+)
+from hf_based.conversion.recipe import SOFTMAX_LAYERS_FORMS, Recipe, parse_layer_selection
+from hf_based.errors import ConversionError
+from hf_based.modeling import BasedConfig, BasedForCausalLM
+from hf_based.modeling.modeling_based import BasedAttention, BasedDecoderLayer
+from hf_based.training import autocast_for
+
+logger = logging.getLogger(__name__)
+
+CALIBRATION_SEQUENCES = 8  # the first packed training sequences
+CRITERIA = {
+    "kl": "restoring the layer alone to softmax attention lowers the KL divergence from the teacher's next-token "
+    "distribution most (score: that reduction)",
+    "mse": "the layer's attention-transfer error is largest (score: the MSE between its output and the teacher's "
+    "softmax attention output)",
+}
+
+
+@dataclass
+class LayerSelection:
+    """What a selection spec chose: the softmax layers, and every converted layer's score (higher: keep softmax)."""
+
+    spec: str
+    strategy: str
+    layers: list[int]
+    scores: dict[int, float]
+    calibration_sequences: int
+
+
+def check_selection_size(recipe: Recipe, num_layers: int) -> tuple[str, int]:
+    """(strategy, K) of the recipe's selection spec; ConversionError when K exceeds the model's layers."""
+    strategy, k = parse_layer_selection(recipe.softmax_layers)
+    if k > num_layers:
+        raise ConversionError(
+            f"softmax_layers={recipe.softmax_layers!r} asks for {k} layers of a model of {num_layers}; "
+            f"accepted: {SOFTMAX_LAYERS_FORMS}, K <= {num_layers}"
+        )
+    return strategy, k
+
+
+@contextlib.contextmanager
+def full_attention(layer: BasedDecoderLayer, config: BasedConfig) -> Iterator[None]:
+    """While active, `layer`'s mixer is full softmax attention over the same q/k/v/o modules."""
+    converted = layer.self_attn
+    with torch.device("meta"):
+        restored = BasedAttention(config, converted.layer_idx, window=None)
+    for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+        setattr(restored, name, getattr(converted, name))
+    layer.self_attn = restored
+    try:
+        yield
+    finally:
+        layer.self_attn = converted
+
+
+def _kl_to_teacher(student: BasedForCausalLM, ids: torch.Tensor, teacher_logits: torch.Tensor) -> float:
+    return float(distillation_loss(student(input_ids=ids, use_cache=False).logits, teacher_logits, temperature=1.0))
+
+
+@torch.no_grad()
+def kl_scores(
+    teacher: nn.Module,
+    student: BasedForCausalLM,
+    calibration_ids: torch.Tensor,
+    batch_size: int = 1,
+    autocast=contextlib.nullcontext,
+    progress: bool = True,
+) -> dict[int, float]:
+    """{converted layer: KL(teacher || student) with every layer converted - the same with this one restored to
+    softmax attention}, per token, mean over the batches of `calibration_ids`."""
+    from tqdm.auto import tqdm
+
+    layers = converted_layers(student.config)
+    device = next(student.parameters()).device
+    reduction = dict.fromkeys(layers, 0.0)
+    batches = calibration_ids.split(batch_size)
+    # Batch by batch, so that only one batch's vocabulary-sized logits are held at a time.
+    for ids in tqdm(batches, desc="layer selection (kl)", disable=not progress):
+        ids = ids.to(device)
+        with autocast():
+            teacher_logits = teacher(input_ids=ids, use_cache=False).logits
+            converted_kl = _kl_to_teacher(student, ids, teacher_logits)
+            for i in layers:
+                with full_attention(student.model.layers[i], student.config):
+                    reduction[i] += converted_kl - _kl_to_teacher(student, ids, teacher_logits)
+    return {i: total / len(batches) for i, total in reduction.items()}
+
+
+def select_softmax_layers(
+    teacher: nn.Module,
+    recipe: Recipe,
+    calibration_ids: torch.Tensor,
+    device: torch.device | str = "cpu",
+    progress: bool = True,
+) -> LayerSelection:
+    """The K layers that `recipe.softmax_layers` ("kl:K", "mse:K", "auto:K" = "kl:K") keeps as softmax attention,
+    measured on `calibration_ids` [N, T] in batches of `recipe.batch_size`; deterministic for the same inputs.
+    The teacher returns to the device it came from."""
+    strategy, k = check_selection_size(recipe, teacher.config.num_hidden_layers)
+    if k == 0:
+        return LayerSelection(recipe.softmax_layers, strategy, [], {}, 0)
+    device = torch.device(device)
+    autocast = autocast_for(device, recipe.precision)
+    student = linearize_model(teacher, recipe.with_softmax_layers(()), device=device)
+    if strategy == "kl":
+        home = next(teacher.parameters()).device
+        teacher.to(device)
+        scores = kl_scores(teacher, student, calibration_ids, recipe.batch_size, autocast, progress)
+        teacher.to(home)
+    else:
+        scores = layer_attention_mse(student, calibration_ids, recipe.batch_size, autocast)
+    layers = sorted(sorted(scores, key=lambda i: (-scores[i], i))[:k])
+    logger.info(
+        "softmax layers %s (%s: %s): %s",
+        layers,
+        recipe.softmax_layers,
+        CRITERIA[strategy],
+        ", ".join(f"{i}: {score:.4g}" for i, score in scores.items()),
+    )
+    return LayerSelection(recipe.softmax_layers, strategy, layers, scores, len(calibration_ids))
