@@ -88,3 +88,19 @@ def test_console_script_help():
         pytest.skip("hf-based is not installed in this environment (pip install -e .)")
     result = subprocess.run([str(script), "init", "--help"], capture_output=True, text=True)
     assert result.returncode == 0 and "--preset" in result.stdout
+
+
+def test_os_errors_are_one_line_and_debug_shows_the_traceback(tmp_path, capsys, monkeypatch):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    out = blocker / "model"  # a path below a file: the OS refuses it
+    with pytest.raises(SystemExit) as exit_info:
+        main(["init", str(out), "--preset", "tiny"])
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("hf-based init: error: ") and "(ENOTDIR)" in err[0], err
+    with pytest.raises(NotADirectoryError):
+        main(["--debug", "init", str(out), "--preset", "tiny"])
+    monkeypatch.setenv("HF_BASED_DEBUG", "1")
+    with pytest.raises(NotADirectoryError):
+        main(["init", str(out), "--preset", "tiny"])

@@ -1,11 +1,14 @@
 """The `hf-based` command line (also `python -m hf_based`).
 
 Each subcommand is a `Command` in `COMMANDS`, one module per command: a function adding its arguments to its
-sub-parser and a function running it. Library errors (`HfBasedError`) are reported as one line, without a traceback.
+sub-parser and a function running it. Every failure is reported as one line on stderr with exit status 1; `--debug`
+(or HF_BASED_DEBUG=1) shows the traceback instead.
 """
 
 import argparse
+import errno
 import logging
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -56,6 +59,9 @@ COMMANDS: dict[str, Command] = {
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hf-based", description="BASED-family language models for transformers.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument(
+        "--debug", action="store_true", help="show the full traceback of an error (or HF_BASED_DEBUG=1)"
+    )
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, command in COMMANDS.items():
         command.add_arguments(subparsers.add_parser(name, help=command.help, description=command.help))
@@ -70,6 +76,20 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("hf_based").setLevel(logging.INFO)
     try:
         COMMANDS[args.command].run(args)
-    except HfBasedError as error:
-        parser.exit(1, f"hf-based {args.command}: error: {error}\n")
+    except Exception as error:
+        if args.debug or os.environ.get("HF_BASED_DEBUG", "") not in ("", "0"):
+            raise
+        parser.exit(1, f"hf-based {args.command}: error: {one_line(error)}\n")
     return 0
+
+
+def one_line(error: Exception) -> str:
+    """What went wrong, in one line: our own errors as they are; OS errors with their errno name and path (ENOSPC:
+    disk full, EACCES: permission); anything else as an unexpected error."""
+    if isinstance(error, HfBasedError):
+        return str(error)
+    if isinstance(error, OSError) and error.errno is not None:
+        where = f": {error.filename}" if error.filename else ""
+        return f"{os.strerror(error.errno)} ({errno.errorcode.get(error.errno, error.errno)}){where}"
+    first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    return f"unexpected {type(error).__name__}: {first} (rerun with --debug for the traceback)"
