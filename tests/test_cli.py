@@ -93,14 +93,14 @@ def test_console_script_help():
 def test_os_errors_are_one_line_and_debug_shows_the_traceback(tmp_path, capsys, monkeypatch):
     blocker = tmp_path / "file"
     blocker.write_text("")
-    out = blocker / "model"  # a path below a file: the OS refuses it
+    out = blocker / "model"  # a path below a file: the OS refuses to make its parent directory
     with pytest.raises(SystemExit) as exit_info:
         main(["init", str(out), "--preset", "tiny"])
     assert exit_info.value.code == 1
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("hf-based init: error: ") and "(ENOTDIR)" in err[0], err
-    with pytest.raises(NotADirectoryError):
+    assert len(err) == 1 and err[0].startswith("hf-based init: error: ") and "(EEXIST)" in err[0], err
+    with pytest.raises(FileExistsError):
         main(["--debug", "init", str(out), "--preset", "tiny"])
     monkeypatch.setenv("HF_BASED_DEBUG", "1")
-    with pytest.raises(NotADirectoryError):
+    with pytest.raises(FileExistsError):
         main(["init", str(out), "--preset", "tiny"])

@@ -39,6 +39,7 @@ import functools
 import hashlib
 import json
 import logging
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,6 +57,7 @@ logger = logging.getLogger(__name__)
 
 VOCAB_SIZE = 8192
 POWER_A = 0.01
+MAX_SEED = 2**56
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -249,8 +251,10 @@ class Settings:
         for name in ("batch_size", "test_examples", "max_steps", "check_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if not self.lr > 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"lr must be > 0 and finite, got {self.lr}")
+        if not abs(self.seed) <= MAX_SEED:  # runs derive seeds up to ~100x this one; torch takes 64-bit seeds
+            raise ValueError(f"seed must be an integer from {-MAX_SEED} to {MAX_SEED}, got {self.seed}")
         if self.time_budget_s is not None and not self.time_budget_s > 0:
             raise ValueError(f"time_budget_s must be > 0 (or None for no budget), got {self.time_budget_s}")
 

@@ -6,7 +6,7 @@ import dataclasses
 from hf_based.bench.report import machine
 from hf_based.bench.throughput import TINY, BenchSettings, resolve_configs, run_bench, write_report
 from hf_based.cli.common import device as command_device
-from hf_based.cli.common import int_list, output_directory
+from hf_based.cli.common import int_list, output_directory, redraw
 from hf_based.errors import UsageError
 from hf_based.modeling import PRESETS
 
@@ -45,9 +45,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    out, saved = output_directory(args.out, args.plot_only, "run the benchmark first")
-    if saved is not None:
-        write_report(saved, out)
+    out, results = output_directory(args.out, args.plot_only, "run the benchmark first")
+    if results is not None:
+        redraw(results, lambda saved: write_report(saved, out), "bench")
         print(f"hf-based bench: redrew {out / 'bench.png'} and {out / 'results.md'}")
         return
     device = command_device(args.device)

@@ -2,6 +2,9 @@
 
 import argparse
 import json
+import os
+import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -21,7 +24,7 @@ def int_list(text: str) -> tuple[int, ...]:
     return values
 
 
-def output_directory(out: str, plot_only: bool, run_first: str) -> tuple[Path, dict | None]:
+def output_directory(out: str, plot_only: bool, run_first: str) -> tuple[Path, Path | None]:
     """`hf-based mqar` / `bench`: --out as a directory, and with --plot-only the results.json a run left there."""
     out = Path(out)
     if out.is_file():
@@ -31,7 +34,35 @@ def output_directory(out: str, plot_only: bool, run_first: str) -> tuple[Path, d
     path = out / "results.json"
     if not path.is_file():
         raise UsageError(f"--plot-only: {path} does not exist; {run_first}")
-    return out, json.loads(path.read_text())
+    return out, path
+
+
+def redraw(results: Path, draw: Callable[[dict], None], command: str) -> None:
+    """--plot-only: `draw` the saved results; a file that is not the results.json of `command` is refused in one
+    line (what it lacks is only found while drawing, so the drawing's lookup errors name it)."""
+    try:
+        saved = json.loads(results.read_bytes().decode("utf-8"))
+        if not isinstance(saved, dict):
+            raise TypeError(f"a JSON {type(saved).__name__}, not an object")
+        draw(saved)
+    except (ValueError, KeyError, TypeError, AttributeError, IndexError) as error:  # ValueError: bad JSON too
+        raise UsageError(
+            f"--plot-only: {results} is not a results.json of hf-based {command} ({type(error).__name__}: {error}); "
+            f"rerun hf-based {command} to write it again"
+        ) from error
+
+
+def write_text_atomically(path: Path, text: str) -> None:
+    """Write `path` through a temporary file beside it, so that a full disk leaves the old file (or none), never a
+    truncated one; the temporary file is removed on failure."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex}.partial")
+    try:
+        temporary.write_text(text)
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
 
 
 def device(name: str | None) -> torch.device:

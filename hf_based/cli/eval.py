@@ -5,6 +5,8 @@ import json
 import math
 from pathlib import Path
 
+from hf_based.cli.common import device as command_device
+from hf_based.cli.common import write_text_atomically
 from hf_based.errors import UnknownTaskError, UsageError
 from hf_based.eval.lm_eval_tasks import (
     LOCAL_TASKS,
@@ -97,6 +99,8 @@ def run(args: argparse.Namespace) -> None:
         raise UsageError(f"--data-dir {args.data_dir} is not a directory")
     if args.output is not None and Path(args.output).is_dir():
         raise UsageError(f"--output {args.output} is a directory; give a file name")
+    if args.device is not None:
+        command_device(args.device)  # an unknown or unavailable device fails here, before a model loads
     options = dict(
         data_dir=args.data_dir,
         limit=args.limit,
@@ -130,6 +134,5 @@ def run(args: argparse.Namespace) -> None:
             "tasks": tasks,
             **{key: options[key] for key in ("data_dir", "limit", "batch_size", "num_fewshot", "metadata")},
         }
-        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.output).write_text(json.dumps(report, indent=2) + "\n")
+        write_text_atomically(Path(args.output), json.dumps(report, indent=2) + "\n")
         print(f"results -> {args.output}")

@@ -12,10 +12,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--dtype", choices=("auto", *DTYPES), default="auto", help="parameter dtype (default: the checkpoint's)"
     )
+    parser.add_argument("--overwrite", action="store_true", help="replace a model already in OUT")
 
 
 def run(args: argparse.Namespace) -> None:
-    model = import_based(args.src, args.out, args.dtype)
+    model = import_based(args.src, args.out, args.dtype, overwrite=args.overwrite)
     counts = {mixer: model.config.mixer_types.count(mixer) for mixer in dict.fromkeys(model.config.mixer_types)}
     layers = ", ".join(f"{n} {mixer}" for mixer, n in counts.items())
     print(

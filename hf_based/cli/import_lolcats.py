@@ -27,11 +27,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--dtype", choices=("auto", *DTYPES), default="auto", help="parameter dtype (default: the base model's)"
     )
+    parser.add_argument("--overwrite", action="store_true", help="replace a model already in OUT")
 
 
 def run(args: argparse.Namespace) -> None:
     model = import_lolcats(
-        args.base_llama, args.distill, args.finetune, args.out, args.window, args.lora_alpha, args.dtype
+        args.base_llama,
+        args.distill,
+        args.finetune,
+        args.out,
+        args.window,
+        args.lora_alpha,
+        args.dtype,
+        overwrite=args.overwrite,
     )
     print(
         f"hf-based import-lolcats: {args.base_llama} + {args.distill}"

@@ -1,14 +1,17 @@
 """`hf-based init OUT --preset NAME`: a randomly initialised model and its tokenizer."""
 
 import argparse
-from pathlib import Path
 
 import torch
 
 from hf_based.errors import UsageError
+from hf_based.importers.common import save_checkpoint
 from hf_based.modeling import PRESETS, BasedForCausalLM, preset_config
+from hf_based.outputs import check_output_directory
 from hf_based.tokenizer import load_tokenizer
 from hf_based.utils import DTYPES
+
+SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.manual_seed takes
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -19,12 +22,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--seed", type=int, default=0, help="seed for the random initialisation (default: 0)")
     parser.add_argument("--dtype", choices=DTYPES, default="float32", help="parameter dtype (default: float32)")
+    parser.add_argument("--overwrite", action="store_true", help="replace a model already in OUT")
 
 
 def run(args: argparse.Namespace) -> None:
-    out = Path(args.out)
-    if out.is_file():
-        raise UsageError(f"{out} is a file; OUT must be a directory")
+    out = check_output_directory(args.out, args.overwrite)
+    if not SEED_RANGE[0] <= args.seed <= SEED_RANGE[1]:
+        raise UsageError(f"--seed {args.seed} is out of range; accepted: {SEED_RANGE[0]} to {SEED_RANGE[1]}")
     try:
         tokenizer = load_tokenizer(args.tokenizer)
     except (OSError, ValueError) as error:  # missing directory, unknown hub id, no tokenizer files
@@ -40,6 +44,5 @@ def run(args: argparse.Namespace) -> None:
     model = BasedForCausalLM(config).to(getattr(torch, args.dtype))
     # generate() pads with this; config.pad_token_id stays unset, as it would freeze that embedding row (GPT-2 pad == eos).
     model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
+    save_checkpoint(model, tokenizer, out, args.overwrite)
     print(f"hf-based init: preset {args.preset!r}, {model.num_parameters():,} parameters ({args.dtype}) -> {out}")

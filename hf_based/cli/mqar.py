@@ -7,7 +7,7 @@ import time
 from hf_based.bench.mqar import FAMILIES, SWEEPS, run_sweep, settings_from_dict, write_report
 from hf_based.bench.report import environment, machine
 from hf_based.cli.common import device as command_device
-from hf_based.cli.common import output_directory
+from hf_based.cli.common import output_directory, redraw
 from hf_based.errors import UsageError
 
 
@@ -39,9 +39,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    out, saved = output_directory(args.out, args.plot_only, "run the sweep first")
-    if saved is not None:
-        write_report(saved["runs"], settings_from_dict(saved["settings"]), out, saved["environment"])
+    out, results = output_directory(args.out, args.plot_only, "run the sweep first")
+    if results is not None:
+        redraw(
+            results,
+            lambda saved: write_report(saved["runs"], settings_from_dict(saved["settings"]), out, saved["environment"]),
+            "mqar",
+        )
         print(f"hf-based mqar: redrew {out / 'mqar.png'} and {out / 'results.md'}")
         return
     device = command_device(args.device)

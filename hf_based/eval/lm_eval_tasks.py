@@ -16,6 +16,8 @@ an attention mask, and a causal model's outputs at the real positions do not dep
 
 from __future__ import annotations
 
+import gzip
+import json
 import math
 import re
 import shutil
@@ -28,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from hf_based.errors import UnknownTaskError
+from hf_based.errors import UnknownTaskError, UsageError
 from hf_based.eval import retrieval
 
 if TYPE_CHECKING:
@@ -116,8 +118,8 @@ def mmlu_subject_docs(dataset: datasets.Dataset) -> datasets.Dataset:
     return dataset.filter(lambda doc: doc["subject"] == subject)
 
 
-def _missing_files(task_dir: Path, names: list[str]) -> list[str]:
-    """The data files that the rendered tasks `names` read and that do not exist."""
+def _data_files(task_dir: Path, names: list[str]) -> list[Path]:
+    """The data files that the rendered tasks `names` read."""
     import yaml
 
     class Loader(yaml.SafeLoader):  # reads the rendered YAML's own keys; `!function` values are not needed
@@ -127,11 +129,34 @@ def _missing_files(task_dir: Path, names: list[str]) -> list[str]:
     yaml_of = {name: task_dir / f"{name}.yaml" for name in names if name in LOCAL_TASKS and name != "mmlu"}
     if any(name == "mmlu" or name.startswith("mmlu_") for name in names):
         yaml_of["mmlu"] = next((task_dir / "mmlu").glob("mmlu_*.yaml"))
-    missing = []
+    files = set()
     for path in yaml_of.values():
         config = yaml.load(path.read_text(), Loader=Loader)  # noqa: S506 (a SafeLoader)
-        missing += [f for f in config["dataset_kwargs"]["data_files"].values() if not Path(f).is_file()]
-    return sorted(set(missing))
+        files |= {Path(f) for f in config["dataset_kwargs"]["data_files"].values()}
+    return sorted(files)
+
+
+def check_jsonl(path: Path) -> None:
+    """UsageError naming the file and line for JSONL that the datasets loader would fail on deep inside: a line that
+    is not a JSON object, or a file without any record."""
+    records, number = 0, 0
+    try:
+        with gzip.open(path, "rb") if path.suffix == ".gz" else path.open("rb") as file:
+            for number, line in enumerate(file, 1):
+                if not line.strip():
+                    continue
+                record = json.loads(line)
+                if not isinstance(record, dict):
+                    raise UsageError(
+                        f"{path} line {number} is a JSON {type(record).__name__}; accepted: one object per line"
+                    )
+                records += 1
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise UsageError(f"{path} line {number} is not valid JSON: {error}") from error
+    except (gzip.BadGzipFile, EOFError) as error:
+        raise UsageError(f"{path} is not a readable gzip file (truncated or corrupt?): {error}") from error
+    if not records:
+        raise UsageError(f"{path} holds no records; accepted: one JSON object per line")
 
 
 def _metrics(task_results: Mapping[str, Any]) -> dict[str, float]:
@@ -198,7 +223,8 @@ def evaluate(
         "depths": [0, 50, 100], "seed": 0}; bad retrieval settings raise UsageError (a ValueError) naming them.
 
     Metric names drop lm-eval's ',none' filter suffix; standard errors are not computed. Unknown task names raise
-    UnknownTaskError (a ValueError); missing data files FileNotFoundError.
+    UnknownTaskError (a ValueError); missing data files FileNotFoundError; a data file with a line that is not a JSON
+    object, or without records, UsageError.
     """
     _import_lm_eval()
     from lm_eval import simple_evaluate
@@ -222,10 +248,12 @@ def evaluate(
                     f"unknown task(s) {', '.join(unknown)} with a data directory; accepted: "
                     f"{', '.join(LOCAL_TASKS)} (and mmlu_* subjects and categories), {', '.join(RETRIEVAL_NAMES)}"
                 )
-            missing = _missing_files(Path(task_dir), names)
+            files = _data_files(Path(task_dir), names)
+            missing = [path.name for path in files if not path.is_file()]
             if missing:
-                names_missing = ", ".join(Path(f).name for f in missing)
-                raise FileNotFoundError(f"missing data file(s) in {data_dir}: {names_missing}")
+                raise FileNotFoundError(f"missing data file(s) in {data_dir}: {', '.join(missing)}")
+            for path in files:
+                check_jsonl(path)
         else:
             # lm-eval's own task index takes seconds to build: only when a task needs it.
             task_manager = TaskManager(

@@ -15,8 +15,9 @@ from pathlib import Path
 import torch
 
 from hf_based.errors import CheckpointError
-from hf_based.importers.common import check_output_directory, load_tensors, resolve_source, save_checkpoint
+from hf_based.importers.common import is_count, load_tensors, resolve_source, save_checkpoint
 from hf_based.modeling import BasedConfig, BasedForCausalLM
+from hf_based.outputs import check_output_directory
 from hf_based.tokenizer import load_tokenizer
 from hf_based.utils import torch_dtype
 
@@ -73,10 +74,14 @@ def _mixer_settings(cfg: dict, key: str) -> dict:
     return settings
 
 
-def _required(cfg: dict, key: str):
-    if cfg.get(key) is None:
+def _required(cfg: dict, key: str) -> int:
+    """A size setting that must be there: an integer >= 1."""
+    value = cfg.get(key)
+    if value is None:
         raise CheckpointError(f"config.json has no {key!r}; is this a HazyResearch BASED checkpoint?")
-    return cfg[key]
+    if not is_count(value):
+        raise CheckpointError(f"config.json: {key}={value!r} is not supported; accepted: an integer >= 1")
+    return value
 
 
 def linear_attention_eps(settings: dict) -> float:
@@ -140,6 +145,10 @@ def based_config_from_original(cfg: dict) -> BasedConfig:
         )
 
     multiple = cfg.get("pad_vocab_size_multiple", 1)
+    if not is_count(multiple):
+        raise CheckpointError(
+            f"config.json: pad_vocab_size_multiple={multiple!r} is not supported; accepted: an integer >= 1"
+        )
     try:
         return BasedConfig(
             vocab_size=math.ceil(_required(cfg, "vocab_size") / multiple) * multiple,  # GPTModel pads the vocabulary
@@ -276,6 +285,19 @@ def convert_state_dict(state: dict, config: BasedConfig) -> dict:
     return ours
 
 
+def read_config(path: Path) -> dict:
+    """config.json as a dict; CheckpointError naming the file for bytes that are not a JSON object."""
+    try:
+        cfg = json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as error:
+        raise CheckpointError(f"{path} is not UTF-8 text: {error}") from error
+    except json.JSONDecodeError as error:
+        raise CheckpointError(f"{path} is not valid JSON: {error}") from error
+    if not isinstance(cfg, dict):
+        raise CheckpointError(f"{path} holds a JSON {type(cfg).__name__}; accepted: a JSON object of model settings")
+    return cfg
+
+
 def load_original(src: str) -> tuple[dict, dict, str]:
     """-> (config.json dict, state dict, weight file name) of an original BASED checkpoint directory or hub id."""
     directory = resolve_source(src, ("config.json", *WEIGHT_FILES))
@@ -284,28 +306,32 @@ def load_original(src: str) -> tuple[dict, dict, str]:
     weights = next((directory / name for name in WEIGHT_FILES if (directory / name).is_file()), None)
     if not (directory / "config.json").is_file() or weights is None:
         raise CheckpointError(f"{src} needs config.json and one of {', '.join(WEIGHT_FILES)}")
-    cfg = json.loads((directory / "config.json").read_text())
+    cfg = read_config(directory / "config.json")
     state = load_tensors(weights)
     if not isinstance(state, dict):
         raise CheckpointError(f"{weights} holds a {type(state).__name__}, not a state dict")
     return cfg, state, weights.name
 
 
-def import_based(src: str, out: str | Path, dtype: str = "auto") -> BasedForCausalLM:
+def import_based(src: str, out: str | Path, dtype: str = "auto", overwrite: bool = False) -> BasedForCausalLM:
     """Convert an original BASED checkpoint (directory or hub id) and save it, with the GPT-2 tokenizer, to `out`.
 
     dtype: "auto" keeps the checkpoint's dtype; else float32, bfloat16 or float16. Raises CheckpointError for
-    unsupported input.
+    unsupported input, UsageError when `out` holds a model and `overwrite` is not set. `out` is written whole or not
+    at all.
     """
     target_dtype = torch_dtype(dtype)
-    check_output_directory(out)
+    check_output_directory(out, overwrite)
     cfg, state, source = load_original(src)
-    config = based_config_from_original(cfg)
+    try:
+        config = based_config_from_original(cfg)
+    except (TypeError, AttributeError, ZeroDivisionError) as error:  # a setting of the wrong type or value
+        raise CheckpointError(f"config.json of {src}: unusable settings ({type(error).__name__}: {error})") from error
     state = check_layout(_drop_extras(state, cfg), config, source)
     tokenizer = load_tokenizer()  # BASED was trained with the GPT-2 BPE ("<|endoftext|>" = 50256 as bos/eos)
     config.bos_token_id, config.eos_token_id = tokenizer.bos_token_id, tokenizer.eos_token_id
     model = BasedForCausalLM(config).to(target_dtype or state[EMBEDDINGS].dtype)
     model.load_state_dict(convert_state_dict(state, config))
     model.generation_config.pad_token_id = tokenizer.pad_token_id
-    save_checkpoint(model, tokenizer, out)
+    save_checkpoint(model, tokenizer, out, overwrite)
     return model

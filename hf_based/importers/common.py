@@ -6,6 +6,7 @@ from pathlib import Path
 import torch
 
 from hf_based.errors import CheckpointError
+from hf_based.outputs import model_directory
 
 
 def resolve_source(src: str, filenames: tuple[str, ...]) -> Path:
@@ -20,25 +21,38 @@ def resolve_source(src: str, filenames: tuple[str, ...]) -> Path:
         raise CheckpointError(f"{src!r} is neither a local path nor a downloadable hub repository: {error}") from error
 
 
+def is_count(value) -> bool:
+    """An integer >= 1 (not a bool), as a size or count setting must be."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
 def load_tensors(path: Path) -> dict:
-    """torch.load with weights_only=True (tensors and plain containers only), or a safetensors file."""
+    """torch.load with weights_only=True (tensors and plain containers only), or a safetensors file; a file that is
+    not one (truncated, corrupt, pickled objects) raises CheckpointError naming it."""
+    if path.is_dir():
+        raise CheckpointError(f"{path} is a directory; expected a weights file (.pt, .bin or .safetensors)")
     if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        return load_file(path)
+        try:
+            return load_file(path)
+        except SafetensorError as error:
+            raise CheckpointError(
+                f"{path} is not a readable safetensors file (truncated or corrupt?): {error}"
+            ) from error
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError) as error:  # not tensors only / not a torch file
-        reason = str(error).strip().splitlines()[0]
-        raise CheckpointError(f"{path} cannot be loaded as plain tensors (weights_only=True): {reason}") from error
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as error:  # not tensors only / truncated / not torch
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else "the file ends too early"
+        raise CheckpointError(
+            f"{path} cannot be loaded as plain tensors (weights_only=True; truncated or corrupt?): {reason}"
+        ) from error
 
 
-def check_output_directory(out: str | Path) -> None:
-    if Path(out).is_file():
-        raise CheckpointError(f"{out} is a file; OUT must be a directory")
-
-
-def save_checkpoint(model, tokenizer, out: str | Path) -> None:
-    """An ordinary hf-based checkpoint: weights, config (with the remote-code files) and tokenizer in `out`."""
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
+def save_checkpoint(model, tokenizer, out: str | Path, overwrite: bool = False) -> None:
+    """An ordinary hf-based checkpoint: weights, config (with the remote-code files) and tokenizer in `out`, written
+    whole or not at all (`hf_based.outputs.model_directory`); an existing model is replaced only with `overwrite`."""
+    with model_directory(out, overwrite) as staging:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)

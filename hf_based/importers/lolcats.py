@@ -14,6 +14,7 @@ every key counts in both the softmax and the linear term. `hybrid_attention` has
 `sliding_window` keys, so window 64 reproduces LoLCATs' decode steps, not its prefill.
 """
 
+import math
 import re
 from pathlib import Path
 
@@ -21,9 +22,10 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
 
 from hf_based.conversion.linearize import Recipe, based_config
-from hf_based.errors import CheckpointError, ConversionError
-from hf_based.importers.common import check_output_directory, load_tensors, save_checkpoint
+from hf_based.errors import CheckpointError, ConversionError, UsageError
+from hf_based.importers.common import is_count, load_tensors, save_checkpoint
 from hf_based.modeling import BasedConfig, BasedForCausalLM
+from hf_based.outputs import check_output_directory
 from hf_based.utils import torch_dtype
 
 LOLCATS_WINDOW = 64  # window_size of the released configs (e.g. distill_llama3_1_8b_lk_smd_wtk64_fd64_w01.yaml)
@@ -143,15 +145,21 @@ def import_lolcats(
     window: int = LOLCATS_WINDOW,
     lora_alpha: float = LOLCATS_LORA_ALPHA,
     dtype: str = "auto",
+    overwrite: bool = False,
 ) -> BasedForCausalLM:
     """Apply LoLCATs' attention-transfer (and optional LoRA fine-tune) checkpoints, local `.pt` files or hub repos
     holding `model.pt`, to `base_llama` (directory or hub id) and save the result with the base tokenizer to `out`.
 
     dtype: "auto" keeps the base model's dtype; else float32, bfloat16 or float16. Raises CheckpointError for
-    unsupported input.
+    unsupported input, UsageError for a window < 1, a lora_alpha that is not > 0, or an `out` holding a model
+    without `overwrite`. `out` is written whole or not at all.
     """
     target_dtype = torch_dtype(dtype)
-    check_output_directory(out)
+    if not is_count(window):
+        raise UsageError(f"window={window!r}: the softmax window must be an integer >= 1 (keys per query)")
+    if not (math.isfinite(lora_alpha) and lora_alpha > 0):  # a negative alpha would subtract the fine-tune
+        raise UsageError(f"lora_alpha={lora_alpha!r} must be a finite number > 0 (the LoRA scale is lora_alpha / r)")
+    check_output_directory(out, overwrite)
     parsed = parse_lolcats_state(load_lolcats_checkpoint(distill), distill)
     if finetune is not None:  # loaded after the distill state, as LoLCATs does: its tensors win
         parsed.update(parse_lolcats_state(load_lolcats_checkpoint(finetune), finetune))
@@ -188,5 +196,5 @@ def import_lolcats(
         raise CheckpointError(f"{base_llama} is not a plain Llama: missing {missing[:5]}, unexpected {unexpected[:5]}")
     model.load_state_dict(state)
     model.generation_config = llama.generation_config
-    save_checkpoint(model, tokenizer, out)
+    save_checkpoint(model, tokenizer, out, overwrite)
     return model

@@ -349,6 +349,20 @@ class BasedPreTrainedModel(PreTrainedModel):
             Path(save_directory, filename).write_text(source)
 
 
+def check_input_shapes(input_shape: tuple[int, int], attention_mask: torch.Tensor | None, past: int) -> None:
+    """ValueError for an input without tokens, or a padding mask that is not [batch, past + time]: plain shape
+    checks, before any tensor is computed (a mask of another length would silently shift every position)."""
+    batch, length = input_shape
+    if length == 0:
+        raise ValueError(f"the input has no tokens (shape {input_shape}); pass at least one token per sequence")
+    if attention_mask is not None and tuple(attention_mask.shape) != (batch, past + length):
+        raise ValueError(
+            f"attention_mask must be a 2D padding mask [batch, past + time] = [{batch}, {past} + {length}] for "
+            f"{batch} sequences of {length} new tokens after {past} cached ones, got shape "
+            f"{tuple(attention_mask.shape)}"
+        )
+
+
 class BasedModel(BasedPreTrainedModel):
     def __init__(self, config: BasedConfig):
         super().__init__(config)
@@ -389,13 +403,10 @@ class BasedModel(BasedPreTrainedModel):
             raise TypeError(f"cache must be a BasedCache, got {type(cache).__name__}")
         past = cache.get_seq_length() if cache is not None else 0
 
+        check_input_shapes(tuple(inputs_embeds.shape[:2]), attention_mask, past)
+
         key_mask = None
         if attention_mask is not None:
-            if attention_mask.dim() != 2 or attention_mask.shape[0] != batch or attention_mask.shape[1] < length:
-                raise ValueError(
-                    f"attention_mask must be a 2D padding mask [batch, past + time] covering the {length} new tokens "
-                    f"of {batch} sequences, got shape {tuple(attention_mask.shape)}"
-                )
             attention_mask = attention_mask.bool()
             key_mask = attention_mask[:, -length:]
         if position_ids is None:
@@ -436,6 +447,17 @@ class BasedForCausalLM(BasedPreTrainedModel, GenerationMixin):
         self.vocab_size = config.vocab_size
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
+
+    def generate(self, inputs=None, *args, attention_mask=None, **kwargs):
+        # generate() derives positions from the mask before forward() sees it: a mask of the wrong length would fail
+        # deep in a layer. A passed cache's tokens are part of the mask; forward() checks that case.
+        prompt = next(
+            (x for x in (inputs, kwargs.get("input_ids"), kwargs.get("inputs_embeds")) if x is not None), None
+        )
+        cached = kwargs.get("past_key_values") is not None
+        if prompt is not None and prompt.dim() >= 2 and not cached:
+            check_input_shapes(tuple(prompt.shape[:2]), attention_mask, past=0)
+        return super().generate(inputs, *args, attention_mask=attention_mask, **kwargs)
 
     def forward(
         self,
