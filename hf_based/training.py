@@ -7,8 +7,11 @@ feeds saved hidden states rather than token batches. Each of those would be a Tr
 loop, its checkpoints and its resume logic fit on one screen.
 
 Checkpoints hold the trainable parameters, the optimizer state, the step and the loss history (the data position is
-the step: the data order is a function of the seed). They are written atomically (temporary file + rename) every
-`Checkpointing.every` steps and at the end of the stage; a rerun of the same command continues from the last one.
+the step: the data order is a function of the seed): tensors and plain containers only, read with
+`torch.load(weights_only=True)`, so that a planted file cannot run code. They are written atomically (temporary file +
+rename) every `Checkpointing.every` steps and at the end of the stage; a rerun of the same command continues from the
+last one if its `key` (every setting that changes the stage's result) matches. A finished stage is not reused when it
+diverged (`unusable`).
 In a multi-process run (accelerate launch), torch.distributed.checkpoint gathers full state dicts, so DDP and FSDP2
 runs checkpoint alike.
 """
@@ -21,7 +24,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -111,11 +114,48 @@ def autocast_for(device: torch.device, precision: str | None = None) -> Callable
 # --- checkpoints ----------------------------------------------------------------------------------------------------
 
 
+# A finished stage whose mean loss over its last steps exceeds its first step's loss by this factor diverged.
+DIVERGENCE_FACTOR = 2.0
+
+
 def atomic_save(obj, path: Path) -> None:
+    """torch.save to a temporary file renamed to `path`; on failure (disk full, ...) the temporary file is removed."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        raise
+
+
+def load_saved(path: Path, mmap: bool = False):
+    """What hf-based saved at `path` (tensors and plain containers, never code: weights_only); ConversionError for a
+    truncated or foreign file."""
+    try:
+        return torch.load(path, map_location="cpu", mmap=mmap, weights_only=True)
+    except Exception as error:  # noqa: BLE001 - truncated, foreign, or a pickle that would run code
+        raise ConversionError(
+            f"cannot read {path} ({type(error).__name__}: not a file hf-based wrote, or damaged); delete it or pass "
+            "--no-resume"
+        ) from error
+
+
+def unusable(history: Sequence[dict], params: Iterable[torch.Tensor]) -> str | None:
+    """Why a finished stage cannot be used, or None: non-finite parameters, a non-finite final loss, or a final loss
+    (mean over the last 10 steps) more than DIVERGENCE_FACTOR x the first step's."""
+    if not all(bool(torch.isfinite(p).all()) for p in params):
+        return "has non-finite parameters"
+    if not history:
+        return None
+    first, last = history[0]["loss"], StageResult("", 0, 0, 0.0, list(history)).final_loss()
+    if not math.isfinite(last):
+        return f"ended with a loss of {last}"
+    if last > DIVERGENCE_FACTOR * first:
+        return f"diverged: its final loss {last:.4g} is more than {DIVERGENCE_FACTOR:g}x its first {first:.4g}"
+    return None
 
 
 def _state_dicts(model: nn.Module, optimizer, dist: Dist) -> tuple[dict, dict]:
@@ -147,20 +187,34 @@ def save_checkpoint(path: Path, model, optimizer, step: int, history: list, key:
     dist.barrier()
 
 
+def differing_settings(key: dict, saved_key: dict) -> list[str]:
+    """The settings whose values differ between two keys, as "name (saved -> now)"."""
+    return [
+        f"{k} ({saved_key.get(k)!r} -> {key.get(k)!r})"
+        for k in sorted(set(key) | set(saved_key))
+        if key.get(k) != saved_key.get(k)
+    ]
+
+
 def read_checkpoint(path: Path, key: dict) -> dict | None:
-    """The checkpoint at `path`, if any; ConversionError if it belongs to a different recipe."""
+    """The checkpoint at `path`, if any; ConversionError if it is not one of ours, belongs to a run with different
+    settings, or is a finished stage that cannot be used (`unusable`)."""
     if not path.is_file():
         return None
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as error:  # noqa: BLE001 - a truncated or foreign file
-        raise ConversionError(f"cannot read checkpoint {path} ({error}); delete it or pass --no-resume") from error
-    saved_key = checkpoint.get("key", {}) if isinstance(checkpoint, dict) else {}
-    differs = sorted(k for k in set(key) | set(saved_key) if key.get(k) != saved_key.get(k))
+    checkpoint = load_saved(path)
+    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("key"), dict):
+        raise ConversionError(f"{path} is not a file hf-based wrote; delete it or pass --no-resume")
+    differs = differing_settings(key, checkpoint["key"])
     if differs:
         raise ConversionError(
-            f"{path} comes from a run with different settings ({', '.join(differs)}); "
+            f"{path} comes from a run with different settings: {', '.join(differs)}; "
             "rerun with the same options, pass --no-resume to start over, or use another OUT"
+        )
+    problem = checkpoint.get("done") and unusable(checkpoint["history"], checkpoint["model"].values())
+    if problem:
+        raise ConversionError(
+            f"the finished stage in {path} {problem}; lower the learning rate or check the data, then rerun with "
+            "--no-resume"
         )
     return checkpoint
 
@@ -269,7 +323,12 @@ def train(
         start, history = saved["step"], saved["history"]
         if dist.is_main and start < steps:
             logger.info("%s: resuming from %s at step %d/%d", name, checkpoint, start, steps)
-    if start >= steps:
+    if start > steps:
+        raise ConversionError(
+            f"{checkpoint} holds {start} steps of {name}, more than the {steps} asked; ask for at least {start} or "
+            "pass --no-resume"
+        )
+    if start == steps:
         tokens = history[-1]["tokens"] if history else 0
         seconds = history[-1]["seconds"] if history else 0.0
         return StageResult(name, start, tokens, seconds, history)
@@ -333,6 +392,11 @@ def train(
     finally:
         bar.close()
     model.eval()
+    problem = unusable(history, ())  # the loss only: the same on every process; parameters are checked on reuse
+    if problem:
+        raise ConversionError(
+            f"{name} {problem}; lower the learning rate or check the data, then rerun with --no-resume"
+        )
     return StageResult(name, steps, tokens, seconds, history)
 
 

@@ -4,25 +4,21 @@ import contextlib
 import gzip
 import json
 import os
-import random
 import re
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
+from conversion_helpers import LLAMA3_ROPE, make_teacher, make_tokenizer, make_workdir, records, run, tiny_recipe
 from transformers import (
     AutoModelForCausalLM,
     GPT2Config,
     GPT2LMHeadModel,
-    LlamaConfig,
-    LlamaForCausalLM,
     MistralConfig,
     MistralForCausalLM,
-    PreTrainedTokenizerFast,
     Qwen2Config,
     Qwen2ForCausalLM,
 )
@@ -33,80 +29,15 @@ from hf_based.conversion import (
     NonFiniteLossError,
     Recipe,
     based_config,
-    convert,
     linearize_model,
     pipeline,
 )
 from hf_based.conversion.blockwise import block_layers
-from hf_based.conversion.data import ALPACA_PROMPT_NO_INPUT, IGNORE_INDEX, load_records, load_training_data
+from hf_based.conversion.data import IGNORE_INDEX, load_records, load_training_data
 from hf_based.conversion.layer_selection import full_attention, select_softmax_layers
 from hf_based.conversion.linearize import AttentionTransfer, converted_layers, stage1_parameters
+from hf_based.errors import UsageError
 from hf_based.modeling.compat import output_cache
-
-REPO = Path(__file__).resolve().parents[1]
-WORDS = (
-    "the cat dog fox bird runs jumps sits flies over under near a an big small red blue green old new house "
-    "tree river hill sun moon and then so because later"
-).split()
-LLAMA3_ROPE = {
-    "rope_type": "llama3",
-    "rope_theta": 500000.0,
-    "factor": 8.0,
-    "low_freq_factor": 1.0,
-    "high_freq_factor": 4.0,
-    "original_max_position_embeddings": 16,
-}
-
-
-def make_tokenizer() -> PreTrainedTokenizerFast:
-    """A word-level tokenizer over WORDS and the Alpaca template's words: tiny vocabulary, fast tests."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    template_words = ALPACA_PROMPT_NO_INPUT.replace("\n", " ").replace(".", " ").replace(":", " ").split()
-    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
-    for word in [*WORDS, *template_words, ".", ":", "!", ",", "?"]:
-        vocab.setdefault(word, len(vocab))
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="</s>"
-    )
-
-
-def make_teacher(cls=LlamaForCausalLM, config_cls=LlamaConfig, vocab=128, layers=4, seed=0, **overrides):
-    torch.manual_seed(seed)
-    config = config_cls(
-        vocab_size=vocab,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=2,
-        **overrides,
-    )
-    model = cls(config).eval()
-    with torch.no_grad():  # larger weights than the default init: peaked attention, a real conversion problem
-        for name, p in model.named_parameters():
-            if "norm" not in name:
-                p.normal_(0, 0.15)
-    return model
-
-
-def records(n: int, seed: int = 0) -> list[dict]:
-    rng = random.Random(seed)
-    return [
-        {
-            "instruction": " ".join(rng.choices(WORDS, k=6)),
-            "input": "" if i % 2 else " ".join(rng.choices(WORDS, k=4)),
-            "output": " ".join(rng.choices(WORDS, k=rng.randint(10, 30))),
-        }
-        for i in range(n)
-    ]
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -118,35 +49,7 @@ def tokenizer():
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory, tokenizer):
-    """A tiny Llama teacher (GQA, llama3 RoPE scaling, untied) saved with its tokenizer, and Alpaca-style data."""
-    root = tmp_path_factory.mktemp("conversion")
-    teacher = make_teacher(vocab=len(tokenizer), rope_parameters=LLAMA3_ROPE, tie_word_embeddings=False)
-    teacher.save_pretrained(root / "teacher")
-    tokenizer.save_pretrained(root / "teacher")
-    (root / "alpaca.json").write_text(json.dumps(records(300)))
-    return root
-
-
-# Small budgets: seq 32, 2 x 2 sequences a step.
-def tiny_recipe(**overrides) -> Recipe:
-    values = dict(
-        window=8,
-        seq_len=32,
-        batch_size=2,
-        grad_accum=2,
-        stage1_steps=6,
-        stage2_steps=4,
-        checkpoint_every=2,
-        stage2_lr=1e-3,
-    )
-    return Recipe(**{**values, **overrides})
-
-
-def run(workdir, out, recipe, **kwargs):
-    kwargs.setdefault("data", str(workdir / "alpaca.json"))
-    kwargs.setdefault("val_records", 40)
-    kwargs.setdefault("val_sequences", 2)
-    return convert(str(workdir / "teacher"), workdir / out, recipe, progress=False, **kwargs)
+    return make_workdir(tmp_path_factory.mktemp("conversion"), tokenizer)
 
 
 def trainable_state(model) -> dict:
@@ -323,19 +226,19 @@ def test_resume_after_interruption_gives_the_same_model(workdir):
 
     with pytest.raises(Interrupt):
         run(workdir, "resumed", recipe, on_step=stop_at("stage 1", 5))  # after the checkpoint at step 4
-    saved = torch.load(workdir / "resumed/checkpoints/stage1.pt", weights_only=False)
+    saved = torch.load(workdir / "resumed/checkpoints/stage1.pt", weights_only=True)
     assert saved["step"] == 4 and not saved["done"]
     with pytest.raises(Interrupt):
         run(workdir, "resumed", recipe, on_step=stop_at("stage 2", 3))
-    assert torch.load(workdir / "resumed/checkpoints/stage2.pt", weights_only=False)["step"] == 2
+    assert torch.load(workdir / "resumed/checkpoints/stage2.pt", weights_only=True)["step"] == 2
     resumed = run(workdir, "resumed", recipe)
     assert [h["step"] for h in resumed.stages["stage1"].history] == list(range(1, 8))
     a, b = reference.model.state_dict(), resumed.model.state_dict()
     for name in a:
         torch.testing.assert_close(b[name], a[name], atol=1e-6, rtol=1e-5, msg=name)
-    with pytest.raises(ConversionError, match="different settings"):
+    with pytest.raises(UsageError, match="already holds a model converted with other settings.*window"):
         run(workdir, "resumed", tiny_recipe(stage1_steps=7, stage2_steps=5, window=4))
-    run(workdir, "resumed", tiny_recipe(stage1_steps=7, stage2_steps=5, window=4), resume=False)
+    run(workdir, "resumed", tiny_recipe(stage1_steps=7, stage2_steps=5, window=4), resume=False, overwrite=True)
 
 
 @pytest.mark.slow
@@ -378,7 +281,7 @@ def test_killed_cli_run_resumes(workdir):
     assert checkpoint.is_file(), "no checkpoint before the deadline"
     process.send_signal(signal.SIGKILL)
     process.wait()
-    step = torch.load(checkpoint, weights_only=False)["step"]
+    step = torch.load(checkpoint, weights_only=True)["step"]
     assert 1 <= step < 400
     command[command.index("400")] = str(step + 2)  # the rest of the run, kept short
     done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
@@ -443,6 +346,7 @@ def test_fsdp_on_two_cpu_processes_matches_one_process_and_resumes(workdir):
             "40",
             "--no-progress",
             "--fsdp",
+            "--overwrite",  # the second launch continues stage 2 of the first one's finished model
         ]
         done = subprocess.run(
             command, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"}
@@ -469,7 +373,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(workdir, monkeypatch)
     monkeypatch.setattr(AttentionTransfer, "loss", loss)
     with pytest.raises(NonFiniteLossError, match=r"step 6: the loss is nan.*checkpoint.*stage1.pt \(step 4\)"):
         run(workdir, "nan", tiny_recipe(stage1_steps=8))
-    saved = torch.load(workdir / "nan/checkpoints/stage1.pt", weights_only=False)
+    saved = torch.load(workdir / "nan/checkpoints/stage1.pt", weights_only=True)
     assert saved["step"] == 4 and all(torch.isfinite(t).all() for t in saved["model"].values())
     assert not (workdir / "nan/model.safetensors").exists()
 
@@ -631,7 +535,7 @@ def test_convert_with_selected_softmax_layers_records_and_resumes(workdir, monke
     assert json.loads((out / "conversion.json").read_text())["softmax_layers_selected"] == chosen
     for name, tensor in result.model.state_dict().items():
         torch.testing.assert_close(rerun.model.state_dict()[name], tensor, msg=name)
-    with pytest.raises(ConversionError, match="different settings .*softmax_layers"):
+    with pytest.raises(ConversionError, match="different settings: softmax_layers"):
         run(workdir, "selected", tiny_recipe(softmax_layers="mse:2", stage1_steps=2, stage2_steps=2))
 
 

@@ -15,10 +15,11 @@ import time
 import typing
 
 from hf_based.conversion.demo import demo_teacher
-from hf_based.conversion.pipeline import DataOptions, EvalOptions, convert
+from hf_based.conversion.pipeline import DataOptions, EvalOptions, check_options, convert
 from hf_based.conversion.recipe import Recipe
 from hf_based.errors import ConversionError
 from hf_based.eval.lm_eval_tasks import format_comparison
+from hf_based.outputs import check_output_directory
 from hf_based.utils import DTYPES, shared_data_dir
 
 logger = logging.getLogger(__name__)
@@ -145,7 +146,14 @@ def add_recipe_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
     run = groups["run"]
-    run.add_argument("--no-resume", action="store_true", help="ignore and delete OUT/checkpoints")
+    run.add_argument(
+        "--no-resume", action="store_true", help="start over: delete OUT/checkpoints (and a model in OUT: --overwrite)"
+    )
+    run.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace a finished model in OUT (without it, only a rerun with identical settings may save it again)",
+    )
     run.add_argument(
         "--dtype", choices=["auto", *DTYPES], default="auto", help="dtype of the saved weights (auto: the teacher's)"
     )
@@ -202,6 +210,7 @@ def run_conversion(args: argparse.Namespace, base, out, data, eval_tasks, eval_d
         val_sequences=args.val_sequences,
         max_records=args.max_records,
         resume=not args.no_resume,
+        overwrite=args.overwrite,
         dtype=args.dtype,
         eval_tasks=eval_tasks,
         eval_data_dir=eval_data_dir,
@@ -279,6 +288,15 @@ def run_demo(args: argparse.Namespace) -> None:
         eval_tasks = None
     alpaca = shared / "corpora" / "alpaca_5000.json"
     data = args.data or ([str(alpaca)] if alpaca.is_file() else ["teacher"])
+    # Before the teacher loads (possibly a download): convert() checks them again, too late for that.
+    check_options(
+        recipe_from_args(args),
+        DataOptions(
+            data, args.template, args.teacher_sequences, args.val_records, args.val_sequences, args.max_records
+        ),
+        EvalOptions(eval_tasks, eval_dir, args.eval_limit, args.eval_batch_size),
+    )
+    check_output_directory(args.out, overwrite=args.overwrite or not args.no_resume)
 
     teacher, tokenizer, name = demo_teacher(args.teacher)
     logger.info("teacher ready after %.0f s", time.perf_counter() - start)

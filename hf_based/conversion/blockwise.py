@@ -45,6 +45,7 @@ from hf_based.training import (
     StageResult,
     atomic_save,
     autocast_for,
+    load_saved,
     read_checkpoint,
     train,
     uses_bf16,
@@ -86,6 +87,14 @@ def block_layers(num_layers: int, size: int) -> list[list[int]]:
     return [list(range(start, min(start + size, num_layers))) for start in range(0, num_layers, size)]
 
 
+def load_hidden_states(path: Path) -> torch.Tensor:
+    """A block's saved input hidden states (memory-mapped); ConversionError for anything but a tensor."""
+    hidden = load_saved(path, mmap=True)
+    if not isinstance(hidden, torch.Tensor):
+        raise ConversionError(f"{path} does not hold hidden states; delete it or pass --no-resume")
+    return hidden
+
+
 def _dump_hidden_states(tensors, config, blocks, input_ids, directory: Path, batch_size, device, dtype, autocast):
     """hidden_<b>.pt = the input of block b for each row of `input_ids`, computed with the teacher's attention."""
     first = directory / "hidden_0.pt"
@@ -97,7 +106,7 @@ def _dump_hidden_states(tensors, config, blocks, input_ids, directory: Path, bat
         if target.is_file():
             continue
         block = load_block(tensors, config, layers, device)
-        inputs = torch.load(directory / f"hidden_{b}.pt", mmap=True, weights_only=True)
+        inputs = load_hidden_states(directory / f"hidden_{b}.pt")
         outputs = []
         with torch.no_grad(), AttentionTransfer(block.attention_modules()):
             for chunk in inputs.split(batch_size):
@@ -160,7 +169,7 @@ def run_blockwise_stage1(
             continue
         block = load_block(tensors, config, layers, dist.device)
         groups, optimizer = stage1_optimizer(block, config, recipe)
-        hidden = torch.load(directory / f"hidden_{b}.pt", mmap=True, weights_only=True)
+        hidden = load_hidden_states(directory / f"hidden_{b}.pt")
         modules = block.attention_modules()
 
         def loss_fn(step, micro, block=block, hidden=hidden, modules=modules):

@@ -153,15 +153,29 @@ def load_records(sources: str | Path | Sequence[str | Path]) -> list[dict]:
     return records
 
 
-def format_record(record, template: str, tokenizer=None) -> tuple[str, str]:
-    """-> (prompt, response): the prompt is masked out of the next-token loss, the response is trained on."""
+def _text(record: dict, field: str, index: int) -> str:
+    """A record's text field; a null, list or number would be trained on as its str(), so it is refused."""
+    value = record[field]
+    if not isinstance(value, str):
+        shown = "null" if value is None else type(value).__name__
+        raise ConversionError(f"training record {index}: field {field!r} is {shown}; accepted: a string")
+    return value
+
+
+def format_record(record, template: str, tokenizer=None, index: int = 0) -> tuple[str, str]:
+    """-> (prompt, response) of record number `index`: the prompt is masked out of the next-token loss, the response
+    is trained on."""
     if isinstance(record, str):
         return "", record
     if not isinstance(record, dict):
-        raise ConversionError(f"a training record must be a JSON object or a string, got {type(record).__name__}")
+        raise ConversionError(
+            f"training record {index}: a training record must be a JSON object or a string, got {type(record).__name__}"
+        )
     if "instruction" in record:
-        instruction, extra = record["instruction"], record.get("input") or ""
-        response = record.get("output", record.get("response", ""))
+        instruction = _text(record, "instruction", index)
+        extra = _text(record, "input", index) if "input" in record else ""
+        answer_field = "output" if "output" in record else "response" if "response" in record else None
+        response = _text(record, answer_field, index) if answer_field else ""
         if template == "alpaca":
             prompt = (
                 ALPACA_PROMPT.format(instruction=instruction, input=extra)
@@ -177,17 +191,22 @@ def format_record(record, template: str, tokenizer=None) -> tuple[str, str]:
             return prompt, response
         return (f"{instruction}\n{extra}\n" if extra else f"{instruction}\n"), response
     if "prompt" in record and ("completion" in record or "response" in record):
-        return record["prompt"], record.get("completion", record.get("response"))
+        return _text(record, "prompt", index), _text(
+            record, "completion" if "completion" in record else "response", index
+        )
     if "text" in record:
-        return "", record["text"]
+        return "", _text(record, "text", index)
     raise ConversionError(
-        f"a training record has fields {sorted(record)}; accepted: instruction (+ input, output), "
+        f"training record {index} has fields {sorted(record)}; accepted: instruction (+ input, output), "
         "prompt + completion/response, or text"
     )
 
 
-def tokenize_records(records: Iterable, tokenizer, template: str = "alpaca") -> tuple[list[int], list[int]]:
-    """Concatenated token ids and labels of all records (prompt tokens labelled -100, EOS after each response)."""
+def tokenize_records(
+    records: Iterable, tokenizer, template: str = "alpaca", first_index: int = 0
+) -> tuple[list[int], list[int]]:
+    """Concatenated token ids and labels of all records (prompt tokens labelled -100, EOS after each response);
+    errors name a record by its position in the data, `first_index` being the first one's."""
     if template not in TEMPLATES:
         raise ConversionError(f"template={template!r} is not supported; accepted: {', '.join(TEMPLATES)}")
     if template == "chat" and not getattr(tokenizer, "chat_template", None):
@@ -195,8 +214,8 @@ def tokenize_records(records: Iterable, tokenizer, template: str = "alpaca") -> 
     eos = tokenizer.eos_token or ""
     ids: list[int] = []
     labels: list[int] = []
-    for record in records:
-        prompt, response = format_record(record, template, tokenizer)
+    for index, record in enumerate(records, first_index):
+        prompt, response = format_record(record, template, tokenizer, index)
         # Special tokens (e.g. BOS) go in front of the first piece of each sample, as LoLCATs' encode() does.
         prompt_ids = tokenizer.encode(prompt, add_special_tokens=True) if prompt else []
         answer_ids = tokenizer.encode(f"{response}{eos}", add_special_tokens=not prompt_ids)
@@ -229,7 +248,7 @@ def load_training_data(
     if len(records) < 2 * val_records:
         val_records = 0
     name = ", ".join(map(str, [sources] if isinstance(sources, (str, Path)) else sources))
-    train = pack(*tokenize_records(records[val_records:], tokenizer, template), seq_len, name)
+    train = pack(*tokenize_records(records[val_records:], tokenizer, template, val_records), seq_len, name)
     val = None
     if val_records:
         ids, labels = tokenize_records(records[:val_records], tokenizer, template)

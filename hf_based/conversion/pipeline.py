@@ -12,7 +12,10 @@
    `save_pretrained` (safetensors, remote code), the tokenizer, the generation config, a model card, the loss
    curves (CSV + PNG) and `conversion.json`.
 
-Every stage checkpoints to OUT/checkpoints and a rerun of the same command resumes where it stopped. `convert()`
+Every stage checkpoints to OUT/checkpoints and a rerun of the same command resumes where it stopped; a checkpoint
+whose settings (every one that changes the result, and the training data's content) differ is refused. The model is
+written to a staging directory and moved into OUT whole (`hf_based.outputs.model_directory`): a failed run leaves OUT
+as it was, and a finished model is replaced only with `overwrite`, or by a rerun with identical settings. `convert()`
 runs the stages as functions that can be called one by one: `load_inputs`, `plan_stages`, `stage1_attention_transfer`,
 `stage2_lora`, `save_artifacts`.
 """
@@ -22,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
+import importlib.util
 import json
 import logging
 import math
@@ -62,15 +66,17 @@ from hf_based.conversion.linearize import (
     stage1_optimizer,
     stage1_parameters,
 )
-from hf_based.conversion.recipe import Recipe
-from hf_based.errors import ConversionError
+from hf_based.conversion.recipe import Recipe, is_int, is_number
+from hf_based.errors import ConversionError, UsageError
 from hf_based.modeling import BasedConfig, BasedForCausalLM
+from hf_based.outputs import check_output_directory, is_model_directory, model_directory
 from hf_based.training import (
     Checkpointing,
     Dist,
     StageResult,
     atomic_save,
     autocast_for,
+    differing_settings,
     plot_loss_curves,
     read_checkpoint,
     train,
@@ -118,6 +124,14 @@ def _digest(value) -> str:
     if isinstance(value, dict):  # a config: its architecture, not where it was loaded from
         value = {k: v for k, v in value.items() if not k.startswith("_") and k not in ("transformers_version", "dtype")}
     return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def data_digest(data: PackedData) -> str:
+    """The training data by its content (token ids and loss labels), not by where it was read from."""
+    digest = hashlib.sha256()
+    for tensor in (data.input_ids, data.labels):
+        digest.update(tensor.contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 # --- stage 1 --------------------------------------------------------------------------------------------------------
@@ -446,7 +460,12 @@ class DataOptions:
     max_records: int | None = None
 
     def check(self) -> None:
-        """ConversionError for missing sources or TEACHER_DATA mixed with others; before the teacher loads."""
+        """ConversionError for missing sources, TEACHER_DATA mixed with others, or counts out of range; before the
+        teacher loads."""
+        for name, lowest in (("teacher_sequences", 1), ("val_records", 0), ("val_sequences", 1), ("max_records", 1)):
+            value = getattr(self, name)
+            if not (is_int(value) and value >= lowest) and not (name == "max_records" and value is None):
+                raise ConversionError(f"{name}={value!r} is not supported; accepted: integers >= {lowest}")
         if not self.sources:
             raise ConversionError(f"no training data: give data files/directories/hub datasets, or {TEACHER_DATA!r}")
         if self.from_teacher:
@@ -470,6 +489,35 @@ class EvalOptions:
     limit: int | float | None = None  # documents per task
     batch_size: int = 8
     teacher_results: dict | None = None  # the teacher's known scores: it is not evaluated again
+
+    def check(self) -> None:
+        """ConversionError for what would fail only after training: lm-eval missing, unknown task names, a data
+        directory that does not exist, a limit or batch size out of range."""
+        if not self.tasks:
+            return
+        from hf_based.eval.lm_eval_tasks import LOCAL_TASKS, RETRIEVAL_NAMES, split_tasks
+
+        if importlib.util.find_spec("lm_eval") is None:
+            raise ConversionError("eval_tasks need lm-eval, which is not installed: pip install 'hf-based[eval]'")
+        if not (self.limit is None or (is_number(self.limit) and self.limit > 0)):
+            raise ConversionError(f"eval_limit={self.limit!r} is not supported; accepted: a number > 0")
+        if not (is_int(self.batch_size) and self.batch_size >= 1):
+            raise ConversionError(f"eval_batch_size={self.batch_size!r} is not supported; accepted: integers >= 1")
+        names = split_tasks(self.tasks)
+        if self.data_dir is not None:
+            if not Path(self.data_dir).is_dir():
+                raise ConversionError(f"eval_data_dir {self.data_dir} is not a directory")
+            known = (*LOCAL_TASKS, *RETRIEVAL_NAMES)
+            accepted = f"{', '.join(known)}, mmlu_* subjects"
+            unknown = [name for name in names if name not in known and not name.startswith("mmlu_")]
+        else:
+            from lm_eval.tasks import TaskManager  # its task index takes seconds: still cheaper than a lost run
+
+            known = set(TaskManager().all_tasks) | set(RETRIEVAL_NAMES)
+            accepted = "lm-eval's task names (lm-eval ls tasks)"
+            unknown = [name for name in names if name not in known]
+        if unknown or not names:
+            raise ConversionError(f"unknown eval task(s) {', '.join(unknown) or '(none)'}; accepted: {accepted}")
 
 
 @dataclass
@@ -505,15 +553,58 @@ def _log(dist: Dist, message: str, *args) -> None:
         logger.info(message, *args)
 
 
-def prepare_output(out: str | Path, resume: bool, dist: Dist) -> Path:
-    """OUT as a Path; without `resume`, its checkpoints are deleted."""
-    out = Path(out)
-    if out.is_file():
-        raise ConversionError(f"{out} is a file; OUT must be a directory")
-    if not resume and dist.is_main and (out / "checkpoints").exists():
-        shutil.rmtree(out / "checkpoints")
+def check_options(recipe: Recipe, data: DataOptions, evaluation: EvalOptions) -> None:
+    """Every option, before any work starts: ConversionError naming the first that cannot be used."""
+    recipe.validate()
+    data.check()
+    evaluation.check()
+
+
+def prepare_output(out: str | Path, resume: bool, overwrite: bool, dist: Dist) -> Path:
+    """OUT as a Path. Without `resume`, its checkpoints are deleted, and so is a finished model in it, which needs
+    `overwrite` (UsageError otherwise; a resumed run's model is checked against its settings by `check_rerun`)."""
+    out = check_output_directory(out, overwrite or resume)
+    if not resume and dist.is_main:
+        if is_model_directory(out):
+            with model_directory(out, overwrite=True):  # nothing staged: the old model's files are removed
+                pass
+        shutil.rmtree(out / "checkpoints", ignore_errors=True)
     dist.barrier()
     return out
+
+
+def run_settings(plan: Plan, dtype: torch.dtype) -> dict:
+    """What a saved model was made with, as conversion.json records it: stage 2's key (which holds stage 1's), the
+    step counts and the saved dtype."""
+    settings = {**plan.stage2_key, "stage1_steps": plan.stage1_steps, "stage2_steps": plan.stage2_steps}
+    return json.loads(json.dumps({**settings, "dtype": str(dtype).removeprefix("torch.")}, default=str))
+
+
+def check_rerun(out: Path, settings: dict, overwrite: bool) -> None:
+    """A finished model in OUT is replaced only with `overwrite`, or by a rerun with identical `settings` (which
+    saves the same model again); UsageError otherwise, before any training."""
+    if overwrite or not is_model_directory(out):
+        return
+    try:
+        saved = json.loads((out / "conversion.json").read_text()).get("settings")
+    except (OSError, ValueError, AttributeError):
+        saved = None
+    differs = differing_settings(settings, saved) if isinstance(saved, dict) else ["not recorded"]
+    if differs:
+        raise UsageError(
+            f"{out} already holds a model converted with other settings ({', '.join(differs)}); pass --overwrite to "
+            "replace it, or choose another OUT"
+        )
+
+
+def check_checkpoints(plan: Plan, checkpoints: Path) -> None:
+    """Refuse the stage checkpoints of a run with other settings (or unusable) now, rather than after training."""
+    for steps, key, name in (
+        (plan.stage1_steps, plan.stage1_key, "stage1.pt"),
+        (plan.stage2_steps, plan.stage2_key, "stage2.pt"),
+    ):
+        if steps:
+            read_checkpoint(checkpoints / name, key)
 
 
 def load_inputs(
@@ -526,7 +617,6 @@ def load_inputs(
     teacher=None,
     tokenizer=None,
     base_name: str | None = None,
-    resume: bool = True,
     progress: bool = True,
 ) -> Inputs:
     """Load the teacher (from `base`, unless given) and the training data; check that the teacher converts; choose
@@ -554,9 +644,7 @@ def load_inputs(
 
     val_data = None
     if data.from_teacher:
-        train_data = _teacher_text(
-            teacher, tokenizer, recipe, data, dist, checkpoints / "teacher_text.pt", resume, progress
-        )
+        train_data = _teacher_text(teacher, tokenizer, recipe, data, dist, checkpoints / "teacher_text.pt", progress)
         template = "none (teacher-generated)"
     else:
         train_data, val_data = load_training_data(
@@ -609,10 +697,16 @@ def _layer_selection(
 
 
 def _teacher_text(
-    teacher, tokenizer, recipe: Recipe, data: DataOptions, dist: Dist, cached: Path, resume: bool, progress: bool
+    teacher, tokenizer, recipe: Recipe, data: DataOptions, dist: Dist, cached: Path, progress: bool
 ) -> PackedData:
     """The teacher's own text as training data, generated once (main process) and kept in `cached`."""
-    if dist.is_main and not (resume and cached.is_file()):
+    key = {
+        "teacher_config": _digest(teacher.config.to_dict()),
+        "teacher_sequences": data.teacher_sequences,
+        "seq_len": recipe.seq_len,
+        "seed": recipe.seed,
+    }
+    if dist.is_main and read_checkpoint(cached, key) is None:
         logger.info("the teacher writes %d training sequences of %d tokens", data.teacher_sequences, recipe.seq_len)
         generated = teacher_generated_text(
             teacher.to(dist.device),
@@ -623,12 +717,12 @@ def _teacher_text(
             progress=progress,
         )
         teacher.to("cpu")
-        atomic_save({"input_ids": generated.input_ids, "seq_len": recipe.seq_len}, cached)
+        atomic_save({"key": key, "input_ids": generated.input_ids}, cached)
     dist.barrier()
-    saved = torch.load(cached, weights_only=True)
-    if saved["seq_len"] != recipe.seq_len:
-        raise ConversionError(f"{cached} holds sequences of another --seq-len; pass --no-resume")
-    return PackedData(saved["input_ids"], saved["input_ids"].clone(), "teacher-generated text")
+    input_ids = read_checkpoint(cached, key).get("input_ids")
+    if not isinstance(input_ids, torch.Tensor) or list(input_ids.shape) != [data.teacher_sequences, recipe.seq_len]:
+        raise ConversionError(f"{cached} does not hold the teacher's text; delete it or pass --no-resume")
+    return PackedData(input_ids, input_ids.clone(), "teacher-generated text")
 
 
 def plan_stages(inputs: Inputs, recipe: Recipe, student: BasedForCausalLM, dist: Dist) -> Plan:
@@ -651,32 +745,24 @@ def plan_stages(inputs: Inputs, recipe: Recipe, student: BasedForCausalLM, dist:
     if steps1 and not stage1_parameters(student, config):
         _log(dist, "stage 1 skipped: this recipe has nothing to train in it (Taylor feature maps without a window)")
         steps1 = 0
+    # Every setting that changes a stage's result; the step count only where the schedule depends on it (cosine), so
+    # that a finished constant-rate stage can be continued with more steps.
+    cosine = recipe.lr_schedule == "cosine"
     key1 = {
+        **recipe.settings_of_stage(1),
         "base": inputs.base_name,
         "teacher_config": _digest(inputs.teacher.config.to_dict()),
         "mixers": _digest(config.mixer_types),
-        "window": recipe.window,
-        "feature_map": recipe.feature_map,
-        "hedgehog_dim": recipe.hedgehog_dim,
-        "seq_len": recipe.seq_len,
-        "batch_size": recipe.batch_size,
-        "grad_accum": recipe.grad_accum,
+        "data": data_digest(inputs.train_data),
         "world_size": world1,
-        "data": inputs.data_name,
-        "template": inputs.template,
-        "seed": recipe.seed,
-        "train_sequences": num_sequences,
-        "mse_factor": recipe.mse_factor,
-        "blockwise": recipe.blockwise,
+        **({"stage1_steps": steps1} if cosine else {}),
     }
     key2 = {
         **key1,
+        **recipe.settings_of_stage(2),
         "world_size": dist.world,
         "stage1_steps": steps1,
-        "stage1_lr": recipe.stage1_lr,
-        "lora": _digest([recipe.lora_r, recipe.lora_alpha, recipe.lora_dropout, list(recipe.lora_targets)]),
-        "stage2_loss": recipe.stage2_loss,
-        "fsdp": recipe.fsdp,
+        **({"stage2_steps": steps2} if cosine else {}),
     }
     _log(
         dist,
@@ -716,7 +802,7 @@ def stage1_attention_transfer(
     autocast = autocast_for(dist.device, recipe.precision)
     metrics = {}
     finished = read_checkpoint(checkpoint, key)
-    if finished is not None and finished["done"] and finished["step"] >= steps:  # a rerun after stage 1
+    if finished is not None and finished["done"] and finished["step"] == steps:  # a rerun after stage 1
         student.load_state_dict(finished["model"], strict=False)
         history = finished["history"]
         result = StageResult(
@@ -796,9 +882,11 @@ def save_artifacts(
     dtype: str | torch.dtype | None = "auto",
     evaluation: EvalOptions | None = None,
     started: float | None = None,
+    overwrite: bool = False,
 ) -> ConversionResult:
     """Main process: assemble the converted model from the stage checkpoints, measure it (validation perplexity,
-    lm-eval), and save it with its tokenizer, loss curves, conversion.json and model card. Other processes return
+    lm-eval), and save it with its tokenizer, loss curves, conversion.json and model card: all of it staged and moved
+    into OUT whole (an existing model replaced only with `overwrite`; OUT/checkpoints kept). Other processes return
     a result without a model."""
     from hf_based import __version__
 
@@ -818,64 +906,70 @@ def save_artifacts(
         teacher.to("cpu")
         metrics["val perplexity, converted"] = perplexity(model, inputs.val_data, device, recipe.batch_size, autocast)
     out_dtype = _output_dtype(dtype, teacher)
-    model.to(out_dtype).save_pretrained(out)
-    model.to(torch.float32)
-    inputs.tokenizer.save_pretrained(out)
-    result.model = model
-    if evaluation.tasks:
-        result.teacher_eval_results, result.eval_results = evaluate_pair(
-            teacher,
-            model,
-            inputs.tokenizer,
-            evaluation.tasks,
-            evaluation.data_dir,
-            evaluation.limit,
-            evaluation.batch_size,
-            device,
-            evaluation.teacher_results,
+    with model_directory(out, overwrite, keep=("checkpoints",)) as staging:
+        model.to(out_dtype).save_pretrained(staging)
+        model.to(torch.float32)
+        inputs.tokenizer.save_pretrained(staging)
+        result.model = model
+        if evaluation.tasks:
+            result.teacher_eval_results, result.eval_results = evaluate_pair(
+                teacher,
+                model,
+                inputs.tokenizer,
+                evaluation.tasks,
+                evaluation.data_dir,
+                evaluation.limit,
+                evaluation.batch_size,
+                device,
+                evaluation.teacher_results,
+            )
+        for key, stage in stages.items():
+            if stage.history:
+                write_loss_csv(stage, staging / f"loss_{key}.csv")
+        plot_loss_curves(
+            list(stages.values()), staging / "loss_curves.png", title=f"{inputs.base_name} -> BASED (LoLCATs)"
         )
-    for key, stage in stages.items():
-        if stage.history:
-            write_loss_csv(stage, out / f"loss_{key}.csv")
-    plot_loss_curves(list(stages.values()), out / "loss_curves.png", title=f"{inputs.base_name} -> BASED (LoLCATs)")
-    config, selection = inputs.config, inputs.layer_selection
-    result.info = {
-        "name": out.name,
-        "base_model": inputs.base_name,
-        "hf_based_version": __version__,
-        "recipe": recipe.to_dict(),
-        "layers": {
-            "total": config.num_hidden_layers,
-            "converted": len(converted_layers(config)),
-            "softmax": [i for i, m in enumerate(config.mixer_types) if m == "full_attention"],
-        },
-        "softmax_layers_selected": selection.layers if selection else None,
-        "layer_selection": dataclasses.asdict(selection) if selection else None,
-        "data": inputs.data_name,
-        "template": inputs.template,
-        "train_sequences": len(inputs.train_data),
-        "world_size": dist.world,
-        "device": str(device),
-        "dtype": str(out_dtype).removeprefix("torch."),
-        "stages": {
-            k: {
-                "steps": s.steps,
-                "tokens": s.tokens,
-                "seconds": round(s.seconds, 2),
-                "tokens_per_second": s.tokens_per_second,
-                "steady_tokens_per_second": s.steady_tokens_per_second,
-                "final_loss": s.final_loss(),
-            }
-            for k, s in stages.items()
-        },
-        "metrics": metrics,
-        "eval": result.eval_results,
-        "teacher_eval": result.teacher_eval_results,
-        "eval_limit": evaluation.limit,
-        "seconds": round(time.perf_counter() - started, 1) if started is not None else None,
-    }
-    (out / "conversion.json").write_text(json.dumps(result.info, indent=2, default=str))
-    (out / "README.md").write_text(model_card(result.info))
+        config, selection = inputs.config, inputs.layer_selection
+        result.info = {
+            "name": out.name,
+            "base_model": inputs.base_name,
+            "hf_based_version": __version__,
+            "recipe": recipe.to_dict(),
+            "layers": {
+                "total": config.num_hidden_layers,
+                "converted": len(converted_layers(config)),
+                "softmax": [i for i, m in enumerate(config.mixer_types) if m == "full_attention"],
+            },
+            "softmax_layers_selected": selection.layers if selection else None,
+            "layer_selection": dataclasses.asdict(selection) if selection else None,
+            "data": inputs.data_name,
+            "template": inputs.template,
+            "train_sequences": len(inputs.train_data),
+            "world_size": dist.world,
+            "device": str(device),
+            "dtype": str(out_dtype).removeprefix("torch."),
+            "stages": {
+                k: {
+                    "steps": s.steps,
+                    "tokens": s.tokens,
+                    "seconds": round(s.seconds, 2),
+                    "tokens_per_second": s.tokens_per_second,
+                    "steady_tokens_per_second": s.steady_tokens_per_second,
+                    "final_loss": s.final_loss(),
+                }
+                for k, s in stages.items()
+            },
+            "metrics": metrics,
+            "eval": result.eval_results,
+            "teacher_eval": result.teacher_eval_results,
+            "eval_limit": evaluation.limit,
+            "seconds": round(time.perf_counter() - started, 1) if started is not None else None,
+            "settings": run_settings(
+                plan, out_dtype
+            ),  # what a rerun must match to replace this model without overwrite
+        }
+        (staging / "conversion.json").write_text(json.dumps(result.info, indent=2, default=str))
+        (staging / "README.md").write_text(model_card(result.info))
     logger.info("saved the converted model to %s", out)
     return result
 
@@ -898,6 +992,7 @@ def convert(
     val_sequences: int = DataOptions.val_sequences,
     max_records: int | None = None,
     resume: bool = True,
+    overwrite: bool = False,
     dtype: str | torch.dtype | None = "auto",
     eval_tasks: str | Sequence[str] | None = None,
     eval_data_dir: str | Path | None = None,
@@ -913,20 +1008,22 @@ def convert(
     base_name: how the model card names the teacher (default: BASE or the teacher's name_or_path).
     data: training files/directories/hub datasets, or "teacher" for text the teacher generates
         (`teacher_sequences` chunks of seq_len tokens); with the other data keywords, a `DataOptions`.
-    resume: continue from OUT/checkpoints (False: start over). dtype: of the saved weights ("auto": the teacher's).
+    resume: continue from OUT/checkpoints if their settings match (False: start over, deleting them and, with
+        `overwrite`, a finished model in OUT). overwrite: replace a finished model in OUT; without it, only a rerun
+        with identical settings may save it again. dtype: of the saved weights ("auto": the teacher's).
     eval_tasks: lm-eval tasks to score the teacher and the converted model on (hf_based.eval; `eval_data_dir` for
         local data); `teacher_eval_results` skips the teacher; with the other eval keywords, an `EvalOptions`.
     on_step(stage name, step): called after every optimizer step (tests use it to interrupt a run).
     """
     started = time.perf_counter()
     recipe = recipe or Recipe()
-    recipe.validate()
-    dist = Dist.create()
-    out = prepare_output(out, resume, dist)
-    checkpoints = out / "checkpoints"
     sources = [data] if isinstance(data, (str, Path)) else list(data or [])
     data_options = DataOptions(sources, template, teacher_sequences, val_records, val_sequences, max_records)
-    data_options.check()
+    evaluation = EvalOptions(eval_tasks, eval_data_dir, eval_limit, eval_batch_size, teacher_eval_results)
+    check_options(recipe, data_options, evaluation)
+    dist = Dist.create()
+    out = prepare_output(out, resume, overwrite, dist)
+    checkpoints = out / "checkpoints"
 
     inputs = load_inputs(
         base,
@@ -937,7 +1034,6 @@ def convert(
         teacher=teacher,
         tokenizer=tokenizer,
         base_name=base_name,
-        resume=resume,
         progress=progress,
     )
     recipe = inputs.recipe
@@ -945,6 +1041,8 @@ def convert(
     # block at a time, FSDP shards it from the CPU.
     student = linearize_model(inputs.teacher, recipe, device="cpu")
     plan = plan_stages(inputs, recipe, student, dist)
+    check_rerun(out, run_settings(plan, _output_dtype(dtype, inputs.teacher)), overwrite)
+    check_checkpoints(plan, checkpoints)
     if dist.is_main:
         out.mkdir(parents=True, exist_ok=True)
 
@@ -956,12 +1054,11 @@ def convert(
     if dist.device.type == "cuda":
         torch.cuda.empty_cache()
 
-    evaluation = EvalOptions(eval_tasks, eval_data_dir, eval_limit, eval_batch_size, teacher_eval_results)
     # No barrier after this: the other processes are done, and waiting for the main one's evaluation could outlast
     # the process group's timeout.
-    return save_artifacts(
-        out, inputs, recipe, plan, {"stage1": stage1, "stage2": stage2}, metrics, dist, dtype, evaluation, started
-    )
+    stages = {"stage1": stage1, "stage2": stage2}
+    # check_rerun allowed replacing a model in OUT: --overwrite, or the same settings
+    return save_artifacts(out, inputs, recipe, plan, stages, metrics, dist, dtype, evaluation, started, overwrite=True)
 
 
 def evaluate_pair(teacher, model, tokenizer, tasks, data_dir, limit, batch_size, device, teacher_results=None):

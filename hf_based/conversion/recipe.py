@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from hf_based.errors import ConversionError
@@ -18,6 +18,28 @@ FEATURE_MAPS = ("hedgehog", "taylor")
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 # How `softmax_layers = "STRATEGY:K"` picks its K layers (layer_selection.py); "auto" is the default strategy, kl.
 SELECTION_STRATEGIES = {"auto": "kl", "kl": "kl", "mse": "mse"}
+# Settings that do not change a stage's result (budgets enter resume keys as resolved step counts; a block index only
+# says which block one process trains), and those that stage 2 alone uses.
+NOT_RESULT_SETTINGS = (
+    "epochs",
+    "stage1_steps",
+    "stage1_tokens",
+    "stage2_steps",
+    "stage2_tokens",
+    "checkpoint_every",
+    "block_index",
+    "gradient_checkpointing",
+)
+STAGE2_SETTINGS = (
+    "stage2_lr",
+    "stage2_loss",
+    "distill_temperature",
+    "lora_r",
+    "lora_alpha",
+    "lora_dropout",
+    "lora_targets",
+    "fsdp",
+)
 SOFTMAX_LAYERS_FORMS = "layer indices I,J,... (negative: from the end), or auto:K, kl:K or mse:K with K >= 0"
 
 
@@ -27,6 +49,14 @@ def parse_layer_selection(spec: str) -> tuple[str, int]:
     if strategy not in SELECTION_STRATEGIES or not k.strip().isdigit():
         raise ConversionError(f"softmax_layers={spec!r} is not supported; accepted: {SOFTMAX_LAYERS_FORMS}")
     return SELECTION_STRATEGIES[strategy], int(k)
+
+
+def is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def setting(default, help: str, group: str, **argparse_kwargs):
@@ -113,45 +143,51 @@ class Recipe:
         return parse_layer_selection(self.softmax_layers) if isinstance(self.softmax_layers, str) else None
 
     def validate(self) -> None:
+        """ConversionError naming the first setting that cannot be used, and what is accepted."""
         if isinstance(self.softmax_layers, str):
             parse_layer_selection(self.softmax_layers)
 
-        def positive(name, allow_zero=False, allow_none=False):
+        def check(name: str, ok: Callable[[object], bool], accepted: str) -> None:
             value = getattr(self, name)
-            if value is None and allow_none:
-                return
-            ok = isinstance(value, int) and not isinstance(value, bool) and (value >= 0 if allow_zero else value >= 1)
-            if not ok:
-                lowest = 0 if allow_zero else 1
-                raise ConversionError(f"{name}={value!r} is not supported; accepted: integers >= {lowest}")
+            if not ok(value):
+                raise ConversionError(f"{name}={value!r} is not supported; accepted: {accepted}")
 
         for name in ("window", "hedgehog_dim", "seq_len", "batch_size", "grad_accum", "lora_r", "checkpoint_every"):
-            positive(name)
-        for name in ("stage1_steps", "stage1_tokens", "stage2_steps", "stage2_tokens"):
-            positive(name, allow_zero=True, allow_none=True)
-        positive("blockwise", allow_none=True)
-        positive("block_index", allow_zero=True, allow_none=True)
-        positive("warmup_steps", allow_zero=True)
+            check(name, lambda v: is_int(v) and v >= 1, "integers >= 1")
+        for name in ("stage1_steps", "stage1_tokens", "stage2_steps", "stage2_tokens", "block_index"):
+            check(name, lambda v: v is None or (is_int(v) and v >= 0), "integers >= 0")
+        check("blockwise", lambda v: v is None or (is_int(v) and v >= 1), "integers >= 1")
+        check("warmup_steps", lambda v: is_int(v) and v >= 0, "integers >= 0")
         for f in dataclasses.fields(self):
             choices = f.metadata.get("choices")
-            value = getattr(self, f.name)
-            if choices and value not in choices and not (value is None and f.default is None):
-                raise ConversionError(f"{f.name}={value!r} is not supported; accepted: {', '.join(choices)}")
-        if not 0 < self.window_factor_init < 1:
-            raise ConversionError(
-                f"window_factor_init={self.window_factor_init!r} is not supported; accepted: 0 < value < 1"
-            )
+            if choices:
+                check(
+                    f.name,
+                    lambda v, choices=choices, f=f: v in choices or (v is None and f.default is None),
+                    ", ".join(choices),
+                )
+        check("window_factor_init", lambda v: is_number(v) and 0 < v < 1, "0 < value < 1")
         for name in ("stage1_lr", "stage2_lr", "epochs", "mse_factor", "lora_alpha", "distill_temperature"):
-            value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
-                raise ConversionError(f"{name}={value!r} is not supported; accepted: a number > 0")
-        if not self.lora_targets or any(t not in LORA_TARGETS for t in self.lora_targets):
+            check(name, lambda v: is_number(v) and v > 0, "a number > 0")
+        check("max_grad_norm", lambda v: is_number(v) and v > 0, "a number > 0 (the gradient norm clipped to)")
+        check("weight_decay", lambda v: is_number(v) and v >= 0, "a number >= 0")
+        check("lora_dropout", lambda v: is_number(v) and 0 <= v < 1, "0 <= value < 1")
+        check(
+            "lora_targets", lambda v: v and all(t in LORA_TARGETS for t in v), f"a subset of {', '.join(LORA_TARGETS)}"
+        )
+        if not self.linear_only and self.window >= self.seq_len:
             raise ConversionError(
-                f"lora_targets={list(self.lora_targets)!r} is not supported; "
-                f"accepted: a subset of {', '.join(LORA_TARGETS)}"
+                f"window={self.window} >= seq_len={self.seq_len}: the softmax window covers every training sequence, "
+                "so attention transfer has nothing to learn; accepted: window < seq_len (or linear_only)"
             )
         if self.block_index is not None and self.blockwise is None:
             raise ConversionError("block_index needs blockwise (layers per block)")
+
+    def settings_of_stage(self, stage: int) -> dict:
+        """The settings that change what stage 1 or 2 computes (stage 2's include stage 1's), for resume keys; the
+        budgets enter as step counts, by the caller."""
+        stage2_only = () if stage == 2 else STAGE2_SETTINGS
+        return {k: v for k, v in self.to_dict().items() if k not in NOT_RESULT_SETTINGS + stage2_only}
 
     def schedule(self, stage: int, steps: int) -> Schedule:
         """The optimisation schedule of stage 1 (attention transfer) or 2 (LoRA) over `steps` optimizer steps."""
