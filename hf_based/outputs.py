@@ -32,23 +32,34 @@ def model_directory(out: str | Path, overwrite: bool = False, keep: tuple[str, .
     """Yield a temporary directory to save into; on success its files replace OUT's (an existing model only with
     `overwrite`), on failure it is deleted and OUT stays as it was.
 
-    When OUT holds a model, its files are removed first (a sharded checkpoint's stale index included), except the
-    names in `keep` (e.g. a conversion's resumable checkpoints); other directories keep what they hold.
+    When OUT holds a model, its files make way for the new ones (a sharded checkpoint's stale index included), except
+    the names in `keep` (e.g. a conversion's resumable checkpoints); other directories keep what they hold. The old
+    files are set aside until the new ones are all in place, and put back if moving them in fails.
     """
     out = check_output_directory(out, overwrite)
     replacing = is_model_directory(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.partial-"))
+    previous = staging / ".previous"  # the old model's files while the new ones move in
     try:
         yield staging
         out.mkdir(exist_ok=True)
-        if replacing:
-            (out / LOAD_MARKER).unlink()  # from here on OUT does not load until the new marker is in place
-            for old in out.iterdir():
-                if old.name not in keep:
-                    shutil.rmtree(old) if old.is_dir() and not old.is_symlink() else old.unlink()
         files = sorted(staging.iterdir(), key=lambda path: path.name == LOAD_MARKER)
-        for path in files:
-            os.replace(path, out / path.name)
+        if replacing:
+            previous.mkdir()
+            # The marker first: from here on OUT does not load until the new marker is in place.
+            old = sorted((p for p in out.iterdir() if p.name not in keep), key=lambda p: p.name != LOAD_MARKER)
+            for path in old:
+                os.replace(path, previous / path.name)
+        try:
+            for path in files:
+                os.replace(path, out / path.name)
+        except BaseException:
+            for path in files:
+                (out / path.name).unlink(missing_ok=True)
+            if replacing:
+                for path in sorted(previous.iterdir(), key=lambda p: p.name == LOAD_MARKER):
+                    os.replace(path, out / path.name)
+            raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)

@@ -104,3 +104,11 @@ def test_os_errors_are_one_line_and_debug_shows_the_traceback(tmp_path, capsys, 
     monkeypatch.setenv("HF_BASED_DEBUG", "1")
     with pytest.raises(FileExistsError):
         main(["init", str(out), "--preset", "tiny"])
+
+
+def test_usage_errors_are_one_line(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["init", "out", "--preset", "tiny", "--dtype", "float8"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("hf-based init: error: argument --dtype: invalid choice: 'float8'"), err

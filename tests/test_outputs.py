@@ -1,5 +1,9 @@
 """Model directories are written whole or not at all, and never over a finished model without --overwrite."""
 
+import errno
+import os
+from pathlib import Path
+
 import pytest
 
 from hf_based.errors import UsageError
@@ -60,4 +64,23 @@ def test_a_failure_leaves_the_directory_as_it_was(tmp_path):
             write_model(staging, "new")
             raise RuntimeError("disk full")
     assert [p.name for p in out.iterdir()] == ["notes.txt"]
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_a_failed_move_puts_the_old_model_back(tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    out.mkdir()
+    write_model(out, "old")
+    real_replace = os.replace
+
+    def failing_replace(src, dst):  # the new weights move in, then the disk fails
+        if Path(dst).name == "config.json" and ".partial-" in str(src) and ".previous" not in str(src):
+            raise OSError(errno.ENOSPC, "No space left on device", str(dst))
+        real_replace(src, dst)
+
+    monkeypatch.setattr("hf_based.outputs.os.replace", failing_replace)
+    with pytest.raises(OSError, match="No space"):
+        with model_directory(out, overwrite=True) as staging:
+            write_model(staging, "new")
+    assert (out / "model.safetensors").read_text() == "old" and (out / "config.json").is_file()
     assert [p.name for p in tmp_path.iterdir()] == ["out"]

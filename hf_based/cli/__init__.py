@@ -56,8 +56,15 @@ COMMANDS: dict[str, Command] = {
 }
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse without the usage block on a bad argument: one line on stderr, exit status 2 (a usage error)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="hf-based", description="BASED-family language models for transformers.")
+    parser = OneLineParser(prog="hf-based", description="BASED-family language models for transformers.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument(
         "--debug", action="store_true", help="show the full traceback of an error (or HF_BASED_DEBUG=1)"
