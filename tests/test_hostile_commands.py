@@ -255,6 +255,15 @@ def test_eval_output_on_a_full_disk_keeps_the_old_file(tmp_path, sources, capsys
     assert output.read_text() == "old\n" and not leftovers(tmp_path)
 
 
+def test_eval_output_that_cannot_be_written_fails_before_evaluating(tmp_path, sources, capsys, monkeypatch):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    monkeypatch.setattr("hf_based.cli.eval.evaluate", lambda *args, **kwargs: pytest.fail("evaluated first"))
+    argv = ["eval", str(sources / "model"), "--tasks", "piqa", "--output", str(blocker / "results.json")]
+    fails(capsys, argv, ["(EEXIST)"])
+    assert blocker.read_text() == "" and not leftovers(tmp_path)
+
+
 # ----------------------------------------------------------------------------------------------- mqar, bench
 
 PLOT_ONLY = {

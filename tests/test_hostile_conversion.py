@@ -14,6 +14,7 @@ from transformers import AutoModelForCausalLM
 
 from hf_based.cli import main
 from hf_based.conversion import ConversionError, pipeline
+from hf_based.conversion.blockwise import _dump_directory
 from hf_based.conversion.linearize import AttentionTransfer
 from hf_based.errors import UsageError
 
@@ -196,7 +197,7 @@ class Planted:
         ("layer_selection.pt", ["--softmax-layers", "mse:1"]),
         ("teacher_text.pt", ["--teacher-sequences", "8"]),
         ("stage1_block0.pt", ["--blockwise", "2"]),
-        ("blockwise/hidden_1.pt", ["--blockwise", "2"]),
+        ("blockwise/key.pt", ["--blockwise", "2"]),
     ],
 )
 def test_planted_pickle_is_not_run(workdir, tmp_path, capsys, planted, extra):
@@ -326,3 +327,17 @@ def test_disk_full_in_the_final_save_keeps_the_old_model(workdir, finished, tmp_
     monkeypatch.undo()
     assert_model_intact(out, before)
     assert main(argv(workdir, out)) == 0  # and the same rerun, with space, saves it again
+
+
+def test_hidden_states_of_another_run_are_not_reused(tmp_path):
+    directory = tmp_path / "blockwise"
+    directory.mkdir()
+    torch.save(torch.ones(2), directory / "hidden_1.pt")  # of unknown origin: no key beside it
+    assert _dump_directory(directory, {"seed": 0}) == directory
+    assert sorted(p.name for p in directory.iterdir()) == ["key.pt"]
+    torch.save(torch.ones(2), directory / "hidden_1.pt")
+    _dump_directory(directory, {"seed": 0})  # the same run: kept
+    assert sorted(p.name for p in directory.iterdir()) == ["hidden_1.pt", "key.pt"]
+    _dump_directory(directory, {"seed": 1})  # another run: deleted
+    assert sorted(p.name for p in directory.iterdir()) == ["key.pt"]
+    assert torch.load(directory / "key.pt", weights_only=True) == {"seed": 1}

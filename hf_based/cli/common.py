@@ -65,6 +65,14 @@ def write_text_atomically(path: Path, text: str) -> None:
         raise
 
 
+def check_writable(path: Path) -> None:
+    """Fail now, not after the work, when `path` cannot be written: its folder is made and a file tried in it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    probe = path.with_name(f".{path.name}.{uuid.uuid4().hex}.probe")
+    probe.touch()
+    probe.unlink()
+
+
 def device(name: str | None) -> torch.device:
     """--device: cuda if available, else cpu, by default; a one-line error for an unknown or unavailable device."""
     try:

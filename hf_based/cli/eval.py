@@ -5,8 +5,8 @@ import json
 import math
 from pathlib import Path
 
+from hf_based.cli.common import check_writable, write_text_atomically
 from hf_based.cli.common import device as command_device
-from hf_based.cli.common import write_text_atomically
 from hf_based.errors import UnknownTaskError, UsageError
 from hf_based.eval.lm_eval_tasks import (
     LOCAL_TASKS,
@@ -99,6 +99,8 @@ def run(args: argparse.Namespace) -> None:
         raise UsageError(f"--data-dir {args.data_dir} is not a directory")
     if args.output is not None and Path(args.output).is_dir():
         raise UsageError(f"--output {args.output} is a directory; give a file name")
+    if args.output is not None:
+        check_writable(Path(args.output))
     if args.device is not None:
         command_device(args.device)  # an unknown or unavailable device fails here, before a model loads
     options = dict(

@@ -45,6 +45,7 @@ from hf_based.training import (
     StageResult,
     atomic_save,
     autocast_for,
+    differing_settings,
     load_saved,
     read_checkpoint,
     train,
@@ -93,6 +94,18 @@ def load_hidden_states(path: Path) -> torch.Tensor:
     if not isinstance(hidden, torch.Tensor):
         raise ConversionError(f"{path} does not hold hidden states; delete it or pass --no-resume")
     return hidden
+
+
+def _dump_directory(directory: Path, key: dict) -> Path:
+    """The hidden-state directory for the run with `key`: states dumped by a run with other settings or data (or of
+    unknown origin) are deleted, not reused."""
+    marker = directory / "key.pt"
+    if directory.exists() and (not marker.is_file() or differing_settings(key, load_saved(marker))):
+        shutil.rmtree(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    if not marker.is_file():
+        atomic_save(key, marker)
+    return directory
 
 
 def _dump_hidden_states(tensors, config, blocks, input_ids, directory: Path, batch_size, device, dtype, autocast):
@@ -151,7 +164,7 @@ def run_blockwise_stage1(
             config,
             blocks,
             train_data.input_ids[used],
-            directory,
+            _dump_directory(directory, key),
             recipe.batch_size,
             dist.device,
             storage,
