@@ -233,6 +233,30 @@ def test_resume_with_other_settings_is_refused(workdir, interrupted, tmp_path, c
     assert (out / "checkpoints" / "stage1.pt").read_bytes() == checkpoint and not (out / "config.json").exists()
 
 
+def test_resume_on_rewritten_teacher_weights_is_refused(workdir, tmp_path, capsys):
+    """The teacher is identified by its weights too: a checkpoint rewritten at the same path is not resumed on."""
+    teacher_dir = tmp_path / "teacher"
+    shutil.copytree(workdir / "teacher", teacher_dir)
+
+    def stop(name, step):
+        if step == 3:
+            raise KeyboardInterrupt
+
+    recipe = tiny_recipe(stage1_steps=4)
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.convert(
+            str(teacher_dir), tmp_path / "out", recipe, data=str(workdir / "alpaca.json"), val_records=40,
+            val_sequences=2, progress=False, on_step=stop,
+        )  # fmt: skip
+    teacher = AutoModelForCausalLM.from_pretrained(teacher_dir)
+    with torch.no_grad():
+        teacher.model.layers[0].mlp.down_proj.weight.mul_(1.5)
+    teacher.save_pretrained(teacher_dir)
+    args = argv(workdir, tmp_path / "out")
+    args[1] = str(teacher_dir)
+    fails(args, capsys, r"different settings: .*teacher_weights \(")
+
+
 def test_resume_on_rewritten_data_is_refused(workdir, tmp_path, capsys):
     """The data is identified by its content: a file rewritten at the same path is not resumed on."""
     data = tmp_path / "data.json"

@@ -134,6 +134,19 @@ def data_digest(data: PackedData) -> str:
     return digest.hexdigest()[:16]
 
 
+def weights_digest(model: torch.nn.Module, samples: int = 4096) -> str:
+    """The model's weights by content: each tensor's name, shape and dtype and up to `samples` evenly spaced values.
+    A sample, not every byte, so that an 8B teacher is fingerprinted in moments; any retraining or other checkpoint
+    changes the sampled values too."""
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        flat = tensor.detach().flatten()
+        picked = flat[:: max(1, flat.numel() // samples)][:samples]
+        digest.update(f"{name}{tuple(tensor.shape)}{tensor.dtype}".encode())
+        digest.update(picked.to("cpu", torch.float64).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
 # --- stage 1 --------------------------------------------------------------------------------------------------------
 
 
@@ -752,6 +765,7 @@ def plan_stages(inputs: Inputs, recipe: Recipe, student: BasedForCausalLM, dist:
         **recipe.settings_of_stage(1),
         "base": inputs.base_name,
         "teacher_config": _digest(inputs.teacher.config.to_dict()),
+        "teacher_weights": weights_digest(inputs.teacher),
         "mixers": _digest(config.mixer_types),
         "data": data_digest(inputs.train_data),
         "world_size": world1,
