@@ -86,7 +86,8 @@ def hybrid_state_fwd_kernel(
         if STORE_STATES:
             chunk = (i_bh.to(tl.int64) * NQ + m) * F * Dv
             tl.store(HS + chunk + f[:, None] * Dv + e[None, :], kv.to(HS.dtype.element_ty), mask=state_mask & (m >= 0))
-            tl.store(ZS + (i_bh.to(tl.int64) * NQ + m) * F + f, z, mask=(f < F) & (m >= 0) & (i_v == 0))
+            if i_v == 0:
+                tl.store(ZS + (i_bh.to(tl.int64) * NQ + m) * F + f, z, mask=(f < F) & (m >= 0))
         j = b0 + m * BT + tl.arange(0, BT)
         fold = (j >= 0) & (j < fold_end)
         if HAS_MASK:
@@ -97,7 +98,8 @@ def hybrid_state_fwd_kernel(
         z += tl.sum(kf.to(tl.float32), 1)
     if STORE_FINAL_STATE:
         tl.store(HT + state, kv, mask=state_mask)
-        tl.store(ZT + i_bh.to(tl.int64) * F + f, z, mask=(f < F) & (i_v == 0))
+        if i_v == 0:
+            tl.store(ZT + i_bh.to(tl.int64) * F + f, z, mask=f < F)
 
 
 @triton.jit
@@ -208,7 +210,8 @@ def hybrid_state_bwd_kernel(
         m = NQ - 1 - t
         chunk = i_bh.to(tl.int64) * (NQ + 1) + m + 1
         tl.store(DHS + chunk * F * Dv + f[:, None] * Dv + e[None, :], dh.to(DHS.dtype.element_ty), mask=state_mask)
-        tl.store(DZS + chunk * F + f, dz, mask=(f < F) & (i_v == 0))
+        if i_v == 0:
+            tl.store(DZS + chunk * F + f, dz, mask=f < F)
         i = m * BT + tl.arange(0, BT)
         real = (i >= 0) & (i < Tq)
         qf = tl.load(QF + i[None, :] * stride_qft + f[:, None], mask=real[None, :] & (f[:, None] < F), other=0.0)
@@ -219,7 +222,8 @@ def hybrid_state_bwd_kernel(
         dz += tl.sum(qf.to(tl.float32) * (rden * delta)[None, :], 1)
     if STORE_INITIAL_STATE_GRAD:  # d kv0 = all queries' sum, d z0 = -(its dz)
         tl.store(DH0 + i_bh.to(tl.int64) * F * Dv + f[:, None] * Dv + e[None, :], dh, mask=state_mask)
-        tl.store(DZ0 + i_bh.to(tl.int64) * F + f, -dz, mask=(f < F) & (i_v == 0))
+        if i_v == 0:
+            tl.store(DZ0 + i_bh.to(tl.int64) * F + f, -dz, mask=f < F)
 
 
 @triton.jit
@@ -479,13 +483,18 @@ def hybrid_decode_kernel(
         acc += tl.sum(qf[:, None] * kv, 0)
         l_i += tl.sum(qf * z, 0)
         if STORE_FINAL_STATE:
-            fold = (older >= 0) & (f < F)
+            # key `older` as a [BK] and a [BV] block, so that every mask is built from blocks (in Triton 3.9's
+            # interpreter a scalar condition broadcast into a mask is int32, not boolean)
+            j_k = older + tl.zeros([BK], dtype=tl.int32)
+            j_v = older + tl.zeros([BV], dtype=tl.int32)
+            fold = (j_k >= 0) & (f < F)
             if HAS_MASK:
-                fold = fold & (tl.load(M + older, mask=older >= 0, other=0) != 0)
+                fold = fold & load_key_mask(M, j_k, Tk)
             kf = tl.load(KF + older * stride_kft + f, mask=fold, other=0.0).to(tl.float32)
-            v = tl.load(V + older * stride_vt + e, mask=(older >= 0) & (e < Dv), other=0.0).to(tl.float32)
+            v = tl.load(V + older * stride_vt + e, mask=(j_v >= 0) & (e < Dv), other=0.0).to(tl.float32)
             tl.store(HT + state, kv + kf[:, None] * v[None, :], mask=state_mask)
-            tl.store(ZT + i_bh.to(tl.int64) * F + f, z + kf, mask=(f < F) & (i_v == 0))
+            if i_v == 0:
+                tl.store(ZT + i_bh.to(tl.int64) * F + f, z + kf, mask=f < F)
     o = acc / tl.maximum(l_i, TINY)
     tl.store(O + i_b * stride_ob + i_h * stride_oh + e, o.to(O.dtype.element_ty), mask=e < Dv)
 

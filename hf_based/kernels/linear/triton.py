@@ -10,6 +10,8 @@ The backward runs the same two passes in reverse over (q, [g, gd]), g_t = do_t /
 whose suffix sums are the state gradients, then `linear_attention_bwd_dqk_kernel` and `linear_attention_bwd_dv_kernel`
 per chunk. The states are fp32, except bf16 inputs' per-chunk states (bf16: they are read and written four times,
 so they set the speed; the running sums stay fp32 in registers).
+Tiles are addressed by explicit pointers, masked (zero-padded) past T, F and Dv; a chunk's row indices o_t are int64,
+since a row index times the row stride can pass 2^31 in long sequences.
 """
 
 import torch
@@ -42,28 +44,30 @@ def linear_attention_moments_kernel(
     i_kv, i_t, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_k, i_v = i_kv // tl.cdiv(DV, BV), i_kv % tl.cdiv(DV, BV)
     i_b, i_h = (i_bh // H).to(tl.int64), (i_bh % H).to(tl.int64)
-    o_t = i_t * BT + tl.arange(0, BT)
+    o_t = i_t.to(tl.int64) * BT + tl.arange(0, BT)
+    o_k = i_k * BK + tl.arange(0, BK)
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_t, m_k, m_v = o_t < T, o_k < F, o_v < DV
 
-    p_x = tl.make_block_ptr(x + i_b * s_xb + i_h * s_xh, (T, F), (s_xt, 1), (i_t * BT, i_k * BK), (BT, BK), (1, 0))
-    p_y = tl.make_block_ptr(y + i_b * s_yb + i_h * s_yh, (T, DV), (s_yt, 1), (i_t * BT, i_v * BV), (BT, BV), (1, 0))
+    p_x = x + i_b * s_xb + i_h * s_xh + o_t[:, None] * s_xt + o_k[None, :]
+    p_y = y + i_b * s_yb + i_h * s_yh + o_t[:, None] * s_yt + o_v[None, :]
     # [BT, BK]
-    b_x = tl.load(p_x, boundary_check=(0, 1), padding_option="zero")
+    b_x = tl.load(p_x, mask=m_t[:, None] & m_k[None, :], other=0)
     # [BT, BV]
-    b_y = tl.load(p_y, boundary_check=(0, 1), padding_option="zero")
+    b_y = tl.load(p_y, mask=m_t[:, None] & m_v[None, :], other=0)
     if HAS_R:
-        b_r = tl.load(r + i_b * s_rb + i_h * s_rh + o_t, mask=o_t < T, other=0)
+        b_r = tl.load(r + i_b * s_rb + i_h * s_rh + o_t, mask=m_t, other=0)
         b_y = (b_y * b_r[:, None]).to(b_x.dtype)
     # [BK, BV]
     b_h = tl.dot(tl.trans(b_x), b_y, input_precision=DOT_PRECISION)
     i_c = i_bh.to(tl.int64) * NT + i_t
-    p_h = tl.make_block_ptr(h + i_c * F * DV, (F, DV), (DV, 1), (i_k * BK, i_v * BV), (BK, BV), (1, 0))
-    tl.store(p_h, b_h.to(p_h.dtype.element_ty), boundary_check=(0, 1))
+    p_h = h + i_c * F * DV + o_k[:, None] * DV + o_v[None, :]
+    tl.store(p_h, b_h.to(h.dtype.element_ty), mask=m_k[:, None] & m_v[None, :])
     if i_v == 0:
         b_cx = b_x.to(tl.float32)
         if HAS_C:
-            b_cx *= tl.load(c + i_b * s_rb + i_h * s_rh + o_t, mask=o_t < T, other=0)[:, None]
-        o_k = i_k * BK + tl.arange(0, BK)
-        tl.store(z + i_c * F + o_k, tl.sum(b_cx, 0), mask=o_k < F)
+            b_cx *= tl.load(c + i_b * s_rb + i_h * s_rh + o_t, mask=m_t, other=0)[:, None]
+        tl.store(z + i_c * F + o_k, tl.sum(b_cx, 0), mask=m_k)
 
 
 @triton.jit
@@ -106,39 +110,43 @@ def linear_attention_fwd_kernel(
     i_v, i_t, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b, i_h = (i_bh // H).to(tl.int64), (i_bh % H).to(tl.int64)
     i_c = i_bh.to(tl.int64) * NT + i_t
-    o_t = i_t * BT + tl.arange(0, BT)
+    o_t = i_t.to(tl.int64) * BT + tl.arange(0, BT)
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_t, m_v = o_t < T, o_v < DV
 
     b_o = tl.zeros([BT, BV], dtype=tl.float32)
     b_A = tl.zeros([BT, BT], dtype=tl.float32)
     b_den = tl.zeros([BT], dtype=tl.float32)
     for i_k in range(tl.cdiv(F, BK)):
-        p_q = tl.make_block_ptr(q + i_b * s_qb + i_h * s_qh, (T, F), (s_qt, 1), (i_t * BT, i_k * BK), (BT, BK), (1, 0))
-        p_k = tl.make_block_ptr(k + i_b * s_kb + i_h * s_kh, (T, F), (s_kt, 1), (i_t * BT, i_k * BK), (BT, BK), (1, 0))
-        p_h = tl.make_block_ptr(h + i_c * F * DV, (F, DV), (DV, 1), (i_k * BK, i_v * BV), (BK, BV), (1, 0))
         o_k = i_k * BK + tl.arange(0, BK)
+        m_k = o_k < F
+        p_q = q + i_b * s_qb + i_h * s_qh + o_t[:, None] * s_qt + o_k[None, :]
+        p_k = k + i_b * s_kb + i_h * s_kh + o_t[:, None] * s_kt + o_k[None, :]
+        p_h = h + i_c * F * DV + o_k[:, None] * DV + o_v[None, :]
         # [BT, BK]
-        b_q = tl.load(p_q, boundary_check=(0, 1), padding_option="zero")
-        b_k = tl.load(p_k, boundary_check=(0, 1), padding_option="zero")
+        b_q = tl.load(p_q, mask=m_t[:, None] & m_k[None, :], other=0)
+        b_k = tl.load(p_k, mask=m_t[:, None] & m_k[None, :], other=0)
         # [BK, BV]
-        b_h = tl.load(p_h, boundary_check=(0, 1), padding_option="zero")
+        b_h = tl.load(p_h, mask=m_k[:, None] & m_v[None, :], other=0)
         # [BK]
-        b_z = tl.load(z + i_c * F + o_k, mask=o_k < F, other=0)
+        b_z = tl.load(z + i_c * F + o_k, mask=m_k, other=0)
         b_A = tl.dot(b_q, tl.trans(b_k), b_A, input_precision=DOT_PRECISION)
         b_o = tl.dot(b_q.to(b_h.dtype), b_h, b_o, input_precision=DOT_PRECISION)
         b_den += tl.sum(b_q.to(tl.float32) * b_z[None, :], 1)
     if HAS_MASK:  # padded keys drop out of the intra-chunk part; the states never had them
-        b_A *= tl.load(m + i_b * s_mb + o_t, mask=o_t < T, other=0)[None, :]
+        b_A *= tl.load(m + i_b * s_mb + o_t, mask=m_t, other=0)[None, :]
     b_A = tl.where(o_t[:, None] >= o_t[None, :], b_A, 0)
     b_den += tl.sum(b_A, 1)
-    p_v = tl.make_block_ptr(v + i_b * s_vb + i_h * s_vh, (T, DV), (s_vt, 1), (i_t * BT, i_v * BV), (BT, BV), (1, 0))
+    m_tv = m_t[:, None] & m_v[None, :]
+    p_v = v + i_b * s_vb + i_h * s_vh + o_t[:, None] * s_vt + o_v[None, :]
     # [BT, BV]
-    b_v = tl.load(p_v, boundary_check=(0, 1), padding_option="zero")
+    b_v = tl.load(p_v, mask=m_tv, other=0)
     b_o = tl.dot(b_A.to(b_v.dtype), b_v, b_o, input_precision=DOT_PRECISION)
     b_r = 1 / (b_den + eps)
-    p_o = tl.make_block_ptr(o + i_b * s_ob + i_h * s_oh, (T, DV), (s_ot, 1), (i_t * BT, i_v * BV), (BT, BV), (1, 0))
-    tl.store(p_o, (b_o * b_r[:, None]).to(p_o.dtype.element_ty), boundary_check=(0, 1))
+    p_o = o + i_b * s_ob + i_h * s_oh + o_t[:, None] * s_ot + o_v[None, :]
+    tl.store(p_o, (b_o * b_r[:, None]).to(o.dtype.element_ty), mask=m_tv)
     if i_v == 0:  # 1 / den: the backward's g = do / den
-        tl.store(rden + i_bh.to(tl.int64) * T + o_t, b_r, mask=o_t < T)
+        tl.store(rden + i_bh.to(tl.int64) * T + o_t, b_r, mask=m_t)
 
 
 @triton.jit
@@ -151,19 +159,21 @@ def linear_attention_bwd_prepare_kernel(
     """gd_t = -(do_t . o_t) / den_t, the gradient of the denominator."""
     i_t, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = (i_bh // H).to(tl.int64), (i_bh % H).to(tl.int64)
-    o_t = i_t * BT + tl.arange(0, BT)
+    o_t = i_t.to(tl.int64) * BT + tl.arange(0, BT)
+    m_t = o_t < T
     b_s = tl.zeros([BT], dtype=tl.float32)
     for i_v in range(tl.cdiv(DV, BV)):
-        p_o = tl.make_block_ptr(o + i_b * s_ob + i_h * s_oh, (T, DV), (s_ot, 1), (i_t * BT, i_v * BV), (BT, BV), (1, 0))
-        p_do = tl.make_block_ptr(
-            do + i_b * s_db + i_h * s_dh, (T, DV), (s_dt, 1), (i_t * BT, i_v * BV), (BT, BV), (1, 0)
-        )
-        b_o = tl.load(p_o, boundary_check=(0, 1), padding_option="zero").to(tl.float32)
-        b_do = tl.load(p_do, boundary_check=(0, 1), padding_option="zero").to(tl.float32)
+        o_v = i_v * BV + tl.arange(0, BV)
+        m_tv = m_t[:, None] & (o_v < DV)[None, :]
+        p_o = o + i_b * s_ob + i_h * s_oh + o_t[:, None] * s_ot + o_v[None, :]
+        p_do = do + i_b * s_db + i_h * s_dh + o_t[:, None] * s_dt + o_v[None, :]
+        # [BT, BV]
+        b_o = tl.load(p_o, mask=m_tv, other=0).to(tl.float32)
+        b_do = tl.load(p_do, mask=m_tv, other=0).to(tl.float32)
         b_s += tl.sum(b_o * b_do, 1)
     p_r = i_bh.to(tl.int64) * T + o_t
-    b_r = tl.load(rden + p_r, mask=o_t < T, other=0)
-    tl.store(gd + p_r, -b_s * b_r, mask=o_t < T)
+    b_r = tl.load(rden + p_r, mask=m_t, other=0)
+    tl.store(gd + p_r, -b_s * b_r, mask=m_t)
 
 
 @triton.jit
@@ -178,53 +188,55 @@ def linear_attention_bwd_dqk_kernel(
     i_k, i_t, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b, i_h = (i_bh // H).to(tl.int64), (i_bh % H).to(tl.int64)
     i_c = i_bh.to(tl.int64) * NT + i_t
-    o_t = i_t * BT + tl.arange(0, BT)
+    o_t = i_t.to(tl.int64) * BT + tl.arange(0, BT)
     o_k = i_k * BK + tl.arange(0, BK)
+    m_t, m_k = o_t < T, o_k < F
+    m_tk = m_t[:, None] & m_k[None, :]
 
-    p_q = tl.make_block_ptr(q + i_b * s_qb + i_h * s_qh, (T, F), (s_qt, 1), (i_t * BT, i_k * BK), (BT, BK), (1, 0))
-    p_k = tl.make_block_ptr(k + i_b * s_kb + i_h * s_kh, (T, F), (s_kt, 1), (i_t * BT, i_k * BK), (BT, BK), (1, 0))
+    p_q = q + i_b * s_qb + i_h * s_qh + o_t[:, None] * s_qt + o_k[None, :]
+    p_k = k + i_b * s_kb + i_h * s_kh + o_t[:, None] * s_kt + o_k[None, :]
     # [BT, BK]
-    b_q = tl.load(p_q, boundary_check=(0, 1), padding_option="zero")
-    b_k = tl.load(p_k, boundary_check=(0, 1), padding_option="zero")
+    b_q = tl.load(p_q, mask=m_tk, other=0)
+    b_k = tl.load(p_k, mask=m_tk, other=0)
     # [BT]
-    b_r = tl.load(rden + i_bh.to(tl.int64) * T + o_t, mask=o_t < T, other=0)
-    b_gd = tl.load(gd + i_bh.to(tl.int64) * T + o_t, mask=o_t < T, other=0)
+    b_r = tl.load(rden + i_bh.to(tl.int64) * T + o_t, mask=m_t, other=0)
+    b_gd = tl.load(gd + i_bh.to(tl.int64) * T + o_t, mask=m_t, other=0)
     if HAS_MASK:
-        b_m = tl.load(m + i_b * s_mb + o_t, mask=o_t < T, other=0)
+        b_m = tl.load(m + i_b * s_mb + o_t, mask=m_t, other=0)
         b_k = (b_k * b_m[:, None]).to(b_q.dtype)
 
     b_dA = tl.zeros([BT, BT], dtype=tl.float32)
     b_dq = tl.zeros([BT, BK], dtype=tl.float32)
     b_dk = tl.zeros([BT, BK], dtype=tl.float32)
     for i_v in range(tl.cdiv(DV, BV)):
-        p_v = tl.make_block_ptr(v + i_b * s_vb + i_h * s_vh, (T, DV), (s_vt, 1), (i_t * BT, i_v * BV), (BT, BV), (1, 0))
-        p_do = tl.make_block_ptr(
-            do + i_b * s_db + i_h * s_dh, (T, DV), (s_dt, 1), (i_t * BT, i_v * BV), (BT, BV), (1, 0)
-        )
-        p_h = tl.make_block_ptr(h + i_c * F * DV, (F, DV), (DV, 1), (i_k * BK, i_v * BV), (BK, BV), (1, 0))
-        p_dh = tl.make_block_ptr(dh + i_c * F * DV, (F, DV), (DV, 1), (i_k * BK, i_v * BV), (BK, BV), (1, 0))
+        o_v = i_v * BV + tl.arange(0, BV)
+        m_v = o_v < DV
+        m_tv, m_kv = m_t[:, None] & m_v[None, :], m_k[:, None] & m_v[None, :]
+        p_v = v + i_b * s_vb + i_h * s_vh + o_t[:, None] * s_vt + o_v[None, :]
+        p_do = do + i_b * s_db + i_h * s_dh + o_t[:, None] * s_dt + o_v[None, :]
+        p_h = h + i_c * F * DV + o_k[:, None] * DV + o_v[None, :]
+        p_dh = dh + i_c * F * DV + o_k[:, None] * DV + o_v[None, :]
         # [BT, BV]
-        b_v = tl.load(p_v, boundary_check=(0, 1), padding_option="zero")
-        b_g = (tl.load(p_do, boundary_check=(0, 1), padding_option="zero") * b_r[:, None]).to(b_v.dtype)
+        b_v = tl.load(p_v, mask=m_tv, other=0)
+        b_g = (tl.load(p_do, mask=m_tv, other=0) * b_r[:, None]).to(b_v.dtype)
         # [BK, BV]
-        b_h = tl.load(p_h, boundary_check=(0, 1), padding_option="zero")
-        b_dh = tl.load(p_dh, boundary_check=(0, 1), padding_option="zero")
+        b_h = tl.load(p_h, mask=m_kv, other=0)
+        b_dh = tl.load(p_dh, mask=m_kv, other=0)
         b_dA = tl.dot(b_g, tl.trans(b_v), b_dA, input_precision=DOT_PRECISION)
         b_dq = tl.dot(b_g.to(b_h.dtype), tl.trans(b_h), b_dq, input_precision=DOT_PRECISION)
         b_dk = tl.dot(b_v.to(b_dh.dtype), tl.trans(b_dh), b_dk, input_precision=DOT_PRECISION)
     b_dA = tl.where(o_t[:, None] >= o_t[None, :], b_dA + b_gd[:, None], 0).to(b_q.dtype)
     # [BK]
-    b_z = tl.load(z + i_c * F + o_k, mask=o_k < F, other=0)
-    b_dz = tl.load(dz + i_c * F + o_k, mask=o_k < F, other=0)
+    b_z = tl.load(z + i_c * F + o_k, mask=m_k, other=0)
+    b_dz = tl.load(dz + i_c * F + o_k, mask=m_k, other=0)
     b_dq = tl.dot(b_dA, b_k, b_dq, input_precision=DOT_PRECISION) + b_gd[:, None] * b_z[None, :]
     b_dk = tl.dot(tl.trans(b_dA), b_q, b_dk, input_precision=DOT_PRECISION) + b_dz[None, :]
     if HAS_MASK:
         b_dk *= b_m[:, None]
     # dq and dk share one (contiguous) layout
-    p_dq = tl.make_block_ptr(dq + i_b * s_gb + i_h * s_gh, (T, F), (s_gt, 1), (i_t * BT, i_k * BK), (BT, BK), (1, 0))
-    p_dk = tl.make_block_ptr(dk + i_b * s_gb + i_h * s_gh, (T, F), (s_gt, 1), (i_t * BT, i_k * BK), (BT, BK), (1, 0))
-    tl.store(p_dq, b_dq.to(p_dq.dtype.element_ty), boundary_check=(0, 1))
-    tl.store(p_dk, b_dk.to(p_dk.dtype.element_ty), boundary_check=(0, 1))
+    p_g = i_b * s_gb + i_h * s_gh + o_t[:, None] * s_gt + o_k[None, :]
+    tl.store(dq + p_g, b_dq.to(dq.dtype.element_ty), mask=m_tk)
+    tl.store(dk + p_g, b_dk.to(dk.dtype.element_ty), mask=m_tk)
 
 
 @triton.jit
@@ -239,33 +251,38 @@ def linear_attention_bwd_dv_kernel(
     i_v, i_t, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b, i_h = (i_bh // H).to(tl.int64), (i_bh % H).to(tl.int64)
     i_c = i_bh.to(tl.int64) * NT + i_t
-    o_t = i_t * BT + tl.arange(0, BT)
+    o_t = i_t.to(tl.int64) * BT + tl.arange(0, BT)
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_t, m_v = o_t < T, o_v < DV
 
     # [BT, BT], A^T: rows are keys
     b_At = tl.zeros([BT, BT], dtype=tl.float32)
     b_dv = tl.zeros([BT, BV], dtype=tl.float32)
     for i_k in range(tl.cdiv(F, BK)):
-        p_q = tl.make_block_ptr(q + i_b * s_qb + i_h * s_qh, (T, F), (s_qt, 1), (i_t * BT, i_k * BK), (BT, BK), (1, 0))
-        p_k = tl.make_block_ptr(k + i_b * s_kb + i_h * s_kh, (T, F), (s_kt, 1), (i_t * BT, i_k * BK), (BT, BK), (1, 0))
-        p_dh = tl.make_block_ptr(dh + i_c * F * DV, (F, DV), (DV, 1), (i_k * BK, i_v * BV), (BK, BV), (1, 0))
+        o_k = i_k * BK + tl.arange(0, BK)
+        m_k = o_k < F
+        p_q = q + i_b * s_qb + i_h * s_qh + o_t[:, None] * s_qt + o_k[None, :]
+        p_k = k + i_b * s_kb + i_h * s_kh + o_t[:, None] * s_kt + o_k[None, :]
+        p_dh = dh + i_c * F * DV + o_k[:, None] * DV + o_v[None, :]
         # [BT, BK]
-        b_q = tl.load(p_q, boundary_check=(0, 1), padding_option="zero")
-        b_k = tl.load(p_k, boundary_check=(0, 1), padding_option="zero")
+        b_q = tl.load(p_q, mask=m_t[:, None] & m_k[None, :], other=0)
+        b_k = tl.load(p_k, mask=m_t[:, None] & m_k[None, :], other=0)
         # [BK, BV]
-        b_dh = tl.load(p_dh, boundary_check=(0, 1), padding_option="zero")
+        b_dh = tl.load(p_dh, mask=m_k[:, None] & m_v[None, :], other=0)
         b_At = tl.dot(b_k, tl.trans(b_q), b_At, input_precision=DOT_PRECISION)
         b_dv = tl.dot(b_k.to(b_dh.dtype), b_dh, b_dv, input_precision=DOT_PRECISION)
     b_At = tl.where(o_t[:, None] <= o_t[None, :], b_At, 0)
-    p_do = tl.make_block_ptr(do + i_b * s_db + i_h * s_dh, (T, DV), (s_dt, 1), (i_t * BT, i_v * BV), (BT, BV), (1, 0))
-    b_r = tl.load(rden + i_bh.to(tl.int64) * T + o_t, mask=o_t < T, other=0)
+    m_tv = m_t[:, None] & m_v[None, :]
+    p_do = do + i_b * s_db + i_h * s_dh + o_t[:, None] * s_dt + o_v[None, :]
+    b_r = tl.load(rden + i_bh.to(tl.int64) * T + o_t, mask=m_t, other=0)
     # [BT, BV]
-    b_do = tl.load(p_do, boundary_check=(0, 1), padding_option="zero")
+    b_do = tl.load(p_do, mask=m_tv, other=0)
     b_g = (b_do * b_r[:, None]).to(b_do.dtype)
     b_dv = tl.dot(b_At.to(b_g.dtype), b_g, b_dv, input_precision=DOT_PRECISION)
     if HAS_MASK:  # k_j enters dv_j through m_j k_j
-        b_dv *= tl.load(m + i_b * s_mb + o_t, mask=o_t < T, other=0)[:, None]
-    p_dv = tl.make_block_ptr(dv + i_b * s_vb + i_h * s_vh, (T, DV), (s_vt, 1), (i_t * BT, i_v * BV), (BT, BV), (1, 0))
-    tl.store(p_dv, b_dv.to(p_dv.dtype.element_ty), boundary_check=(0, 1))
+        b_dv *= tl.load(m + i_b * s_mb + o_t, mask=m_t, other=0)[:, None]
+    p_dv = dv + i_b * s_vb + i_h * s_vh + o_t[:, None] * s_vt + o_v[None, :]
+    tl.store(p_dv, b_dv.to(dv.dtype.element_ty), mask=m_tv)
 
 
 @triton.jit
