@@ -1,16 +1,33 @@
-"""Writing a model directory so that it is never half-written: files go to a temporary directory beside OUT and are
-moved in when all of them exist, `config.json` last, since a directory without it does not load as a model."""
+"""Writing outputs so that they are never half-written. A file goes to a temporary file beside it and is renamed into
+place; a model directory goes to a temporary directory beside OUT and its files are moved in when all of them exist,
+`config.json` last, since a directory without it does not load as a model."""
 
+import contextlib
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+import uuid
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from hf_based.errors import UsageError
 
 LOAD_MARKER = "config.json"
+
+
+def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """`write(temporary)`, then rename the temporary file to `path`: a failure (a full disk, ...) leaves the old file
+    (or none), never a truncated one, and removes the temporary file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}.partial")
+    try:
+        write(temporary)
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(OSError):  # the original error is the one to report
+            temporary.unlink(missing_ok=True)
+        raise
 
 
 def is_model_directory(path: Path) -> bool:

@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from hf_based.errors import ConversionError, NonFiniteLossError
+from hf_based.outputs import atomic_write
 from hf_based.utils import pyplot
 
 logger = logging.getLogger(__name__)
@@ -119,16 +120,8 @@ DIVERGENCE_FACTOR = 2.0
 
 
 def atomic_save(obj, path: Path) -> None:
-    """torch.save to a temporary file renamed to `path`; on failure (disk full, ...) the temporary file is removed."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)
-        raise
+    """torch.save through a temporary file renamed to `path` (`outputs.atomic_write`)."""
+    atomic_write(path, lambda temporary: torch.save(obj, temporary))
 
 
 def load_saved(path: Path, mmap: bool = False):

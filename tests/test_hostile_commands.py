@@ -249,7 +249,7 @@ def test_eval_output_on_a_full_disk_keeps_the_old_file(tmp_path, sources, capsys
     output = tmp_path / "results.json"
     output.write_text("old\n")
     monkeypatch.setattr("hf_based.cli.eval.evaluate", lambda *args, **kwargs: {"piqa": {"acc": 0.5}})
-    monkeypatch.setattr("hf_based.cli.common.os.replace", disk_full)
+    monkeypatch.setattr("hf_based.outputs.os.replace", disk_full)
     argv = ["eval", str(sources / "model"), "--tasks", "piqa", "--output", str(output)]
     fails(capsys, argv, ["(ENOSPC)"])
     assert output.read_text() == "old\n" and not leftovers(tmp_path)

@@ -2,7 +2,6 @@
 
 import argparse
 import json
-import os
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -50,19 +49,6 @@ def redraw(results: Path, draw: Callable[[dict], None], command: str) -> None:
             f"--plot-only: {results} is not a results.json of hf-based {command} ({type(error).__name__}: {error}); "
             f"rerun hf-based {command} to write it again"
         ) from error
-
-
-def write_text_atomically(path: Path, text: str) -> None:
-    """Write `path` through a temporary file beside it, so that a full disk leaves the old file (or none), never a
-    truncated one; the temporary file is removed on failure."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex}.partial")
-    try:
-        temporary.write_text(text)
-        os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
 
 
 def check_writable(path: Path) -> None:

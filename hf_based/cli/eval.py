@@ -5,7 +5,7 @@ import json
 import math
 from pathlib import Path
 
-from hf_based.cli.common import check_writable, write_text_atomically
+from hf_based.cli.common import check_writable
 from hf_based.cli.common import device as command_device
 from hf_based.errors import UnknownTaskError, UsageError
 from hf_based.eval.lm_eval_tasks import (
@@ -16,6 +16,7 @@ from hf_based.eval.lm_eval_tasks import (
     format_results,
     split_tasks,
 )
+from hf_based.outputs import atomic_write
 from hf_based.utils import DTYPES
 
 
@@ -136,5 +137,5 @@ def run(args: argparse.Namespace) -> None:
             "tasks": tasks,
             **{key: options[key] for key in ("data_dir", "limit", "batch_size", "num_fewshot", "metadata")},
         }
-        write_text_atomically(Path(args.output), json.dumps(report, indent=2) + "\n")
+        atomic_write(Path(args.output), lambda temporary: temporary.write_text(json.dumps(report, indent=2) + "\n"))
         print(f"results -> {args.output}")

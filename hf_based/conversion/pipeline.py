@@ -39,6 +39,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hf_based import __version__
+from hf_based.conversion.blockwise import run_blockwise_stage1
 from hf_based.conversion.data import (
     IGNORE_INDEX,
     PackedData,
@@ -67,7 +69,9 @@ from hf_based.conversion.linearize import (
     stage1_parameters,
 )
 from hf_based.conversion.recipe import Recipe, is_int, is_number
+from hf_based.conversion.teacher import load_teacher
 from hf_based.errors import ConversionError, UsageError
+from hf_based.eval.lm_eval_tasks import LOCAL_TASKS, RETRIEVAL_NAMES, evaluate, split_tasks
 from hf_based.modeling import BasedConfig, BasedForCausalLM
 from hf_based.outputs import check_output_directory, is_model_directory, model_directory
 from hf_based.training import (
@@ -508,8 +512,6 @@ class EvalOptions:
         directory that does not exist, a limit or batch size out of range."""
         if not self.tasks:
             return
-        from hf_based.eval.lm_eval_tasks import LOCAL_TASKS, RETRIEVAL_NAMES, split_tasks
-
         if importlib.util.find_spec("lm_eval") is None:
             raise ConversionError("eval_tasks need lm-eval, which is not installed: pip install 'hf-based[eval]'")
         if not (self.limit is None or (is_number(self.limit) and self.limit > 0)):
@@ -637,8 +639,6 @@ def load_inputs(
     if teacher is None:
         if base is None:
             raise ConversionError("give BASE (a checkpoint directory, hub id or .gguf file) or a loaded teacher")
-        from hf_based.conversion.teacher import load_teacher
-
         _log(dist, "loading teacher %s", base)
         teacher, tokenizer = load_teacher(str(base))
     elif tokenizer is None:
@@ -829,8 +829,6 @@ def stage1_attention_transfer(
                 student, inputs.val_ids, recipe.mse_factor, recipe.batch_size, autocast
             )
         if recipe.blockwise:
-            from hf_based.conversion.blockwise import run_blockwise_stage1
-
             result = run_blockwise_stage1(
                 inputs.teacher,
                 student,
@@ -902,8 +900,6 @@ def save_artifacts(
     lm-eval), and save it with its tokenizer, loss curves, conversion.json and model card: all of it staged and moved
     into OUT whole (an existing model replaced only with `overwrite`; OUT/checkpoints kept). Other processes return
     a result without a model."""
-    from hf_based import __version__
-
     evaluation = evaluation or EvalOptions()
     result = ConversionResult(out, None, inputs.tokenizer, recipe, stages, metrics)
     if not dist.is_main:
@@ -1077,8 +1073,6 @@ def convert(
 
 def evaluate_pair(teacher, model, tokenizer, tasks, data_dir, limit, batch_size, device, teacher_results=None):
     """lm-eval scores of the teacher (unless given) and the converted model: (teacher results, converted results)."""
-    from hf_based.eval.lm_eval_tasks import evaluate
-
     kwargs = dict(tokenizer=tokenizer, data_dir=data_dir, limit=limit, batch_size=batch_size)
     if teacher_results is None:
         teacher.to(device)
