@@ -543,7 +543,7 @@ def test_bad_softmax_layer_specs_give_one_line_errors(workdir, tmp_path, capsys)
     out = str(tmp_path / "o")
     for value, message in (
         ("foo:2", "softmax_layers='foo:2' is not supported; accepted: layer indices"),
-        ("kl:x", "softmax_layers='kl:x' is not supported; accepted: .*auto:K, kl:K or mse:K"),
+        ("kl:x", "softmax_layers='kl:x' is not supported; accepted: .*auto:K, kl:K, copy:K or mse:K"),
         ("kl:-1", "softmax_layers='kl:-1' is not supported; accepted: .*K >= 0"),
         ("1,x", "softmax_layers='1,x' is not supported"),
         ("auto:5", "softmax_layers='auto:5' asks for 5 layers of a model of 4; accepted: .* K <= 4"),

@@ -35,7 +35,7 @@ def _int_list(text: str) -> tuple[int, ...]:
 
 
 def _softmax_layers(text: str) -> tuple[int, ...] | str:
-    """I,J,... as layer indices; anything else (auto:K, kl:K, mse:K) as a selection spec that Recipe.validate checks,
+    """I,J,... as layer indices; anything else (auto:K, kl:K, copy:K, mse:K) as a selection spec that Recipe.validate checks,
     so that a bad value is reported in one line with the accepted forms."""
     try:
         return _int_list(text)

@@ -7,6 +7,11 @@ attention layer converted, on a few calibration sequences, and keep the K layers
 - kl (the default, "auto"): for each layer alone, put back full softmax attention (a `BasedAttention` holding that
   layer's own q/k/v/o modules, so nothing is copied) and measure how much this lowers the KL divergence of the
   model's next-token distribution from the teacher's. One teacher forward and one forward per layer.
+- copy: for each layer alone, convert only that layer (the others stay softmax attention) and measure the KL from the
+  teacher on text that repeats itself: each calibration sequence's first half followed by that half again, the KL
+  counted on the repeat. The teacher predicts the repeat almost perfectly by copying from its context, so this ranks
+  the layers that its in-context recall (induction and retrieval heads) depends on, which the KL on ordinary text
+  can miss. One teacher forward and one forward per layer.
 - mse: each layer's attention-transfer error, the stage-1 MSE between its output and the teacher's softmax attention
   on the teacher's hidden states (`AttentionTransfer`). One forward.
 """
@@ -39,6 +44,8 @@ CALIBRATION_SEQUENCES = 8  # the first packed training sequences
 CRITERIA = {
     "kl": "restoring the layer alone to softmax attention lowers the KL divergence from the teacher's next-token "
     "distribution most (score: that reduction)",
+    "copy": "converting the layer alone raises the KL divergence from the teacher's next-token distribution most on "
+    "text that repeats itself, counted on the repeat (score: that KL)",
     "mse": "the layer's attention-transfer error is largest (score: the MSE between its output and the teacher's "
     "softmax attention output)",
 }
@@ -81,8 +88,25 @@ def full_attention(layer: BasedDecoderLayer, config: BasedConfig) -> Iterator[No
         layer.self_attn = converted
 
 
-def _kl_to_teacher(student: BasedForCausalLM, ids: torch.Tensor, teacher_logits: torch.Tensor) -> float:
-    return float(distillation_loss(student(input_ids=ids, use_cache=False).logits, teacher_logits, temperature=1.0))
+def _kl_to_teacher(student: BasedForCausalLM, ids: torch.Tensor, teacher_logits: torch.Tensor, start: int) -> float:
+    logits = student(input_ids=ids, use_cache=False).logits[:, start:]
+    return float(distillation_loss(logits, teacher_logits, temperature=1.0))
+
+
+def repeated_halves(ids: torch.Tensor) -> torch.Tensor:
+    """[N, T] -> [N, 2 * (T // 2)]: each sequence's first half, then that half again."""
+    half = ids[:, : ids.shape[1] // 2]
+    return torch.cat([half, half], dim=1)
+
+
+@contextlib.contextmanager
+def only_converted(student: BasedForCausalLM, layer: int) -> Iterator[None]:
+    """While active, every converted layer of `student` but `layer` is full softmax attention again."""
+    with contextlib.ExitStack() as stack:
+        for i in converted_layers(student.config):
+            if i != layer:
+                stack.enter_context(full_attention(student.model.layers[i], student.config))
+        yield
 
 
 @torch.no_grad()
@@ -93,25 +117,32 @@ def kl_scores(
     batch_size: int = 1,
     autocast=contextlib.nullcontext,
     progress: bool = True,
+    copy: bool = False,
 ) -> dict[int, float]:
-    """{converted layer: KL(teacher || student) with every layer converted - the same with this one restored to
-    softmax attention}, per token, mean over the batches of `calibration_ids`."""
+    """Per converted layer, per token, mean over the batches of `calibration_ids`:
+    - kl: KL(teacher || student) with every layer converted - the same with this layer restored to softmax attention;
+    - copy: on `repeated_halves` of the sequences, KL(teacher || student with only this layer converted), counted on
+      the repeat."""
     from tqdm.auto import tqdm
 
     layers = converted_layers(student.config)
     device = next(student.parameters()).device
-    reduction = dict.fromkeys(layers, 0.0)
+    if copy:
+        calibration_ids = repeated_halves(calibration_ids)
+    start = calibration_ids.shape[1] // 2 if copy else 0
+    scores = dict.fromkeys(layers, 0.0)
     batches = calibration_ids.split(batch_size)
     # Batch by batch, so that only one batch's vocabulary-sized logits are held at a time.
-    for ids in tqdm(batches, desc="layer selection (kl)", disable=not progress):
+    for ids in tqdm(batches, desc=f"layer selection ({'copy' if copy else 'kl'})", disable=not progress):
         ids = ids.to(device)
         with autocast():
-            teacher_logits = teacher(input_ids=ids, use_cache=False).logits
-            converted_kl = _kl_to_teacher(student, ids, teacher_logits)
+            teacher_logits = teacher(input_ids=ids, use_cache=False).logits[:, start:]
+            converted_kl = 0.0 if copy else _kl_to_teacher(student, ids, teacher_logits, start)
             for i in layers:
-                with full_attention(student.model.layers[i], student.config):
-                    reduction[i] += converted_kl - _kl_to_teacher(student, ids, teacher_logits)
-    return {i: total / len(batches) for i, total in reduction.items()}
+                with only_converted(student, i) if copy else full_attention(student.model.layers[i], student.config):
+                    kl = _kl_to_teacher(student, ids, teacher_logits, start)
+                scores[i] += kl if copy else converted_kl - kl
+    return {i: total / len(batches) for i, total in scores.items()}
 
 
 def select_softmax_layers(
@@ -121,8 +152,9 @@ def select_softmax_layers(
     device: torch.device | str = "cpu",
     progress: bool = True,
 ) -> LayerSelection:
-    """The K layers that `recipe.softmax_layers` ("kl:K", "mse:K", "auto:K" = "kl:K") keeps as softmax attention,
-    measured on `calibration_ids` [N, T] in batches of `recipe.batch_size`; deterministic for the same inputs.
+    """The K layers that `recipe.softmax_layers` ("kl:K", "copy:K", "mse:K", "auto:K" = "kl:K") keeps as softmax
+    attention, measured on `calibration_ids` [N, T] in batches of `recipe.batch_size`; deterministic for the same
+    inputs.
     The teacher returns to the device it came from."""
     strategy, k = check_selection_size(recipe, teacher.config.num_hidden_layers)
     if k == 0:
@@ -130,10 +162,10 @@ def select_softmax_layers(
     device = torch.device(device)
     autocast = autocast_for(device, recipe.precision)
     student = linearize_model(teacher, recipe.with_softmax_layers(()), device=device)
-    if strategy == "kl":
+    if strategy in ("kl", "copy"):
         home = next(teacher.parameters()).device
         teacher.to(device)
-        scores = kl_scores(teacher, student, calibration_ids, recipe.batch_size, autocast, progress)
+        scores = kl_scores(teacher, student, calibration_ids, recipe.batch_size, autocast, progress, strategy == "copy")
         teacher.to(home)
     else:
         scores = layer_attention_mse(student, calibration_ids, recipe.batch_size, autocast)

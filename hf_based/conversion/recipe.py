@@ -17,7 +17,7 @@ from hf_based.training import Schedule
 FEATURE_MAPS = ("hedgehog", "taylor")
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 # How `softmax_layers = "STRATEGY:K"` picks its K layers (layer_selection.py); "auto" is the default strategy, kl.
-SELECTION_STRATEGIES = {"auto": "kl", "kl": "kl", "mse": "mse"}
+SELECTION_STRATEGIES = {"auto": "kl", "kl": "kl", "copy": "copy", "mse": "mse"}
 # Settings that do not change a stage's result (budgets enter resume keys as resolved step counts; a block index only
 # says which block one process trains), and those that stage 2 alone uses.
 NOT_RESULT_SETTINGS = (
@@ -40,7 +40,7 @@ STAGE2_SETTINGS = (
     "lora_targets",
     "fsdp",
 )
-SOFTMAX_LAYERS_FORMS = "layer indices I,J,... (negative: from the end), or auto:K, kl:K or mse:K with K >= 0"
+SOFTMAX_LAYERS_FORMS = "layer indices I,J,... (negative: from the end), or auto:K, kl:K, copy:K or mse:K with K >= 0"
 
 
 def parse_layer_selection(spec: str) -> tuple[str, int]:
@@ -77,9 +77,10 @@ class Recipe:
     hedgehog_dim: int = setting(64, "hedgehog W columns; features = 2x this", "architecture")
     softmax_layers: tuple[int, ...] | str = setting(
         (),
-        "layers kept as full softmax attention: indices (negative: from the end), or auto:K, kl:K or mse:K to keep "
-        "the K layers that linearize worst, measured before training: kl (auto's strategy) = those whose restoring "
-        "lowers the KL to the teacher's next-token distribution most, mse = the largest attention-transfer error",
+        "layers kept as full softmax attention: indices (negative: from the end), or auto:K, kl:K, copy:K or mse:K to "
+        "keep the K layers that linearize worst, measured before training: kl (auto's strategy) = those whose "
+        "restoring lowers the KL to the teacher's next-token distribution most, copy = the same on text that repeats "
+        "itself (in-context recall), mse = the largest attention-transfer error",
         "architecture",
         metavar="I,J,...|auto:K",
     )

@@ -1,0 +1,221 @@
+"""Which conversion recipe keeps in-context recall: SmolLM2 converted several ways, scored on retrieval and LAMBADA.
+
+    python benchmarks/recall_recipes.py --teacher PATH_OR_ID --out DIR [--variants a,b] [--minutes 9]
+
+One GPU, bf16. The teacher is scored first; then each variant of VARIANTS is converted on the Alpaca data (the same
+small budget for all, `--stage1-steps` and `--stage2-steps` of `--batch-size` x `--seq-len` tokens) and scored:
+- passkey and niah_single as `hf-based eval` runs them (greedy generation, the answer anywhere in the continuation),
+  at `--lengths` x depths 0/25/50/75/100 x `--samples`, split = the generated tasks with seed 0;
+- LAMBADA (lm_eval's lambada_openai, test split, the first `--lambada-limit` documents): accuracy and perplexity.
+DIR/results.json and DIR/results.md are rewritten after every variant, with date, commit and machine; variants that
+would overrun `--minutes` are skipped and listed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+if importlib.util.find_spec("hf_based") is None:  # run from a checkout without `pip install -e .`
+    sys.path.insert(0, str(REPO))
+
+from hf_based.bench import report  # noqa: E402
+from hf_based.conversion import Recipe, convert, load_teacher  # noqa: E402
+from hf_based.eval import evaluate  # noqa: E402
+
+RETRIEVAL_TASKS = ("passkey", "niah_single")
+DEPTHS = (0, 25, 50, 75, 100)
+UNTRAINED = dict(stage1_steps=0, stage2_steps=0)
+# name -> Recipe settings beyond the shared budget; each adds one thing to the one before it, or removes one.
+VARIANTS = {
+    "hybrid (LoLCATs)": {},
+    "kl:6": dict(softmax_layers="kl:6"),
+    "copy:6 untrained": dict(softmax_layers="copy:6", **UNTRAINED),
+    "copy:6 stage 1 only": dict(softmax_layers="copy:6", stage2_steps=0),
+    "copy:6": dict(softmax_layers="copy:6"),
+    "copy:6 distill": dict(softmax_layers="copy:6", stage2_loss="distill"),
+    "copy:6 factor 0.5": dict(softmax_layers="copy:6", window_factor_init=0.5),
+    "copy:4": dict(softmax_layers="copy:4"),
+    "copy:2": dict(softmax_layers="copy:2"),
+    "copy:1": dict(softmax_layers="copy:1"),
+    "mse:6": dict(softmax_layers="mse:6"),
+}
+
+
+def shared_data(*parts: str) -> Path | None:
+    """shared/data inside the checkout (as it travels to a GPU machine) or beside it."""
+    for root in (REPO / "shared" / "data", REPO.parent / "shared" / "data"):
+        if root.joinpath(*parts).exists():
+            return root.joinpath(*parts)
+    return None
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--teacher", required=True, metavar="PATH_OR_ID", help=".gguf file, directory or hub id")
+    parser.add_argument("--out", required=True, help="output directory")
+    parser.add_argument("--variants", default=",".join(VARIANTS), help="names from VARIANTS, comma-separated")
+    parser.add_argument("--data", default=shared_data("corpora", "alpaca_5000.json"), help="training data")
+    parser.add_argument("--eval-data-dir", default=shared_data("eval"), help="lm-eval task data (JSONL)")
+    parser.add_argument("--stage1-steps", type=int, default=200)
+    parser.add_argument("--stage2-steps", type=int, default=100)
+    parser.add_argument("--batch-size", type=int, default=8, help="sequences per step")
+    parser.add_argument("--seq-len", type=int, default=1024)
+    parser.add_argument("--lengths", default="256,512,1024,2048,4096,8192")
+    parser.add_argument("--samples", type=int, default=2, help="documents per task, length and depth")
+    parser.add_argument("--lambada-limit", type=int, default=500)
+    parser.add_argument("--minutes", type=float, default=9.0, help="skip variants that would overrun this")
+    args = parser.parse_args(argv)
+    unknown = sorted(set(args.variants.split(",")) - set(VARIANTS))
+    if unknown:
+        parser.error(f"unknown variant(s) {', '.join(unknown)}; accepted: {', '.join(VARIANTS)}")
+    return args
+
+
+def score(model, tokenizer, args) -> dict:
+    """{"retrieval": {task: {length: accuracy}}, "lambada": {metric: value}} of one model."""
+    metadata = {
+        "max_seq_lengths": [int(n) for n in args.lengths.split(",")],
+        "depths": list(DEPTHS),
+        "num_samples": args.samples,
+        "seed": 0,
+    }
+    retrieval = evaluate(model, ",".join(RETRIEVAL_TASKS), tokenizer=tokenizer, batch_size=8, metadata=metadata)
+    lambada = evaluate(
+        model,
+        "lambada_openai",
+        tokenizer=tokenizer,
+        data_dir=args.eval_data_dir,
+        limit=args.lambada_limit,
+        batch_size=32,
+    )["lambada_openai"]
+    return {"retrieval": retrieval, "lambada": lambada}
+
+
+def markdown(results: dict) -> str:
+    env = results["environment"]
+    lengths = results["lengths"]
+    teacher = results["models"].get("teacher", {})
+    header = ["model", "softmax layers"]
+    header += [f"{task} {n}" for task in RETRIEVAL_TASKS for n in lengths]
+    header += ["LAMBADA acc", "LAMBADA ppl", "ppl / teacher's", "minutes"]
+    rows = []
+    for name, entry in results["models"].items():
+        if "error" in entry:
+            rows.append([name, "-", f"failed: {entry['error']}"] + [""] * (len(header) - 3))
+            continue
+        by_length = entry["retrieval"]
+        ppl = entry["lambada"]["perplexity"]
+        base = teacher.get("lambada", {}).get("perplexity")
+        rows.append(
+            [name, str(entry.get("softmax_layers", "all"))]
+            + [f"{by_length[task][str(n)]:.2f}" for task in RETRIEVAL_TASKS for n in lengths]
+            + [f"{entry['lambada']['acc']:.3f}", f"{ppl:.1f}", f"{ppl / base:.2f}x" if base else "-"]
+            + [f"{entry.get('seconds', 0) / 60:.1f}"]
+        )
+    budget = results["budget"]
+    lines = [
+        "# Recall by conversion recipe: SmolLM2-135M-Instruct",
+        "",
+        report.environment_lines(env),
+        "",
+        f"Teacher: {results['teacher']}. Training: {results['data']}, stage 1 {budget['stage1_steps']} and stage 2 "
+        f"{budget['stage2_steps']} steps of {budget['tokens_per_step']:,} tokens (unless the variant says otherwise). "
+        f"Retrieval: `hf-based eval` (greedy, the answer anywhere in the continuation), "
+        f"{results['samples']} documents per length and depth 0/25/50/75/100, seed 0. LAMBADA: lm-eval "
+        f"lambada_openai, test split, first {results['lambada_limit']} documents.",
+        "",
+        report.markdown_table(header, rows),
+    ]
+    if results["skipped"]:
+        lines += ["", f"Skipped for time: {', '.join(results['skipped'])}."]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    started = time.perf_counter()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    teacher, tokenizer = load_teacher(args.teacher, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
+    results = {
+        "environment": report.environment(device),
+        "teacher": Path(args.teacher).name,
+        "data": Path(args.data).name,
+        "lengths": [int(n) for n in args.lengths.split(",")],
+        "samples": args.samples,
+        "lambada_limit": args.lambada_limit,
+        "budget": {
+            "stage1_steps": args.stage1_steps,
+            "stage2_steps": args.stage2_steps,
+            "tokens_per_step": args.batch_size * args.seq_len,
+        },
+        "variants": {name: VARIANTS[name] for name in args.variants.split(",")},
+        "models": {},
+        "skipped": [],
+    }
+
+    def save() -> None:
+        report.write_json(out / "results.json", results)
+        (out / "results.md").write_text(markdown(results))
+
+    begun = time.perf_counter()
+    results["models"]["teacher"] = score(teacher.to(device), tokenizer, args) | {"seconds": time.perf_counter() - begun}
+    teacher.cpu()
+    save()
+    longest = 0.0
+    with tempfile.TemporaryDirectory() as work:
+        for name in args.variants.split(","):
+            if time.perf_counter() - started + 1.2 * longest > 60 * args.minutes:
+                results["skipped"].append(name)
+                continue
+            begun = time.perf_counter()
+            recipe = Recipe(
+                **{
+                    "stage1_steps": args.stage1_steps,
+                    "stage2_steps": args.stage2_steps,
+                    "batch_size": args.batch_size,
+                    "grad_accum": 1,
+                    "seq_len": args.seq_len,
+                    **VARIANTS[name],
+                }
+            )
+            try:
+                converted = convert(
+                    out=Path(work) / str(len(results["models"])),
+                    recipe=recipe,
+                    teacher=teacher,
+                    tokenizer=tokenizer,
+                    base_name=results["teacher"],
+                    data=args.data,
+                    dtype=torch.bfloat16,
+                    progress=False,
+                )
+                model = converted.model.to(device)
+                softmax = [i for i, m in enumerate(model.config.mixer_types) if m == "full_attention"]
+                entry = score(model, tokenizer, args) | {"softmax_layers": softmax}
+                del converted, model
+            except Exception as error:  # one failing variant should not lose the others' results
+                traceback.print_exc()
+                entry = {"error": f"{type(error).__name__}: {error}"}
+            entry["seconds"] = time.perf_counter() - begun
+            longest = max(longest, entry["seconds"])
+            results["models"][name] = entry
+            torch.cuda.empty_cache() if device.type == "cuda" else None
+            save()
+            print(f"{name}: {entry.get('retrieval', entry.get('error'))}", flush=True)
+    results["seconds"] = time.perf_counter() - started
+    save()
+
+
+if __name__ == "__main__":
+    main()
