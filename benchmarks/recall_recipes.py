@@ -30,23 +30,25 @@ if importlib.util.find_spec("hf_based") is None:  # run from a checkout without 
 from hf_based.bench import report  # noqa: E402
 from hf_based.conversion import Recipe, convert, load_teacher  # noqa: E402
 from hf_based.eval import evaluate  # noqa: E402
+from hf_based.modeling.compat import output_cache  # noqa: E402
 
 RETRIEVAL_TASKS = ("passkey", "niah_single")
 DEPTHS = (0, 25, 50, 75, 100)
+CACHE_CONTEXT = 8192
 UNTRAINED = dict(stage1_steps=0, stage2_steps=0)
 # name -> Recipe settings beyond the shared budget; each adds one thing to the one before it, or removes one.
 VARIANTS = {
     "hybrid (LoLCATs)": {},
     "kl:6": dict(softmax_layers="kl:6"),
+    "mse:6": dict(softmax_layers="mse:6"),
     "copy:6 untrained": dict(softmax_layers="copy:6", **UNTRAINED),
     "copy:6 stage 1 only": dict(softmax_layers="copy:6", stage2_steps=0),
     "copy:6": dict(softmax_layers="copy:6"),
     "copy:6 distill": dict(softmax_layers="copy:6", stage2_loss="distill"),
-    "copy:6 factor 0.5": dict(softmax_layers="copy:6", window_factor_init=0.5),
-    "copy:4": dict(softmax_layers="copy:4"),
-    "copy:2": dict(softmax_layers="copy:2"),
-    "copy:1": dict(softmax_layers="copy:1"),
-    "mse:6": dict(softmax_layers="mse:6"),
+    # The window's softmax weighs more from the start (window factor 0.5 instead of LoLCATs' 0.1).
+    **{f"copy:{k} factor 0.5": dict(softmax_layers=f"copy:{k}", window_factor_init=0.5) for k in (0, 1, 2, 4, 6)},
+    "copy:6 factor 0.9": dict(softmax_layers="copy:6", window_factor_init=0.9),
+    "copy:6 factor 0.5 window 128": dict(softmax_layers="copy:6", window_factor_init=0.5, window=128),
 }
 
 
@@ -97,7 +99,16 @@ def score(model, tokenizer, args) -> dict:
         limit=args.lambada_limit,
         batch_size=32,
     )["lambada_openai"]
-    return {"retrieval": retrieval, "lambada": lambada}
+    return {"retrieval": retrieval, "lambada": lambada, "cache_mib": cache_mib(model, CACHE_CONTEXT)}
+
+
+@torch.no_grad()
+def cache_mib(model, context: int) -> float:
+    """MiB that the model's cache holds for one sequence after `context` tokens (every tensor of every layer)."""
+    ids = torch.randint(model.config.vocab_size, (1, context), device=model.device)
+    cache = output_cache(model(input_ids=ids, use_cache=True, logits_to_keep=1))
+    tensors = [t for layer in cache.layers for t in vars(layer).values() if isinstance(t, torch.Tensor)]
+    return sum(t.nbytes for t in tensors) / 2**20
 
 
 def markdown(results: dict) -> str:
@@ -106,7 +117,7 @@ def markdown(results: dict) -> str:
     teacher = results["models"].get("teacher", {})
     header = ["model", "softmax layers"]
     header += [f"{task} {n}" for task in RETRIEVAL_TASKS for n in lengths]
-    header += ["LAMBADA acc", "LAMBADA ppl", "ppl / teacher's", "minutes"]
+    header += ["LAMBADA acc", "LAMBADA ppl", "ppl / teacher's", f"cache MiB at {CACHE_CONTEXT}", "minutes"]
     rows = []
     for name, entry in results["models"].items():
         if "error" in entry:
@@ -119,6 +130,7 @@ def markdown(results: dict) -> str:
             [name, str(entry.get("softmax_layers", "all"))]
             + [f"{by_length[task][str(n)]:.2f}" for task in RETRIEVAL_TASKS for n in lengths]
             + [f"{entry['lambada']['acc']:.3f}", f"{ppl:.1f}", f"{ppl / base:.2f}x" if base else "-"]
+            + [f"{entry['cache_mib']:.1f}" if "cache_mib" in entry else "not measured"]
             + [f"{entry.get('seconds', 0) / 60:.1f}"]
         )
     budget = results["budget"]
@@ -131,7 +143,8 @@ def markdown(results: dict) -> str:
         f"{budget['stage2_steps']} steps of {budget['tokens_per_step']:,} tokens (unless the variant says otherwise). "
         f"Retrieval: `hf-based eval` (greedy, the answer anywhere in the continuation), "
         f"{results['samples']} documents per length and depth 0/25/50/75/100, seed 0. LAMBADA: lm-eval "
-        f"lambada_openai, test split, first {results['lambada_limit']} documents.",
+        f"lambada_openai, test split, first {results['lambada_limit']} documents. Cache: bytes of every cached tensor "
+        f"for one sequence after {CACHE_CONTEXT} tokens, in the model's dtype.",
         "",
         report.markdown_table(header, rows),
     ]
