@@ -36,19 +36,23 @@ RETRIEVAL_TASKS = ("passkey", "niah_single")
 DEPTHS = (0, 25, 50, 75, 100)
 CACHE_CONTEXT = 8192
 UNTRAINED = dict(stage1_steps=0, stage2_steps=0)
-# name -> Recipe settings beyond the shared budget; each adds one thing to the one before it, or removes one.
+LOLCATS = dict(softmax_layers=(), window_factor_init=0.1)  # every layer converted, LoLCATs' window factor
+# name -> Recipe settings beyond the shared budget, each on top of LoLCATs' recipe.
 VARIANTS = {
-    "hybrid (LoLCATs)": {},
-    "kl:6": dict(softmax_layers="kl:6"),
-    "mse:6": dict(softmax_layers="mse:6"),
-    "copy:6 untrained": dict(softmax_layers="copy:6", **UNTRAINED),
-    "copy:6 stage 1 only": dict(softmax_layers="copy:6", stage2_steps=0),
-    "copy:6": dict(softmax_layers="copy:6"),
-    "copy:6 distill": dict(softmax_layers="copy:6", stage2_loss="distill"),
-    # The window's softmax weighs more from the start (window factor 0.5 instead of LoLCATs' 0.1).
-    **{f"copy:{k} factor 0.5": dict(softmax_layers=f"copy:{k}", window_factor_init=0.5) for k in (0, 1, 2, 4, 6)},
-    "copy:6 factor 0.9": dict(softmax_layers="copy:6", window_factor_init=0.9),
-    "copy:6 factor 0.5 window 128": dict(softmax_layers="copy:6", window_factor_init=0.5, window=128),
+    name: LOLCATS | settings
+    for name, settings in {
+        "hybrid (LoLCATs)": {},
+        "kl:6": dict(softmax_layers="kl:6"),
+        "mse:6": dict(softmax_layers="mse:6"),
+        "copy:6 untrained": dict(softmax_layers="copy:6", **UNTRAINED),
+        "copy:6 stage 1 only": dict(softmax_layers="copy:6", stage2_steps=0),
+        "copy:6": dict(softmax_layers="copy:6"),
+        "copy:6 distill": dict(softmax_layers="copy:6", stage2_loss="distill"),
+        # The window's softmax weighs more from the start (window factor 0.5 instead of LoLCATs' 0.1).
+        **{f"copy:{k} factor 0.5": dict(softmax_layers=f"copy:{k}", window_factor_init=0.5) for k in (0, 1, 2, 4, 6)},
+        "copy:6 factor 0.9": dict(softmax_layers="copy:6", window_factor_init=0.9),
+        "copy:6 factor 0.5 window 128": dict(softmax_layers="copy:6", window_factor_init=0.5, window=128),
+    }.items()
 }
 
 
@@ -140,7 +144,8 @@ def markdown(results: dict) -> str:
         report.environment_lines(env),
         "",
         f"Teacher: {results['teacher']}. Training: {results['data']}, stage 1 {budget['stage1_steps']} and stage 2 "
-        f"{budget['stage2_steps']} steps of {budget['tokens_per_step']:,} tokens (unless the variant says otherwise). "
+        f"{budget['stage2_steps']} steps of {budget['tokens_per_step']:,} tokens in sequences of {budget['seq_len']} "
+        "(unless the variant says otherwise). "
         f"Retrieval: `hf-based eval` (greedy, the answer anywhere in the continuation), "
         f"{results['samples']} documents per length and depth 0/25/50/75/100, seed 0. LAMBADA: lm-eval "
         f"lambada_openai, test split, first {results['lambada_limit']} documents. Cache: bytes of every cached tensor "
@@ -171,6 +176,7 @@ def main(argv=None) -> None:
             "stage1_steps": args.stage1_steps,
             "stage2_steps": args.stage2_steps,
             "tokens_per_step": args.batch_size * args.seq_len,
+            "seq_len": args.seq_len,
         },
         "variants": {name: VARIANTS[name] for name in args.variants.split(",")},
         "models": {},
