@@ -35,8 +35,9 @@ def _int_list(text: str) -> tuple[int, ...]:
 
 
 def _softmax_layers(text: str) -> tuple[int, ...] | str:
-    """I,J,... as layer indices; anything else (auto:K, kl:K, copy:K, mse:K) as a selection spec that Recipe.validate checks,
-    so that a bad value is reported in one line with the accepted forms."""
+    """I,J,... as layer indices ("" for none: every layer converted, LoLCATs' recipe); anything else (STRATEGY:K or
+    STRATEGY:P%, e.g. kl:2 or copy:20%) as a selection spec that Recipe.validate checks, so that a bad value is
+    reported in one line with the accepted forms."""
     try:
         return _int_list(text)
     except argparse.ArgumentTypeError:
@@ -47,7 +48,7 @@ def _name_list(text: str) -> tuple[str, ...]:
     return tuple(x.strip() for x in text.split(",") if x.strip())
 
 
-# Defaults that differ between a full conversion (LoLCATs' recipe) and the demo's quick run: (convert, demo).
+# Defaults that differ between a full conversion (the recipe's) and the demo's quick run: (convert, demo).
 MODE_DEFAULTS = {
     "teacher_sequences": (DataOptions.teacher_sequences, 64),
     "seq_len": (Recipe.seq_len, 256),
@@ -87,8 +88,8 @@ def _default_help(value) -> str:
 
 
 def add_recipe_arguments(parser: argparse.ArgumentParser) -> None:
-    """The conversion recipe, one flag per `Recipe` field (help, choices, group from its metadata), with its default
-    (LoLCATs'); the demo's quick budgets where MODE_DEFAULTS says. Then the data and run options of `convert()`."""
+    """The conversion recipe, one flag per `Recipe` field (help, choices, group from its metadata), with its default;
+    the demo's quick budgets where MODE_DEFAULTS says. Then the data and run options of `convert()`."""
     groups = {name: parser.add_argument_group(name) for name in ("architecture", "data", "training", "run")}
     exclusive: dict[str, argparse._MutuallyExclusiveGroup] = {}
     types = typing.get_type_hints(Recipe)
@@ -112,7 +113,7 @@ def add_recipe_arguments(parser: argparse.ArgumentParser) -> None:
         else:
             default = f.default
             if default not in (None, ()):
-                meta["help"] = f"{meta['help']} (default: {_default_help(default)})"
+                meta["help"] = f"{meta['help']} (default: {_default_help(default).replace('%', '%%')})"
         group.add_argument(flag, type=kind, default=default, **meta)
 
     data = groups["data"]

@@ -1,4 +1,5 @@
-"""Measured choice of the layers kept as softmax attention: `Recipe.softmax_layers = "STRATEGY:K"`.
+"""Measured choice of the layers kept as softmax attention: `Recipe.softmax_layers = "STRATEGY:K"` or "STRATEGY:P%"
+(P% of the model's layers, rounded down: the recipe's default, "copy:20%", keeps 6 of 30).
 
 A converted model loses in-context recall; keeping a few full-softmax layers restores much of it, and which layers
 matters (KL-guided layer selection, Jet-Nemotron, HALO). Both strategies score the untrained conversion with every
@@ -53,24 +54,33 @@ CRITERIA = {
 
 @dataclass
 class LayerSelection:
-    """What a selection spec chose: the softmax layers, and every converted layer's score (higher: keep softmax)."""
+    """What a selection spec chose: the softmax layers, and every converted layer's score (higher: keep softmax);
+    `k`, the number of layers the spec asks for in this model (for "STRATEGY:P%", P% of its layers rounded down)."""
 
     spec: str
     strategy: str
     layers: list[int]
     scores: dict[int, float]
     calibration_sequences: int
+    num_layers: int | None = None  # the model's layers
+    k: int | None = None
+
+    def __post_init__(self):
+        if self.k is None:  # a selection recorded before K was: it kept K layers
+            self.k = len(self.layers)
 
 
 def check_selection_size(recipe: Recipe, num_layers: int) -> tuple[str, int]:
-    """(strategy, K) of the recipe's selection spec; ConversionError when K exceeds the model's layers."""
-    strategy, k = parse_layer_selection(recipe.softmax_layers)
+    """(strategy, K) of the recipe's selection spec for a model of `num_layers` layers, "STRATEGY:P%" resolved to
+    K = floor(P / 100 x num_layers); ConversionError when K exceeds the model's layers."""
+    spec = parse_layer_selection(recipe.softmax_layers)
+    k = spec.size(num_layers)
     if k > num_layers:
         raise ConversionError(
             f"softmax_layers={recipe.softmax_layers!r} asks for {k} layers of a model of {num_layers}; "
             f"accepted: {SOFTMAX_LAYERS_FORMS}, K <= {num_layers}"
         )
-    return strategy, k
+    return spec.strategy, k
 
 
 @contextlib.contextmanager
@@ -152,13 +162,14 @@ def select_softmax_layers(
     device: torch.device | str = "cpu",
     progress: bool = True,
 ) -> LayerSelection:
-    """The K layers that `recipe.softmax_layers` ("kl:K", "copy:K", "mse:K", "auto:K" = "kl:K") keeps as softmax
-    attention, measured on `calibration_ids` [N, T] in batches of `recipe.batch_size`; deterministic for the same
-    inputs.
+    """The K layers that `recipe.softmax_layers` ("kl:K", "copy:K", "mse:K", "auto:K" = "kl:K", or with P% for K:
+    P% of the teacher's layers, rounded down) keeps as softmax attention, measured on `calibration_ids` [N, T] in
+    batches of `recipe.batch_size`; deterministic for the same inputs. Nothing is measured when K is 0.
     The teacher returns to the device it came from."""
-    strategy, k = check_selection_size(recipe, teacher.config.num_hidden_layers)
+    num_layers = teacher.config.num_hidden_layers
+    strategy, k = check_selection_size(recipe, num_layers)
     if k == 0:
-        return LayerSelection(recipe.softmax_layers, strategy, [], {}, 0)
+        return LayerSelection(recipe.softmax_layers, strategy, [], {}, 0, num_layers, 0)
     device = torch.device(device)
     autocast = autocast_for(device, recipe.precision)
     student = linearize_model(teacher, recipe.with_softmax_layers(()), device=device)
@@ -171,10 +182,12 @@ def select_softmax_layers(
         scores = layer_attention_mse(student, calibration_ids, recipe.batch_size, autocast)
     layers = sorted(sorted(scores, key=lambda i: (-scores[i], i))[:k])
     logger.info(
-        "softmax layers %s (%s: %s): %s",
+        "softmax layers %s (%s, %d of %d: %s): %s",
         layers,
         recipe.softmax_layers,
+        k,
+        num_layers,
         CRITERIA[strategy],
         ", ".join(f"{i}: {score:.4g}" for i, score in scores.items()),
     )
-    return LayerSelection(recipe.softmax_layers, strategy, layers, scores, len(calibration_ids))
+    return LayerSelection(recipe.softmax_layers, strategy, layers, scores, len(calibration_ids), num_layers, k)

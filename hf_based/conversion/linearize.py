@@ -89,17 +89,20 @@ def _layer_indices(indices: Sequence[int], num_layers: int, what: str) -> list[i
 
 
 def based_config(teacher_config, recipe: Recipe | None = None) -> BasedConfig:
-    """The BasedConfig of the converted model: the teacher's shapes, RoPE, norms and tokens; LoLCATs mixers."""
+    """The BasedConfig of the converted model: the teacher's shapes, RoPE, norms and tokens; LoLCATs mixers. The
+    recipe's softmax layers must be indices, or a selection spec that keeps none of this model's layers."""
     recipe = recipe or Recipe()
     recipe.validate()
     check_supported(teacher_config)
     num_layers = teacher_config.num_hidden_layers
-    if recipe.layer_selection is not None:
+    selection = recipe.layer_selection
+    if selection is not None and selection.size(num_layers) > 0:
         raise ConversionError(
             f"softmax_layers={recipe.softmax_layers!r} is a selection spec: choose the layers first "
             "(layer_selection.select_softmax_layers; convert() does)"
         )
-    softmax = _layer_indices(recipe.softmax_layers, num_layers, "softmax layer")
+    # A spec that keeps no layer of this model (K = 0, or P% of too few layers) has nothing to choose.
+    softmax = [] if selection is not None else _layer_indices(recipe.softmax_layers, num_layers, "softmax layer")
     converted = "linear_attention" if recipe.linear_only else "hybrid_attention"
     heads = teacher_config.num_attention_heads
     head_dim = _get(teacher_config, "head_dim", teacher_config.hidden_size // heads)
@@ -151,7 +154,7 @@ def _new_parameter_names(config: BasedConfig) -> set[str]:
 def init_new_parameters(module: nn.Module, config: BasedConfig, device=None) -> None:
     """(Re)create the parameters that the teacher lacks, with LoLCATs' init: identity feature maps (each head's
     W = the rectangular identity, `--lk_zero_init`) and window factor = `hybrid_window_factor_init` (the parameter
-    `window_factors` holds its logit: logit(0.1) = -2.1972)."""
+    `window_factors` holds its logit: logit(0.9) = 2.1972, LoLCATs' logit(0.1) = -2.1972)."""
     for sub in module.modules():
         if isinstance(sub, BasedHedgehogFeatureMap):
             heads, dim, features = sub.weight.shape

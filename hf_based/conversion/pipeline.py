@@ -2,7 +2,7 @@
 
 1. Linearize: the teacher's weights in a BasedForCausalLM whose attention layers are `hybrid_attention` (or pure
    `linear_attention`), except the layers kept as softmax `full_attention`: given, or measured on the first training
-   sequences before stage 1 ("kl:K", `layer_selection.py`) and fixed for the whole run.
+   sequences before stage 1 ("kl:K", or "copy:20%" by default: `layer_selection.py`) and fixed for the whole run.
 2. Stage 1, attention transfer: everything frozen but the feature maps and window factors; loss = per-layer MSE
    between the converted and the teacher's softmax attention output before o_proj, on the teacher's hidden states
    (`linearize.AttentionTransfer`), averaged over layers x 1000. Joint, or block-wise (`blockwise.py`).
@@ -394,13 +394,21 @@ def model_card(info: dict) -> str:
         lines += [
             "## Softmax layers",
             "",
-            f"`--softmax-layers {selection['spec']}` kept layers {selection['layers']} as softmax attention, chosen "
-            f"before training on {selection['calibration_sequences']} training sequences: those where "
-            f"{CRITERIA[selection['strategy']]}.",
+            f"`--softmax-layers {selection['spec']}` kept layers {selection['layers']} as softmax attention "
+            f"({len(selection['layers'])} of {layers['total']}), chosen before training on "
+            f"{selection['calibration_sequences']} training sequences: those where {CRITERIA[selection['strategy']]}.",
             "",
             "| layer | score |",
             "|---|---|",
             *(f"| {layer} | {format_number(score)} |" for layer, score in selection["scores"].items()),
+            "",
+        ]
+    elif selection:
+        lines += [
+            "## Softmax layers",
+            "",
+            f"`--softmax-layers {selection['spec']}` keeps none of this model's {layers['total']} layers: every "
+            "attention layer is converted.",
             "",
         ]
     lines += [
@@ -550,7 +558,7 @@ class Inputs:
     data_name: str
     template: str  # as used; teacher-written text has none
     recipe: Recipe
-    layer_selection: LayerSelection | None = None  # when softmax_layers was a spec such as "kl:2"
+    layer_selection: LayerSelection | None = None  # when softmax_layers was a spec such as "kl:2" or "copy:20%"
 
 
 @dataclass
@@ -635,7 +643,7 @@ def load_inputs(
     progress: bool = True,
 ) -> Inputs:
     """Load the teacher (from `base`, unless given) and the training data; check that the teacher converts; choose
-    the softmax layers when the recipe asks for a measured selection ("kl:K", kept in OUT/checkpoints)."""
+    the softmax layers when the recipe asks for a measured selection ("kl:K", "copy:20%", kept in OUT/checkpoints)."""
     if teacher is None:
         if base is None:
             raise ConversionError("give BASE (a checkpoint directory, hub id or .gguf file) or a loaded teacher")
@@ -692,8 +700,11 @@ def _layer_selection(
     teacher, recipe: Recipe, train_data: PackedData, dist: Dist, cached: Path, progress: bool
 ) -> LayerSelection:
     """The recipe's softmax-layer selection on the first training sequences, measured once (main process) and kept in
-    `cached`, so that a rerun resumes with the same layers."""
+    `cached`, so that a rerun resumes with the same layers; nothing to measure or keep when the spec keeps no layer of
+    this model (K = 0)."""
     calibration_ids = train_data.input_ids[:CALIBRATION_SEQUENCES]
+    if check_selection_size(recipe, teacher.config.num_hidden_layers)[1] == 0:
+        return select_softmax_layers(teacher, recipe, calibration_ids, dist.device, progress)
     key = {
         "softmax_layers": recipe.softmax_layers,
         "teacher_config": _digest(teacher.config.to_dict()),

@@ -21,7 +21,8 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
 
-from hf_based.conversion.linearize import Recipe, based_config
+from hf_based.conversion.linearize import based_config
+from hf_based.conversion.recipe import LOLCATS, Recipe
 from hf_based.errors import CheckpointError, ConversionError, UsageError
 from hf_based.importers.common import is_count, load_tensors, save_checkpoint
 from hf_based.modeling import BasedConfig, BasedForCausalLM
@@ -45,7 +46,7 @@ def llama_to_based_config(
     """A LoLCATs hybrid `BasedConfig` for a Llama config: every layer `hybrid_attention` with hedgehog feature maps
     of `hedgehog_dim` on Llama-shaped q/k/v/o (RoPE, GQA), `window` softmax keys per query (itself included); the
     conversion's own mapping (`based_config`) with those settings."""
-    return based_config(llama_config, Recipe(window=window, hedgehog_dim=hedgehog_dim))
+    return based_config(llama_config, Recipe(window=window, hedgehog_dim=hedgehog_dim, **LOLCATS))
 
 
 def load_lolcats_checkpoint(path_or_id: str) -> dict[str, torch.Tensor]:
