@@ -240,6 +240,7 @@ def main(argv=None) -> int:
 
 def run(args: argparse.Namespace, work: Path) -> int:
     from hf_based.conversion import Recipe, convert
+    from hf_based.conversion.recipe import LOLCATS
     from hf_based.conversion.teacher import load_teacher
 
     start = time.perf_counter()
@@ -315,6 +316,7 @@ def run(args: argparse.Namespace, work: Path) -> int:
             stage2_steps=steps2,
             stage2_lr=args.stage2_lr,
             checkpoint_every=max(steps1, steps2, 1),
+            **LOLCATS,  # every layer converted, window factor 0.1: not the package's defaults
         )
         recipe = Recipe(**{**settings, **overrides})
         try:

@@ -22,6 +22,7 @@ from hf_based.conversion import Recipe
 from hf_based.conversion.data import PackedData
 from hf_based.conversion.linearize import AttentionTransfer, linearize_model, stage1_optimizer
 from hf_based.conversion.pipeline import run_stage1, run_stage2
+from hf_based.conversion.recipe import LOLCATS
 from hf_based.training import Dist, autocast_for
 
 SEQ_LEN = 1024
@@ -39,7 +40,7 @@ def main(config_dir: str, out_dir: str) -> None:
     results = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu"}
     for name, overrides in [("hybrid", {}), ("linear_only", {"linear_only": True})]:
         for batch, accum in SHAPES:
-            recipe = Recipe(batch_size=batch, grad_accum=accum, **overrides)
+            recipe = Recipe(batch_size=batch, grad_accum=accum, **LOLCATS, **overrides)
             student = linearize_model(teacher, recipe, device=device)
             tag = f"{name} {batch}x{accum}"
             s1 = run_stage1(student, recipe, data, 8, dist, work / f"{tag} 1.pt", {}, progress=False)
@@ -51,7 +52,7 @@ def main(config_dir: str, out_dir: str) -> None:
             print(tag, results[tag], flush=True)
             del student
 
-    recipe = Recipe(batch_size=2, grad_accum=1)
+    recipe = Recipe(batch_size=2, grad_accum=1, **LOLCATS)
     student = linearize_model(teacher, recipe, device=device)
     groups, _ = stage1_optimizer(student, student.config, recipe)
     modules = {i: student.model.layers[i].self_attn for i in groups}

@@ -3,8 +3,8 @@
     python benchmarks/recall_probe.py --teacher PATH_OR_ID --out DIR [--lengths 256,512] [--samples 1]
 
 Scores the teacher and untrained conversions (`linearize_model`: the teacher's weights, fresh feature maps) on the
-retrieval tasks with hf-based's lm-eval integration: the LoLCATs default (window 64, window factor 0.1), larger
-window factors and a wider window. Writes DIR/results.json and DIR/results.md with date, commit and machine.
+retrieval tasks with hf-based's lm-eval integration, every layer converted: LoLCATs' recipe (window 64, window
+factor 0.1), larger window factors and a wider window. Writes DIR/results.json and DIR/results.md with date, commit and machine.
 """
 
 import argparse
@@ -16,11 +16,12 @@ from hf_based.bench import report
 from hf_based.conversion import Recipe, linearize_model, load_teacher
 from hf_based.eval import evaluate
 
+# Every layer converted (softmax_layers=()), as LoLCATs does.
 VARIANTS = {
-    "window 64, factor 0.1 (LoLCATs)": Recipe(window=64, window_factor_init=0.1),
-    "window 64, factor 0.9": Recipe(window=64, window_factor_init=0.9),
-    "window 64, factor 0.999": Recipe(window=64, window_factor_init=0.999),
-    "window 128, factor 0.9": Recipe(window=128, window_factor_init=0.9),
+    "window 64, factor 0.1 (LoLCATs)": Recipe(window=64, window_factor_init=0.1, softmax_layers=()),
+    "window 64, factor 0.9": Recipe(window=64, window_factor_init=0.9, softmax_layers=()),
+    "window 64, factor 0.999": Recipe(window=64, window_factor_init=0.999, softmax_layers=()),
+    "window 128, factor 0.9": Recipe(window=128, window_factor_init=0.9, softmax_layers=()),
 }
 
 

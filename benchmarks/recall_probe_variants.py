@@ -64,7 +64,7 @@ def main() -> None:
     rows = {"teacher": key_predicted(teacher, tokenizer, docs)}
     modeling.hybrid_attention = hybrid_variant
     for factor in (0.1, 0.9, 0.999):
-        model = linearize_model(teacher, Recipe(window=64, window_factor_init=factor)).eval()
+        model = linearize_model(teacher, Recipe(window=64, window_factor_init=factor, softmax_layers=())).eval()
         for sink, damp in itertools.product((0, 1, 4, 16), (False, True)):
             VARIANT.update(sink=sink, damp=damp)
             name = f"window 64, factor {factor}, sink {sink}" + (", linear x (1 - factor)" if damp else "")
