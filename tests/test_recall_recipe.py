@@ -6,9 +6,9 @@ import random
 
 import pytest
 import torch
+from conversion_helpers import WORDS, make_tokenizer
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from conversion_helpers import WORDS, make_tokenizer
 from hf_based.conversion import Recipe, convert
 
 COPIED = 16  # words, then a separator, then the same words again: the copy lies 17 positions back
