@@ -38,8 +38,16 @@ from hf_based.conversion import (
 )
 from hf_based.conversion.blockwise import block_layers
 from hf_based.conversion.data import IGNORE_INDEX, load_records, load_training_data
-from hf_based.conversion.layer_selection import CRITERIA, check_selection_size, full_attention, select_softmax_layers
-from hf_based.conversion.linearize import AttentionTransfer, converted_layers, stage1_parameters
+from hf_based.conversion.layer_selection import (
+    CRITERIA,
+    check_selection_size,
+    copy_scores,
+    full_attention,
+    only_converted,
+    repeated_halves,
+    select_softmax_layers,
+)
+from hf_based.conversion.linearize import AttentionTransfer, converted_layers, distillation_loss, stage1_parameters
 from hf_based.conversion.recipe import LOLCATS, SOFTMAX_LAYERS_FORMS
 from hf_based.errors import UsageError
 from hf_based.modeling.compat import output_cache
@@ -508,6 +516,27 @@ def test_layer_selection_picks_the_layer_that_linearizes_worst(worst):
         3,
     ]
     assert select_softmax_layers(teacher, tiny_recipe(softmax_layers="kl:0"), ids, progress=False).layers == []
+
+
+def test_copy_scores_equal_full_forwards_with_one_layer_converted():
+    """copy_scores starts each measurement from the teacher's hidden states at the converted layer and computes only
+    the repeat's logits; that must equal the KL of full forwards with only that layer converted, counted on the
+    repeat of each sequence (odd length: the last token is dropped)."""
+    teacher = make_teacher(vocab=64).double()
+    student = linearize_model(teacher, tiny_recipe(window=4, softmax_layers=())).double()
+    ids = torch.randint(3, 64, (3, 21), generator=torch.Generator().manual_seed(0))
+    fast = copy_scores(teacher, student, ids, batch_size=2, progress=False)
+    repeated = repeated_halves(ids)
+    assert torch.equal(repeated[:, :10], repeated[:, 10:]) and repeated.shape == (3, 20)
+    with torch.no_grad():
+        for i in range(4):
+            kls = []
+            for batch in repeated.split(2):
+                with only_converted(student, i):
+                    logits = student(input_ids=batch, use_cache=False).logits[:, 10:]
+                kls.append(float(distillation_loss(logits, teacher(input_ids=batch).logits[:, 10:], 1.0)))
+            assert fast[i] == pytest.approx(sum(kls) / len(kls), rel=1e-5)
+    assert len(set(fast.values())) == 4  # the layers differ: a test that a constant would fail
 
 
 def test_restoring_every_layer_gives_the_teacher():

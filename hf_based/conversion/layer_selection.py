@@ -98,9 +98,8 @@ def full_attention(layer: BasedDecoderLayer, config: BasedConfig) -> Iterator[No
         layer.self_attn = converted
 
 
-def _kl_to_teacher(student: BasedForCausalLM, ids: torch.Tensor, teacher_logits: torch.Tensor, start: int) -> float:
-    logits = student(input_ids=ids, use_cache=False).logits[:, start:]
-    return float(distillation_loss(logits, teacher_logits, temperature=1.0))
+def _kl_to_teacher(student: BasedForCausalLM, ids: torch.Tensor, teacher_logits: torch.Tensor) -> float:
+    return float(distillation_loss(student(input_ids=ids, use_cache=False).logits, teacher_logits, temperature=1.0))
 
 
 def repeated_halves(ids: torch.Tensor) -> torch.Tensor:
@@ -127,31 +126,65 @@ def kl_scores(
     batch_size: int = 1,
     autocast=contextlib.nullcontext,
     progress: bool = True,
-    copy: bool = False,
 ) -> dict[int, float]:
-    """Per converted layer, per token, mean over the batches of `calibration_ids`:
-    - kl: KL(teacher || student) with every layer converted - the same with this layer restored to softmax attention;
-    - copy: on `repeated_halves` of the sequences, KL(teacher || student with only this layer converted), counted on
-      the repeat."""
+    """{converted layer: KL(teacher || student) with every layer converted - the same with this one restored to
+    softmax attention}, per token, mean over the batches of `calibration_ids`."""
     from tqdm.auto import tqdm
 
     layers = converted_layers(student.config)
     device = next(student.parameters()).device
-    if copy:
-        calibration_ids = repeated_halves(calibration_ids)
-    start = calibration_ids.shape[1] // 2 if copy else 0
-    scores = dict.fromkeys(layers, 0.0)
+    reduction = dict.fromkeys(layers, 0.0)
     batches = calibration_ids.split(batch_size)
     # Batch by batch, so that only one batch's vocabulary-sized logits are held at a time.
-    for ids in tqdm(batches, desc=f"layer selection ({'copy' if copy else 'kl'})", disable=not progress):
+    for ids in tqdm(batches, desc="layer selection (kl)", disable=not progress):
         ids = ids.to(device)
         with autocast():
-            teacher_logits = teacher(input_ids=ids, use_cache=False).logits[:, start:]
-            converted_kl = 0.0 if copy else _kl_to_teacher(student, ids, teacher_logits, start)
+            teacher_logits = teacher(input_ids=ids, use_cache=False).logits
+            converted_kl = _kl_to_teacher(student, ids, teacher_logits)
             for i in layers:
-                with only_converted(student, i) if copy else full_attention(student.model.layers[i], student.config):
-                    kl = _kl_to_teacher(student, ids, teacher_logits, start)
-                scores[i] += kl if copy else converted_kl - kl
+                with full_attention(student.model.layers[i], student.config):
+                    reduction[i] += converted_kl - _kl_to_teacher(student, ids, teacher_logits)
+    return {i: total / len(batches) for i, total in reduction.items()}
+
+
+@torch.no_grad()
+def copy_scores(
+    teacher: nn.Module,
+    student: BasedForCausalLM,
+    calibration_ids: torch.Tensor,
+    batch_size: int = 1,
+    autocast=contextlib.nullcontext,
+    progress: bool = True,
+) -> dict[int, float]:
+    """{converted layer: KL(teacher || student with only this layer converted)}, per token of the repeat in
+    `repeated_halves` of the calibration sequences, mean over the batches.
+
+    The layers below the converted one are the teacher's, so each measurement starts from the teacher's hidden
+    states at that layer and runs only the layers above it, and the logits only of the repeat: about half the work
+    of full forwards."""
+    from tqdm.auto import tqdm
+
+    layers = converted_layers(student.config)
+    device = next(student.parameters()).device
+    ids_all = repeated_halves(calibration_ids)
+    start = ids_all.shape[1] // 2
+    positions = torch.arange(ids_all.shape[1], device=device)[None]
+    scores = dict.fromkeys(layers, 0.0)
+    batches = ids_all.split(batch_size)
+    for ids in tqdm(batches, desc="layer selection (copy)", disable=not progress):
+        ids = ids.to(device)
+        with autocast():
+            teacher_out = teacher(input_ids=ids, use_cache=False, output_hidden_states=True)
+            teacher_logits = teacher_out.logits[:, start:]
+            layer_inputs = teacher_out.hidden_states  # [i]: the input of layer i
+            position_embeddings = student.model.rotary_emb(layer_inputs[0], positions)
+            for i in layers:
+                hidden = layer_inputs[i]
+                with only_converted(student, i):
+                    for layer in student.model.layers[i:]:
+                        hidden = layer(hidden, position_embeddings=position_embeddings)
+                logits = student.lm_head(student.model.norm(hidden[:, start:]))
+                scores[i] += float(distillation_loss(logits, teacher_logits, temperature=1.0))
     return {i: total / len(batches) for i, total in scores.items()}
 
 
@@ -176,7 +209,8 @@ def select_softmax_layers(
     if strategy in ("kl", "copy"):
         home = next(teacher.parameters()).device
         teacher.to(device)
-        scores = kl_scores(teacher, student, calibration_ids, recipe.batch_size, autocast, progress, strategy == "copy")
+        score = kl_scores if strategy == "kl" else copy_scores
+        scores = score(teacher, student, calibration_ids, recipe.batch_size, autocast, progress)
         teacher.to(home)
     else:
         scores = layer_attention_mse(student, calibration_ids, recipe.batch_size, autocast)
