@@ -1,5 +1,7 @@
-"""Small helpers shared across the package: dtype names, number formatting, plotting, the repository's data folder."""
+"""Small helpers shared across the package: dtype names, number formatting, plotting, the repository's data folder,
+CPU threads."""
 
+import os
 from pathlib import Path
 
 import torch
@@ -45,3 +47,12 @@ def pyplot():
 def shared_data_dir() -> Path:
     """shared/data beside the repository checkout this package runs from (may not exist, e.g. when installed)."""
     return Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def free_cpu_threads() -> int:
+    """The CPU cores this process may use, less those that other work keeps busy (the last minute's load average),
+    at least 1. torch's default, one thread per core, stalls when other processes share the cores: each of its
+    parallel regions waits for its slowest thread."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    busy = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    return max(1, min(cores, round(cores - busy)))

@@ -1,6 +1,7 @@
 """The `hf-based` command line and the bundled tokenizer."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +13,7 @@ from transformers import AutoModelForCausalLM
 from hf_based import PRESETS, BasedForCausalLM, preset_config
 from hf_based.cli import main
 from hf_based.tokenizer import load_tokenizer
+from hf_based.utils import free_cpu_threads
 
 
 @pytest.fixture(scope="module")
@@ -112,3 +114,26 @@ def test_usage_errors_are_one_line(capsys):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("hf-based init: error: argument --dtype: invalid choice: 'float8'"), err
+
+
+@pytest.mark.parametrize(("load", "cores", "threads"), [(0.0, 2, 2), (1.2, 2, 1), (7.0, 4, 1), (1.4, 4, 3)])
+def test_free_cpu_threads_leave_the_busy_cores(monkeypatch, load, cores, threads):
+    monkeypatch.setattr(os, "getloadavg", lambda: (load, load, load))
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)))
+    assert free_cpu_threads() == threads
+
+
+def test_commands_set_threads_unless_omp_num_threads_is_set(tiny_dir, monkeypatch):
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.0, 0.0, 0.0))
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2})
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+        main(["init", str(tiny_dir / "a"), "--preset", "tiny"])
+        assert torch.get_num_threads() == 3
+        torch.set_num_threads(1)
+        monkeypatch.setenv("OMP_NUM_THREADS", "1")
+        main(["init", str(tiny_dir / "b"), "--preset", "tiny"])
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)

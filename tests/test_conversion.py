@@ -14,6 +14,7 @@ import time
 import pytest
 import torch
 from conversion_helpers import LLAMA3_ROPE, make_teacher, make_tokenizer, make_workdir, records, run, tiny_recipe
+from safetensors import safe_open
 from transformers import (
     AutoModelForCausalLM,
     GPT2Config,
@@ -25,6 +26,7 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
+from hf_based.cli import convert as cli_convert
 from hf_based.cli import main
 from hf_based.cli.convert import add_recipe_arguments, recipe_from_args, resolve_defaults
 from hf_based.conversion import (
@@ -51,6 +53,7 @@ from hf_based.conversion.linearize import AttentionTransfer, converted_layers, d
 from hf_based.conversion.recipe import LOLCATS, SOFTMAX_LAYERS_FORMS
 from hf_based.errors import UsageError
 from hf_based.modeling.compat import output_cache
+from hf_based.utils import shared_data_dir
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -724,3 +727,23 @@ def test_spec_that_keeps_no_layer_converts_every_layer_and_says_so(workdir):
     assert not (out / "checkpoints" / "layer_selection.pt").exists()
     card = " ".join((out / "README.md").read_text().split())
     assert "`--softmax-layers copy:20%` keeps none of this model's 4 layers: every attention layer is converted" in card
+
+
+@pytest.mark.slow
+def test_demo_shows_retrieval_speed_and_shares_and_saves_bf16(workdir, tmp_path, capsys, monkeypatch):
+    """The demo on a tiny teacher: the comparison includes the retrieval task, every shown score as a share of the
+    teacher's, and the speed table; the weights are saved in bfloat16 unless --dtype says otherwise."""
+    monkeypatch.setattr(cli_convert, "DEMO_SPEED_PROMPT", 64)
+    teacher_dir = str(workdir / "teacher")
+    budget = ["--seq-len", "32", "--stage1-steps", "2", "--stage2-steps", "1", "--window", "8", "--no-progress"]
+    evaluation = ["--eval-tasks", "piqa", "--eval-limit", "4", "--eval-data-dir", str(shared_data_dir() / "eval")]
+    data = ["--data", str(workdir / "alpaca.json")]
+    assert main(["demo", str(tmp_path / "out"), "--teacher", teacher_dir, *budget, *evaluation, *data]) == 0
+    printed = capsys.readouterr().out
+    assert "niah_single" in printed and "Converted vs teacher:" in printed
+    assert re.search(r"piqa acc: \d+% of the teacher's", printed)
+    assert "On this machine" in printed and "prefill of 64 tokens" in printed
+    speed = json.loads((tmp_path / "out" / "demo_speed.json").read_text())
+    assert speed["teacher"]["decode"]["cache_bytes"] > 0 and speed["converted"]["prefill"]["status"] == "ok"
+    with safe_open(tmp_path / "out" / "model.safetensors", "pt") as weights:
+        assert {weights.get_slice(name).get_dtype() for name in weights.keys()} == {"BF16"}

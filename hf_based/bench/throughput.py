@@ -422,6 +422,38 @@ def measure_decode(model, batch: int, prompt_len: int, settings: BenchSettings, 
     return record
 
 
+def speed_and_memory(models: dict, prompt_len: int, device: torch.device, decode_batch: int = 1) -> dict[str, dict]:
+    """A quick side-by-side on this machine: per model, prefill of `prompt_len` tokens (batch 1) and greedy decode
+    steps after it (`decode_batch` sequences), eager, with the cache bytes they hold. -> {name: {"prefill": record,
+    "decode": record}} as measure_prefill / measure_decode write them."""
+    settings = BenchSettings(steps=8, trials=1, warmup_steps=1, cuda_graphs=False)
+    return {
+        name: {
+            "prefill": measure_prefill(model, prompt_len, 1, device),
+            "decode": measure_decode(model, decode_batch, prompt_len, settings, device),
+        }
+        for name, model in models.items()
+    }
+
+
+def format_speed_and_memory(results: dict[str, dict]) -> str:
+    """The records of `speed_and_memory` as a markdown table."""
+    rows = []
+    for name, record in results.items():
+        prefill, decode = record["prefill"], record["decode"]
+        rows.append(
+            [
+                name,
+                _rate(prefill),
+                _rate(decode),
+                f"{decode['cache_bytes'] / 2**20:.1f}" if "cache_bytes" in decode else "-",
+            ]
+        )
+    prompt = next(iter(results.values()))["prefill"]["length"]
+    header = ["model", f"prefill of {prompt} tokens", f"decode after {prompt} tokens", "cache (MiB)"]
+    return report.markdown_table(header, rows)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Benchmark and report
 

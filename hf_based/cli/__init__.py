@@ -12,9 +12,12 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import torch
+
 from hf_based import __version__
 from hf_based.cli import bench, convert, eval, import_based, import_lolcats, init, mqar
 from hf_based.errors import HfBasedError
+from hf_based.utils import free_cpu_threads
 
 
 @dataclass(frozen=True)
@@ -81,6 +84,8 @@ def main(argv: list[str] | None = None) -> int:
     # The library logs; the command line shows its INFO messages as plain lines.
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     logging.getLogger("hf_based").setLevel(logging.INFO)
+    if "OMP_NUM_THREADS" not in os.environ:  # the user's setting wins
+        torch.set_num_threads(free_cpu_threads())
     try:
         COMMANDS[args.command].run(args)
     except Exception as error:

@@ -13,9 +13,14 @@ import importlib.util
 import logging
 import time
 import typing
+import warnings
 
+import transformers
+
+from hf_based.bench.report import write_json
+from hf_based.bench.throughput import format_speed_and_memory, speed_and_memory
 from hf_based.conversion.demo import demo_teacher
-from hf_based.conversion.pipeline import DataOptions, EvalOptions, check_options, convert
+from hf_based.conversion.pipeline import DataOptions, EvalOptions, check_options, convert, evaluate_pair
 from hf_based.conversion.recipe import Recipe
 from hf_based.errors import ConversionError
 from hf_based.eval.lm_eval_tasks import format_comparison
@@ -25,6 +30,11 @@ from hf_based.utils import DTYPES, shared_data_dir
 logger = logging.getLogger(__name__)
 
 DEFAULT_DEMO_OUT = "hf-based-demo"
+# What the demo shows beside lm-eval's tasks: needle retrieval at a short length, and speed and cache after a prompt.
+DEMO_RETRIEVAL = "niah_single"
+DEMO_RETRIEVAL_METADATA = {"max_seq_lengths": [256], "num_samples": 2}
+DEMO_SPEED_PROMPT = 1024
+KEEP_TARGET = 0.9  # of the teacher's score, on each task the demo shows
 
 
 def _int_list(text: str) -> tuple[int, ...]:
@@ -59,6 +69,7 @@ MODE_DEFAULTS = {
     "eval_tasks": (EvalOptions.tasks, "piqa,winogrande,lambada_openai"),
     "eval_limit": (EvalOptions.limit, 100),
     "eval_batch_size": (EvalOptions.batch_size, 16),
+    "dtype": ("auto", "bfloat16"),
 }
 # Parsers of the recipe's tuple fields, by field name.
 LIST_TYPES = {"softmax_layers": _softmax_layers, "lora_targets": _name_list}
@@ -156,7 +167,9 @@ def add_recipe_arguments(parser: argparse.ArgumentParser) -> None:
         help="replace a finished model in OUT (without it, only a rerun with identical settings may save it again)",
     )
     run.add_argument(
-        "--dtype", choices=["auto", *DTYPES], default="auto", help="dtype of the saved weights (auto: the teacher's)"
+        "--dtype",
+        choices=["auto", *DTYPES],
+        help=f"dtype of the saved weights ({_mode_help('dtype')}; auto: the teacher's)",
     )
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
 
@@ -275,6 +288,7 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_demo(args: argparse.Namespace) -> None:
     resolve_defaults(args, demo=True)
+    quiet_libraries()
     start = time.perf_counter()
     shared = shared_data_dir()
     eval_tasks = None if args.no_eval else args.eval_tasks
@@ -304,9 +318,63 @@ def run_demo(args: argparse.Namespace) -> None:
     result = run_conversion(
         args, None, args.out, data, eval_tasks, eval_dir, teacher=teacher, tokenizer=tokenizer, base_name=name
     )
+    if result.model is not None and eval_tasks:
+        add_retrieval(result, teacher, tokenizer, args.eval_batch_size)
     print()
     print_summary(result)
+    if result.eval_results:
+        print(kept_scores(result.eval_results, result.teacher_eval_results or {}))
+    if result.model is not None:
+        logger.info("measuring speed and cache of both models after a %d-token prompt", DEMO_SPEED_PROMPT)
+        speed = speed_and_memory(
+            {"teacher": teacher, "converted": result.model}, DEMO_SPEED_PROMPT, next(result.model.parameters()).device
+        )
+        write_json(result.out / "demo_speed.json", speed)
+        print(f"\nOn this machine (batch 1, eager):\n{format_speed_and_memory(speed)}")
     print(
         f"\nhf-based demo: {name} -> {result.out} in {time.perf_counter() - start:.0f} s. Load it with "
         f"AutoModelForCausalLM.from_pretrained({str(result.out)!r}, trust_remote_code=True)"
     )
+
+
+def quiet_libraries() -> None:
+    """The demo's output is its own progress and results: the libraries' notes (lm-eval's on passing a loaded model,
+    transformers' deprecations) would bury them. Errors still show."""
+    logging.getLogger("lm_eval").setLevel(logging.ERROR)
+    transformers.logging.set_verbosity_error()
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=UserWarning, module="lm_eval")
+
+
+def add_retrieval(result, teacher, tokenizer, batch_size: int) -> None:
+    """Score teacher and converted model on DEMO_RETRIEVAL too, into the results the comparison table shows."""
+    device = next(result.model.parameters()).device
+    teacher_scores, scores = evaluate_pair(
+        teacher,
+        result.model,
+        tokenizer,
+        DEMO_RETRIEVAL,
+        None,
+        None,
+        batch_size,
+        device,
+        metadata=DEMO_RETRIEVAL_METADATA,
+    )
+    result.teacher_eval_results = {**(result.teacher_eval_results or {}), **teacher_scores}
+    result.eval_results = {**result.eval_results, **scores}
+
+
+def kept_scores(results: dict, teacher_results: dict) -> str:
+    """Per task shown, the converted model's score as a share of the teacher's (perplexities inverted), and whether
+    it reaches KEEP_TARGET."""
+    lines = []
+    for task, scores in results.items():
+        teacher_scores = teacher_results.get(task, {})
+        for metric, value in scores.items():
+            base = teacher_scores.get(metric)
+            if base is None or metric.endswith("_stderr") or not base or not value:
+                continue
+            share = base / value if metric == "perplexity" else value / base
+            verdict = "" if share >= KEEP_TARGET else f"  <- below {KEEP_TARGET:.0%} of the teacher's"
+            lines.append(f"{task} {metric}: {share:.0%} of the teacher's{verdict}")
+    return "\nConverted vs teacher:\n" + "\n".join(lines)

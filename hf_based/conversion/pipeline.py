@@ -385,8 +385,9 @@ def model_card(info: dict) -> str:
         + f", {recipe['feature_map']} feature maps"
         + (f"; layers {layers['softmax']} keep softmax attention." if layers["softmax"] else "."),
         "",
-        "Load it with `AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)` "
-        "(needs `pip install hf-based`), or import `hf_based` first.",
+        "Load it with `AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)`, or import `hf_based` "
+        "first. Both need the hf-based package, which is not on PyPI: install it from its source (`pip install -e .` "
+        "in a checkout).",
         "",
     ]
     selection = info.get("layer_selection")
@@ -1082,9 +1083,12 @@ def convert(
     return save_artifacts(out, inputs, recipe, plan, stages, metrics, dist, dtype, evaluation, started, overwrite=True)
 
 
-def evaluate_pair(teacher, model, tokenizer, tasks, data_dir, limit, batch_size, device, teacher_results=None):
-    """lm-eval scores of the teacher (unless given) and the converted model: (teacher results, converted results)."""
-    kwargs = dict(tokenizer=tokenizer, data_dir=data_dir, limit=limit, batch_size=batch_size)
+def evaluate_pair(
+    teacher, model, tokenizer, tasks, data_dir, limit, batch_size, device, teacher_results=None, metadata=None
+):
+    """lm-eval scores of the teacher (unless given) and the converted model: (teacher results, converted results).
+    metadata: lm-eval task metadata, e.g. the retrieval tasks' lengths."""
+    kwargs = dict(tokenizer=tokenizer, data_dir=data_dir, limit=limit, batch_size=batch_size, metadata=metadata)
     if teacher_results is None:
         teacher.to(device)
         teacher_results = evaluate(teacher, tasks, **kwargs)
