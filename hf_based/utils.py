@@ -2,6 +2,7 @@
 CPU threads."""
 
 import os
+import time
 from pathlib import Path
 
 import torch
@@ -50,9 +51,28 @@ def shared_data_dir() -> Path:
 
 
 def free_cpu_threads() -> int:
-    """The CPU cores this process may use, less those that other work keeps busy (the last minute's load average),
-    at least 1. torch's default, one thread per core, stalls when other processes share the cores: each of its
-    parallel regions waits for its slowest thread."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    busy = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
-    return max(1, min(cores, round(cores - busy)))
+    """The CPU cores this process may use, less those that other work keeps busy right now, at least 1. torch's
+    default, one thread per core, stalls when other processes share the cores: each of its parallel regions waits
+    for its slowest thread."""
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    free = (os.cpu_count() or usable) - busy_cores()
+    return max(1, min(usable, round(free)))
+
+
+def busy_cores(seconds: float = 0.2) -> float:
+    """How many cores are busy: measured over `seconds` from /proc/stat on Linux, else the last minute's load
+    average (which lags: it still counts processes that ended seconds ago)."""
+    try:
+        before = _cpu_ticks()
+        time.sleep(seconds)
+        after = _cpu_ticks()
+    except OSError:
+        return os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    total = sum(after) - sum(before)
+    idle = sum(after[3:5]) - sum(before[3:5])  # idle and iowait
+    return (os.cpu_count() or 1) * (1 - idle / total) if total else 0.0
+
+
+def _cpu_ticks() -> list[int]:
+    with open("/proc/stat") as stat:
+        return [int(ticks) for ticks in stat.readline().split()[1:]]

@@ -4,16 +4,16 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from hf_based import PRESETS, BasedForCausalLM, preset_config
+from hf_based import PRESETS, BasedForCausalLM, preset_config, utils
 from hf_based.cli import main
 from hf_based.tokenizer import load_tokenizer
-from hf_based.utils import free_cpu_threads
 
 
 @pytest.fixture(scope="module")
@@ -116,16 +116,34 @@ def test_usage_errors_are_one_line(capsys):
     assert len(err) == 1 and err[0].startswith("hf-based init: error: argument --dtype: invalid choice: 'float8'"), err
 
 
-@pytest.mark.parametrize(("load", "cores", "threads"), [(0.0, 2, 2), (1.2, 2, 1), (7.0, 4, 1), (1.4, 4, 3)])
-def test_free_cpu_threads_leave_the_busy_cores(monkeypatch, load, cores, threads):
-    monkeypatch.setattr(os, "getloadavg", lambda: (load, load, load))
-    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)))
-    assert free_cpu_threads() == threads
+@pytest.mark.parametrize(
+    ("busy", "usable", "cores", "threads"),
+    [(0.0, 2, 2, 2), (1.2, 2, 2, 1), (7.0, 4, 4, 1), (1.4, 4, 4, 3), (0, 2, 8, 2)],
+)
+def test_free_cpu_threads_leave_the_busy_cores(monkeypatch, busy, usable, cores, threads):
+    monkeypatch.setattr(utils, "busy_cores", lambda: busy)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(usable)))
+    monkeypatch.setattr(os, "cpu_count", lambda: cores)
+    assert utils.free_cpu_threads() == threads
+
+
+def test_busy_cores_sees_a_busy_process():
+    """A process spinning on one core: the measured busy cores rise by about one (the rest of the machine may add)."""
+    idle = utils.busy_cores(0.3)
+    spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.3)
+        busy = utils.busy_cores(0.5)
+    finally:
+        spinner.kill()
+    assert 0 <= idle <= (os.cpu_count() or 1)
+    assert busy >= 0.7
 
 
 def test_commands_set_threads_unless_omp_num_threads_is_set(tiny_dir, monkeypatch):
-    monkeypatch.setattr(os, "getloadavg", lambda: (0.0, 0.0, 0.0))
+    monkeypatch.setattr(utils, "busy_cores", lambda: 0.0)
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2})
+    monkeypatch.setattr(os, "cpu_count", lambda: 3)
     before = torch.get_num_threads()
     try:
         monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
