@@ -31,6 +31,7 @@ from hf_based.bench import report  # noqa: E402
 from hf_based.conversion import Recipe, convert, load_teacher  # noqa: E402
 from hf_based.eval import evaluate  # noqa: E402
 from hf_based.modeling.compat import output_cache  # noqa: E402
+from hf_based.utils import shared_data_dir  # noqa: E402
 
 RETRIEVAL_TASKS = ("passkey", "niah_single")
 DEPTHS = (0, 25, 50, 75, 100)
@@ -56,21 +57,13 @@ VARIANTS = {
 }
 
 
-def shared_data(*parts: str) -> Path | None:
-    """shared/data inside the checkout (as it travels to a GPU machine) or beside it."""
-    for root in (REPO / "shared" / "data", REPO.parent / "shared" / "data"):
-        if root.joinpath(*parts).exists():
-            return root.joinpath(*parts)
-    return None
-
-
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--teacher", required=True, metavar="PATH_OR_ID", help=".gguf file, directory or hub id")
     parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument("--variants", default=",".join(VARIANTS), help="names from VARIANTS, comma-separated")
-    parser.add_argument("--data", default=shared_data("corpora", "alpaca_5000.json"), help="training data")
-    parser.add_argument("--eval-data-dir", default=shared_data("eval"), help="lm-eval task data (JSONL)")
+    parser.add_argument("--data", default=shared_data_dir() / "corpora" / "alpaca_5000.json", help="training data")
+    parser.add_argument("--eval-data-dir", default=shared_data_dir() / "eval", help="lm-eval task data (JSONL)")
     parser.add_argument("--stage1-steps", type=int, default=200)
     parser.add_argument("--stage2-steps", type=int, default=100)
     parser.add_argument("--batch-size", type=int, default=8, help="sequences per step")
