@@ -1,19 +1,27 @@
 """Small helpers shared across the package: dtype names, number formatting, plotting, the repository's data folder,
-CPU threads."""
+CPU threads, lazy package exports. Imports torch only in the functions that need it, for the command line's start."""
 
+from __future__ import annotations
+
+import importlib
 import os
+import sys
 import time
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from hf_based.errors import UsageError
+
+if TYPE_CHECKING:
+    import torch
 
 DTYPES = ("float32", "bfloat16", "float16")
 
 
 def torch_dtype(name: str | torch.dtype, auto: torch.dtype | None = None) -> torch.dtype | None:
     """A dtype from its name (one of DTYPES, or "auto" -> `auto`); a one-line UsageError for any other name."""
+    import torch
+
     if isinstance(name, torch.dtype):
         return name
     if name == "auto":
@@ -76,3 +84,18 @@ def busy_cores(seconds: float = 0.2) -> float:
 def _cpu_ticks() -> list[int]:
     with open("/proc/stat") as stat:
         return [int(ticks) for ticks in stat.readline().split()[1:]]
+
+
+def lazy_exports(package: str, modules: dict[str, tuple[str, ...]]):
+    """A package's module `__getattr__` (PEP 562) for the names it exports from its modules ({module: names}): each
+    is imported on first use, so that importing the package (e.g. for the command line's --help) imports no torch."""
+    source = {name: module for module, names in modules.items() for name in names}
+
+    def __getattr__(name: str):
+        if name not in source:
+            raise AttributeError(f"module {package!r} has no attribute {name!r}")
+        value = getattr(importlib.import_module(source[name]), name)
+        setattr(sys.modules[package], name, value)  # found directly from now on
+        return value
+
+    return __getattr__

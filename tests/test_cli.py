@@ -92,6 +92,47 @@ def test_console_script_help():
     assert result.returncode == 0 and "--preset" in result.stdout
 
 
+# The console script's module, then argv; prints whether torch was imported once the command exits (atexit).
+TORCH_AT_EXIT = (
+    "import atexit, sys; atexit.register(lambda: print('torch imported:', 'torch' in sys.modules)); "
+    "import hf_based_launcher; sys.argv = ['hf-based', *sys.argv[1:]]; sys.exit(hf_based_launcher.main())"
+)
+
+
+@pytest.mark.parametrize(
+    "command", [None, "init", "import-based", "import-lolcats", "eval", "convert", "demo", "mqar", "bench"]
+)
+def test_help_and_usage_errors_do_not_import_torch(command):
+    """`hf-based [COMMAND] --help` and a bad argument answer without importing torch (seconds on a small machine)."""
+    for argv in ([command, "--help"], [command, "--no-such-option"]):
+        argv = [a for a in argv if a is not None]
+        result = subprocess.run([sys.executable, "-c", TORCH_AT_EXIT, *argv], capture_output=True, text=True)
+        assert result.returncode in (0, 2), result.stderr
+        assert "torch imported: False" in result.stdout, (argv, result.stdout[-300:])
+
+
+def test_the_console_script_still_imports_torch_to_run_a_command(tmp_path):
+    """The check above can fail: a command that runs imports torch (and registers the model type)."""
+    result = subprocess.run(
+        [sys.executable, "-c", TORCH_AT_EXIT, "init", str(tmp_path / "tiny"), "--preset", "tiny"],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "torch imported: True" in result.stdout
+
+
+def test_import_hf_based_registers_the_model_type():
+    """Outside the command line, `import hf_based` alone lets the Auto classes load our checkpoints."""
+    code = (
+        "import hf_based; from transformers import AutoConfig, AutoModelForCausalLM; "
+        "config = AutoConfig.for_model('based', **hf_based.PRESETS['tiny']); "
+        "print(type(AutoModelForCausalLM.from_config(config)).__name__)"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.stdout.strip() == "BasedForCausalLM", result.stderr[-500:]
+
+
 def test_os_errors_are_one_line_and_debug_shows_the_traceback(tmp_path, capsys, monkeypatch):
     blocker = tmp_path / "file"
     blocker.write_text("")

@@ -152,7 +152,7 @@ def test_demo_checks_options_before_loading_its_teacher(tmp_path, capsys, monkey
     def no_teacher(*_):
         raise AssertionError("the teacher was loaded")
 
-    monkeypatch.setattr("hf_based.cli.convert.demo_teacher", no_teacher)
+    monkeypatch.setattr("hf_based.conversion.demo.demo_teacher", no_teacher)
     fails([a.replace("{out}", str(tmp_path / "out")) for a in args], capsys, message, command=args[0])
     assert not (tmp_path / "out").exists()
 

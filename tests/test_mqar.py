@@ -10,7 +10,8 @@ import torch
 
 from hf_based import BasedConfig, BasedForCausalLM
 from hf_based.bench import mqar
-from hf_based.bench.mqar import FAMILIES, SWEEPS, ModelSpec, multiquery_ar, sample_mqar, train_and_evaluate
+from hf_based.bench.mqar import multiquery_ar, sample_mqar, train_and_evaluate
+from hf_based.bench.mqar_sweeps import FAMILIES, SWEEPS, ModelSpec
 from hf_based.cli import main
 from hf_based.modeling.compat import output_cache
 

@@ -1,7 +1,8 @@
 """The `hf-based` command line (also `python -m hf_based`).
 
 Each subcommand is a `Command` in `COMMANDS`, one module per command: a function adding its arguments to its
-sub-parser and a function running it. Every failure is reported as one line on stderr with exit status 1; `--debug`
+sub-parser and a function running it. The command modules import torch and the models in their run functions only,
+so that parsing (and `--help`) does not wait for them. Every failure is reported as one line on stderr with exit status 1; `--debug`
 (or HF_BASED_DEBUG=1) shows the traceback instead.
 """
 
@@ -12,9 +13,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import torch
-
-from hf_based import __version__
+from hf_based import __version__, register_auto_classes
 from hf_based.cli import bench, convert, eval, import_based, import_lolcats, init, mqar
 from hf_based.errors import HfBasedError
 from hf_based.utils import free_cpu_threads
@@ -84,9 +83,12 @@ def main(argv: list[str] | None = None) -> int:
     # The library logs; the command line shows its INFO messages as plain lines.
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     logging.getLogger("hf_based").setLevel(logging.INFO)
-    if "OMP_NUM_THREADS" not in os.environ:  # the user's setting wins
-        torch.set_num_threads(free_cpu_threads())
     try:
+        import torch
+
+        register_auto_classes()
+        if "OMP_NUM_THREADS" not in os.environ:  # the user's setting wins
+            torch.set_num_threads(free_cpu_threads())
         COMMANDS[args.command].run(args)
     except Exception as error:
         if args.debug or os.environ.get("HF_BASED_DEBUG", "") not in ("", "0"):

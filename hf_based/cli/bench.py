@@ -3,12 +3,10 @@
 import argparse
 import dataclasses
 
-from hf_based.bench.report import machine
-from hf_based.bench.throughput import TINY, BenchSettings, resolve_configs, run_bench, write_report
 from hf_based.cli.common import device as command_device
 from hf_based.cli.common import int_list, output_directory, redraw
 from hf_based.errors import UsageError
-from hf_based.modeling import PRESETS
+from hf_based.modeling.presets import PRESETS
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -45,6 +43,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
+    from hf_based.bench.report import machine
+    from hf_based.bench.throughput import TINY, BenchSettings, resolve_configs, run_bench, write_report
+
     out, results = output_directory(args.out, args.plot_only, "run the benchmark first")
     if results is not None:
         redraw(results, lambda saved: write_report(saved, out), "bench")

@@ -6,9 +6,6 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 
-import torch
-
-from hf_based.bench.report import resolve_device
 from hf_based.errors import UsageError
 
 
@@ -59,8 +56,11 @@ def check_writable(path: Path) -> None:
     probe.unlink()
 
 
-def device(name: str | None) -> torch.device:
-    """--device: cuda if available, else cpu, by default; a one-line error for an unknown or unavailable device."""
+def device(name: str | None):
+    """--device as a torch.device: cuda if available, else cpu, by default; a one-line error for an unknown or
+    unavailable device."""
+    from hf_based.bench.report import resolve_device
+
     try:
         return resolve_device(name)
     except ValueError as error:

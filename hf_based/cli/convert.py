@@ -15,12 +15,7 @@ import time
 import typing
 import warnings
 
-import transformers
-
-from hf_based.bench.report import write_json
-from hf_based.bench.throughput import format_speed_and_memory, speed_and_memory
-from hf_based.conversion.demo import demo_teacher
-from hf_based.conversion.pipeline import DataOptions, EvalOptions, check_options, convert, evaluate_pair
+from hf_based.conversion.options import DataOptions, EvalOptions, check_options
 from hf_based.conversion.recipe import Recipe
 from hf_based.errors import ConversionError
 from hf_based.eval.lm_eval_tasks import format_comparison
@@ -213,6 +208,8 @@ def add_convert_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_conversion(args: argparse.Namespace, base, out, data, eval_tasks, eval_data_dir, **teacher):
     """`convert()` with the recipe and options given on the command line."""
+    from hf_based.conversion.pipeline import convert
+
     return convert(
         base,
         out,
@@ -287,6 +284,10 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_demo(args: argparse.Namespace) -> None:
+    from hf_based.bench.report import write_json
+    from hf_based.bench.throughput import format_speed_and_memory, speed_and_memory
+    from hf_based.conversion.demo import demo_teacher
+
     resolve_defaults(args, demo=True)
     quiet_libraries()
     start = time.perf_counter()
@@ -340,6 +341,8 @@ def run_demo(args: argparse.Namespace) -> None:
 def quiet_libraries() -> None:
     """The demo's output is its own progress and results: the libraries' notes (lm-eval's on passing a loaded model,
     transformers' deprecations) would bury them. Errors still show."""
+    import transformers
+
     logging.getLogger("lm_eval").setLevel(logging.ERROR)
     transformers.logging.set_verbosity_error()
     warnings.filterwarnings("ignore", category=FutureWarning)
@@ -348,6 +351,8 @@ def quiet_libraries() -> None:
 
 def add_retrieval(result, teacher, tokenizer, batch_size: int) -> None:
     """Score teacher and converted model on DEMO_RETRIEVAL too, into the results the comparison table shows."""
+    from hf_based.conversion.pipeline import evaluate_pair
+
     device = next(result.model.parameters()).device
     teacher_scores, scores = evaluate_pair(
         teacher,

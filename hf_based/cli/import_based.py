@@ -2,7 +2,6 @@
 
 import argparse
 
-from hf_based.importers.based import import_based
 from hf_based.utils import DTYPES
 
 
@@ -16,6 +15,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
+    from hf_based.importers.based import import_based
+
     model = import_based(args.src, args.out, args.dtype, overwrite=args.overwrite)
     counts = {mixer: model.config.mixer_types.count(mixer) for mixer in dict.fromkeys(model.config.mixer_types)}
     layers = ", ".join(f"{n} {mixer}" for mixer, n in counts.items())

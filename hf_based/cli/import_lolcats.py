@@ -3,7 +3,7 @@ base Llama."""
 
 import argparse
 
-from hf_based.importers.lolcats import LOLCATS_LORA_ALPHA, LOLCATS_WINDOW, import_lolcats
+from hf_based.conversion.recipe import LOLCATS_LORA_ALPHA, LOLCATS_WINDOW
 from hf_based.utils import DTYPES
 
 
@@ -31,6 +31,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
+    from hf_based.importers.lolcats import import_lolcats
+
     model = import_lolcats(
         args.base_llama,
         args.distill,

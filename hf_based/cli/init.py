@@ -2,13 +2,9 @@
 
 import argparse
 
-import torch
-
 from hf_based.errors import UsageError
-from hf_based.importers.common import save_checkpoint
-from hf_based.modeling import PRESETS, BasedForCausalLM, preset_config
+from hf_based.modeling.presets import PRESETS
 from hf_based.outputs import check_output_directory
-from hf_based.tokenizer import load_tokenizer
 from hf_based.utils import DTYPES
 
 SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.manual_seed takes
@@ -26,6 +22,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
+    import torch
+
+    from hf_based.importers.common import save_checkpoint
+    from hf_based.modeling import BasedForCausalLM, preset_config
+    from hf_based.tokenizer import load_tokenizer
+
     out = check_output_directory(args.out, args.overwrite)
     if not SEED_RANGE[0] <= args.seed <= SEED_RANGE[1]:
         raise UsageError(f"--seed {args.seed} is out of range; accepted: {SEED_RANGE[0]} to {SEED_RANGE[1]}")

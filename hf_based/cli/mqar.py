@@ -4,8 +4,7 @@ import argparse
 import dataclasses
 import time
 
-from hf_based.bench.mqar import FAMILIES, SWEEPS, run_sweep, settings_from_dict, write_report
-from hf_based.bench.report import environment, machine
+from hf_based.bench.mqar_sweeps import FAMILIES, SWEEPS, settings_from_dict
 from hf_based.cli.common import device as command_device
 from hf_based.cli.common import output_directory, redraw
 from hf_based.errors import UsageError
@@ -39,6 +38,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
+    from hf_based.bench.mqar import run_sweep, write_report
+    from hf_based.bench.report import environment, machine
+
     out, results = output_directory(args.out, args.plot_only, "run the sweep first")
     if results is not None:
         redraw(

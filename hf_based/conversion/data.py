@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from hf_based.conversion.options import looks_like_path
 from hf_based.errors import ConversionError
 
 IGNORE_INDEX = -100
@@ -116,19 +117,6 @@ def _load_hub_dataset(name: str) -> list[dict]:
         ) from error
 
 
-def _looks_like_path(source) -> bool:
-    path = Path(source).expanduser()
-    return bool(path.suffix) or path.is_absolute() or str(source).startswith(".")
-
-
-def check_sources(sources: Sequence[str | Path]) -> None:
-    """Fail fast on local data paths that do not exist (before any model is loaded)."""
-    for source in sources:
-        path = Path(source).expanduser()
-        if not path.exists() and _looks_like_path(source):
-            raise ConversionError(f"data file {path} does not exist")
-
-
 def load_records(sources: str | Path | Sequence[str | Path]) -> list[dict]:
     """All records of one or more sources (files, directories, hub dataset names), in order."""
     if isinstance(sources, (str, Path)):
@@ -144,7 +132,7 @@ def load_records(sources: str | Path | Sequence[str | Path]) -> list[dict]:
                 records += _read_file(file)
         elif path.is_file():
             records += _read_file(path)
-        elif _looks_like_path(source):
+        elif looks_like_path(source):
             raise ConversionError(f"data file {path} does not exist")
         else:
             records += _load_hub_dataset(str(source))

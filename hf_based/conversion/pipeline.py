@@ -25,7 +25,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
-import importlib.util
 import json
 import logging
 import math
@@ -44,7 +43,6 @@ from hf_based.conversion.blockwise import run_blockwise_stage1
 from hf_based.conversion.data import (
     IGNORE_INDEX,
     PackedData,
-    check_sources,
     global_order,
     load_training_data,
     teacher_generated_text,
@@ -68,10 +66,11 @@ from hf_based.conversion.linearize import (
     stage1_optimizer,
     stage1_parameters,
 )
-from hf_based.conversion.recipe import Recipe, is_int, is_number
+from hf_based.conversion.options import DataOptions, EvalOptions, check_options
+from hf_based.conversion.recipe import Recipe
 from hf_based.conversion.teacher import load_teacher
 from hf_based.errors import ConversionError, UsageError
-from hf_based.eval.lm_eval_tasks import LOCAL_TASKS, RETRIEVAL_NAMES, evaluate, split_tasks
+from hf_based.eval.lm_eval_tasks import evaluate
 from hf_based.modeling import BasedConfig, BasedForCausalLM
 from hf_based.outputs import check_output_directory, is_model_directory, model_directory
 from hf_based.training import (
@@ -90,8 +89,6 @@ from hf_based.training import (
 from hf_based.utils import format_number, torch_dtype
 
 logger = logging.getLogger(__name__)
-
-TEACHER_DATA = "teacher"  # data source: let the teacher generate its own training text
 
 
 @dataclass
@@ -474,77 +471,6 @@ def model_card(info: dict) -> str:
 
 
 @dataclass
-class DataOptions:
-    """The training text: files, directories, hub datasets, or TEACHER_DATA for text the teacher writes
-    (`teacher_sequences` sequences of seq_len tokens); the template of instruction records; what is held out."""
-
-    sources: list[str | Path]
-    template: str = "alpaca"
-    teacher_sequences: int = 256
-    val_records: int = 200
-    val_sequences: int = 8
-    max_records: int | None = None
-
-    def check(self) -> None:
-        """ConversionError for missing sources, TEACHER_DATA mixed with others, or counts out of range; before the
-        teacher loads."""
-        for name, lowest in (("teacher_sequences", 1), ("val_records", 0), ("val_sequences", 1), ("max_records", 1)):
-            value = getattr(self, name)
-            if not (is_int(value) and value >= lowest) and not (name == "max_records" and value is None):
-                raise ConversionError(f"{name}={value!r} is not supported; accepted: integers >= {lowest}")
-        if not self.sources:
-            raise ConversionError(f"no training data: give data files/directories/hub datasets, or {TEACHER_DATA!r}")
-        if self.from_teacher:
-            return
-        if any(str(s) == TEACHER_DATA for s in self.sources):
-            check_sources([s for s in self.sources if str(s) != TEACHER_DATA])
-            raise ConversionError(f"{TEACHER_DATA!r} cannot be combined with other data sources")
-        check_sources(self.sources)
-
-    @property
-    def from_teacher(self) -> bool:
-        return [str(s) for s in self.sources] == [TEACHER_DATA]
-
-
-@dataclass
-class EvalOptions:
-    """lm-eval scoring of the teacher and the converted model (hf_based.eval); none without `tasks`."""
-
-    tasks: str | Sequence[str] | None = None
-    data_dir: str | Path | None = None  # local task data
-    limit: int | float | None = None  # documents per task
-    batch_size: int = 8
-    teacher_results: dict | None = None  # the teacher's known scores: it is not evaluated again
-
-    def check(self) -> None:
-        """ConversionError for what would fail only after training: lm-eval missing, unknown task names, a data
-        directory that does not exist, a limit or batch size out of range."""
-        if not self.tasks:
-            return
-        if importlib.util.find_spec("lm_eval") is None:
-            raise ConversionError("eval_tasks need lm-eval, which is not installed: pip install 'hf-based[eval]'")
-        if not (self.limit is None or (is_number(self.limit) and self.limit > 0)):
-            raise ConversionError(f"eval_limit={self.limit!r} is not supported; accepted: a number > 0")
-        if not (is_int(self.batch_size) and self.batch_size >= 1):
-            raise ConversionError(f"eval_batch_size={self.batch_size!r} is not supported; accepted: integers >= 1")
-        names = split_tasks(self.tasks)
-        if self.data_dir is not None:
-            if not Path(self.data_dir).is_dir():
-                raise ConversionError(f"eval_data_dir {self.data_dir} is not a directory")
-            known = (*LOCAL_TASKS, *RETRIEVAL_NAMES)
-            accepted = f"{', '.join(known)}, mmlu_* subjects"
-            unknown = [name for name in names if name not in known and not name.startswith("mmlu_")]
-        else:
-            from lm_eval.tasks import TaskManager  # its task index takes seconds: still cheaper than a lost run
-
-            known = set(TaskManager().all_tasks) | set(RETRIEVAL_NAMES)
-            accepted = "lm-eval's task names (lm-eval ls tasks)"
-            unknown = [name for name in names if name not in known]
-        if unknown or not names:
-            raise ConversionError(f"unknown eval task(s) {', '.join(unknown) or '(none)'}; accepted: {accepted}")
-
-
-@dataclass
 class Inputs:
     """What a conversion starts from: the teacher, the converted model's config, the training and validation data,
     and the recipe as run (a softmax-layer selection spec resolved to the layers it chose)."""
@@ -575,13 +501,6 @@ class Plan:
 def _log(dist: Dist, message: str, *args) -> None:
     if dist.is_main:
         logger.info(message, *args)
-
-
-def check_options(recipe: Recipe, data: DataOptions, evaluation: EvalOptions) -> None:
-    """Every option, before any work starts: ConversionError naming the first that cannot be used."""
-    recipe.validate()
-    data.check()
-    evaluation.check()
 
 
 def prepare_output(out: str | Path, resume: bool, overwrite: bool, dist: Dist) -> Path:

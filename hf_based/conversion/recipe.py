@@ -12,9 +12,12 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from fractions import Fraction
+from typing import TYPE_CHECKING
 
 from hf_based.errors import ConversionError
-from hf_based.training import Schedule
+
+if TYPE_CHECKING:  # imported where used: the command line reads the recipe's fields without torch
+    from hf_based.training import Schedule
 
 FEATURE_MAPS = ("hedgehog", "taylor")
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -49,6 +52,9 @@ SOFTMAX_LAYERS_FORMS = (
 # Where this recipe's defaults differ from LoLCATs': every layer converted, window factor 0.1. Recipe(**LOLCATS)
 # is LoLCATs' recipe.
 LOLCATS = {"softmax_layers": (), "window_factor_init": 0.1}
+# Settings of the released LoLCATs checkpoints that their .pt files do not store.
+LOLCATS_WINDOW = 64  # window_size of the released configs (e.g. distill_llama3_1_8b_lk_smd_wtk64_fd64_w01.yaml)
+LOLCATS_LORA_ALPHA = 16.0  # finetune_lora_qkvo_alpaca_clean.yaml: r=8, lora_alpha=16 (alpha is not in the .pt)
 _COUNT = re.compile(r"-?\d+", re.ASCII)
 _PERCENT = re.compile(r"-?(\d+(?:\.\d*)?|\.\d+)%", re.ASCII)
 
@@ -246,6 +252,8 @@ class Recipe:
 
     def schedule(self, stage: int, steps: int) -> Schedule:
         """The optimisation schedule of stage 1 (attention transfer) or 2 (LoRA) over `steps` optimizer steps."""
+        from hf_based.training import Schedule
+
         lr = self.stage1_lr if stage == 1 else self.stage2_lr
         return Schedule(steps, self.grad_accum, lr, self.warmup_steps, self.lr_schedule, self.max_grad_norm)
 

@@ -28,13 +28,13 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import torch
-
 from hf_based.errors import UnknownTaskError, UsageError
 from hf_based.eval import retrieval
+from hf_based.utils import torch_dtype
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # torch is imported where used: the command line lists the task names without it
     import datasets
+    import torch
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 TEMPLATES = Path(__file__).with_name("tasks")
@@ -172,6 +172,8 @@ def _metrics(task_results: Mapping[str, Any]) -> dict[str, float]:
 
 
 def _default_device() -> str:
+    import torch
+
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
@@ -191,7 +193,7 @@ def _make_lm(model, tokenizer, batch_size, device, dtype):
     if tokenizer is None:
         raise ValueError("evaluate() needs a tokenizer for an already-loaded model")
     if device is not None or dtype is not None:
-        model = model.to(device=device, dtype=getattr(torch, dtype) if isinstance(dtype, str) else dtype)
+        model = model.to(device=device, dtype=None if dtype is None else torch_dtype(dtype))
     model.eval()
     return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, backend="causal")
 

@@ -22,15 +22,12 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
 
 from hf_based.conversion.linearize import based_config
-from hf_based.conversion.recipe import LOLCATS, Recipe
+from hf_based.conversion.recipe import LOLCATS, LOLCATS_LORA_ALPHA, LOLCATS_WINDOW, Recipe
 from hf_based.errors import CheckpointError, ConversionError, UsageError
 from hf_based.importers.common import is_count, load_tensors, save_checkpoint
 from hf_based.modeling import BasedConfig, BasedForCausalLM
 from hf_based.outputs import check_output_directory
 from hf_based.utils import torch_dtype
-
-LOLCATS_WINDOW = 64  # window_size of the released configs (e.g. distill_llama3_1_8b_lk_smd_wtk64_fd64_w01.yaml)
-LOLCATS_LORA_ALPHA = 16.0  # finetune_lora_qkvo_alpaca_clean.yaml: r=8, lora_alpha=16 (alpha is not in the .pt)
 
 # What attention transfer trains per layer (names after `layers.N.self_attn.`).
 LOLCATS_PARAMETERS = ("feature_map_q.mlp.layer", "feature_map_k.mlp.layer", "window_factors")
