@@ -33,6 +33,7 @@ from torch import nn
 
 from hf_based.errors import ConversionError, NonFiniteLossError
 from hf_based.outputs import atomic_write
+from hf_based.progress import progress_bar
 from hf_based.utils import pyplot
 
 logger = logging.getLogger(__name__)
@@ -305,8 +306,6 @@ def train(
     gradient norm raises NonFiniteLossError before the optimizer step, so the last checkpoint stays the last good
     state. `on_step(name, step)` runs after each step.
     """
-    from tqdm.auto import tqdm
-
     steps, checkpoint = schedule.steps, checkpointing.path
     history: list[dict] = []
     start = 0
@@ -331,7 +330,7 @@ def train(
     seconds = history[-1]["seconds"] if history else 0.0
     params = [p for group in optimizer.param_groups for p in group["params"]]
     last_saved = start
-    bar = tqdm(
+    bar = progress_bar(
         total=steps, initial=start, desc=name, unit="step", disable=not (progress and dist.is_main), dynamic_ncols=True
     )
     try:

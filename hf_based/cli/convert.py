@@ -20,6 +20,7 @@ from hf_based.conversion.recipe import Recipe
 from hf_based.errors import ConversionError
 from hf_based.eval.lm_eval_tasks import format_comparison
 from hf_based.outputs import check_output_directory
+from hf_based.progress import job_progress, progress_phase
 from hf_based.utils import DTYPES, shared_data_dir
 
 logger = logging.getLogger(__name__)
@@ -30,6 +31,19 @@ DEMO_RETRIEVAL = "niah_single"
 DEMO_RETRIEVAL_METADATA = {"max_seq_lengths": [256], "num_samples": 2}
 DEMO_SPEED_PROMPT = 1024
 KEEP_TARGET = 0.9  # of the teacher's score, on each task the demo shows
+# The demo's phases (by the start of their names on the progress bar) and their seconds in the committed record on
+# 2 CPU cores (benchmarks/results/demo): the weights of its one progress bar, whose ETA follows the measured rate.
+DEMO_PHASES = {
+    "loading the teacher": 20,
+    "teacher writes training text": 60,
+    "layer selection": 69,
+    "stage 1": 94,
+    "stage 2": 47,
+    "validation perplexity": 10,
+    "lm-eval": 100,
+    DEMO_RETRIEVAL: 25,
+    "speed and cache": 25,
+}
 
 
 def _int_list(text: str) -> tuple[int, ...]:
@@ -314,23 +328,31 @@ def run_demo(args: argparse.Namespace) -> None:
     )
     check_output_directory(args.out, overwrite=args.overwrite or not args.no_resume)
 
-    teacher, tokenizer, name = demo_teacher(args.teacher)
-    logger.info("teacher ready after %.0f s", time.perf_counter() - start)
-    result = run_conversion(
-        args, None, args.out, data, eval_tasks, eval_dir, teacher=teacher, tokenizer=tokenizer, base_name=name
-    )
-    if result.model is not None and eval_tasks:
-        add_retrieval(result, teacher, tokenizer, args.eval_batch_size)
+    speed = None
+    skipped = {"teacher writes training text"} if data != ["teacher"] else set()
+    if not eval_tasks:
+        skipped |= {"lm-eval", DEMO_RETRIEVAL}
+    phases = {name: seconds for name, seconds in DEMO_PHASES.items() if name not in skipped}
+    with job_progress(phases, show=not args.no_progress):
+        with progress_phase("loading the teacher"):
+            teacher, tokenizer, name = demo_teacher(args.teacher)
+        logger.info("teacher ready after %.0f s", time.perf_counter() - start)
+        result = run_conversion(
+            args, None, args.out, data, eval_tasks, eval_dir, teacher=teacher, tokenizer=tokenizer, base_name=name
+        )
+        if result.model is not None and eval_tasks:
+            with progress_phase(f"{DEMO_RETRIEVAL} at {DEMO_RETRIEVAL_METADATA['max_seq_lengths'][0]} tokens"):
+                add_retrieval(result, teacher, tokenizer, args.eval_batch_size)
+        if result.model is not None:
+            with progress_phase(f"speed and cache of both models after a {DEMO_SPEED_PROMPT}-token prompt"):
+                device = next(result.model.parameters()).device
+                speed = speed_and_memory({"teacher": teacher, "converted": result.model}, DEMO_SPEED_PROMPT, device)
+            write_json(result.out / "demo_speed.json", speed)
     print()
     print_summary(result)
     if result.eval_results:
         print(kept_scores(result.eval_results, result.teacher_eval_results or {}))
-    if result.model is not None:
-        logger.info("measuring speed and cache of both models after a %d-token prompt", DEMO_SPEED_PROMPT)
-        speed = speed_and_memory(
-            {"teacher": teacher, "converted": result.model}, DEMO_SPEED_PROMPT, next(result.model.parameters()).device
-        )
-        write_json(result.out / "demo_speed.json", speed)
+    if speed is not None:
         print(f"\nOn this machine (batch 1, eager):\n{format_speed_and_memory(speed)}")
     print(
         f"\nhf-based demo: {name} -> {result.out} in {time.perf_counter() - start:.0f} s. Load it with "

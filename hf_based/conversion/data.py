@@ -26,6 +26,7 @@ import torch
 
 from hf_based.conversion.options import looks_like_path
 from hf_based.errors import ConversionError
+from hf_based.progress import progress_bar
 
 IGNORE_INDEX = -100
 TEMPLATES = ("alpaca", "chat", "none")
@@ -258,8 +259,6 @@ def teacher_generated_text(
 ) -> PackedData:
     """Let the teacher sample its own training text: documents started from BOS (EOS if there is none), sampled
     with `temperature`/`top_p`, each ended at its EOS, concatenated and packed into `num_sequences` chunks."""
-    from tqdm.auto import tqdm
-
     start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
     if start is None:
         raise ConversionError("teacher-generated data needs a tokenizer with a BOS or EOS token")
@@ -269,7 +268,7 @@ def teacher_generated_text(
     torch.manual_seed(seed)
     needed = num_sequences * seq_len
     ids: list[int] = []
-    bar = tqdm(total=needed, desc="teacher writes training text", unit="tok", disable=not progress)
+    bar = progress_bar(total=needed, desc="teacher writes training text", unit="tok", disable=not progress)
     try:
         while len(ids) < needed:
             prompt = torch.full((batch_size, 1), start, dtype=torch.long, device=device)

@@ -37,6 +37,7 @@ from hf_based.conversion.recipe import SOFTMAX_LAYERS_FORMS, Recipe, parse_layer
 from hf_based.errors import ConversionError
 from hf_based.modeling import BasedConfig, BasedForCausalLM
 from hf_based.modeling.modeling_based import BasedAttention, BasedDecoderLayer
+from hf_based.progress import progress_bar
 from hf_based.training import autocast_for
 
 logger = logging.getLogger(__name__)
@@ -129,14 +130,13 @@ def kl_scores(
 ) -> dict[int, float]:
     """{converted layer: KL(teacher || student) with every layer converted - the same with this one restored to
     softmax attention}, per token, mean over the batches of `calibration_ids`."""
-    from tqdm.auto import tqdm
 
     layers = converted_layers(student.config)
     device = next(student.parameters()).device
     reduction = dict.fromkeys(layers, 0.0)
     batches = calibration_ids.split(batch_size)
     # Batch by batch, so that only one batch's vocabulary-sized logits are held at a time.
-    for ids in tqdm(batches, desc="layer selection (kl)", disable=not progress):
+    for ids in progress_bar(batches, desc="layer selection (kl)", disable=not progress):
         ids = ids.to(device)
         with autocast():
             teacher_logits = teacher(input_ids=ids, use_cache=False).logits
@@ -162,7 +162,6 @@ def copy_scores(
     The layers below the converted one are the teacher's, so each measurement starts from the teacher's hidden
     states at that layer and runs only the layers above it, and the logits only of the repeat: about half the work
     of full forwards."""
-    from tqdm.auto import tqdm
 
     layers = converted_layers(student.config)
     device = next(student.parameters()).device
@@ -171,7 +170,7 @@ def copy_scores(
     positions = torch.arange(ids_all.shape[1], device=device)[None]
     scores = dict.fromkeys(layers, 0.0)
     batches = ids_all.split(batch_size)
-    for ids in tqdm(batches, desc="layer selection (copy)", disable=not progress):
+    for ids in progress_bar(batches, desc="layer selection (copy)", disable=not progress):
         ids = ids.to(device)
         with autocast():
             teacher_out = teacher(input_ids=ids, use_cache=False, output_hidden_states=True)

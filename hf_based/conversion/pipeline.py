@@ -70,9 +70,10 @@ from hf_based.conversion.options import DataOptions, EvalOptions, check_options
 from hf_based.conversion.recipe import Recipe
 from hf_based.conversion.teacher import load_teacher
 from hf_based.errors import ConversionError, UsageError
-from hf_based.eval.lm_eval_tasks import evaluate
+from hf_based.eval.lm_eval_tasks import evaluate, split_tasks
 from hf_based.modeling import BasedConfig, BasedForCausalLM
 from hf_based.outputs import check_output_directory, is_model_directory, model_directory
+from hf_based.progress import progress_phase
 from hf_based.training import (
     Checkpointing,
     Dist,
@@ -842,10 +843,15 @@ def save_artifacts(
     lora_state = read_checkpoint(checkpoints / "stage2.pt", plan.stage2_key)["model"] if plan.stage2_steps else None
     model = assemble(teacher, recipe, stage1_state, lora_state, device=device)
     if inputs.val_data is not None:
-        teacher.to(device)
-        metrics["val perplexity, teacher"] = perplexity(teacher, inputs.val_data, device, recipe.batch_size, autocast)
-        teacher.to("cpu")
-        metrics["val perplexity, converted"] = perplexity(model, inputs.val_data, device, recipe.batch_size, autocast)
+        with progress_phase("validation perplexity"):
+            teacher.to(device)
+            metrics["val perplexity, teacher"] = perplexity(
+                teacher, inputs.val_data, device, recipe.batch_size, autocast
+            )
+            teacher.to("cpu")
+            metrics["val perplexity, converted"] = perplexity(
+                model, inputs.val_data, device, recipe.batch_size, autocast
+            )
     out_dtype = _output_dtype(dtype, teacher)
     with model_directory(out, overwrite, keep=("checkpoints",)) as staging:
         model.to(out_dtype).save_pretrained(staging)
@@ -853,17 +859,18 @@ def save_artifacts(
         inputs.tokenizer.save_pretrained(staging)
         result.model = model
         if evaluation.tasks:
-            result.teacher_eval_results, result.eval_results = evaluate_pair(
-                teacher,
-                model,
-                inputs.tokenizer,
-                evaluation.tasks,
-                evaluation.data_dir,
-                evaluation.limit,
-                evaluation.batch_size,
-                device,
-                evaluation.teacher_results,
-            )
+            with progress_phase(f"lm-eval on teacher and converted model ({', '.join(split_tasks(evaluation.tasks))})"):
+                result.teacher_eval_results, result.eval_results = evaluate_pair(
+                    teacher,
+                    model,
+                    inputs.tokenizer,
+                    evaluation.tasks,
+                    evaluation.data_dir,
+                    evaluation.limit,
+                    evaluation.batch_size,
+                    device,
+                    evaluation.teacher_results,
+                )
         for key, stage in stages.items():
             if stage.history:
                 write_loss_csv(stage, staging / f"loss_{key}.csv")
