@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from hf_based.kernels import (
+    dispatch,
     hedgehog_feature_map,
     hybrid_attention,
     hybrid_attention_recurrent,
@@ -26,8 +27,18 @@ from hf_based.kernels import (
     taylor_linear_attention_recurrent,
     taylor_num_features,
 )
+from hf_based.kernels.hybrid import reference as hybrid_reference
+from hf_based.kernels.hybrid.chunked import hybrid_attention_chunked
 
 LENGTHS = (1, 7, 63, 300)
+# Hybrid attention's parallel forms: the reference, and the blockwise CPU path with blocks small enough that the
+# test lengths span several (and some blocks shorter than the window).
+HYBRID_PARALLEL = (
+    hybrid_reference.hybrid_attention,
+    partial(hybrid_attention_chunked, chunk=8),
+    partial(hybrid_attention_chunked, chunk=5),
+)
+HYBRID_OPS = (*HYBRID_PARALLEL, hybrid_attention_recurrent)
 B, H, HKV, D, DV, FEAT = 2, 4, 2, 3, 5, 6
 close = partial(torch.testing.assert_close, rtol=1e-9, atol=1e-10)
 
@@ -292,7 +303,7 @@ def test_hybrid_attention_matches_naive(length, window):
     kv0, z0 = rand.normal(2, H, FEAT, DV), rand.positive(2, H, FEAT)
     mask = left_padding_mask(length + prefix)
     expected, expected_state = naive_hybrid(*x.values(), window, mask, kv0, z0, scale=D**-0.5)
-    for op in (hybrid_attention, hybrid_attention_recurrent):
+    for op in HYBRID_OPS:
         o, state = op(**x, window=window, key_mask=mask, initial_state=(kv0, z0), output_final_state=True)
         close(o, expected)
         close(state, expected_state)
@@ -305,7 +316,7 @@ def test_hybrid_attention_all_padded_queries_are_zero(length):
     mask = left_padding_mask(length)
     zeros = torch.zeros(2, H, FEAT, DV, dtype=torch.float64), torch.zeros(2, H, FEAT, dtype=torch.float64)
     expected, _ = naive_hybrid(*x.values(), 3, mask, *zeros, scale=0.5)
-    for op in (hybrid_attention, hybrid_attention_recurrent):
+    for op in HYBRID_OPS:
         inputs = {name: t.clone().requires_grad_() for name, t in x.items()}
         o, state = op(**inputs, window=3, key_mask=mask, scale=0.5)
         assert state is None
@@ -315,7 +326,7 @@ def test_hybrid_attention_all_padded_queries_are_zero(length):
         assert all(t.grad.isfinite().all() for t in inputs.values())
 
 
-@pytest.mark.parametrize("op", [hybrid_attention, hybrid_attention_recurrent])
+@pytest.mark.parametrize("op", HYBRID_OPS)
 def test_hybrid_attention_wide_window_is_softmax_attention(op):
     """With every key in the window and no state, the window factor cancels in the ratio: plain softmax attention."""
     rand, length = Rand(8), 20
@@ -325,7 +336,7 @@ def test_hybrid_attention_wide_window_is_softmax_attention(op):
     close(o, softmax_attention(x["q"], x["k"], x["v"], key_mask=mask))
 
 
-@pytest.mark.parametrize("op", [hybrid_attention, hybrid_attention_recurrent])
+@pytest.mark.parametrize("op", HYBRID_OPS)
 def test_hybrid_attention_window_one(op):
     """Window 1: y_p = (w v_p + sum_{j<p} a_pj v_j) / (w + sum_{j<p} a_pj), w the window factor,
     a_pj = phi_q(q_p).phi_k(k_j)."""
@@ -340,7 +351,7 @@ def test_hybrid_attention_window_one(op):
 
 
 @pytest.mark.parametrize("window", [1, 4, 30])
-@pytest.mark.parametrize("op", [hybrid_attention, hybrid_attention_recurrent])
+@pytest.mark.parametrize("op", HYBRID_OPS)
 def test_hybrid_attention_state_passing(op, window):
     """Prefill, decode two tokens, then the rest, each call given the last window - 1 keys and the state, as the
     cache does (starting from a buffer of window - 1 masked slots): equal to one call over the whole sequence."""
@@ -379,11 +390,42 @@ def test_hybrid_attention_left_padding():
     mask = left_padding_mask(length)
     real = mask[1]
     alone = {name: t if name == "window_factor" else t[1:, real] for name, t in x.items()}
-    for op in (hybrid_attention, hybrid_attention_recurrent):
+    for op in HYBRID_OPS:
         o, (kv, z) = op(**x, window=window, key_mask=mask, output_final_state=True)
         o_alone, (kv_alone, z_alone) = op(**alone, window=window, output_final_state=True)
         close(o[1:, real], o_alone)
         close((kv[1:], z[1:]), (kv_alone, z_alone))
+
+
+@pytest.mark.parametrize("length", LENGTHS)
+def test_hybrid_attention_chunked_gradients_match_the_reference(length):
+    """Blocks of 8 queries over a window of 5 behind 12 cached keys, padded rows, GQA: the outputs, the final state
+    and the gradients of every input equal the reference's."""
+    rand, window, prefix = Rand(length + 1), 5, 12
+    x = hybrid_inputs(rand, length, length + prefix)
+    mask = left_padding_mask(length + prefix)
+    state = rand.normal(2, H, FEAT, DV), rand.positive(2, H, FEAT)
+
+    def outputs_and_grads(op):
+        inputs = {name: t.clone().requires_grad_() for name, t in x.items()}
+        o, (kv, z) = op(**inputs, window=window, key_mask=mask, initial_state=state, output_final_state=True)
+        loss = sum((out * Rand(i).normal(*out.shape)).sum() for i, out in enumerate((o, kv, z)))
+        return (o, kv, z), torch.autograd.grad(loss, list(inputs.values()))
+
+    close(
+        outputs_and_grads(partial(hybrid_attention_chunked, chunk=8)),
+        outputs_and_grads(hybrid_reference.hybrid_attention),
+    )
+
+
+def test_cpu_inputs_go_to_the_cpu_path_unless_the_reference_is_asked_for(monkeypatch):
+    calls = []
+    op = dispatch.dispatched(lambda x: calls.append("reference"), lambda: None, cpu=lambda x: calls.append("cpu"))
+    op(torch.ones(2))
+    monkeypatch.setenv("HF_BASED_KERNELS", "reference")
+    op(torch.ones(2))
+    assert calls == ["cpu", "reference"]
+    assert hybrid_attention.reference is hybrid_reference.hybrid_attention
 
 
 # --- short convolution --------------------------------------------------------------------------------------------
@@ -484,7 +526,8 @@ def grad_cases():
         "taylor_linear_attention": (linear_case(taylor_linear_attention), raw),
         "taylor_linear_attention_recurrent": (linear_case(taylor_linear_attention_recurrent), raw),
         "softmax_attention": (lambda q, k, v: softmax_attention(q, k, v, window=2, key_mask=hyb_mask), hyb[:3]),
-        "hybrid_attention": (hybrid_case(hybrid_attention, 2), hyb),
+        "hybrid_attention": (hybrid_case(hybrid_reference.hybrid_attention, 2), hyb),
+        "hybrid_attention_chunked": (hybrid_case(partial(hybrid_attention_chunked, chunk=2), 2), hyb),
         "hybrid_attention_recurrent": (hybrid_case(hybrid_attention_recurrent, 2), hyb),
         "short_conv": (conv_case(short_conv), conv),
         "short_conv_recurrent": (conv_case(short_conv_recurrent), conv),
@@ -507,6 +550,7 @@ def test_gradcheck(name):
         ("linear_attention", "linear_attention_recurrent"),
         ("taylor_linear_attention", "taylor_linear_attention_recurrent"),
         ("hybrid_attention", "hybrid_attention_recurrent"),
+        ("hybrid_attention_chunked", "hybrid_attention_recurrent"),
         ("short_conv", "short_conv_recurrent"),
     ],
 )
@@ -555,6 +599,12 @@ def dtype_cases():
         ),
         "hybrid_attention_recurrent": (
             lambda q, k, v, qf, kf: hybrid_attention_recurrent(q, k, v, qf, kf, window_factor, 3, mask, None, True),
+            [q, k, v, qf, kf],
+        ),
+        "hybrid_attention_chunked": (
+            lambda q, k, v, qf, kf: hybrid_attention_chunked(
+                q, k, v, qf, kf, window_factor, 3, mask, None, True, chunk=2
+            ),
             [q, k, v, qf, kf],
         ),
         "short_conv": (lambda x, w: short_conv(x, w, output_final_state=True), [vh.flatten(2), rand.normal(20, 4)]),

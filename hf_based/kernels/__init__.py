@@ -1,5 +1,5 @@
 """The ops of the BASED-family mixers, each with a Triton kernel for CUDA tensors and a pure-PyTorch reference (the
-spec, and the CPU path).
+spec, and the CPU path, except for hybrid attention: its blockwise `hybrid/chunked.py`).
 
 All tensors are time-major [batch, time, heads, dim]. Ops compute in fp32 (fp64 for fp64 inputs), keep recurrent
 states in that dtype and return outputs in the input dtype. Each `*_recurrent` op is the decode form of its
@@ -7,7 +7,8 @@ parallel twin, with the same signature (minus chunk_size).
 
 One folder per op, `<op>/reference.py` and `<op>/triton.py`: taylor (BASED Taylor linear attention), linear (linear
 attention on materialised features, e.g. hedgehog), softmax (sliding-window softmax attention), hybrid (LoLCATs
-sliding-window softmax + linear attention) and conv (short convolution). `dispatch.py` picks one per call;
+sliding-window softmax + linear attention, and `chunked.py`) and conv (short convolution). `dispatch.py` picks one
+per call;
 `op.reference` is the spec.
 """
 
@@ -15,6 +16,7 @@ from hf_based.kernels.conv import reference as conv_reference
 from hf_based.kernels.dispatch import dispatched
 from hf_based.kernels.feature_maps import hedgehog_feature_map, taylor_feature_map, taylor_num_features
 from hf_based.kernels.hybrid import reference as hybrid_reference
+from hf_based.kernels.hybrid.chunked import hybrid_attention_chunked
 from hf_based.kernels.linear import reference as linear_reference
 from hf_based.kernels.softmax import reference as softmax_reference
 from hf_based.kernels.taylor import reference as taylor_reference
@@ -51,7 +53,7 @@ def _conv_triton():
     return triton
 
 
-# The dispatch table: each op's reference and its Triton kernel.
+# The dispatch table: each op's reference, its Triton kernel and, where one pays off, its CPU path.
 taylor_linear_attention = dispatched(
     taylor_reference.taylor_linear_attention, lambda: _taylor_triton().taylor_linear_attention
 )
@@ -63,7 +65,9 @@ linear_attention_recurrent = dispatched(
     linear_reference.linear_attention_recurrent, lambda: _linear_triton().linear_attention_recurrent
 )
 softmax_attention = dispatched(softmax_reference.softmax_attention, lambda: _softmax_triton().softmax_attention)
-hybrid_attention = dispatched(hybrid_reference.hybrid_attention, lambda: _hybrid_triton().hybrid_attention)
+hybrid_attention = dispatched(
+    hybrid_reference.hybrid_attention, lambda: _hybrid_triton().hybrid_attention, cpu=hybrid_attention_chunked
+)
 hybrid_attention_recurrent = dispatched(
     hybrid_reference.hybrid_attention_recurrent, lambda: _hybrid_triton().hybrid_attention_recurrent
 )

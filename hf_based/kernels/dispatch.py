@@ -1,4 +1,5 @@
-"""Pick the implementation of each op: its Triton kernel for CUDA tensors, its pure-PyTorch reference otherwise.
+"""Pick the implementation of each op: its Triton kernel for CUDA tensors, otherwise its CPU path where it has one
+(PyTorch, cheaper than the reference at long inputs) or its pure-PyTorch reference.
 
 `HF_BASED_KERNELS=reference` forces the reference everywhere (e.g. to compare against it on a GPU);
 `HF_BASED_KERNELS=triton` refuses to fall back silently on CUDA tensors when Triton is missing.
@@ -32,15 +33,18 @@ def use_triton(x: torch.Tensor) -> bool:
     return True
 
 
-def dispatched(reference: Callable, load_triton: Callable[[], Callable]) -> Callable:
-    """Wrap `reference` so that CUDA inputs go to the Triton op that `load_triton()` returns. The loader imports the
-    op's Triton module on the first CUDA call, since triton is an optional dependency."""
+def dispatched(reference: Callable, load_triton: Callable[[], Callable], cpu: Callable | None = None) -> Callable:
+    """Wrap `reference` so that CUDA inputs go to the Triton op that `load_triton()` returns, and other inputs to
+    `cpu` if given (unless HF_BASED_KERNELS=reference). The loader imports the op's Triton module on the first CUDA
+    call, since triton is an optional dependency."""
 
     @functools.wraps(reference)
     def op(*args, **kwargs):
         first = args[0] if args else next(iter(kwargs.values()))  # q or x: decides the device
         if isinstance(first, torch.Tensor) and use_triton(first):
             return load_triton()(*args, **kwargs)
+        if cpu is not None and backend() != "reference":
+            return cpu(*args, **kwargs)
         return reference(*args, **kwargs)
 
     op.reference = reference

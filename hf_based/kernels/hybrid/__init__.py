@@ -1,2 +1,2 @@
-"""LoLCATs hybrid attention (sliding-window softmax + linear attention): the reference (reference.py) and its Triton
-kernels (triton.py)."""
+"""LoLCATs hybrid attention (sliding-window softmax + linear attention): the reference (reference.py), its Triton
+kernels (triton.py) and its blockwise PyTorch form for the CPU (chunked.py)."""

@@ -1,0 +1,89 @@
+"""LoLCATs hybrid attention in blocks of queries, in PyTorch: the reference's result in O(Tq * (chunk + window)) time
+and memory instead of O(Tq * Tk). The CPU path, where the reference's [Tq, Tk] score matrices cost most of a
+converted model's prefill and of each attention-transfer step.
+
+Queries go in blocks of `chunk`. For the block whose first query sits at key position p0, the keys
+[p0 - window + 1, p0 + chunk) hold every key in the window of one of its queries and every older key not yet in the
+linear state; the keys before them are summed into the state, block by block (a cumulative sum). Within that range
+of span = chunk + window - 1 keys, key l is in the window of the block's query i iff i <= l <= i + window - 1, and
+older iff l < i: the same masks for every block.
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from hf_based.kernels.hybrid.reference import _final_state, _prepare, hybrid_attention
+from hf_based.kernels.softmax.reference import normalise, stable_exp
+
+CHUNK = 64
+
+
+def hybrid_attention_chunked(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    q_feat: torch.Tensor,
+    k_feat: torch.Tensor,
+    window_factor: torch.Tensor,
+    window: int,
+    key_mask: torch.Tensor | None = None,
+    initial_state: tuple[torch.Tensor, torch.Tensor] | None = None,
+    output_final_state: bool = False,
+    scale: float | None = None,
+    chunk: int = CHUNK,
+) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+    """Same arguments and result as `reference.hybrid_attention`, which it calls when every key lies within
+    chunk + window of the last query (then the quadratic form costs no more)."""
+    args = (q, k, v, q_feat, k_feat, window_factor, window, key_mask, initial_state, output_final_state, scale)
+    if k.shape[1] <= chunk + window:
+        return hybrid_attention(*args)
+    out_dtype = v.dtype
+    q, k, v, q_feat, k_feat, window_factor, real, kv, z, scale = _prepare(
+        q, k, v, q_feat, k_feat, window_factor, window, key_mask, initial_state, scale
+    )
+    batch, q_len, heads, _ = q.shape
+    k_len = k.shape[1]
+    blocks = math.ceil(q_len / chunk)
+    span = chunk + window - 1
+
+    # Key positions padded so that block b's range is [start + b * chunk, + span) for b = 0 .. blocks - 1.
+    first = k_len - q_len - window + 1  # the first key of block 0's range, before padding
+    front = max(0, -first)
+    start = first + front
+    back = max(0, start + (blocks - 1) * chunk + span - (front + k_len))
+    real = F.pad(real, (front, back))  # [B, P]: False for the padding
+    k, v, k_feat = (F.pad(x, (0, 0, 0, 0, front, back)) for x in (k, v, k_feat))  # [B, P, H, .]; k_feat 0 there
+
+    def ranges(x: torch.Tensor) -> torch.Tensor:  # [B, P, ...] -> [B, blocks, ..., span]
+        return x[:, start : start + (blocks - 1) * chunk + span].unfold(1, span, chunk)
+
+    def by_block(x: torch.Tensor) -> torch.Tensor:  # [B, T, H, X] -> [B, blocks, chunk, H, X], zero-padded at the end
+        return F.pad(x, (0, 0, 0, 0, 0, blocks * chunk - x.shape[1])).reshape(batch, blocks, chunk, heads, -1)
+
+    # The linear state before each block's range: the keys before `start`, then each earlier block's chunk of keys.
+    initial = kv, z
+    kv, z = kv + torch.einsum("bthf,bthd->bhfd", k_feat[:, :start], v[:, :start]), z + k_feat[:, :start].sum(1)
+    keys_f = k_feat[:, start : start + blocks * chunk].reshape(batch, blocks, chunk, heads, -1)
+    keys_v = v[:, start : start + blocks * chunk].reshape(batch, blocks, chunk, heads, -1)
+    kv_blocks = torch.einsum("bnchf,bnchd->bnhfd", keys_f, keys_v).cumsum(1)
+    z_blocks = keys_f.sum(2).cumsum(1)
+    kv_before = torch.cat([kv[:, None], kv[:, None] + kv_blocks[:, :-1]], 1)  # [B, blocks, H, F, Dv]
+    z_before = torch.cat([z[:, None], z[:, None] + z_blocks[:, :-1]], 1)  # [B, blocks, H, F]
+
+    q, q_feat = by_block(q), by_block(q_feat)
+    i, l = torch.arange(chunk, device=q.device)[:, None], torch.arange(span, device=q.device)
+    in_window = (l >= i) & (l < i + window) & ranges(real)[:, :, None, None, :]  # [B, blocks, 1, chunk, span]
+    older = l < i  # [chunk, span]; padded keys' features are 0
+    scores = torch.einsum("bnchd,bnhds->bnhcs", q, ranges(k)) * scale
+    linear = torch.einsum("bnchf,bnhfs->bnhcs", q_feat, ranges(k_feat)) * older
+    a = window_factor[:, None, None] * stable_exp(scores, in_window) + linear  # [B, blocks, H, chunk, span]
+    num = torch.einsum("bnhcs,bnhds->bnchd", a, ranges(v)) + torch.einsum("bnchf,bnhfd->bnchd", q_feat, kv_before)
+    den = a.sum(-1).transpose(2, 3) + torch.einsum("bnchf,bnhf->bnch", q_feat, z_before)
+    out = normalise(num, den).reshape(batch, blocks * chunk, heads, -1)[:, :q_len]
+    if not output_final_state:
+        return out.to(out_dtype), None
+    return out.to(out_dtype), _final_state(
+        *initial, k_feat[:, front : front + k_len], v[:, front : front + k_len], window
+    )
