@@ -428,6 +428,17 @@ def test_cpu_inputs_go_to_the_cpu_path_unless_the_reference_is_asked_for(monkeyp
     assert hybrid_attention.reference is hybrid_reference.hybrid_attention
 
 
+def test_hybrid_attention_on_the_cpu_is_blockwise_beyond_twice_chunk_plus_window(monkeypatch):
+    from hf_based.kernels.hybrid import chunked
+
+    monkeypatch.setattr(chunked, "hybrid_attention", lambda q, k, *args, **kwargs: "reference")
+    monkeypatch.setattr(chunked, "hybrid_attention_chunked", lambda q, k, *args, **kwargs: "blockwise")
+    x = hybrid_inputs(Rand(17), 1, 2 * (chunked.CHUNK + 3) + 1, batch=1)
+    assert chunked.hybrid_attention_cpu(**x, window=3) == "blockwise"
+    x["k"] = x["k"][:, 1:]  # the other inputs' lengths do not enter the choice
+    assert chunked.hybrid_attention_cpu(**x, window=3) == "reference"
+
+
 # --- short convolution --------------------------------------------------------------------------------------------
 
 

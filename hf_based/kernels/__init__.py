@@ -16,7 +16,7 @@ from hf_based.kernels.conv import reference as conv_reference
 from hf_based.kernels.dispatch import dispatched
 from hf_based.kernels.feature_maps import hedgehog_feature_map, taylor_feature_map, taylor_num_features
 from hf_based.kernels.hybrid import reference as hybrid_reference
-from hf_based.kernels.hybrid.chunked import hybrid_attention_chunked
+from hf_based.kernels.hybrid.chunked import hybrid_attention_cpu
 from hf_based.kernels.linear import reference as linear_reference
 from hf_based.kernels.softmax import reference as softmax_reference
 from hf_based.kernels.taylor import reference as taylor_reference
@@ -66,7 +66,7 @@ linear_attention_recurrent = dispatched(
 )
 softmax_attention = dispatched(softmax_reference.softmax_attention, lambda: _softmax_triton().softmax_attention)
 hybrid_attention = dispatched(
-    hybrid_reference.hybrid_attention, lambda: _hybrid_triton().hybrid_attention, cpu=hybrid_attention_chunked
+    hybrid_reference.hybrid_attention, lambda: _hybrid_triton().hybrid_attention, cpu=hybrid_attention_cpu
 )
 hybrid_attention_recurrent = dispatched(
     hybrid_reference.hybrid_attention_recurrent, lambda: _hybrid_triton().hybrid_attention_recurrent

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from hf_based.kernels.hybrid.reference import _final_state, _prepare, hybrid_attention
 from hf_based.kernels.softmax.reference import normalise, stable_exp
 
-CHUNK = 64
+CHUNK = 64  # the fastest of 16, 32, 64 and 128 at window 64, 1k and 4k tokens (2-core CPU)
 
 
 def hybrid_attention_chunked(
@@ -34,11 +34,7 @@ def hybrid_attention_chunked(
     scale: float | None = None,
     chunk: int = CHUNK,
 ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
-    """Same arguments and result as `reference.hybrid_attention`, which it calls when every key lies within
-    chunk + window of the last query (then the quadratic form costs no more)."""
-    args = (q, k, v, q_feat, k_feat, window_factor, window, key_mask, initial_state, output_final_state, scale)
-    if k.shape[1] <= chunk + window:
-        return hybrid_attention(*args)
+    """Same arguments and result as `reference.hybrid_attention`."""
     out_dtype = v.dtype
     q, k, v, q_feat, k_feat, window_factor, real, kv, z, scale = _prepare(
         q, k, v, q_feat, k_feat, window_factor, window, key_mask, initial_state, scale
@@ -87,3 +83,11 @@ def hybrid_attention_chunked(
     return out.to(out_dtype), _final_state(
         *initial, k_feat[:, front : front + k_len], v[:, front : front + k_len], window
     )
+
+
+def hybrid_attention_cpu(q, k, v, q_feat, k_feat, window_factor, window, *args, **kwargs):
+    """The CPU path: the reference up to 2 * (CHUNK + window) keys, where the quadratic form is as fast (at window 64
+    the blockwise form breaks even between 256 and 384 keys: benchmarks/results/cpu), the blockwise form beyond."""
+    short = k.shape[1] <= 2 * (CHUNK + window)
+    op = hybrid_attention if short else hybrid_attention_chunked
+    return op(q, k, v, q_feat, k_feat, window_factor, window, *args, **kwargs)
