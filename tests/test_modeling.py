@@ -250,6 +250,78 @@ def test_reset_cache_decodes_like_a_new_one(name):
     assert BasedCache(model.config).is_static == (name == "based_mix")
 
 
+@pytest.mark.parametrize("name", STACKS)
+def test_static_cache_generate_equals_dynamic_and_full_forward(name):
+    """generate(cache_implementation="static") == the default cache == one forward over the result (tokens and
+    logits), on a left-padded batch, greedy and with beam search; its cache is static and allocated once."""
+    model = tiny_model(name)
+    ids, mask = random_ids(2, 9), torch.ones(2, 9, dtype=torch.long)
+    mask[1, :4] = 0
+    settings = dict(max_new_tokens=8, min_new_tokens=8, do_sample=False, pad_token_id=0, return_dict_in_generate=True)
+    with torch.no_grad():
+        runs = {
+            (implementation, beams): model.generate(
+                ids,
+                attention_mask=mask,
+                cache_implementation=implementation,
+                num_beams=beams,
+                output_logits=True,
+                **settings,
+            )
+            for implementation in ("dynamic", "static")
+            for beams in (1, 3)
+        }
+        dynamic, static = runs["dynamic", 1], runs["static", 1]
+        full_mask = torch.cat([mask, torch.ones(2, 8, dtype=torch.long)], 1)
+        full = model(static.sequences, attention_mask=full_mask, use_cache=False).logits
+    assert torch.equal(static.sequences, dynamic.sequences)
+    assert torch.equal(runs["static", 3].sequences, runs["dynamic", 3].sequences)
+    assert_close(torch.stack(static.logits, 1), torch.stack(dynamic.logits, 1), tol=1e-12)
+    assert_close(torch.stack(static.logits, 1)[1].double(), full[1, 8:-1], tol=1e-6)
+    cache = getattr(static, CACHE_FIELD)
+    assert cache.is_static and cache.is_compileable and cache.max_cache_len >= 16  # the last token is not fed back
+    assert not getattr(dynamic, CACHE_FIELD).is_compileable
+
+
+def test_static_full_attention_layer_writes_in_place_and_refuses_overflow():
+    model = tiny_model("lolcats_mix")
+    cache = BasedCache(model.config, max_cache_len=12)
+    ids = random_ids(2, 12)
+    with torch.no_grad():
+        model(ids[:, :9], cache=cache)
+        addresses = {n: t.data_ptr() for n, t in cache.layers[1].named_tensors().items()}
+        logits = [model(ids[:, t : t + 1], cache=cache).logits for t in range(9, 12)]
+        with pytest.raises(ValueError, match="holds 12 positions and this call would take it to 13"):
+            model(ids[:, :1], cache=cache)
+    assert {n: t.data_ptr() for n, t in cache.layers[1].named_tensors().items()} == addresses
+    assert cache.layers[1].keys.shape[1] == 12 and cache.is_static
+    with torch.no_grad():
+        assert_close(torch.cat(logits, 1), model(ids, use_cache=False).logits[:, 9:])
+
+
+def test_generate_refuses_a_cache_implementation_it_does_not_have():
+    with pytest.raises(ValueError, match="cache_implementation='quantized' is not supported by BASED-family models"):
+        tiny_model("based_mix").generate(random_ids(1, 4), max_new_tokens=2, cache_implementation="quantized")
+
+
+@pytest.mark.slow
+def test_compiled_decoding_gives_the_same_tokens():
+    """transformers compiles the decoding step for a static cache (here on the CPU, which it skips unless asked)."""
+    from transformers import CompileConfig
+
+    model = tiny_model("lolcats_mix", dtype=torch.float32)
+    ids, mask = random_ids(2, 7), torch.ones(2, 7, dtype=torch.long)
+    mask[1, :3] = 0
+    settings = dict(max_new_tokens=6, do_sample=False, pad_token_id=0, cache_implementation="static")
+    compile_config = CompileConfig(fullgraph=False)
+    compile_config._compile_all_devices = True
+    with torch.no_grad():
+        eager = model.generate(ids, attention_mask=mask, **settings)
+        compiled = model.generate(ids, attention_mask=mask, compile_config=compile_config, **settings)
+    assert hasattr(model, "_compiled_call")  # the step went through torch.compile
+    assert torch.equal(compiled, eager)
+
+
 def test_full_attention_cache_grows():
     model = tiny_model("full_attention", dtype=torch.float32)
     cache = BasedCache(model.config)

@@ -138,6 +138,55 @@ class BasedAttentionLayer(BasedLayerMixin, CacheLayerMixin):
             self.keys, self.values, self.key_mask = fn(self.keys), fn(self.values), fn(self.key_mask)
 
 
+class BasedStaticAttentionLayer(BasedAttentionLayer):
+    """`full_attention` in a static cache: keys, values and key mask allocated once for `max_cache_len` positions and
+    written in place (transformers' StaticLayer, time-major and masked). A one-token step attends over the whole
+    buffer, whose unwritten slots are masked out, so that its shapes never change; a longer call attends over the
+    written part (its queries are the last of those keys, as the kernels expect)."""
+
+    is_compileable = True
+
+    def __init__(self, max_cache_len: int):
+        super().__init__()
+        self.max_cache_len = max_cache_len
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor, key_mask: torch.Tensor) -> None:
+        batch, _, heads, dim = key_states.shape
+        self.keys = key_states.new_zeros(batch, self.max_cache_len, heads, dim)
+        self.values = value_states.new_zeros(batch, self.max_cache_len, heads, value_states.shape[-1])
+        self.key_mask = key_mask.new_zeros(batch, self.max_cache_len)
+        self.is_initialized = True
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, key_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        start, end = self.cumulative_length, self.cumulative_length + key_states.shape[1]
+        if end > self.max_cache_len:
+            raise ValueError(
+                f"the static cache holds {self.max_cache_len} positions and this call would take it to {end}; "
+                "create it with a larger max_cache_len (generate(): max_new_tokens and the prompt decide it)"
+            )
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states, key_mask)
+        self.cumulative_length = end
+        self.keys[:, start:end].copy_(key_states)
+        self.values[:, start:end].copy_(value_states)
+        self.key_mask[:, start:end].copy_(key_mask)
+        if key_states.shape[1] == 1:
+            return self.keys, self.values, self.key_mask
+        return self.keys[:, :end], self.values[:, :end], self.key_mask[:, :end]
+
+    def get_max_length(self) -> int:
+        return self.max_cache_len
+
+    def reset(self) -> None:
+        # Zeros under a zero mask, at the same addresses.
+        if self.is_initialized:
+            for tensor in (self.keys, self.values, self.key_mask):
+                tensor.zero_()
+        self.cumulative_length = 0
+
+
 class BasedSlidingWindowLayer(BasedAttentionLayer):
     """`sliding_window_attention`: the window-1 most recent keys/values and their key mask, a fixed-size buffer.
 
@@ -216,24 +265,30 @@ class BasedHybridLayer(BasedRecurrentLayer, BasedSlidingWindowLayer):
         BasedRecurrentLayer.apply_to_tensors(self, fn)
 
 
-def cache_layer(config: BasedConfig, layer_idx: int) -> BasedLayerMixin:
+def cache_layer(config: BasedConfig, layer_idx: int, max_cache_len: int | None = None) -> BasedLayerMixin:
     mixer_type = config.mixer_types[layer_idx]
     if mixer_type == "linear_attention":
         return BasedRecurrentLayer(("kv", "z"))
     if mixer_type == "sliding_window_attention":
         return BasedSlidingWindowLayer(config.sliding_window)
     if mixer_type == "full_attention":
-        return BasedAttentionLayer()
+        return BasedAttentionLayer() if max_cache_len is None else BasedStaticAttentionLayer(max_cache_len)
     if mixer_type == "hybrid_attention":
         return BasedHybridLayer(config.sliding_window)
     return BasedRecurrentLayer(("conv",))
 
 
 class BasedCache(Cache):
-    """One cache layer per model layer (see the module docstring), and the count of positions consumed so far."""
+    """One cache layer per model layer (see the module docstring), and the count of positions consumed so far.
 
-    def __init__(self, config: BasedConfig):
-        super().__init__(layers=[cache_layer(config, i) for i in range(config.num_hidden_layers)])
+    With `max_cache_len`, a static cache: `full_attention` layers allocate that many positions up front, so that
+    every layer keeps its tensors' shapes and addresses (what `generate(cache_implementation="static")` builds, and
+    transformers' compiled decoding needs)."""
+
+    def __init__(self, config: BasedConfig, max_cache_len: int | None = None):
+        layers = [cache_layer(config, i, max_cache_len) for i in range(config.num_hidden_layers)]
+        super().__init__(layers=layers)
+        self.max_cache_len = max_cache_len
         self.seen_tokens = 0  # padding included
 
     def __repr__(self) -> str:
@@ -243,7 +298,7 @@ class BasedCache(Cache):
         return self.seen_tokens
 
     def get_max_length(self, layer_idx: int | None = None) -> int:
-        return -1
+        return -1 if self.max_cache_len is None else self.max_cache_len
 
     def reset(self) -> None:
         super().reset()
@@ -264,8 +319,9 @@ class BasedCache(Cache):
 
     @property
     def is_compileable(self) -> bool:
-        # generate() would build 4D attention masks for a compileable cache; our forward takes the 2D padding mask.
-        return False
+        """A static cache whose layers all keep their tensors: then generate() compiles the decoding step where
+        transformers compiles it for a StaticCache (the model's `create_masks_for_generate` keeps the 2D mask)."""
+        return self.max_cache_len is not None and self.is_static
 
     @property
     def is_croppable(self) -> bool:

@@ -339,6 +339,29 @@ class BasedPreTrainedModel(PreTrainedModel):
     def _supports_default_dynamic_cache(cls) -> bool:
         return False  # forward() builds a BasedCache
 
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs, generation_mode, batch_size, max_length):
+        """generate()'s cache is a BasedCache (transformers' caches do not fit our mixers): static, sized for the
+        generation's `max_length` (or `max_cache_len` if larger), with cache_implementation="static"."""
+        implementation = generation_config.cache_implementation
+        if model_kwargs.get(CACHE_FIELD) is not None or generation_config.use_cache is False:
+            return super()._prepare_cache_for_generation(
+                generation_config, model_kwargs, generation_mode, batch_size, max_length
+            )
+        if implementation not in (None, "dynamic", "static"):
+            raise ValueError(
+                f"cache_implementation={implementation!r} is not supported by BASED-family models; accepted: "
+                "dynamic (the default), static"
+            )
+        max_cache_len = None
+        if implementation == "static":
+            max_cache_len = max(max_length, generation_config.max_cache_len or 0)
+        model_kwargs[CACHE_FIELD] = BasedCache(self.config, max_cache_len=max_cache_len)
+
+    def create_masks_for_generate(self, config, inputs_embeds, attention_mask, **kwargs):
+        """generate() asks for attention masks when the cache is compileable (static): our mixers take the 2D padding
+        mask [batch, past + time] as it is."""
+        return attention_mask
+
     def save_pretrained(self, save_directory, *args, **kwargs):
         """Also writes `auto_map` and remote-code files, so the checkpoint loads with `trust_remote_code=True`."""
         self.config.auto_map = REMOTE_CODE_AUTO_MAP
