@@ -31,17 +31,17 @@ DEMO_RETRIEVAL = "niah_single"
 DEMO_RETRIEVAL_METADATA = {"max_seq_lengths": [256], "num_samples": 2}
 DEMO_SPEED_PROMPT = 1024
 KEEP_TARGET = 0.9  # of the teacher's score, on each task the demo shows
-# The demo's phases (by the start of their names on the progress bar) and their seconds in the committed record on
-# 2 CPU cores (benchmarks/results/demo): the weights of its one progress bar, whose ETA follows the measured rate.
+# The demo's phases (by the start of their names on the progress bar) and their seconds on 2 CPU cores (the committed
+# record in benchmarks/results/demo): the weights of its one progress bar, whose ETA follows the measured rate.
 DEMO_PHASES = {
     "loading the teacher": 20,
-    "teacher writes training text": 60,
+    "teacher writes training text": 254,  # only without local training text
     "layer selection": 69,
-    "stage 1": 94,
-    "stage 2": 47,
-    "validation perplexity": 10,
-    "lm-eval": 100,
-    DEMO_RETRIEVAL: 25,
+    "stage 1": 90,
+    "stage 2": 39,
+    "validation perplexity": 4,
+    "lm-eval": 76,
+    DEMO_RETRIEVAL: 12,
     "speed and cache": 25,
 }
 
