@@ -13,6 +13,7 @@ from hf_based.bench.throughput import (
     StaticCacheDecoder,
     based_parameters,
     build,
+    generate_speedup,
     matched_llama_config,
     measure_decode,
     measure_prefill,
@@ -107,6 +108,17 @@ def test_out_of_memory_is_a_result():
     assert measure_decode(exhausted, 4, 16, TINY, CPU) == {"prompt_len": 16, "batch": 4, "status": "oom"}
 
 
+def test_generate_speedup_compares_each_models_fastest_cache():
+    rows = [
+        {"model": "model", "prompt_len": 8, "batch": 1, "cache": "dynamic", "status": "ok", "tokens_per_s": 30.0},
+        {"model": "model", "prompt_len": 8, "batch": 1, "cache": "static", "status": "ok", "tokens_per_s": 60.0},
+        {"model": "baseline", "prompt_len": 8, "batch": 1, "cache": "dynamic", "status": "ok", "tokens_per_s": 20.0},
+        {"model": "baseline", "prompt_len": 8, "batch": 1, "cache": "static", "status": "oom"},
+        {"model": "model", "prompt_len": 8, "batch": 4, "cache": "static", "status": "ok", "tokens_per_s": 9.0},
+    ]
+    assert generate_speedup(rows) == {(8, 1): 3.0}  # B4 has no baseline to compare with
+
+
 def test_other_failures_are_recorded_not_raised():
     record = measure_decode(Failing(RuntimeError("kernel exploded\nmore")), 4, 16, TINY, CPU)
     assert record == {"prompt_len": 16, "batch": 4, "status": "error", "error": "RuntimeError: kernel exploded"}
@@ -115,7 +127,7 @@ def test_other_failures_are_recorded_not_raised():
 def test_bench_tiny_writes_results(tmp_path, one_thread, capsys):
     assert main(["bench", "--tiny", "--out", str(tmp_path), "--quiet"]) == 0
     results = json.loads((tmp_path / "results.json").read_text())
-    assert set(results) >= {"environment", "settings", "models", "prefill", "decode", "summary"}
+    assert set(results) >= {"environment", "settings", "models", "prefill", "decode", "generate", "summary"}
     assert set(results["environment"]) >= {"date", "commit", "machine", "torch", "transformers"}
     assert results["models"]["model"]["class"] == "BasedForCausalLM"
     assert results["models"]["baseline"]["class"] == "LlamaForCausalLM"
@@ -131,11 +143,16 @@ def test_bench_tiny_writes_results(tmp_path, one_thread, capsys):
     assert len(set(based)) == 1  # the same state after 16 and 32 prompt tokens
     assert set(results["summary"]["prefill_speedup"]) == {"32", "64"}
     assert len(results["summary"]["decode_speedup"]) == 4
+    assert len(results["generate"]) == 2 * len(TINY.generate_batches) * len(TINY.generate_caches)
+    for record in results["generate"]:
+        assert record["status"] == "ok" and record["tokens_per_s"] > 0 and record["new_tokens"] == 4
+    assert set(results["summary"]["generate_speedup"]) == {"P=16,B=1", "P=16,B=2"}
+    assert "## generate()" in (tmp_path / "results.md").read_text()
     for name in ("results.md", "bench.png"):
         assert (tmp_path / name).stat().st_size > 0
     assert "tiny vs llama" in (tmp_path / "results.md").read_text()
     out = capsys.readouterr().out
-    assert "prefill speedup" in out and "decode speedup" in out
+    assert "prefill speedup" in out and "decode speedup" in out and "generate() speedup" in out
     (tmp_path / "bench.png").unlink()
     assert main(["bench", "--out", str(tmp_path), "--plot-only"]) == 0
     assert (tmp_path / "bench.png").is_file()
@@ -147,6 +164,7 @@ def test_bench_tiny_writes_results(tmp_path, one_thread, capsys):
         (["--model", "no/such/dir-xyz"], "cannot read a config from model 'no/such/dir-xyz'"),
         (["--baseline", "./missing.gguf"], "--baseline: BASE './missing.gguf' does not exist"),
         (["--steps", "0"], "steps must be >= 1"),
+        (["--new-tokens", "0"], "generate_new_tokens must be >= 1"),
         (["--plot-only"], "does not exist"),
     ],
 )

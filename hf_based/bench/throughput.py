@@ -14,6 +14,10 @@ on one GPU, and measures
   Transformer: transformers' StaticCache (preallocated to P + the steps timed), a 4D mask computed on device from the
   position, and the same CUDA-graph capture (no torch.compile: it would recompile for every batch size). When a
   capture fails the steps run eagerly; each record says which ("mode": "cuda_graph" | "eager");
+- generate(): tokens/s of what users run, `model.generate()` over a prompt of P tokens for N new tokens (greedy,
+  batch B, prefill included), with each cache implementation (`dynamic`: the default; `static`: allocated once, and
+  on CUDA the decoding step compiled by transformers, for both models), after one untimed call that compiles; the
+  summary compares each model's fastest;
 - peak memory: torch.cuda.max_memory_allocated during each measurement (weights included), and the size of the
   cache the decode steps read.
 
@@ -49,6 +53,7 @@ logger = logging.getLogger(__name__)
 # The speed targets the results are checked against (based-360m against a 360M Llama, on an H200).
 DECODE_TARGET = {"batch": 64, "prompt_len": 8192, "speedup": 10.0}
 PREFILL_TARGET = {"length": 8192, "speedup": 1.5}
+GENERATE_CACHES = ("dynamic", "static")  # generate()'s cache_implementation, for both models
 
 
 @dataclass(frozen=True)
@@ -60,19 +65,26 @@ class BenchSettings:
     steps: int = 32  # decode steps per timed trial
     trials: int = 3
     warmup_steps: int = 3  # eager decode steps before the capture (and before timing)
+    generate_batches: tuple[int, ...] = (1, 64)
+    generate_prompt_len: int = 2048
+    generate_new_tokens: int = 128
+    generate_caches: tuple[str, ...] = ("dynamic", "static")
     dtype: str = "bfloat16"
     cuda_graphs: bool = True
 
     def __post_init__(self):
-        for name in ("prefill_lengths", "decode_batches", "prompt_lengths"):
+        for name in ("prefill_lengths", "decode_batches", "prompt_lengths", "generate_batches"):
             values = getattr(self, name)
             if not values or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in values):
                 raise ValueError(f"{name} must be a non-empty list of ints >= 1, got {list(values)}")
-        for name in ("prefill_batch", "steps", "trials"):
+        for name in ("prefill_batch", "steps", "trials", "generate_prompt_len", "generate_new_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.warmup_steps < 0:
             raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
+        unknown = [c for c in self.generate_caches if c not in GENERATE_CACHES]
+        if unknown or not self.generate_caches:
+            raise ValueError(f"generate_caches {list(self.generate_caches)}: accepted: {', '.join(GENERATE_CACHES)}")
 
     @property
     def decode_positions(self) -> int:
@@ -87,6 +99,9 @@ TINY = BenchSettings(
     steps=4,
     trials=2,
     warmup_steps=1,
+    generate_batches=(1, 2),
+    generate_prompt_len=16,
+    generate_new_tokens=4,
     dtype="float32",
 )
 
@@ -422,6 +437,45 @@ def measure_decode(model, batch: int, prompt_len: int, settings: BenchSettings, 
     return record
 
 
+@torch.no_grad()
+def measure_generate(
+    model, batch: int, prompt_len: int, new_tokens: int, cache: str, device: torch.device, reps: int = 1
+) -> dict:
+    """End-to-end `generate()`: greedy, exactly `new_tokens` per sequence, prefill included; the first call (which
+    compiles, where transformers compiles) is not timed."""
+    record = {"prompt_len": prompt_len, "batch": batch, "new_tokens": new_tokens, "cache": cache}
+    try:
+        ids = random_ids(model, batch, prompt_len, device)
+        settings = dict(
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+            pad_token_id=0,
+            cache_implementation=cache,
+        )
+        with Memory(device) as memory:
+            model.generate(ids, **settings)
+            seconds = []
+            for _ in range(reps):
+                synchronize(device)
+                start = time.perf_counter()
+                model.generate(ids, **settings)
+                synchronize(device)
+                seconds.append(time.perf_counter() - start)
+        elapsed = statistics.median(seconds)
+        record.update(
+            status="ok",
+            seconds=round(elapsed, 4),
+            tokens_per_s=round(batch * new_tokens / elapsed, 1),
+            peak_memory_gb=memory.peak_gb,
+        )
+    except Exception as error:  # noqa: BLE001 - see failure()
+        record.update(failure(error))
+    free(device)
+    return record
+
+
 def speed_and_memory(models: dict, prompt_len: int, device: torch.device, decode_batch: int = 1) -> dict[str, dict]:
     """A quick side-by-side on this machine: per model, prefill of `prompt_len` tokens (batch 1) and greedy decode
     steps after it (`decode_batch` sequences), eager, with the cache bytes they hold. -> {name: {"prefill": record,
@@ -474,7 +528,14 @@ def run_bench(
     dtype = getattr(torch, settings.dtype)
     config, baseline_config = resolve_configs(model_spec, baseline_spec)
     env = report.environment(device)
-    results = {"environment": env, "settings": dataclasses.asdict(settings), "models": {}, "prefill": [], "decode": []}
+    results = {
+        "environment": env,
+        "settings": dataclasses.asdict(settings),
+        "models": {},
+        "prefill": [],
+        "decode": [],
+        "generate": [],
+    }
     grid = [(length, None) for length in settings.prefill_lengths] + [
         (prompt, batch) for prompt in settings.prompt_lengths for batch in settings.decode_batches
     ]
@@ -497,6 +558,12 @@ def run_bench(
                     f"  decode  P={length:>6} B={batch:>4}: {_rate(record)}"
                     + (f" ({record.get('mode')})" if record["status"] == "ok" else "")
                 )
+        for batch in settings.generate_batches:
+            for cache in settings.generate_caches:
+                prompt, new = settings.generate_prompt_len, settings.generate_new_tokens
+                record = measure_generate(model, batch, prompt, new, cache, device)
+                results["generate"].append({"model": role, **record})
+                say(f"  generate() P={prompt} +{new} B={batch:>4} {cache:>7} cache: {_rate(record)}")
         del model
         free(device)
     results["summary"] = summarize(results)
@@ -531,6 +598,7 @@ def summarize(results: dict) -> dict:
     summary = {
         "prefill_speedup": {str(k): v for k, v in prefill.items()},
         "decode_speedup": {f"P={p},B={b}": v for (p, b), v in decode.items()},
+        "generate_speedup": {f"P={p},B={b}": v for (p, b), v in generate_speedup(results.get("generate", [])).items()},
     }
     d_key = (DECODE_TARGET["prompt_len"], DECODE_TARGET["batch"])
     if d_key in decode:
@@ -543,6 +611,20 @@ def summarize(results: dict) -> dict:
         value = prefill[PREFILL_TARGET["length"]]
         summary["prefill_target"] = {**PREFILL_TARGET, "measured": value, "met": _met(value, PREFILL_TARGET["speedup"])}
     return summary
+
+
+def generate_speedup(rows: list[dict]) -> dict:
+    """(prompt, batch) -> each model's fastest generate() (over its caches) as a ratio, model / baseline."""
+    fastest = {}
+    for row in rows:
+        if row["status"] == "ok":
+            key = (row["model"], row["prompt_len"], row["batch"])
+            fastest[key] = max(fastest.get(key, 0.0), row["tokens_per_s"])
+    return {
+        (p, b): round(rate / fastest[("baseline", p, b)], 2)
+        for (role, p, b), rate in fastest.items()
+        if role == "model" and ("baseline", p, b) in fastest
+    }
 
 
 def _met(value, target: float) -> bool:
@@ -631,6 +713,25 @@ def write_report(results: dict, out: Path) -> None:
             rows,
         )
     )
+    settings = results["settings"]
+    if results.get("generate"):
+        lines += [
+            "",
+            f"## generate() (tokens/s of {settings['generate_new_tokens']} new tokens per sequence after a "
+            f"{settings['generate_prompt_len']}-token prompt, prefill included)",
+            "",
+        ]
+        rows = []
+        for batch in settings["generate_batches"]:
+            for cache in settings["generate_caches"]:
+                cells = [_find(results["generate"], role, batch=batch, cache=cache) for role in ("model", "baseline")]
+                rows.append([batch, cache, *(_cell(c) for c in cells), *(_mem(c) for c in cells)])
+        lines.append(
+            report.markdown_table(
+                ["B", "cache", "BASED tok/s", "baseline tok/s", "BASED peak GB", "baseline peak GB"], rows
+            )
+        )
+        lines += ["", f"Fastest against fastest: {summary.get('generate_speedup') or 'none measured'}"]
     errors = [r for r in results["decode"] if "graph_error" in r]
     if errors:
         lines += [
@@ -638,14 +739,14 @@ def write_report(results: dict, out: Path) -> None:
             "CUDA-graph capture failed (eager steps instead): "
             + "; ".join(f"{r['model']} P={r['prompt_len']} B={r['batch']}: {r['graph_error']}" for r in errors),
         ]
-    failed = [r for r in results["prefill"] + results["decode"] if r["status"] == "error"]
+    failed = [r for r in results["prefill"] + results["decode"] + results.get("generate", []) if r["status"] == "error"]
     if failed:
         lines += [
             "",
             "Failed measurements: "
             + "; ".join(
                 f"{r['model']} "
-                + ", ".join(f"{k}={r[k]}" for k in ("length", "prompt_len", "batch") if k in r)
+                + ", ".join(f"{k}={r[k]}" for k in ("length", "prompt_len", "batch", "cache") if k in r)
                 + f": {r['error']}"
                 for r in failed
             ),

@@ -31,6 +31,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, help="decode steps per timed trial (default 32)")
     parser.add_argument("--trials", type=int, help="timed trials per decode point (default 3)")
     parser.add_argument(
+        "--generate-batches", type=int_list, metavar="B,B", help="batch sizes for end-to-end generate() (default 1,64)"
+    )
+    parser.add_argument("--generate-prompt", type=int, metavar="P", help="prompt length for generate() (default 2048)")
+    parser.add_argument("--new-tokens", type=int, metavar="N", help="tokens generate() adds per sequence (default 128)")
+    parser.add_argument(
         "--dtype",
         choices=("bfloat16", "float16", "float32"),
         help="weights and activations (default bfloat16; float32 with --tiny)",
@@ -62,6 +67,9 @@ def run(args: argparse.Namespace) -> None:
             ("prompt_lengths", args.prompt_lengths),
             ("steps", args.steps),
             ("trials", args.trials),
+            ("generate_batches", args.generate_batches),
+            ("generate_prompt_len", args.generate_prompt),
+            ("generate_new_tokens", args.new_tokens),
             ("dtype", args.dtype),
         )
         if value is not None
@@ -83,6 +91,7 @@ def run(args: argparse.Namespace) -> None:
     )
     print(f"  prefill speedup by length: {summary['prefill_speedup']}")
     print(f"  decode speedup by (prompt, batch): {summary['decode_speedup']}")
+    print(f"  generate() speedup by (prompt, batch), fastest cache of each: {summary['generate_speedup']}")
     for key in ("decode_target", "prefill_target"):
         if key in summary:
             target = summary[key]
