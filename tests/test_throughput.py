@@ -1,10 +1,11 @@
 """Throughput benchmark (`hf-based bench`) on CPU at tiny sizes: what it writes and how it decodes, no speeds."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
-from transformers import LlamaForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM
 
 from hf_based import preset_config
 from hf_based.bench.throughput import (
@@ -23,6 +24,7 @@ from hf_based.cli import main
 from hf_based.modeling.compat import CACHE_FIELD, output_cache
 
 CPU = torch.device("cpu")
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
 @pytest.mark.parametrize("preset", ["tiny", "based-360m", "based-1.3b"])
@@ -156,6 +158,35 @@ def test_bench_tiny_writes_results(tmp_path, one_thread, capsys):
     (tmp_path / "bench.png").unlink()
     assert main(["bench", "--out", str(tmp_path), "--plot-only"]) == 0
     assert (tmp_path / "bench.png").is_file()
+
+
+def test_bench_a_converted_llama_config_against_the_llama(tmp_path, one_thread):
+    """--model converted:LLAMA: the config convert() makes of that Llama (the default recipe's 20% of the layers
+    kept as softmax attention, evenly spaced), against the Llama itself; the shipped Llama-3 configs convert too."""
+    from hf_based.cli.bench import converted_config
+
+    llama = tmp_path / "llama"
+    LlamaConfig(
+        vocab_size=97,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=5,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    ).save_pretrained(llama)
+    config = converted_config(str(llama))
+    assert config.mixer_types == ["hybrid_attention"] * 2 + ["full_attention"] + ["hybrid_attention"] * 2
+    assert (config.hidden_size, config.num_key_value_heads) == (32, 2)
+    for name, softmax in (("llama-3.2-1b", [2, 8, 13]), ("llama-3.1-8b", [2, 8, 13, 18, 24, 29])):
+        converted = converted_config(str(BENCHMARKS / "configs" / name))
+        assert [i for i, m in enumerate(converted.mixer_types) if m == "full_attention"] == softmax
+    out = tmp_path / "out"
+    argv = ["bench", "--tiny", "--out", str(out), "--model", f"converted:{llama}", "--baseline", str(llama), "--quiet"]
+    assert main(argv) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["models"]["model"]["class"] == "BasedForCausalLM"
+    assert results["models"]["baseline"]["class"] == "LlamaForCausalLM"
+    assert all(r["status"] == "ok" for r in results["prefill"] + results["decode"] + results["generate"])
 
 
 @pytest.mark.parametrize(

@@ -512,9 +512,11 @@ def format_speed_and_memory(results: dict[str, dict]) -> str:
 # Benchmark and report
 
 
-def resolve_configs(model_spec: str, baseline_spec: str) -> tuple[BasedConfig, object]:
-    """The configs of --model and --baseline; ValueError for anything unusable."""
-    config = load_config(model_spec, "model")
+def resolve_configs(
+    model_spec: str, baseline_spec: str, model_config: BasedConfig | None = None
+) -> tuple[BasedConfig, object]:
+    """The configs of --model (`model_config` if given) and --baseline; ValueError for anything unusable."""
+    config = model_config or load_config(model_spec, "model")
     if not isinstance(config, BasedConfig):
         raise ValueError(f"model {model_spec!r} is a {type(config).__name__}, not a BASED-family (BasedConfig) model")
     if baseline_spec == "llama":
@@ -523,10 +525,17 @@ def resolve_configs(model_spec: str, baseline_spec: str) -> tuple[BasedConfig, o
 
 
 def run_bench(
-    model_spec: str, baseline_spec: str, settings: BenchSettings, device: torch.device, show_progress: bool = True
+    model_spec: str,
+    baseline_spec: str,
+    settings: BenchSettings,
+    device: torch.device,
+    show_progress: bool = True,
+    model_config: BasedConfig | None = None,
 ) -> dict:
+    """Both models' measurements and their summary. model_config: the model's config when `model_spec` only names it
+    (e.g. a converted config the command line built)."""
     dtype = getattr(torch, settings.dtype)
-    config, baseline_config = resolve_configs(model_spec, baseline_spec)
+    config, baseline_config = resolve_configs(model_spec, baseline_spec, model_config)
     env = report.environment(device)
     results = {
         "environment": env,

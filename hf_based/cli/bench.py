@@ -8,6 +8,21 @@ from hf_based.cli.common import int_list, output_directory, redraw
 from hf_based.errors import UsageError
 from hf_based.modeling.presets import PRESETS
 
+CONVERTED = "converted:"
+
+
+def converted_config(base: str):
+    """The BasedConfig of `base` (a Llama-family config) converted with the default recipe, whose softmax layers,
+    chosen from the weights in a real conversion, are here evenly spaced: speed depends on how many, not which."""
+    from hf_based import checkpoints
+    from hf_based.conversion.linearize import based_config
+    from hf_based.conversion.recipe import Recipe
+
+    teacher = checkpoints.load_config(base)
+    recipe, layers = Recipe(), teacher.num_hidden_layers
+    count = recipe.layer_selection.size(layers)
+    return based_config(teacher, recipe.with_softmax_layers([int((i + 0.5) * layers / count) for i in range(count)]))
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, metavar="DIR", help="directory for results.json/.md and bench.png")
@@ -15,7 +30,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--model",
         metavar="PRESET_OR_PATH",
         help=f"BASED-family model: a preset ({', '.join(PRESETS)}) or a checkpoint directory / hub id "
-        "(only its config is read; weights are random) (default: based-360m, tiny with --tiny)",
+        f"(only its config is read; weights are random), or {CONVERTED}LLAMA: what `hf-based convert` makes of that "
+        "Llama-family directory / hub id / .gguf with the default recipe's share of softmax layers, evenly spaced "
+        "(default: based-360m, tiny with --tiny)",
     )
     parser.add_argument(
         "--baseline",
@@ -77,12 +94,13 @@ def run(args: argparse.Namespace) -> None:
     if args.no_cuda_graphs:
         overrides["cuda_graphs"] = False
     model = args.model or ("tiny" if args.tiny else "based-360m")
+    model_config = converted_config(model.removeprefix(CONVERTED)) if model.startswith(CONVERTED) else None
     try:
         settings = dataclasses.replace(settings, **overrides)
-        resolve_configs(model, args.baseline)  # bad input fails here, in one line, before any model is built
+        resolve_configs(model, args.baseline, model_config)  # bad input fails here, before any model is built
     except ValueError as error:
         raise UsageError(str(error)) from error
-    results = run_bench(model, args.baseline, settings, device, show_progress=not args.quiet)
+    results = run_bench(model, args.baseline, settings, device, not args.quiet, model_config)
     write_report(results, out)
     summary = results["summary"]
     print(
