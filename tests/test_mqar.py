@@ -10,7 +10,7 @@ import torch
 
 from hf_based import BasedConfig, BasedForCausalLM
 from hf_based.bench import mqar
-from hf_based.bench.mqar import multiquery_ar, sample_mqar, train_and_evaluate
+from hf_based.bench.mqar import best_runs, multiquery_ar, run_sweep, sample_mqar, still_improving, train_and_evaluate
 from hf_based.bench.mqar_sweeps import FAMILIES, SWEEPS, ModelSpec
 from hf_based.cli import main
 from hf_based.modeling.compat import output_cache
@@ -109,7 +109,7 @@ def test_state_size_is_what_the_cache_holds():
 
 
 def test_default_sweep_covers_every_family():
-    settings, specs = SWEEPS["default"]
+    settings, specs = SWEEPS["quick"]
     assert {s.family for s in specs} == set(FAMILIES)
     assert settings.headline.name == "512x64" and settings.max_len == 512 and settings.vocab_size == 8192
     assert len({s.name for s in specs}) == len(specs)
@@ -124,9 +124,57 @@ def test_default_sweep_covers_every_family():
     assert sum(config.recurrent_state_size(512)) == sum(config.recurrent_state_size(64))
 
 
+def test_based_paper_protocol_follows_the_paper():
+    settings, specs = SWEEPS["based-paper"]
+    assert [t.name for t in settings.train_tasks] == ["64x4", "128x8", "256x16", "256x32", "256x64"]
+    assert settings.headline.name == "1024x256" and settings.batch_size == 256
+    assert settings.learning_rates == pytest.approx([1e-3, 10**-2.5, 1e-2, 10**-1.5])
+    assert settings.max_steps == 180_000 * 32 // 256
+    # 100k examples of (64, 4) to 20k of each other task: 5 steps of the first for 1 of each of the others
+    drawn = [settings.train_task(step).name for step in range(9 * 20)]
+    assert {name: drawn.count(name) for name in set(drawn)} == {
+        "64x4": 100,
+        "128x8": 20,
+        "256x16": 20,
+        "256x32": 20,
+        "256x64": 20,
+    }
+    based = {(s.d_model, s.feature_dim) for s in specs if s.family == "based"}
+    assert based == {(d, f) for d in (48, 64, 128) for f in (8, 16, 24)}
+    assert {s.d_model for s in specs if s.family == "attention"} == {64, 128}
+    assert {s.family for s in specs} == {"attention", "sliding_window", "based", "lolcats"}
+
+
+def test_still_improving_reads_the_end_of_the_curve():
+    assert still_improving([[50, 0.1], [100, 0.2], [150, 0.3], [200, 0.5]])
+    assert not still_improving([[50, 0.1], [100, 0.6], [150, 0.6], [200, 0.605]])
+    assert not still_improving([[50, 0.3]])
+
+
+def test_the_best_learning_rate_is_kept_per_model():
+    runs = [
+        {"name": "a-lr0.001", "model": "a", "accuracy": {"t": 0.2}},
+        {"name": "a-lr0.01", "model": "a", "accuracy": {"t": 0.7}},
+        {"name": "b-lr0.001", "model": "b", "error": "RuntimeError: x"},
+        {"name": "b-lr0.01", "model": "b", "accuracy": {"t": 0.1}},
+        {"name": "c-lr0.001", "model": "c", "error": "RuntimeError: y"},
+    ]
+    assert [r["name"] for r in best_runs(runs, "t")] == ["a-lr0.01", "b-lr0.01", "c-lr0.001"]
+
+
+def test_a_learning_rate_sweep_runs_each_rate_and_records_curves(tmp_path, one_thread):
+    settings, specs = SWEEPS["tiny"]
+    settings = dataclasses.replace(settings, lrs=(1e-3, 1e-2), max_steps=4, check_every=2)
+    runs = run_sweep(settings, specs[:1], tmp_path, torch.device("cpu"), show_progress=False)
+    assert [r["name"] for r in runs] == ["attention-d32-lr0.001", "attention-d32-lr0.01"]
+    assert [r["lr"] for r in runs] == [1e-3, 1e-2]
+    assert all([step for step, _ in r["curve"]] == [2, 4] and r["model"] == "attention-d32" for r in runs)
+    assert run_sweep(settings, specs[:1], tmp_path, torch.device("cpu"), show_progress=False) == runs  # resumed
+
+
 @pytest.mark.slow
 def test_tiny_sweep_learns_and_resumes(tmp_path, one_thread, capsys):
-    assert main(["mqar", "--out", str(tmp_path), "--preset", "tiny", "--quiet"]) == 0
+    assert main(["mqar", "--out", str(tmp_path), "--protocol", "tiny", "--quiet"]) == 0
     data = json.loads((tmp_path / "results.json").read_text())
     runs = {run["name"]: run for run in data["runs"]}
     assert set(runs) == {"attention-d32", "based-d32-f8"}
@@ -141,11 +189,11 @@ def test_tiny_sweep_learns_and_resumes(tmp_path, one_thread, capsys):
     lines = (tmp_path / "results.jsonl").read_text().splitlines()
     assert len(lines) == 2
     # rerun: both runs are found and skipped
-    assert main(["mqar", "--out", str(tmp_path), "--preset", "tiny", "--quiet"]) == 0
+    assert main(["mqar", "--out", str(tmp_path), "--protocol", "tiny", "--quiet"]) == 0
     assert (tmp_path / "results.jsonl").read_text().splitlines() == lines
     with (tmp_path / "results.jsonl").open("a") as f:  # a record cut short by an interruption is ignored
         f.write('{"name": "attention-d32", "sett')
-    assert main(["mqar", "--out", str(tmp_path), "--preset", "tiny", "--quiet"]) == 0
+    assert main(["mqar", "--out", str(tmp_path), "--protocol", "tiny", "--quiet"]) == 0
     assert (tmp_path / "results.jsonl").read_text().splitlines()[:2] == lines
     (tmp_path / "mqar.png").unlink()
     assert main(["mqar", "--out", str(tmp_path), "--plot-only"]) == 0
@@ -174,7 +222,7 @@ def test_time_budget_sets_the_steps(one_thread, monkeypatch):
 )
 def test_bad_arguments_give_one_line_errors(tmp_path, capsys, argv, message):
     with pytest.raises(SystemExit) as exit_info:
-        main(["mqar", "--out", str(tmp_path / "out"), "--preset", "tiny", *argv])
+        main(["mqar", "--out", str(tmp_path / "out"), "--protocol", "tiny", *argv])
     assert exit_info.value.code != 0
     err = capsys.readouterr().err.strip()
     assert message in err and "Traceback" not in err and len(err.splitlines()) == 1
@@ -191,7 +239,7 @@ def test_a_failing_run_is_reported_and_retried(tmp_path, monkeypatch, capsys):
         return real(spec, dataclasses.replace(settings, max_steps=2), *args, **kwargs)
 
     monkeypatch.setattr(mqar, "train_and_evaluate", flaky)
-    assert main(["mqar", "--out", str(tmp_path), "--preset", "tiny", "--quiet", "--max-steps", "2"]) == 0
+    assert main(["mqar", "--out", str(tmp_path), "--protocol", "tiny", "--quiet", "--max-steps", "2"]) == 0
     assert "FAILED based-d32-f8: RuntimeError: Triton compilation failed" in capsys.readouterr().out
     assert "FAILED: RuntimeError" in (tmp_path / "results.md").read_text()
     assert [json.loads(line)["name"] for line in (tmp_path / "results.jsonl").read_text().splitlines()] == [

@@ -176,26 +176,45 @@ def evaluate(model, settings: Settings, device: torch.device, eval_batch: int = 
 CALIBRATE = (10, 30)  # steps between which the step time is measured (after the kernels are compiled)
 
 
+def still_improving(curve: list[list[float]], margin: float = 0.01) -> bool:
+    """Whether a run's training accuracy ([step, accuracy] checks) was still rising at its end: the best of its last
+    quarter of checks beats the best before it by more than `margin`."""
+    accuracies = [accuracy for _, accuracy in curve]
+    cut = len(accuracies) - max(1, len(accuracies) // 4)
+    return cut > 0 and max(accuracies[cut:]) > max(accuracies[:cut]) + margin
+
+
+def run_name(spec: ModelSpec, lr: float, settings: Settings) -> str:
+    return f"{spec.name}-lr{lr:.3g}" if len(settings.learning_rates) > 1 else spec.name
+
+
 def train_and_evaluate(
-    spec: ModelSpec, settings: Settings, device: torch.device, time_budget_s: float | None = None, progress=None
+    spec: ModelSpec,
+    settings: Settings,
+    device: torch.device,
+    time_budget_s: float | None = None,
+    progress=None,
+    lr: float | None = None,
 ) -> dict:
-    """Train one model on fresh MQAR batches and evaluate it; returns the run's record."""
+    """Train one model on fresh MQAR batches at learning rate `lr` (default: settings.lr) and evaluate it; returns
+    the run's record, with its training-accuracy curve."""
+    lr = settings.lr if lr is None else lr
     start = time.perf_counter()
     torch.manual_seed(settings.seed)
     config = spec.config(settings.vocab_size, settings.max_len)
     model = BasedForCausalLM(config).to(device).train()
     optimizer = torch.optim.AdamW(
-        model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay, fused=device.type == "cuda"
+        model.parameters(), lr=lr, weight_decay=settings.weight_decay, fused=device.type == "cuda"
     )
     generator = torch.Generator(device).manual_seed(settings.seed + 1)
     total = settings.max_steps
     warmup = min(settings.warmup_steps, total)
     correct = torch.zeros((), device=device)
-    counted, last_accuracy, early_stopped, step, marks = 0, float("nan"), False, 0, {}
+    counted, last_accuracy, early_stopped, step, marks, curve = 0, float("nan"), False, 0, {}, []
     while step < total:
-        task = settings.train_tasks[step % len(settings.train_tasks)]
+        task = settings.train_task(step)
         for group in optimizer.param_groups:
-            group["lr"] = settings.lr * lr_factor(step, total, warmup)
+            group["lr"] = lr * lr_factor(step, total, warmup)
         batch = sample_mqar(
             settings.batch_size,
             task.seq_len,
@@ -225,6 +244,7 @@ def train_and_evaluate(
                 total = max(CALIBRATE[1], min(settings.max_steps, step + int(left / step_time)))
         if step % settings.check_every == 0 or step == total:
             last_accuracy = correct.item() / counted
+            curve.append([step, round(last_accuracy, 4)])
             if progress is not None:
                 progress.set_postfix_str(f"step {step}/{total} loss {loss.item():.3f} acc {last_accuracy:.3f}")
             correct.zero_()
@@ -236,7 +256,8 @@ def train_and_evaluate(
     accuracy = evaluate(model, settings, device)
     eval_seconds = time.perf_counter() - start - train_seconds
     return {
-        "name": spec.name,
+        "name": run_name(spec, lr, settings),
+        "model": spec.name,
         "family": spec.family,
         **{k: v for k, v in dataclasses.asdict(spec).items() if k != "family"},
         "mixer_types": config.mixer_types,
@@ -245,11 +266,13 @@ def train_and_evaluate(
         "accuracy": accuracy,
         "steps": step,
         "early_stopped": early_stopped,
+        "still_improving": not early_stopped and still_improving(curve),
+        "curve": curve,
         "train_accuracy": last_accuracy,
         "final_loss": loss.item(),
         "train_seconds": round(train_seconds, 2),
         "eval_seconds": round(eval_seconds, 2),
-        "lr": settings.lr,
+        "lr": lr,
         "settings": settings.fingerprint(),
     }
 
@@ -270,43 +293,60 @@ def read_runs(path: Path, fingerprint: str) -> dict[str, dict]:
 def run_sweep(
     settings: Settings, specs: list[ModelSpec], out: Path, device: torch.device, show_progress: bool = True
 ) -> list[dict]:
-    """Train and evaluate every spec not yet in out/results.jsonl under these settings; returns all runs in spec
-    order. With a time budget, the runs still to do share the part of it that is theirs (len(todo) / len(specs))."""
+    """Train and evaluate every spec at every learning rate of the settings, except the runs already in
+    out/results.jsonl under these settings; returns all runs in spec order. With a time budget, the runs still to do
+    share the part of it that is theirs (len(todo) / number of runs)."""
     from tqdm.auto import tqdm
 
     out.mkdir(parents=True, exist_ok=True)
     log = out / "results.jsonl"
     done = read_runs(log, settings.fingerprint())
-    todo = [spec for spec in specs if spec.name not in done]
+    planned = [(spec, lr) for spec in specs for lr in settings.learning_rates]
+    todo = [(spec, lr) for spec, lr in planned if run_name(spec, lr, settings) not in done]
     budget = settings.time_budget_s
-    deadline = time.perf_counter() + budget * len(todo) / len(specs) if budget else None
+    deadline = time.perf_counter() + budget * len(todo) / len(planned) if budget else None
     eval_reserve = 0.0  # the last run's evaluation time, held back from the next run's training budget
     bar = tqdm(todo, desc="mqar", unit="run", disable=not show_progress)
-    for i, spec in enumerate(bar):
-        bar.set_description(f"mqar {spec.name}")
+    for i, (spec, lr) in enumerate(bar):
+        name = run_name(spec, lr, settings)
+        bar.set_description(f"mqar {name}")
         run_budget = None
         if deadline is not None:
             run_budget = max(1.0, (deadline - time.perf_counter()) / (len(todo) - i) - eval_reserve)
         try:
-            record = train_and_evaluate(spec, settings, device, run_budget, progress=bar)
+            record = train_and_evaluate(spec, settings, device, run_budget, progress=bar, lr=lr)
         except Exception as error:  # noqa: BLE001 - one failing model must not end a GPU run; not logged: retried
             message = f"{type(error).__name__}: {(str(error).splitlines() or [''])[0][:300]}"
-            done[spec.name] = {"name": spec.name, "family": spec.family, "error": message}
-            bar.write(f"{spec.name}: FAILED ({message})")
+            done[name] = {"name": name, "model": spec.name, "family": spec.family, "error": message}
+            bar.write(f"{name}: FAILED ({message})")
             if device.type == "cuda":
                 torch.cuda.empty_cache()
             continue
         eval_reserve = record["eval_seconds"]
-        done[spec.name] = record
+        done[name] = record
         with log.open("a") as f:
             f.write(json.dumps(record) + "\n")
         headline = settings.headline.name
         bar.write(
-            f"{spec.name}: {headline} accuracy {record['accuracy'][headline]:.3f}, "
+            f"{name}: {headline} accuracy {record['accuracy'][headline]:.3f}, "
             f"state {record['state_size'][headline]:,}, {record['steps']} steps, "
             f"{record['train_seconds'] + record['eval_seconds']:.0f} s"
+            + (", still improving" if record["still_improving"] else "")
         )
-    return [done[spec.name] for spec in specs]
+    return [done[run_name(spec, lr, settings)] for spec, lr in planned]
+
+
+def best_runs(runs: list[dict], headline: str) -> list[dict]:
+    """Per model, its run at the learning rate with the best `headline` accuracy (a failed run only if all failed)."""
+    best: dict[str, dict] = {}
+    for run in runs:
+        model = run.get("model", run["name"])
+        kept = best.get(model)
+        if kept is None or ("error" in kept and "error" not in run):
+            best[model] = run
+        elif "error" not in run and run["accuracy"][headline] > kept["accuracy"][headline]:
+            best[model] = run
+    return list(best.values())
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -314,36 +354,44 @@ def run_sweep(
 
 
 def write_report(runs: list[dict], settings: Settings, out: Path, env: dict) -> None:
+    """results.json (every run, with its curve), results.md and mqar.png (per model, its best learning rate; a run
+    still improving at its end is marked)."""
     headline = settings.headline.name
     data = {"environment": env, "settings": dataclasses.asdict(settings), "headline_task": headline, "runs": runs}
     report.write_json(out / "results.json", data)
     tasks_ = [t.name for t in settings.test_tasks]
+    best = best_runs(runs, headline)
     rows = [
         [
             r["name"],
             r["parameters"],
             f"{r['state_size'][headline]:,}",
+            f"{r['lr']:.3g}",
             r["steps"],
+            "yes" if r.get("still_improving") else "",
             f"{r['train_seconds'] + r['eval_seconds']:.0f}",
             *(f"{r['accuracy'][t]:.3f}" for t in tasks_),
         ]
         if "error" not in r
-        else [r["name"], "", "", "", "", f"FAILED: {r['error']}", *[""] * (len(tasks_) - 1)]
-        for r in runs
+        else [r["name"], "", "", "", "", "", "", f"FAILED: {r['error']}", *[""] * (len(tasks_) - 1)]
+        for r in best
     ]
     table = report.markdown_table(
-        ["run", "params", f"state ({headline})", "steps", "s", *(f"acc {t}" for t in tasks_)], rows
+        ["run", "params", f"state ({headline})", "lr", "steps", "still improving", "s", *(f"acc {t}" for t in tasks_)],
+        rows,
     )
     train = ", ".join(t.name for t in settings.train_tasks)
     (out / "results.md").write_text(
         f"# MQAR: accuracy vs recurrent state size\n\n{report.environment_lines(env)}\n\n"
         f"Tasks are seq_len x kv_pairs; vocab {settings.vocab_size}; training cycles through {train} "
-        f"(fresh batches of {settings.batch_size}); lr {settings.lr}, wd {settings.weight_decay}; "
+        f"(in proportions {list(settings.train_weights or [1] * len(settings.train_tasks))}, fresh batches of "
+        f"{settings.batch_size}); lr {', '.join(f'{lr:.3g}' for lr in settings.learning_rates)} (per model, the best "
+        f"at {headline} is shown; every run with its training curve is in results.json), wd {settings.weight_decay}; "
         f"time budget {settings.time_budget_s} s; {settings.test_examples} test examples per task. "
         f"State = elements per sequence our cache keeps after {settings.headline.seq_len} tokens.\n\n"
         f"{table}\n\n![mqar](mqar.png)\n"
     )
-    plot([r for r in runs if "error" not in r], settings, out)
+    plot([r for r in best if "error" not in r], settings, out)
 
 
 def plot(runs: list[dict], settings: Settings, out: Path) -> Path | None:
@@ -367,7 +415,8 @@ def plot(runs: list[dict], settings: Settings, out: Path) -> Path | None:
                 x,
                 [accuracy(r) for r in members],
                 marker=family.marker,
-                color=family.color,
+                edgecolors=family.color,
+                facecolors=[("none" if r.get("still_improving") else family.color) for r in members],
                 s=60,
                 label=family.label,
                 zorder=3,
@@ -380,6 +429,7 @@ def plot(runs: list[dict], settings: Settings, out: Path) -> Path | None:
                 )
                 ax.annotate(tag, (xi, accuracy(r)), fontsize=6, xytext=(3, 3), textcoords="offset points")
         ax.axhline(2 / settings.vocab_size, color="gray", linestyle=":", linewidth=1, label="chance")
+        ax.scatter([], [], marker="o", facecolors="none", edgecolors="gray", label="still improving at its end")
         ax.set_xscale("log")
         ax.set_xlabel(f"recurrent state size (elements per sequence, after {settings.headline.seq_len} tokens)")
         ax.set_title(title, fontsize=10)

@@ -134,6 +134,8 @@ class Settings:
     lr: float = 3e-3
     weight_decay: float = 0.1
     time_budget_s: float | None = None  # the whole sweep's training + evaluation; None: max_steps per run
+    train_weights: tuple[int, ...] | None = None  # examples per training task, relative (None: one each)
+    lrs: tuple[float, ...] = ()  # learning rates to sweep, the best kept per model (empty: just `lr`)
     early_stop_accuracy: float = 0.99
     check_every: int = 50
     power_a: float = POWER_A
@@ -146,8 +148,15 @@ class Settings:
         for name in ("batch_size", "test_examples", "max_steps", "check_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if not (math.isfinite(self.lr) and self.lr > 0):
-            raise ValueError(f"lr must be > 0 and finite, got {self.lr}")
+        for lr in (self.lr, *self.lrs):
+            if not (math.isfinite(lr) and lr > 0):
+                raise ValueError(f"lr must be > 0 and finite, got {lr}")
+        weights = self.train_weights
+        if weights is not None and (len(weights) != len(self.train_tasks) or min(weights) < 1):
+            raise ValueError(
+                f"train_weights must give each of the {len(self.train_tasks)} training tasks a count >= 1, got "
+                f"{list(weights)}"
+            )
         if not abs(self.seed) <= MAX_SEED:  # runs derive seeds up to ~100x this one; torch takes 64-bit seeds
             raise ValueError(f"seed must be an integer from {-MAX_SEED} to {MAX_SEED}, got {self.seed}")
         if self.time_budget_s is not None and not self.time_budget_s > 0:
@@ -157,6 +166,18 @@ class Settings:
     def headline(self) -> Task:
         """The task the main plot shows: the longest test sequence with the most pairs."""
         return max(self.test_tasks, key=lambda t: (t.seq_len, t.num_kv_pairs))
+
+    @property
+    def learning_rates(self) -> tuple[float, ...]:
+        return self.lrs or (self.lr,)
+
+    def train_task(self, step: int) -> Task:
+        """The training task of `step`: a fixed cycle that holds each task `train_weights` times (their ratio
+        reduced), so that the tasks are drawn in the proportions of a dataset with those counts."""
+        weights = self.train_weights or (1,) * len(self.train_tasks)
+        unit = math.gcd(*weights)
+        cycle = [task for task, weight in zip(self.train_tasks, weights) for _ in range(weight // unit)]
+        return cycle[step % len(cycle)]
 
     @property
     def max_len(self) -> int:
@@ -171,15 +192,36 @@ def tasks(*pairs) -> tuple[Task, ...]:
     return tuple(Task(*pair) for pair in pairs)
 
 
-DEFAULT_TASKS = tasks((64, 4), (128, 8), (256, 16), (256, 32), (512, 64))
+QUICK_TASKS = tasks((64, 4), (128, 8), (256, 16), (256, 32), (512, 64))
+# The BASED paper's Figure 2 (HazyResearch/zoology, arxiv24_based_figure2): 100k examples of (64, 4) and 20k of each
+# longer task, 32 epochs of batches of 256 (180k * 32 / 256 = 22,500 steps), the best of 4 learning rates; tested up
+# to (1024, 256).
+PAPER_TRAIN = tasks((64, 4), (128, 8), (256, 16), (256, 32), (256, 64))
+PAPER_TEST = tasks((64, 4), (128, 8), (256, 16), (256, 32), (256, 64), (512, 64), (512, 128), (1024, 128), (1024, 256))
 SWEEPS = {
     # One H200, < 8 minutes: 23 runs sharing a 400 s budget for training, kernel compilation and evaluation.
-    "default": (
-        Settings(train_tasks=DEFAULT_TASKS, test_tasks=DEFAULT_TASKS, time_budget_s=400.0),
+    "quick": (
+        Settings(train_tasks=QUICK_TASKS, test_tasks=QUICK_TASKS, time_budget_s=400.0),
         [ModelSpec("attention", d) for d in (64, 128)]
         + [ModelSpec("sliding_window", 128, window=w) for w in (8, 16, 32, 64, 128, 256)]
         + [ModelSpec("based", d, feature_dim=f) for d in (48, 64, 128) for f in (8, 16, 24)]
         + [ModelSpec("based_no_conv", 128, feature_dim=f) for f in (8, 16, 24)]
+        + [ModelSpec("lolcats", d, window=w) for d, w in ((64, 16), (128, 16), (128, 64))],
+    ),
+    # Trained to convergence as in the paper: 22 models x 4 learning rates (early stop at 99% training accuracy).
+    "based-paper": (
+        Settings(
+            train_tasks=PAPER_TRAIN,
+            test_tasks=PAPER_TEST,
+            train_weights=(100, 20, 20, 20, 20),
+            max_steps=22_500,
+            warmup_steps=500,
+            lrs=tuple(10 ** (-3 + 0.5 * i) for i in range(4)),  # logspace(-3, -1.5, 4)
+            check_every=250,
+        ),
+        [ModelSpec("attention", d) for d in (64, 128)]
+        + [ModelSpec("sliding_window", 128, window=w) for w in (8, 16, 32, 64, 128, 256, 512, 1024)]
+        + [ModelSpec("based", d, feature_dim=f) for d in (48, 64, 128) for f in (8, 16, 24)]
         + [ModelSpec("lolcats", d, window=w) for d, w in ((64, 16), (128, 16), (128, 64))],
     ),
     # CPU tests: about a minute on 2 cores.
@@ -204,4 +246,7 @@ def settings_from_dict(data: dict) -> Settings:
     data = dict(data)
     for key in ("train_tasks", "test_tasks"):
         data[key] = tuple(Task(**task) for task in data[key])
+    for key in ("train_weights", "lrs"):
+        if data.get(key) is not None:
+            data[key] = tuple(data[key])
     return Settings(**data)

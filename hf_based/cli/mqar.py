@@ -15,21 +15,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--out", required=True, metavar="DIR", help="directory for results.jsonl/.json/.md and mqar.png"
     )
     parser.add_argument(
-        "--preset",
+        "--protocol",
         choices=list(SWEEPS),
-        default="default",
-        help="sweep: 'default' (23 models, under 8 min on one H200) or 'tiny' (2 models, for CPUs)",
+        default="quick",
+        help="sweep: 'quick' (23 models, one learning rate, under 8 min on one H200), 'based-paper' (the BASED "
+        "paper's Figure 2: its training mix and test lengths up to 1024 x 256, 22 models, the best of 4 learning "
+        "rates, up to 22,500 steps each) or 'tiny' (2 models, for CPUs)",
     )
     parser.add_argument("--families", metavar="A,B", help=f"only these model families ({', '.join(FAMILIES)})")
     parser.add_argument("--max-steps", type=int, help="training steps per run at most")
     parser.add_argument("--batch-size", type=int, help="training batch size")
-    parser.add_argument("--lr", type=float, help="peak learning rate")
+    parser.add_argument("--lr", type=float, help="one peak learning rate instead of the protocol's")
     parser.add_argument(
         "--time-budget",
         type=float,
         metavar="SECONDS",
         help="wall-clock budget of the whole sweep, shared by the runs (0: none, max-steps per run); "
-        "default: 400 for the default sweep on CUDA, none otherwise",
+        "default: 400 for the quick sweep on CUDA, none otherwise",
     )
     parser.add_argument("--seed", type=int, help="seed of the weights and the data (default 0)")
     parser.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
@@ -51,13 +53,14 @@ def run(args: argparse.Namespace) -> None:
         print(f"hf-based mqar: redrew {out / 'mqar.png'} and {out / 'results.md'}")
         return
     device = command_device(args.device)
-    settings, specs = SWEEPS[args.preset]
+    settings, specs = SWEEPS[args.protocol]
     overrides = {
         name: value
         for name, value in (
             ("max_steps", args.max_steps),
             ("batch_size", args.batch_size),
             ("lr", args.lr),
+            ("lrs", None if args.lr is None else ()),
             ("seed", args.seed),
         )
         if value is not None
@@ -80,7 +83,9 @@ def run(args: argparse.Namespace) -> None:
             )
         specs = [spec for spec in specs if spec.family in wanted]
         if not specs:
-            raise UsageError(f"--families {args.families!r}: the {args.preset!r} sweep has no model of these families")
+            raise UsageError(
+                f"--families {args.families!r}: the {args.protocol!r} sweep has no model of these families"
+            )
     start = time.perf_counter()
     runs = run_sweep(settings, specs, out, device, show_progress=not args.quiet)
     write_report(runs, settings, out, environment(device))
