@@ -200,6 +200,21 @@ def test_tiny_sweep_learns_and_resumes(tmp_path, one_thread, capsys):
     assert (tmp_path / "mqar.png").is_file()
 
 
+@pytest.mark.slow
+def test_workers_share_the_runs_and_the_report_gathers_them(tmp_path, capsys):
+    """--workers 2: two processes take one run each (a file each); the command reports both, and a rerun resumes."""
+    argv = ["mqar", "--out", str(tmp_path), "--protocol", "tiny", "--max-steps", "20", "--workers", "2", "--quiet"]
+    assert main(argv) == 0
+    assert sorted(p.name for p in tmp_path.glob("results*.jsonl")) == ["results.worker0.jsonl", "results.worker1.jsonl"]
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert [r["name"] for r in data["runs"]] == ["attention-d32", "based-d32-f8"]
+    assert all("error" not in r and r["steps"] == 20 for r in data["runs"])
+    logged = {p.name: p.read_text() for p in tmp_path.glob("results*.jsonl")}
+    assert main(argv) == 0  # everything finished: nothing is trained again
+    assert {p.name: p.read_text() for p in tmp_path.glob("results*.jsonl")} == logged
+    assert "FAILED" not in capsys.readouterr().out
+
+
 def test_time_budget_sets_the_steps(one_thread, monkeypatch):
     # A scripted clock: the run starts at 0 s and reaches steps 10 and 30 at 1 s and 3 s, i.e. 0.1 s a step, so a
     # 10 s budget leaves 7 s for 70 more steps.
@@ -217,6 +232,7 @@ def test_time_budget_sets_the_steps(one_thread, monkeypatch):
         (["--families", "mamba"], "unknown family mamba"),
         (["--lr", "0"], "lr must be > 0"),
         (["--max-steps", "0"], "max_steps must be >= 1"),
+        (["--workers", "0"], "--workers 0: accepted: an integer >= 1"),
         (["--plot-only"], "does not exist"),
     ],
 )

@@ -277,9 +277,10 @@ def train_and_evaluate(
     }
 
 
-def read_runs(path: Path, fingerprint: str) -> dict[str, dict]:
+def read_runs(out: Path, fingerprint: str) -> dict[str, dict]:
+    """The finished runs under these settings, by name, from out/results.jsonl and each worker's file."""
     runs = {}
-    if path.is_file():
+    for path in sorted(out.glob("results*.jsonl")):
         for line in path.read_text().splitlines():
             try:
                 record = json.loads(line)
@@ -290,18 +291,29 @@ def read_runs(path: Path, fingerprint: str) -> dict[str, dict]:
     return runs
 
 
+def planned_runs(settings: Settings, specs: list[ModelSpec]) -> list[tuple[ModelSpec, float]]:
+    return [(spec, lr) for spec in specs for lr in settings.learning_rates]
+
+
 def run_sweep(
-    settings: Settings, specs: list[ModelSpec], out: Path, device: torch.device, show_progress: bool = True
+    settings: Settings,
+    specs: list[ModelSpec],
+    out: Path,
+    device: torch.device,
+    show_progress: bool = True,
+    worker: tuple[int, int] = (0, 1),
 ) -> list[dict]:
-    """Train and evaluate every spec at every learning rate of the settings, except the runs already in
-    out/results.jsonl under these settings; returns all runs in spec order. With a time budget, the runs still to do
-    share the part of it that is theirs (len(todo) / number of runs)."""
+    """Train and evaluate every spec at every learning rate of the settings, except the runs already finished under
+    these settings in out/results*.jsonl; returns the runs in spec order. `worker` (index, count): this process takes
+    every count-th run from `index` and logs to its own file, beside the other workers. With a time budget, the runs
+    still to do share the part of it that is theirs (len(todo) / number of runs)."""
     from tqdm.auto import tqdm
 
     out.mkdir(parents=True, exist_ok=True)
-    log = out / "results.jsonl"
-    done = read_runs(log, settings.fingerprint())
-    planned = [(spec, lr) for spec in specs for lr in settings.learning_rates]
+    index, count = worker
+    log = out / ("results.jsonl" if count == 1 else f"results.worker{index}.jsonl")
+    done = read_runs(out, settings.fingerprint())
+    planned = planned_runs(settings, specs)[index::count]
     todo = [(spec, lr) for spec, lr in planned if run_name(spec, lr, settings) not in done]
     budget = settings.time_budget_s
     deadline = time.perf_counter() + budget * len(todo) / len(planned) if budget else None
@@ -334,6 +346,17 @@ def run_sweep(
             + (", still improving" if record["still_improving"] else "")
         )
     return [done[run_name(spec, lr, settings)] for spec, lr in planned]
+
+
+def collect_runs(settings: Settings, specs: list[ModelSpec], out: Path) -> list[dict]:
+    """Every planned run as its workers logged it, in spec order; one that none finished is recorded as failed."""
+    done = read_runs(out, settings.fingerprint())
+    runs = []
+    for spec, lr in planned_runs(settings, specs):
+        name = run_name(spec, lr, settings)
+        failed = {"name": name, "model": spec.name, "family": spec.family, "error": "not finished (see the workers)"}
+        runs.append(done.get(name, failed))
+    return runs
 
 
 def best_runs(runs: list[dict], headline: str) -> list[dict]:

@@ -1,7 +1,10 @@
-"""`hf-based mqar --out DIR`: the MQAR recall-vs-state-size sweep, resumable by run."""
+"""`hf-based mqar --out DIR`: the MQAR recall-vs-state-size sweep, resumable by run, in one process or several."""
 
 import argparse
 import dataclasses
+import os
+import subprocess
+import sys
 import time
 
 from hf_based.bench.mqar_sweeps import FAMILIES, SWEEPS, settings_from_dict
@@ -36,11 +39,40 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, help="seed of the weights and the data (default 0)")
     parser.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     parser.add_argument("--plot-only", action="store_true", help="only redraw mqar.png and results.md from DIR")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="train this many runs at once, each in its own process on the device (small models leave a GPU mostly "
+        "idle); default 1",
+    )
+    parser.add_argument("--worker", help=argparse.SUPPRESS)  # I/N: one worker's share, as --workers starts it
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
+# The options a worker process gets from the command that starts it.
+WORKER_OPTIONS = ("out", "protocol", "families", "max_steps", "batch_size", "lr", "time_budget", "seed", "device")
+
+
+def run_workers(args: argparse.Namespace) -> None:
+    """--workers N: N processes of this command, each with --worker I/N, and their threads split between them."""
+    options = {name: getattr(args, name) for name in WORKER_OPTIONS}
+    argv = [f"--{name.replace('_', '-')}={value}" for name, value in options.items() if value is not None]
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.workers)))
+    workers = [
+        subprocess.Popen(
+            [sys.executable, "-m", "hf_based", "mqar", *argv, "--quiet", f"--worker={i}/{args.workers}"], env=env
+        )
+        for i in range(args.workers)
+    ]
+    failed = [i for i, worker in enumerate(workers) if worker.wait() != 0]
+    if failed:
+        print(f"hf-based mqar: worker(s) {', '.join(map(str, failed))} failed; the report shows the runs they finished")
+
+
 def run(args: argparse.Namespace) -> None:
-    from hf_based.bench.mqar import run_sweep, write_report
+    from hf_based.bench.mqar import collect_runs, run_sweep, write_report
     from hf_based.bench.report import environment, machine
 
     out, results = output_directory(args.out, args.plot_only, "run the sweep first")
@@ -86,8 +118,18 @@ def run(args: argparse.Namespace) -> None:
             raise UsageError(
                 f"--families {args.families!r}: the {args.protocol!r} sweep has no model of these families"
             )
+    if args.workers < 1:
+        raise UsageError(f"--workers {args.workers}: accepted: an integer >= 1")
     start = time.perf_counter()
-    runs = run_sweep(settings, specs, out, device, show_progress=not args.quiet)
+    if args.worker is not None:  # one share of a --workers run: the command that started it writes the report
+        index, count = (int(part) for part in args.worker.split("/"))
+        run_sweep(settings, specs, out, device, show_progress=False, worker=(index, count))
+        return
+    if args.workers > 1:
+        run_workers(args)
+        runs = collect_runs(settings, specs, out)
+    else:
+        runs = run_sweep(settings, specs, out, device, show_progress=not args.quiet)
     write_report(runs, settings, out, environment(device))
     headline = settings.headline.name
     print(
