@@ -283,13 +283,13 @@ def test_plot_only_on_a_broken_results_file(tmp_path, capsys, command, case):
 
 
 OPTIONS = {
-    "mqar zero max steps": (["mqar", "--preset", "tiny", "--max-steps", "0"], ["max_steps must be >= 1, got 0"]),
-    "mqar zero batch size": (["mqar", "--preset", "tiny", "--batch-size", "0"], ["batch_size must be >= 1, got 0"]),
-    "mqar zero lr": (["mqar", "--preset", "tiny", "--lr", "0"], ["lr must be > 0 and finite, got 0.0"]),
-    "mqar infinite lr": (["mqar", "--preset", "tiny", "--lr", "inf"], ["lr must be > 0 and finite, got inf"]),
-    "mqar negative time budget": (["mqar", "--preset", "tiny", "--time-budget", "-5"], ["time_budget_s", "-5.0"]),
-    "mqar huge seed": (["mqar", "--preset", "tiny", "--seed", str(2**63)], ["seed must be an integer from"]),
-    "mqar unknown device": (["mqar", "--preset", "tiny", "--device", "gpu"], ["--device 'gpu'"]),
+    "mqar zero max steps": (["mqar", "--protocol", "tiny", "--max-steps", "0"], ["max_steps must be >= 1, got 0"]),
+    "mqar zero batch size": (["mqar", "--protocol", "tiny", "--batch-size", "0"], ["batch_size must be >= 1, got 0"]),
+    "mqar zero lr": (["mqar", "--protocol", "tiny", "--lr", "0"], ["lr must be > 0 and finite, got 0.0"]),
+    "mqar infinite lr": (["mqar", "--protocol", "tiny", "--lr", "inf"], ["lr must be > 0 and finite, got inf"]),
+    "mqar negative time budget": (["mqar", "--protocol", "tiny", "--time-budget", "-5"], ["time_budget_s", "-5.0"]),
+    "mqar huge seed": (["mqar", "--protocol", "tiny", "--seed", str(2**63)], ["seed must be an integer from"]),
+    "mqar unknown device": (["mqar", "--protocol", "tiny", "--device", "gpu"], ["--device 'gpu'"]),
     "bench zero steps": (["bench", "--tiny", "--steps", "0"], ["steps must be >= 1, got 0"]),
     "bench zero trials": (["bench", "--tiny", "--trials", "0"], ["trials must be >= 1, got 0"]),
     "bench zero prefill batch": (["bench", "--tiny", "--prefill-batch", "0"], ["prefill_batch must be >= 1, got 0"]),
