@@ -306,7 +306,8 @@ def test_generate_refuses_a_cache_implementation_it_does_not_have():
 
 @pytest.mark.slow
 def test_compiled_decoding_gives_the_same_tokens():
-    """transformers compiles the decoding step for a static cache (here on the CPU, which it skips unless asked)."""
+    """With a compile_config, transformers compiles the decoding step of a static-cache generation (here on the CPU,
+    where it compiles only when told to)."""
     from transformers import CompileConfig
 
     model = tiny_model("lolcats_mix", dtype=torch.float32)
@@ -317,6 +318,7 @@ def test_compiled_decoding_gives_the_same_tokens():
     compile_config._compile_all_devices = True
     with torch.no_grad():
         eager = model.generate(ids, attention_mask=mask, **settings)
+        assert not hasattr(model, "_compiled_call")  # only with a compile_config
         compiled = model.generate(ids, attention_mask=mask, compile_config=compile_config, **settings)
     assert hasattr(model, "_compiled_call")  # the step went through torch.compile
     assert torch.equal(compiled, eager)

@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, StaticCache
+from transformers import AutoConfig, AutoModelForCausalLM, CompileConfig, LlamaConfig, StaticCache
 
 from hf_based import checkpoints
 from hf_based.bench import report
@@ -454,6 +454,8 @@ def measure_generate(
             pad_token_id=0,
             cache_implementation=cache,
         )
+        if cache == "static":  # compiled decoding on CUDA: transformers' default there, our models' opt-in
+            settings["compile_config"] = CompileConfig()
         with Memory(device) as memory:
             model.generate(ids, **settings)
             seconds = []

@@ -357,6 +357,13 @@ class BasedPreTrainedModel(PreTrainedModel):
             max_cache_len = max(max_length, generation_config.max_cache_len or 0)
         model_kwargs[CACHE_FIELD] = BasedCache(self.config, max_cache_len=max_cache_len)
 
+    def _valid_auto_compile_criteria(self, model_kwargs, generation_config) -> bool:
+        """Compiled decoding only when asked for with a `compile_config` (transformers compiles every static-cache
+        generation on CUDA by default): compiling around our Triton kernels is not yet verified on a GPU."""
+        return generation_config.compile_config is not None and super()._valid_auto_compile_criteria(
+            model_kwargs, generation_config
+        )
+
     def create_masks_for_generate(self, config, inputs_embeds, attention_mask, **kwargs):
         """generate() asks for attention masks when the cache is compileable (static): our mixers take the 2D padding
         mask [batch, past + time] as it is."""
