@@ -138,32 +138,45 @@ class BasedAttentionLayer(BasedLayerMixin, CacheLayerMixin):
             self.keys, self.values, self.key_mask = fn(self.keys), fn(self.values), fn(self.key_mask)
 
 
-class BasedStaticAttentionLayer(BasedAttentionLayer):
-    """`full_attention` in a static cache: keys, values and key mask allocated once for `max_cache_len` positions and
-    written in place (transformers' StaticLayer, time-major and masked). A one-token step attends over the whole
-    buffer, whose unwritten slots are masked out, so that its shapes never change; a longer call attends over the
-    written part (its queries are the last of those keys, as the kernels expect)."""
+class BasedBufferLayer(BasedAttentionLayer):
+    """Keys, values and key mask in buffers of `buffer_length` positions, allocated at the first update (the slots not
+    yet written are masked out) and afterwards written in place: the same shapes and addresses for the rest of the
+    generation."""
 
     is_compileable = True
 
-    def __init__(self, max_cache_len: int):
+    def __init__(self, buffer_length: int):
         super().__init__()
-        self.max_cache_len = max_cache_len
+        self.buffer_length = buffer_length
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor, key_mask: torch.Tensor) -> None:
         batch, _, heads, dim = key_states.shape
-        self.keys = key_states.new_zeros(batch, self.max_cache_len, heads, dim)
-        self.values = value_states.new_zeros(batch, self.max_cache_len, heads, value_states.shape[-1])
-        self.key_mask = key_mask.new_zeros(batch, self.max_cache_len)
+        self.keys = key_states.new_zeros(batch, self.buffer_length, heads, dim)
+        self.values = value_states.new_zeros(batch, self.buffer_length, heads, value_states.shape[-1])
+        self.key_mask = key_mask.new_zeros(batch, self.buffer_length)
         self.is_initialized = True
+
+    def reset(self) -> None:
+        # Zeros under a zero mask: the buffers of a new cache, at the same addresses.
+        if self.is_initialized:
+            for tensor in (self.keys, self.values, self.key_mask):
+                tensor.zero_()
+        self.cumulative_length = 0
+
+
+class BasedStaticAttentionLayer(BasedBufferLayer):
+    """`full_attention` in a static cache: a buffer of `max_cache_len` positions (transformers' StaticLayer,
+    time-major and masked). A one-token step attends over the whole buffer, whose unwritten slots are masked out, so
+    that its shapes never change; a longer call attends over the written part (its queries are the last of those
+    keys, as the kernels expect)."""
 
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, key_mask: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         start, end = self.cumulative_length, self.cumulative_length + key_states.shape[1]
-        if end > self.max_cache_len:
+        if end > self.buffer_length:
             raise ValueError(
-                f"the static cache holds {self.max_cache_len} positions and this call would take it to {end}; "
+                f"the static cache holds {self.buffer_length} positions and this call would take it to {end}; "
                 "create it with a larger max_cache_len (generate(): max_new_tokens and the prompt decide it)"
             )
         if not self.is_initialized:
@@ -177,36 +190,19 @@ class BasedStaticAttentionLayer(BasedAttentionLayer):
         return self.keys[:, :end], self.values[:, :end], self.key_mask[:, :end]
 
     def get_max_length(self) -> int:
-        return self.max_cache_len
-
-    def reset(self) -> None:
-        # Zeros under a zero mask, at the same addresses.
-        if self.is_initialized:
-            for tensor in (self.keys, self.values, self.key_mask):
-                tensor.zero_()
-        self.cumulative_length = 0
+        return self.buffer_length
 
 
-class BasedSlidingWindowLayer(BasedAttentionLayer):
+class BasedSlidingWindowLayer(BasedBufferLayer):
     """`sliding_window_attention`: the window-1 most recent keys/values and their key mask, a fixed-size buffer.
 
     Own class rather than transformers' sliding-window layers: those keep head-major keys that grow until the window
     fills and no padding mask, where our kernels take time-major keys, a key mask and always window-1 cached keys.
     """
 
-    is_compileable = True
-
     def __init__(self, sliding_window: int):
-        super().__init__()
+        super().__init__(sliding_window - 1)
         self.sliding_window = sliding_window
-
-    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor, key_mask: torch.Tensor) -> None:
-        batch, _, heads, dim = key_states.shape
-        kept = self.sliding_window - 1
-        self.keys = key_states.new_zeros(batch, kept, heads, dim)
-        self.values = value_states.new_zeros(batch, kept, heads, value_states.shape[-1])
-        self.key_mask = key_mask.new_zeros(batch, kept)  # empty slots: masked out
-        self.is_initialized = True
 
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, key_mask: torch.Tensor
@@ -218,24 +214,17 @@ class BasedSlidingWindowLayer(BasedAttentionLayer):
         keys = torch.cat([self.keys, key_states], dim=1)
         values = torch.cat([self.values, value_states], dim=1)
         key_mask = torch.cat([self.key_mask, key_mask], dim=1)
-        start = keys.shape[1] - (self.sliding_window - 1)
+        start = keys.shape[1] - self.buffer_length
         self.keys.copy_(keys[:, start:])
         self.values.copy_(values[:, start:])
         self.key_mask.copy_(key_mask[:, start:])
         return keys, values, key_mask
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.sliding_window - 1 + query_length, 0
+        return self.buffer_length + query_length, 0
 
     def get_max_length(self) -> int:
         return self.sliding_window
-
-    def reset(self) -> None:
-        # Zeros under a zero mask: the buffer of a new cache, at the same address.
-        if self.is_initialized:
-            for tensor in (self.keys, self.values, self.key_mask):
-                tensor.zero_()
-        self.cumulative_length = 0
 
 
 class BasedHybridLayer(BasedRecurrentLayer, BasedSlidingWindowLayer):
