@@ -68,7 +68,7 @@ class BenchSettings:
     generate_batches: tuple[int, ...] = (1, 64)
     generate_prompt_len: int = 2048
     generate_new_tokens: int = 128
-    generate_caches: tuple[str, ...] = ("dynamic", "static")
+    generate_caches: tuple[str, ...] = GENERATE_CACHES
     dtype: str = "bfloat16"
     cuda_graphs: bool = True
 
@@ -438,9 +438,7 @@ def measure_decode(model, batch: int, prompt_len: int, settings: BenchSettings, 
 
 
 @torch.no_grad()
-def measure_generate(
-    model, batch: int, prompt_len: int, new_tokens: int, cache: str, device: torch.device, reps: int = 1
-) -> dict:
+def measure_generate(model, batch: int, prompt_len: int, new_tokens: int, cache: str, device: torch.device) -> dict:
     """End-to-end `generate()`: greedy, exactly `new_tokens` per sequence, prefill included; the first call (which
     compiles, where transformers compiles) is not timed."""
     record = {"prompt_len": prompt_len, "batch": batch, "new_tokens": new_tokens, "cache": cache}
@@ -458,14 +456,11 @@ def measure_generate(
             settings["compile_config"] = CompileConfig()
         with Memory(device) as memory:
             model.generate(ids, **settings)
-            seconds = []
-            for _ in range(reps):
-                synchronize(device)
-                start = time.perf_counter()
-                model.generate(ids, **settings)
-                synchronize(device)
-                seconds.append(time.perf_counter() - start)
-        elapsed = statistics.median(seconds)
+            synchronize(device)
+            start = time.perf_counter()
+            model.generate(ids, **settings)
+            synchronize(device)
+            elapsed = time.perf_counter() - start
         record.update(
             status="ok",
             seconds=round(elapsed, 4),
