@@ -295,6 +295,11 @@ def planned_runs(settings: Settings, specs: list[ModelSpec]) -> list[tuple[Model
     return [(spec, lr) for spec in specs for lr in settings.learning_rates]
 
 
+def failed_run(spec: ModelSpec, name: str, error: str) -> dict:
+    """The record of a run that did not finish: what the report shows in its place."""
+    return {"name": name, "model": spec.name, "family": spec.family, "error": error}
+
+
 def run_sweep(
     settings: Settings,
     specs: list[ModelSpec],
@@ -329,7 +334,7 @@ def run_sweep(
             record = train_and_evaluate(spec, settings, device, run_budget, progress=bar, lr=lr)
         except Exception as error:  # noqa: BLE001 - one failing model must not end a GPU run; not logged: retried
             message = f"{type(error).__name__}: {(str(error).splitlines() or [''])[0][:300]}"
-            done[name] = {"name": name, "model": spec.name, "family": spec.family, "error": message}
+            done[name] = failed_run(spec, name, message)
             bar.write(f"{name}: FAILED ({message})")
             if device.type == "cuda":
                 torch.cuda.empty_cache()
@@ -354,8 +359,7 @@ def collect_runs(settings: Settings, specs: list[ModelSpec], out: Path) -> list[
     runs = []
     for spec, lr in planned_runs(settings, specs):
         name = run_name(spec, lr, settings)
-        failed = {"name": name, "model": spec.name, "family": spec.family, "error": "not finished (see the workers)"}
-        runs.append(done.get(name, failed))
+        runs.append(done.get(name) or failed_run(spec, name, "not finished (see the workers)"))
     return runs
 
 
