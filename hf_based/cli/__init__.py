@@ -2,8 +2,8 @@
 
 Each subcommand is a `Command` in `COMMANDS`, one module per command: a function adding its arguments to its
 sub-parser and a function running it. The command modules import torch and the models in their run functions only,
-so that parsing (and `--help`) does not wait for them. Every failure is reported as one line on stderr with exit status 1; `--debug`
-(or HF_BASED_DEBUG=1) shows the traceback instead.
+so that parsing (and `--help`) does not wait for them. Every failure is reported as one line on stderr with exit
+status 1; `--debug` (or HF_BASED_DEBUG=1) shows the traceback instead.
 """
 
 import argparse
