@@ -53,6 +53,12 @@ VARIANTS = {
         **{f"copy:{k} factor 0.5": dict(softmax_layers=f"copy:{k}", window_factor_init=0.5) for k in (0, 1, 2, 4, 6)},
         "copy:6 factor 0.9": dict(softmax_layers="copy:6", window_factor_init=0.9),
         "copy:6 factor 0.5 window 128": dict(softmax_layers="copy:6", window_factor_init=0.5, window=128),
+        # The linear term weighted ~1e-9: sliding-window softmax alone in the converted layers (a length-invariant
+        # mixer), to tell whether the linear term over older keys is what fails at long prompts.
+        "copy:6 window only": dict(softmax_layers="copy:6", window_factor_init=1 - 1e-9),
+        "copy:6 factor 0.9 4x budget": dict(
+            softmax_layers="copy:6", window_factor_init=0.9, stage1_steps=800, stage2_steps=400
+        ),
     }.items()
 }
 
@@ -70,7 +76,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--seq-len", type=int, default=1024)
     parser.add_argument("--lengths", default="256,512,1024,2048,4096,8192")
     parser.add_argument("--samples", type=int, default=2, help="documents per task, length and depth")
+    parser.add_argument("--tasks", default=",".join(RETRIEVAL_TASKS), help="retrieval tasks, comma-separated")
     parser.add_argument("--lambada-limit", type=int, default=500)
+    parser.add_argument(
+        "--save-states",
+        metavar="DIR",
+        help="also save each variant's trained parameters (stage-1 feature maps and window factors, LoRA) and its "
+        "recipe as DIR/<variant>.pt, for `assemble()` to rebuild the model elsewhere",
+    )
     parser.add_argument("--minutes", type=float, default=9.0, help="skip variants that would overrun this")
     args = parser.parse_args(argv)
     unknown = sorted(set(args.variants.split(",")) - set(VARIANTS))
@@ -87,7 +100,7 @@ def score(model, tokenizer, args) -> dict:
         "num_samples": args.samples,
         "seed": 0,
     }
-    retrieval = evaluate(model, ",".join(RETRIEVAL_TASKS), tokenizer=tokenizer, batch_size=8, metadata=metadata)
+    retrieval = evaluate(model, args.tasks, tokenizer=tokenizer, batch_size=8, metadata=metadata)
     lambada = evaluate(
         model,
         "lambada_openai",
@@ -108,12 +121,25 @@ def cache_mib(model, context: int) -> float:
     return sum(t.nbytes for t in tensors) / 2**20
 
 
+def save_states(work: Path, recipe: Recipe, softmax: list[int], out_dir: str, name: str) -> None:
+    """DIR/<name>.pt: the recipe (its softmax layers as indices) and the trained parameters of both stages, without
+    optimizer state: `assemble(teacher, Recipe.from_dict(recipe), stage1, lora)` rebuilds the converted model."""
+    states = {}
+    for stage, file in (("stage1", "stage1.pt"), ("lora", "stage2.pt")):
+        path = work / "checkpoints" / file
+        states[stage] = torch.load(path, map_location="cpu", weights_only=False)["model"] if path.exists() else None
+    recipe = recipe.with_softmax_layers(softmax).to_dict()
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    torch.save({"recipe": recipe, **states}, Path(out_dir) / f"{name.replace(' ', '_').replace(':', '')}.pt")
+
+
 def markdown(results: dict) -> str:
     env = results["environment"]
     lengths = results["lengths"]
     teacher = results["models"].get("teacher", {})
     header = ["model", "softmax layers"]
-    header += [f"{task} {n}" for task in RETRIEVAL_TASKS for n in lengths]
+    tasks = results["tasks"]
+    header += [f"{task} {n}" for task in tasks for n in lengths]
     header += ["LAMBADA acc", "LAMBADA ppl", "ppl / teacher's", f"cache MiB at {CACHE_CONTEXT}", "minutes"]
     rows = []
     for name, entry in results["models"].items():
@@ -125,7 +151,7 @@ def markdown(results: dict) -> str:
         base = teacher.get("lambada", {}).get("perplexity")
         rows.append(
             [name, str(entry.get("softmax_layers", "all"))]
-            + [f"{by_length[task][str(n)]:.2f}" for task in RETRIEVAL_TASKS for n in lengths]
+            + [f"{by_length[task][str(n)]:.2f}" for task in tasks for n in lengths]
             + [f"{entry['lambada']['acc']:.3f}", f"{ppl:.1f}", f"{ppl / base:.2f}x" if base else "-"]
             + [f"{entry['cache_mib']:.1f}" if "cache_mib" in entry else "not measured"]
             + [f"{entry.get('seconds', 0) / 60:.1f}"]
@@ -163,6 +189,7 @@ def main(argv=None) -> None:
         "teacher": Path(args.teacher).name,
         "data": Path(args.data).name,
         "lengths": [int(n) for n in args.lengths.split(",")],
+        "tasks": args.tasks.split(","),
         "samples": args.samples,
         "lambada_limit": args.lambada_limit,
         "budget": {
@@ -214,6 +241,8 @@ def main(argv=None) -> None:
                 )
                 model = converted.model.to(device)
                 softmax = [i for i, m in enumerate(model.config.mixer_types) if m == "full_attention"]
+                if args.save_states:
+                    save_states(Path(work) / str(len(results["models"])), recipe, softmax, args.save_states, name)
                 entry = score(model, tokenizer, args) | {"softmax_layers": softmax}
                 del converted, model
             except Exception as error:  # one failing variant should not lose the others' results
