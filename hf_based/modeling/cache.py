@@ -277,11 +277,17 @@ class BasedCache(Cache):
     def __init__(self, config: BasedConfig, max_cache_len: int | None = None):
         layers = [cache_layer(config, i, max_cache_len) for i in range(config.num_hidden_layers)]
         super().__init__(layers=layers)
-        self.max_cache_len = max_cache_len
+        self._max_cache_len = max_cache_len
         self.seen_tokens = 0  # padding included
 
     def __repr__(self) -> str:
         return f"BasedCache(layers={len(self.layers)}, seen_tokens={self.seen_tokens}, bytes={self.nbytes()})"
+
+    @property
+    def max_cache_len(self) -> int | None:
+        """Positions of a static cache's full-attention buffers; None for a dynamic cache. (A property of our own:
+        transformers 5.17's Cache has a read-only `max_cache_len`, later versions none.)"""
+        return self._max_cache_len
 
     def get_seq_length(self, layer_idx: int | None = 0) -> int:
         return self.seen_tokens
