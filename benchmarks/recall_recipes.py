@@ -121,12 +121,12 @@ def cache_mib(model, context: int) -> float:
     return sum(t.nbytes for t in tensors) / 2**20
 
 
-def save_states(work: Path, recipe: Recipe, softmax: list[int], out_dir: str, name: str) -> None:
+def save_states(converted_dir: Path, recipe: Recipe, softmax: list[int], out_dir: str, name: str) -> None:
     """DIR/<name>.pt: the recipe (its softmax layers as indices) and the trained parameters of both stages, without
     optimizer state: `assemble(teacher, Recipe.from_dict(recipe), stage1, lora)` rebuilds the converted model."""
     states = {}
     for stage, file in (("stage1", "stage1.pt"), ("lora", "stage2.pt")):
-        path = work / "checkpoints" / file
+        path = converted_dir / "checkpoints" / file
         states[stage] = torch.load(path, map_location="cpu", weights_only=False)["model"] if path.exists() else None
     recipe = recipe.with_softmax_layers(softmax).to_dict()
     Path(out_dir).mkdir(parents=True, exist_ok=True)
@@ -242,7 +242,7 @@ def main(argv=None) -> None:
                 model = converted.model.to(device)
                 softmax = [i for i, m in enumerate(model.config.mixer_types) if m == "full_attention"]
                 if args.save_states:
-                    save_states(Path(work) / str(len(results["models"])), recipe, softmax, args.save_states, name)
+                    save_states(converted.out, recipe, softmax, args.save_states, name)
                 entry = score(model, tokenizer, args) | {"softmax_layers": softmax}
                 del converted, model
             except Exception as error:  # one failing variant should not lose the others' results
