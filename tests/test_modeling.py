@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from unittest.mock import patch
 
 import pytest
 import torch
@@ -304,24 +305,99 @@ def test_generate_refuses_a_cache_implementation_it_does_not_have():
         tiny_model("based_mix").generate(random_ids(1, 4), max_new_tokens=2, cache_implementation="quantized")
 
 
+COMPILED_STACKS = ["based_mix", "lolcats_mix", "hybrid_taylor", "linear_taylor"]
+
+
 @pytest.mark.slow
-def test_compiled_decoding_gives_the_same_tokens():
+@pytest.mark.parametrize("batch", [1, 2])
+@pytest.mark.parametrize("name", COMPILED_STACKS)
+def test_compiled_decoding_gives_the_same_tokens(name, batch):
     """With a compile_config, transformers compiles the decoding step of a static-cache generation (here on the CPU,
-    where it compiles only when told to)."""
+    where it compiles only when told to): one graph for every step (fullgraph, no recompile as the positions advance),
+    each kernel one custom op in it, no Python int among its inputs (CUDA graphs would re-capture for each value), and
+    the same tokens as the eager steps."""
     from transformers import CompileConfig
 
-    model = tiny_model("lolcats_mix", dtype=torch.float32)
-    ids, mask = random_ids(2, 7), torch.ones(2, 7, dtype=torch.long)
-    mask[1, :3] = 0
+    model = tiny_model(name, dtype=torch.float32)
+    ids, mask = random_ids(batch, 7), torch.ones(batch, 7, dtype=torch.long)
+    mask[-1, :3] = 0
     settings = dict(max_new_tokens=6, do_sample=False, pad_token_id=0, cache_implementation="static")
-    compile_config = CompileConfig(fullgraph=False)
+    compile_config = CompileConfig(fullgraph=True)
     compile_config._compile_all_devices = True
+    graphs = []
+
+    def backend(graph, example_inputs):
+        graphs.append(graph)
+        return graph.forward
+
+    torch._dynamo.reset()
     with torch.no_grad():
         eager = model.generate(ids, attention_mask=mask, **settings)
         assert not hasattr(model, "_compiled_call")  # only with a compile_config
-        compiled = model.generate(ids, attention_mask=mask, compile_config=compile_config, **settings)
-    assert hasattr(model, "_compiled_call")  # the step went through torch.compile
+        with (
+            patch.object(CompileConfig, "to_dict", lambda self: dict(fullgraph=True, backend=backend)),
+            torch._dynamo.config.patch(error_on_recompile=True),
+        ):
+            compiled = model.generate(ids, attention_mask=mask, compile_config=compile_config, **settings)
     assert torch.equal(compiled, eager)
+    (graph,) = graphs
+    ops = {str(node.target) for node in graph.graph.nodes if node.op == "call_function"}
+    assert any(op.startswith("hf_based.") for op in ops), ops
+    inputs = [node.meta["example_value"] for node in graph.graph.nodes if node.op == "placeholder"]
+    assert all(isinstance(value, torch.Tensor) for value in inputs)
+
+
+def test_custom_ops_match_their_fakes():
+    """The custom ops that torch.compile sees: shapes, dtypes and strides of the fake implementations are those of
+    the real ones (torch.library.opcheck), on a decode step with states."""
+    gen = torch.Generator().manual_seed(0)
+    b, h, d, dv, f = 2, 3, 4, 5, 6
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen)
+
+    q, k, v = randn(b, 1, h, d), randn(b, 9, h, d), randn(b, 9, h, dv)
+    mask = torch.ones(b, 9, dtype=torch.bool)
+    mask[0, :3] = False
+    q_feat, k_feat = randn(b, 1, h, f).exp(), randn(b, 9, h, f).exp()
+    taylor_features = 1 + d + d * d
+    cases = {
+        "softmax_attention": (q, k, v, None, mask, None),
+        "hybrid_attention_recurrent": (
+            q,
+            k,
+            v,
+            q_feat,
+            k_feat,
+            torch.rand(h, generator=gen),
+            4,
+            mask,
+            randn(b, h, f, dv),
+            randn(b, h, f).exp(),
+            None,
+        ),
+        "taylor_linear_attention_recurrent": (
+            q,
+            k[:, :1],
+            v[:, :1],
+            mask[:, :1],
+            randn(b, h, taylor_features, dv),
+            randn(b, h, taylor_features).exp(),
+            1e-12,
+        ),
+        "linear_attention_recurrent": (
+            q_feat,
+            k_feat[:, :1],
+            v[:, :1],
+            None,
+            randn(b, h, f, dv),
+            randn(b, h, f).exp(),
+            1e-12,
+        ),
+        "short_conv_recurrent": (randn(b, 1, 7), randn(7, 4), None, randn(b, 3, 7)),
+    }
+    for name, args in cases.items():
+        torch.library.opcheck(getattr(torch.ops.hf_based, name), args, test_utils=("test_schema", "test_faketensor"))
 
 
 def test_full_attention_cache_grows():

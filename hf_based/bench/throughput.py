@@ -10,7 +10,7 @@ on one GPU, and measures
 - decode: tokens/s of greedy decode steps (one token for each of B sequences per step) after a prompt of P tokens.
   The cache holds a real prompt: a batch-1 prefill, copied to all B rows (a decode step costs the same for any
   contents). BASED: our constant-size cache, each step captured once in a CUDA graph with its states in static
-  buffers updated in place (layers whose cache grows, `full_attention`, make it fall back to eager steps).
+  buffers updated in place (`full_attention` layers in a static cache of P + the steps timed, as the Transformer's).
   Transformer: transformers' StaticCache (preallocated to P + the steps timed), a 4D mask computed on device from the
   position, and the same CUDA-graph capture (no torch.compile: it would recompile for every batch size). When a
   capture fails the steps run eagerly; each record says which ("mode": "cuda_graph" | "eager");
@@ -44,7 +44,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, CompileConfig, LlamaC
 from hf_based import checkpoints
 from hf_based.bench import report
 from hf_based.errors import UsageError
-from hf_based.modeling import PRESETS, BasedConfig, BasedForCausalLM, preset_config
+from hf_based.modeling import PRESETS, BasedCache, BasedConfig, BasedForCausalLM, preset_config
 from hf_based.modeling.compat import CACHE_FIELD, output_cache
 from hf_based.utils import pyplot
 
@@ -293,6 +293,11 @@ def measure_prefill(model, length: int, batch: int, device: torch.device) -> dic
 # Decode
 
 
+def aligned_cache_len(positions: int) -> int:
+    """A static cache's length: `positions` rounded up to 64, as SDPA's masked kernels like their key dim."""
+    return -(-positions // 64) * 64
+
+
 class Decoder:
     """Greedy decode steps of `batch` sequences after a `prompt_len`-token prompt, with the inputs, positions and
     cache in fixed buffers so that `step` can be captured in a CUDA graph and replayed."""
@@ -316,14 +321,19 @@ class Decoder:
 
 
 class BasedDecoder(Decoder):
-    """BasedCache updates its states in place once filled: its steps are capturable as they are."""
+    """BasedCache updates its states in place once filled: its steps are capturable as they are. Models with
+    `full_attention` layers get a static cache of prompt_len + headroom positions (aligned as for the Transformer),
+    whose KV buffers, like StaticCache's, keep their shape."""
 
     def __init__(self, model, batch, prompt_len, headroom, device):
         super().__init__(model, batch, prompt_len, headroom, device)
         prompt = random_ids(model, 1, prompt_len, device)
-        self.cache = output_cache(model(input_ids=prompt, use_cache=True, logits_to_keep=1))
+        cache = None
+        if "full_attention" in model.config.mixer_types:
+            cache = BasedCache(model.config, max_cache_len=aligned_cache_len(prompt_len + headroom))
+        self.cache = output_cache(model(input_ids=prompt, cache=cache, use_cache=True, logits_to_keep=1))
         self.cache.batch_repeat_interleave(batch)
-        self.graphable = self.cache.is_static  # a growing full_attention KV cache has no static shape
+        self.graphable = self.cache.is_static
 
     def step(self):
         logits = self.model(input_ids=self.ids, position_ids=self.positions, cache=self.cache, use_cache=True).logits
@@ -340,7 +350,7 @@ class StaticCacheDecoder(Decoder):
         super().__init__(model, batch, prompt_len, headroom, device)
         prompt = random_ids(model, 1, prompt_len, device)
         prefix = output_cache(model(input_ids=prompt, use_cache=True, logits_to_keep=1))
-        length = -(-(prompt_len + headroom) // 64) * 64  # aligned, as SDPA's masked kernels like their key dim
+        length = aligned_cache_len(prompt_len + headroom)
         self.cache = StaticCache(config=model.config, max_cache_len=length)
         keys = prefix.layers[0].keys
         heads = [layer.keys.shape[1] for layer in prefix.layers]

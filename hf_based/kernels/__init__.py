@@ -9,7 +9,7 @@ One folder per op, `<op>/reference.py` and `<op>/triton.py`: taylor (BASED Taylo
 attention on materialised features, e.g. hedgehog), softmax (sliding-window softmax attention), hybrid (LoLCATs
 sliding-window softmax + linear attention, and `chunked.py`) and conv (short convolution). `dispatch.py` picks one
 per call;
-`op.reference` is the spec.
+`op.reference` is the spec. Under torch.compile the decode-step ops are custom ops (`opaque.py`).
 """
 
 from hf_based.kernels.conv import reference as conv_reference
@@ -18,6 +18,12 @@ from hf_based.kernels.feature_maps import hedgehog_feature_map, taylor_feature_m
 from hf_based.kernels.hybrid import reference as hybrid_reference
 from hf_based.kernels.hybrid.chunked import hybrid_attention_cpu
 from hf_based.kernels.linear import reference as linear_reference
+from hf_based.kernels.opaque import (
+    opaque_hybrid_attention_recurrent,
+    opaque_linear_attention_recurrent,
+    opaque_short_conv_recurrent,
+    opaque_softmax_attention,
+)
 from hf_based.kernels.softmax import reference as softmax_reference
 from hf_based.kernels.taylor import reference as taylor_reference
 
@@ -58,21 +64,31 @@ taylor_linear_attention = dispatched(
     taylor_reference.taylor_linear_attention, lambda: _taylor_triton().taylor_linear_attention
 )
 taylor_linear_attention_recurrent = dispatched(
-    taylor_reference.taylor_linear_attention_recurrent, lambda: _taylor_triton().taylor_linear_attention_recurrent
+    taylor_reference.taylor_linear_attention_recurrent,
+    lambda: _taylor_triton().taylor_linear_attention_recurrent,
+    opaque=lambda run: opaque_linear_attention_recurrent("taylor_linear_attention_recurrent", run, taylor=True),
 )
 linear_attention = dispatched(linear_reference.linear_attention, lambda: _linear_triton().linear_attention)
 linear_attention_recurrent = dispatched(
-    linear_reference.linear_attention_recurrent, lambda: _linear_triton().linear_attention_recurrent
+    linear_reference.linear_attention_recurrent,
+    lambda: _linear_triton().linear_attention_recurrent,
+    opaque=lambda run: opaque_linear_attention_recurrent("linear_attention_recurrent", run, taylor=False),
 )
-softmax_attention = dispatched(softmax_reference.softmax_attention, lambda: _softmax_triton().softmax_attention)
+softmax_attention = dispatched(
+    softmax_reference.softmax_attention, lambda: _softmax_triton().softmax_attention, opaque=opaque_softmax_attention
+)
 hybrid_attention = dispatched(
     hybrid_reference.hybrid_attention, lambda: _hybrid_triton().hybrid_attention, cpu=hybrid_attention_cpu
 )
 hybrid_attention_recurrent = dispatched(
-    hybrid_reference.hybrid_attention_recurrent, lambda: _hybrid_triton().hybrid_attention_recurrent
+    hybrid_reference.hybrid_attention_recurrent,
+    lambda: _hybrid_triton().hybrid_attention_recurrent,
+    opaque=opaque_hybrid_attention_recurrent,
 )
 short_conv = dispatched(conv_reference.short_conv, lambda: _conv_triton().short_conv)
-short_conv_recurrent = dispatched(conv_reference.short_conv_recurrent, lambda: _conv_triton().short_conv_recurrent)
+short_conv_recurrent = dispatched(
+    conv_reference.short_conv_recurrent, lambda: _conv_triton().short_conv_recurrent, opaque=opaque_short_conv_recurrent
+)
 
 __all__ = [
     "hedgehog_feature_map",

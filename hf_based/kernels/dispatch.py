@@ -33,19 +33,32 @@ def use_triton(x: torch.Tensor) -> bool:
     return True
 
 
-def dispatched(reference: Callable, load_triton: Callable[[], Callable], cpu: Callable | None = None) -> Callable:
+def dispatched(
+    reference: Callable,
+    load_triton: Callable[[], Callable],
+    cpu: Callable | None = None,
+    opaque: Callable[[Callable], Callable] | None = None,
+) -> Callable:
     """Wrap `reference` so that CUDA inputs go to the Triton op that `load_triton()` returns, and other inputs to
     `cpu` if given (unless HF_BASED_KERNELS=reference). The loader imports the op's Triton module on the first CUDA
-    call, since triton is an optional dependency."""
+    call, since triton is an optional dependency. `opaque(run)` makes the custom op that torch.compile calls instead
+    of tracing `run` (see `opaque.py`); it has no backward, so only without gradients."""
 
-    @functools.wraps(reference)
-    def op(*args, **kwargs):
+    def run(*args, **kwargs):
         first = args[0] if args else next(iter(kwargs.values()))  # q or x: decides the device
         if isinstance(first, torch.Tensor) and use_triton(first):
             return load_triton()(*args, **kwargs)
         if cpu is not None and backend() != "reference":
             return cpu(*args, **kwargs)
         return reference(*args, **kwargs)
+
+    compiled = opaque(run) if opaque is not None else None
+
+    @functools.wraps(reference)
+    def op(*args, **kwargs):
+        if compiled is not None and torch.compiler.is_compiling() and not torch.is_grad_enabled():
+            return compiled(*args, **kwargs)
+        return run(*args, **kwargs)
 
     op.reference = reference
     return op

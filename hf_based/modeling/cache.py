@@ -104,7 +104,6 @@ class BasedAttentionLayer(BasedLayerMixin, CacheLayerMixin):
         self, key_states: torch.Tensor, value_states: torch.Tensor, key_mask: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Store the new keys/values/key mask; return every key, value and key mask that the new queries attend to."""
-        self.cumulative_length += key_states.shape[1]
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states, key_mask)
             return key_states, value_states, key_mask
@@ -155,6 +154,7 @@ class BasedBufferLayer(BasedAttentionLayer):
         self.values = value_states.new_zeros(batch, self.buffer_length, heads, value_states.shape[-1])
         self.key_mask = key_mask.new_zeros(batch, self.buffer_length)
         self.is_initialized = True
+        mark_static(self.keys, self.values, self.key_mask)
 
     def reset(self) -> None:
         # Zeros under a zero mask: the buffers of a new cache, at the same addresses.
@@ -163,31 +163,49 @@ class BasedBufferLayer(BasedAttentionLayer):
                 tensor.zero_()
         self.cumulative_length = 0
 
+    def apply_to_tensors(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        super().apply_to_tensors(fn)
+        if self.is_initialized:
+            mark_static(self.keys, self.values, self.key_mask)
+
 
 class BasedStaticAttentionLayer(BasedBufferLayer):
     """`full_attention` in a static cache: a buffer of `max_cache_len` positions (transformers' StaticLayer,
-    time-major and masked). A one-token step attends over the whole buffer, whose unwritten slots are masked out, so
-    that its shapes never change; a longer call attends over the written part (its queries are the last of those
-    keys, as the kernels expect)."""
+    time-major and masked). A one-token step writes at the position held in a tensor and attends over the whole
+    buffer, whose unwritten slots are masked out, so that a compiled step sees the same shapes and no Python counter
+    at every position; a longer call attends over the written part (its queries are the last of those keys, as the
+    kernels expect)."""
+
+    def __init__(self, buffer_length: int):
+        super().__init__(buffer_length)
+        self.position: torch.Tensor | None = None  # [1] long: the next slot to write
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor, key_mask: torch.Tensor) -> None:
+        super().lazy_initialization(key_states, value_states, key_mask)
+        self.position = torch.zeros(1, dtype=torch.long, device=key_states.device)
+        mark_static(self.position)
 
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, key_mask: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        start, end = self.cumulative_length, self.cumulative_length + key_states.shape[1]
-        if end > self.buffer_length:
-            raise ValueError(
-                f"the static cache holds {self.buffer_length} positions and this call would take it to {end}; "
-                "create it with a larger max_cache_len (generate(): max_new_tokens and the prompt decide it)"
-            )
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states, key_mask)
-        self.cumulative_length = end
+        if key_states.shape[1] == 1:
+            for buffer, new in ((self.keys, key_states), (self.values, value_states), (self.key_mask, key_mask)):
+                buffer.index_copy_(1, self.position, new)
+            self.position.add_(1)
+            return self.keys, self.values, self.key_mask
+        start, end = self.cumulative_length, self.cumulative_length + key_states.shape[1]
         self.keys[:, start:end].copy_(key_states)
         self.values[:, start:end].copy_(value_states)
         self.key_mask[:, start:end].copy_(key_mask)
-        if key_states.shape[1] == 1:
-            return self.keys, self.values, self.key_mask
+        self.position.fill_(end)
         return self.keys[:, :end], self.values[:, :end], self.key_mask[:, :end]
+
+    def reset(self) -> None:
+        super().reset()
+        if self.position is not None:
+            self.position.zero_()
 
     def get_max_length(self) -> int:
         return self.buffer_length
@@ -208,7 +226,6 @@ class BasedSlidingWindowLayer(BasedBufferLayer):
         self, key_states: torch.Tensor, value_states: torch.Tensor, key_mask: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Return the window-1 cached keys followed by the new ones (values, key mask alike); keep the last window-1."""
-        self.cumulative_length += key_states.shape[1]
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states, key_mask)
         keys = torch.cat([self.keys, key_states], dim=1)
@@ -254,6 +271,15 @@ class BasedHybridLayer(BasedRecurrentLayer, BasedSlidingWindowLayer):
         BasedRecurrentLayer.apply_to_tensors(self, fn)
 
 
+def mark_static(*tensors: torch.Tensor) -> None:
+    """Tell torch.compile that these buffers keep their addresses (updated in place), as transformers' static layers
+    do: CUDA graphs then read them where they are instead of skipping the graph for mutated inputs. Not while
+    tracing, where it is not allowed (the buffers are allocated by the eager prefill)."""
+    if not torch.compiler.is_compiling():
+        for tensor in tensors:
+            torch._dynamo.mark_static_address(tensor)
+
+
 def cache_layer(config: BasedConfig, layer_idx: int, max_cache_len: int | None = None) -> BasedLayerMixin:
     mixer_type = config.mixer_types[layer_idx]
     if mixer_type == "linear_attention":
@@ -279,6 +305,25 @@ class BasedCache(Cache):
         super().__init__(layers=layers)
         self._max_cache_len = max_cache_len
         self.seen_tokens = 0  # padding included
+        # Set during a compiled decoding step, which counts its tokens outside the compiled forward: Python counters
+        # read or written inside it would make torch.compile specialise on them (a recompile, then dynamic ints).
+        self.counted_outside_forward = False
+
+    def check_capacity(self, length: int) -> None:
+        """ValueError if `length` more tokens would overflow a static cache's full-attention buffers."""
+        if self.max_cache_len is not None and self.seen_tokens + length > self.max_cache_len:
+            raise ValueError(
+                f"the static cache holds {self.max_cache_len} positions and this call would take it to "
+                f"{self.seen_tokens + length}; create it with a larger max_cache_len (generate(): max_new_tokens and "
+                "the prompt decide it)"
+            )
+
+    def advance(self, length: int) -> None:
+        """Count `length` more positions, in the cache and in every layer that keeps keys."""
+        self.seen_tokens += length
+        for layer in self.layers:
+            if isinstance(layer, BasedAttentionLayer):
+                layer.cumulative_length += length
 
     def __repr__(self) -> str:
         return f"BasedCache(layers={len(self.layers)}, seen_tokens={self.seen_tokens}, bytes={self.nbytes()})"

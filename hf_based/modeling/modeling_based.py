@@ -364,10 +364,38 @@ class BasedPreTrainedModel(PreTrainedModel):
             model_kwargs, generation_config
         )
 
+    def get_compiled_call(self, compile_config):
+        """transformers' compiled forward for the decoding steps, with the cache's token counters kept outside it: the
+        step checks the cache's room and counts its tokens in Python around the compiled call, so the compiled graph
+        reads no Python int that changes from step to step (no recompiles, no dynamic ints for CUDA graphs)."""
+        compiled = super().get_compiled_call(compile_config)
+
+        def step(**kwargs):
+            cache = kwargs.get(CACHE_FIELD)
+            if not isinstance(cache, BasedCache):
+                return compiled(**kwargs)
+            inputs = kwargs.get("input_ids") if kwargs.get("input_ids") is not None else kwargs["inputs_embeds"]
+            cache.check_capacity(inputs.shape[1])
+            cache.counted_outside_forward = True
+            try:
+                outputs = compiled(**kwargs)
+            finally:
+                cache.counted_outside_forward = False
+            cache.advance(inputs.shape[1])
+            return outputs
+
+        return step
+
     def create_masks_for_generate(self, config, inputs_embeds, attention_mask, **kwargs):
-        """generate() asks for attention masks when the cache is compileable (static): our mixers take the 2D padding
-        mask [batch, past + time] as it is."""
-        return attention_mask
+        """generate() asks for attention masks when the cache is compileable (static). Our mixers need only the
+        padding mask of the new tokens (the cache keeps the older ones): {"key_mask": [batch, time]}, whose shape,
+        unlike the growing 2D mask's, is the same at every decoding step, so the compiled step is not recompiled or
+        re-captured as the generation goes on."""
+        if attention_mask is None:
+            return None
+        # A copy: a slice of the growing mask has a new stride at every step (even at batch 1, where contiguous()
+        # keeps the view), which would recompile.
+        return {"key_mask": attention_mask[:, -inputs_embeds.shape[1] :].clone(memory_format=torch.contiguous_format)}
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         """Also writes `auto_map` and remote-code files, so the checkpoint loads with `trust_remote_code=True`."""
@@ -433,9 +461,19 @@ class BasedModel(BasedPreTrainedModel):
             raise TypeError(f"cache must be a BasedCache, got {type(cache).__name__}")
         past = cache.get_seq_length() if cache is not None else 0
 
-        check_input_shapes(tuple(inputs_embeds.shape[:2]), attention_mask, past)
-
+        if cache is not None and not cache.counted_outside_forward:
+            cache.check_capacity(length)
         key_mask = None
+        if isinstance(attention_mask, dict):  # create_masks_for_generate's: the new tokens' mask only
+            key_mask = attention_mask["key_mask"].bool()
+            attention_mask = None
+            if tuple(key_mask.shape) != (batch, length):
+                raise ValueError(
+                    f"attention_mask['key_mask'] must be [batch, time] = [{batch}, {length}], got {tuple(key_mask.shape)}"
+                )
+            if position_ids is None:
+                raise ValueError("an attention_mask of the new tokens only ({'key_mask': mask}) needs position_ids")
+        check_input_shapes(tuple(inputs_embeds.shape[:2]), attention_mask, past)
         if attention_mask is not None:
             attention_mask = attention_mask.bool()
             key_mask = attention_mask[:, -length:]
@@ -459,8 +497,8 @@ class BasedModel(BasedPreTrainedModel):
         hidden_states = self.norm(hidden_states)
         if output_hidden_states:
             all_hidden_states += (hidden_states,)
-        if cache is not None:
-            cache.seen_tokens += length
+        if cache is not None and not cache.counted_outside_forward:
+            cache.advance(length)
         return BaseModelOutputWithPast(
             last_hidden_state=hidden_states,
             hidden_states=all_hidden_states,
