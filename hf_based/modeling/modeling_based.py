@@ -374,14 +374,15 @@ class BasedPreTrainedModel(PreTrainedModel):
             cache = kwargs.get(CACHE_FIELD)
             if not isinstance(cache, BasedCache):
                 return compiled(**kwargs)
-            inputs = kwargs.get("input_ids") if kwargs.get("input_ids") is not None else kwargs["inputs_embeds"]
-            cache.check_capacity(inputs.shape[1])
+            inputs = kwargs.get("input_ids")
+            length = (inputs if inputs is not None else kwargs["inputs_embeds"]).shape[1]
+            cache.check_capacity(length)
             cache.counted_outside_forward = True
             try:
                 outputs = compiled(**kwargs)
             finally:
                 cache.counted_outside_forward = False
-            cache.advance(inputs.shape[1])
+            cache.advance(length)
             return outputs
 
         return step
