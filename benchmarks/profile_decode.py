@@ -1,9 +1,11 @@
 """Where a decode step of a BASED model spends its time (CUDA): kernels of one eager step, and the graph replay.
 
-    python benchmarks/profile_decode.py OUT_DIR [--preset based-360m] [--prompt 2048] [--batches 1,64]
+    python benchmarks/profile_decode.py OUT_DIR [--model based-360m] [--prompt 2048] [--batches 1,64] [--no-key-splits]
 
-Writes OUT_DIR/profile_decode.json: per batch size, the number of kernels one step launches, their summed GPU time,
-the eager and CUDA-graph step times, and the 30 kernels with the most GPU time (count, microseconds).
+--model: a preset, or converted:LLAMA_CONFIG as in `hf-based bench` (random weights). --no-key-splits profiles the
+softmax kernel without flash-decoding (each head's keys in one program), for a before/after in one run.
+Writes OUT_DIR/profile_decode[-no-key-splits].json: per batch size, the number of kernels one step launches, their
+summed GPU time, the eager and CUDA-graph step times, and the 30 kernels with the most GPU time (count, microseconds).
 """
 
 import argparse
@@ -15,6 +17,8 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from hf_based.bench.throughput import BasedDecoder, capture, timed_steps
+from hf_based.cli.bench import CONVERTED, converted_config
+from hf_based.kernels.softmax import triton as softmax_triton
 from hf_based.modeling import BasedForCausalLM
 from hf_based.modeling.configuration_based import preset_config
 
@@ -22,14 +26,26 @@ from hf_based.modeling.configuration_based import preset_config
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("out")
-    parser.add_argument("--preset", default="based-360m")
+    parser.add_argument("--model", default="based-360m", help="a preset, or converted:LLAMA_CONFIG")
     parser.add_argument("--prompt", type=int, default=2048)
     parser.add_argument("--batches", default="1,64")
+    parser.add_argument("--no-key-splits", action="store_true", help="softmax decode without flash-decoding")
     args = parser.parse_args()
+    if args.no_key_splits:
+        softmax_triton.key_splits = lambda programs, key_tiles, device: 1
     device = torch.device("cuda")
     torch.manual_seed(0)
-    model = BasedForCausalLM(preset_config(args.preset)).to(device, torch.bfloat16).eval()
-    results = {"device": torch.cuda.get_device_name(), "preset": args.preset, "prompt": args.prompt}
+    if args.model.startswith(CONVERTED):
+        config = converted_config(args.model.removeprefix(CONVERTED))
+    else:
+        config = preset_config(args.model)
+    model = BasedForCausalLM(config).to(device, torch.bfloat16).eval()
+    results = {
+        "device": torch.cuda.get_device_name(),
+        "model": args.model,
+        "prompt": args.prompt,
+        "key_splits": not args.no_key_splits,
+    }
     with torch.no_grad():
         for batch in map(int, args.batches.split(",")):
             decoder = BasedDecoder(model, batch, args.prompt, 64, device)
@@ -56,7 +72,8 @@ def main() -> None:
             del decoder
             torch.cuda.empty_cache()
     Path(args.out).mkdir(parents=True, exist_ok=True)
-    (Path(args.out) / "profile_decode.json").write_text(json.dumps(results, indent=1))
+    name = "profile_decode-no-key-splits.json" if args.no_key_splits else "profile_decode.json"
+    (Path(args.out) / name).write_text(json.dumps(results, indent=1))
 
 
 if __name__ == "__main__":

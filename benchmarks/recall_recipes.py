@@ -56,6 +56,15 @@ VARIANTS = {
         # The linear term weighted ~1e-9: sliding-window softmax alone in the converted layers (a length-invariant
         # mixer), to tell whether the linear term over older keys is what fails at long prompts.
         "copy:6 window only": dict(softmax_layers="copy:6", window_factor_init=1 - 1e-9),
+        "copy:6 window only untrained": dict(softmax_layers="copy:6", window_factor_init=1 - 1e-9, **UNTRAINED),
+        "copy:6 factor 0.9 stage 1 only": dict(softmax_layers="copy:6", window_factor_init=0.9, stage2_steps=0),
+        # Longer training sequences, the same tokens per step: does recall reach as far as training does?
+        **{
+            f"copy:6 factor 0.9 seq {n}": dict(
+                softmax_layers="copy:6", window_factor_init=0.9, seq_len=n, batch_size=8 * 1024 // n
+            )
+            for n in (2048, 4096)
+        },
         "copy:6 factor 0.9 4x budget": dict(
             softmax_layers="copy:6", window_factor_init=0.9, stage1_steps=800, stage2_steps=400
         ),

@@ -122,6 +122,46 @@ def test_softmax_attention_layouts_dtypes_and_scale():
     torch.testing.assert_close(softmax.softmax_attention(*as_fp64([q, k, v]), **kwargs), expected)
 
 
+SPLIT_CASES = [  # q_len, k_len, window, padded: few queries over many keys, as in decoding
+    (1, 300, None, True),
+    (1, 130, None, False),
+    (3, 257, None, True),
+    (1, 300, 100, False),
+    (17, 300, None, True),  # two query blocks, each split
+]
+
+
+@pytest.mark.parametrize("q_len, k_len, window_size, padded", SPLIT_CASES)
+def test_softmax_attention_key_splits_match_reference(monkeypatch, q_len, k_len, window_size, padded):
+    """On a GPU with many SMs, one batch row of two heads splits its keys across programs (flash-decoding); the
+    combined output and the gradients (through the combined log-sum-exp) match the reference."""
+    monkeypatch.setattr(softmax, "multiprocessor_count", lambda device: 64)
+    splits = []
+    key_splits = softmax.key_splits
+    monkeypatch.setattr(softmax, "key_splits", lambda *args: splits.append(key_splits(*args)) or splits[-1])
+    rand = Rand(q_len * 7 + k_len)
+    inputs = [rand.normal(1, q_len, 2, D), rand.normal(1, k_len, 1, D), rand.normal(1, k_len, 1, DV)]
+    mask = left_padding_mask(k_len)[1:] if padded else None
+    grad_out = rand.normal(1, q_len, 2, DV)
+    o, grads = run_with_grads(softmax.softmax_attention, inputs, grad_out, window=window_size, key_mask=mask)
+    expected, expected_grads = run_with_grads(
+        reference_softmax, as_fp64(inputs), grad_out, window=window_size, key_mask=mask
+    )
+    assert splits[0] > 1
+    assert_close(o, expected, "o")
+    for name, grad, expected_grad in zip(("dq", "dk", "dv"), grads, expected_grads):
+        assert_close(grad, expected_grad, name)
+
+
+def test_key_splits_only_when_programs_leave_the_gpu_idle():
+    gpu = torch.device("cuda")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(softmax, "multiprocessor_count", lambda device: 132)
+        assert softmax.key_splits(9, 129, gpu) == 30  # batch 1, 9 heads over 8k keys: ~2 programs per SM
+        assert softmax.key_splits(576, 129, gpu) == 1  # batch 64
+        assert softmax.key_splits(9, 3, gpu) == 1  # a 64-key window
+
+
 # --- hybrid attention -----------------------------------------------------------------------------------------------
 
 # On a GPU, fp32 hybrid attention runs the reference (see hybrid.runs_reference): an fp32 test there would compare the

@@ -10,6 +10,8 @@ window tiles (`softmax_fwd_tiles`, `softmax_bwd_dq_tiles`, `softmax_bwd_dkv_tile
 hybrid attention kernels (hf_based/kernels/hybrid/triton.py).
 """
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -24,6 +26,7 @@ BLOCK_M_FULL = 128  # full causal or window > SPLIT_WINDOW: queries per program
 BLOCK_N = 64  # keys per tile
 NUM_STAGES = 2  # software pipelining depth of the key/query loops
 SPLIT_WINDOW = 256  # larger windows (and None) loop apart over the tiles that need no causal/window mask
+SPLIT_MIN_TILES = 4  # flash-decoding: key tiles per program at least
 
 LOG2E = 1.4426950408889634  # log2(e): the kernels keep logits in base 2 for exp2
 NEG_BIG = tl.constexpr(-1.0e30)  # running max of a row without visible keys: exp2(-inf - NEG_BIG) = 0, never NaN
@@ -193,10 +196,13 @@ def softmax_attention_fwd_kernel(
     Q, K, V, M, O, LSE,
     stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
     stride_ob, stride_ot, stride_oh,
-    H, G, Tq, Tk, D, Dv, window, qk_scale,
+    H, G, Tq, Tk, D, Dv, window, qk_scale, tiles_per_split,
     BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr, WINDOW: tl.constexpr,
-    HAS_MASK: tl.constexpr, SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_MASK: tl.constexpr, SPLIT: tl.constexpr, KEY_SPLITS: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
+    """With KEY_SPLITS, program (i_m, i_bh, i_s) covers only key tiles [i_s, i_s + 1) * tiles_per_split of its query
+    block and stores its unnormalised acc, l and m in O and LSE (fp32 [splits, B * H, Tq, Dv] and [3, ...]) for
+    `softmax_combine_kernel`: flash-decoding, so that a few long queries fill the GPU."""
     i_m, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = (i_bh // H).to(tl.int64), i_bh % H
     off = Tk - Tq
@@ -212,13 +218,20 @@ def softmax_attention_fwd_kernel(
     p_min = off + i_m * BM
     p_max = off + tl.minimum(i_m * BM + BM, Tq) - 1
     start, n, lo, hi = key_blocks(p_min, p_max, window, BN, WINDOW, SPLIT)
+    first = 0
+    if KEY_SPLITS:  # this program's share of the tiles: every loop bound clamped to [first, n)
+        first = tl.program_id(2) * tiles_per_split
+        n = tl.minimum(n, first + tiles_per_split)
+        lo = tl.minimum(tl.maximum(lo, first), n)
+        hi = tl.minimum(tl.maximum(hi, first), n)
     acc = tl.zeros([BM, BV], dtype=tl.float32)
     l_i = tl.zeros([BM], dtype=tl.float32)
     m_i = tl.full([BM], NEG_BIG, dtype=tl.float32)
     idx = tl.zeros([BM], dtype=tl.int32)
     args = (q, off + i, K, V, M, stride_kt, stride_vt, Tk, D, Dv, start)
     acc, l_i, m_i, idx = softmax_fwd_tiles(
-        acc, l_i, m_i, idx, *args, 0, lo, window, qk_scale, BN, BD, BV, WINDOW, HAS_MASK, True, False, DOT_PRECISION
+        acc, l_i, m_i, idx, *args, first, lo, window, qk_scale, BN, BD, BV, WINDOW, HAS_MASK, True, False,
+        DOT_PRECISION,
     )
     acc, l_i, m_i, idx = softmax_fwd_tiles(
         acc, l_i, m_i, idx, *args, lo, hi, window, qk_scale, BN, BD, BV, WINDOW, HAS_MASK, False, False, DOT_PRECISION
@@ -226,11 +239,48 @@ def softmax_attention_fwd_kernel(
     acc, l_i, m_i, idx = softmax_fwd_tiles(
         acc, l_i, m_i, idx, *args, hi, n, window, qk_scale, BN, BD, BV, WINDOW, HAS_MASK, True, False, DOT_PRECISION
     )
+    if KEY_SPLITS:
+        row = (tl.program_id(2) * tl.num_programs(1) + i_bh).to(tl.int64) * Tq + i
+        tl.store(O + row[:, None] * Dv + e[None, :], acc, mask=(i[:, None] < Tq) & (e[None, :] < Dv))
+        parts = tl.num_programs(2) * tl.num_programs(1) * Tq
+        tl.store(LSE + row, l_i, mask=i < Tq)
+        tl.store(LSE + parts + row, m_i, mask=i < Tq)
+        return
     # A query without visible keys: o = 0 and lse = +inf, so that the backward's P is 0 too.
     o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     O += i_b * stride_ob + i_h * stride_oh
     o_mask = (i[:, None] < Tq) & (e[None, :] < Dv)
     tl.store(O + i[:, None] * stride_ot + e[None, :], o.to(O.dtype.element_ty), mask=o_mask)
+    lse = tl.where(l_i > 0, m_i + tl.log2(tl.where(l_i > 0, l_i, 1.0)), float("inf"))
+    tl.store(LSE + i_bh.to(tl.int64) * Tq + i, lse, mask=i < Tq)
+
+
+@triton.jit
+def softmax_combine_kernel(
+    PART, ML, O, LSE, stride_ob, stride_ot, stride_oh, H, Tq, Dv, splits, BM: tl.constexpr, BV: tl.constexpr,
+):
+    """o and lse of queries [i_m * BM, +BM) of head i_bh from the per-split acc, l and m of the split forward."""
+    i_m, i_bh = tl.program_id(0), tl.program_id(1)
+    n_bh = tl.num_programs(1)
+    i = i_m * BM + tl.arange(0, BM)
+    e = tl.arange(0, BV)
+    acc = tl.zeros([BM, BV], dtype=tl.float32)
+    l_i = tl.zeros([BM], dtype=tl.float32)
+    m_i = tl.full([BM], NEG_BIG, dtype=tl.float32)
+    for s in range(splits):
+        row = (s * n_bh + i_bh).to(tl.int64) * Tq + i
+        part = tl.load(PART + row[:, None] * Dv + e[None, :], mask=(i[:, None] < Tq) & (e[None, :] < Dv), other=0.0)
+        l_s = tl.load(ML + row, mask=i < Tq, other=0.0)
+        m_s = tl.load(ML + splits * n_bh * Tq + row, mask=i < Tq, other=NEG_BIG)
+        m_new = tl.maximum(m_i, m_s)
+        alpha, beta = tl.exp2(m_i - m_new), tl.exp2(m_s - m_new)
+        acc = acc * alpha[:, None] + part * beta[:, None]
+        l_i = l_i * alpha + l_s * beta
+        m_i = m_new
+    o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+    i_b, i_h = (i_bh // H).to(tl.int64), i_bh % H
+    O += i_b * stride_ob + i_h * stride_oh
+    tl.store(O + i[:, None] * stride_ot + e[None, :], o.to(O.dtype.element_ty), mask=(i[:, None] < Tq) & (e[None, :] < Dv))
     lse = tl.where(l_i > 0, m_i + tl.log2(tl.where(l_i > 0, l_i, 1.0)), float("inf"))
     tl.store(LSE + i_bh.to(tl.int64) * Tq + i, lse, mask=i < Tq)
 
@@ -360,6 +410,22 @@ def _softmax_blocks(q_len, window, head_dim_block):
     return block_size(q_len, BLOCK_M), BLOCK_N, 4
 
 
+@functools.cache
+def multiprocessor_count(device: torch.device) -> int:
+    """SMs of a CUDA device; the interpreter (CPU tensors) counts as a small GPU, so its tests take the split path."""
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+
+
+def key_splits(programs: int, key_tiles: int, device: torch.device) -> int:
+    """Parts of the key range that the forward runs in parallel (flash-decoding): 1 while (query block, head)
+    programs alone fill the GPU, else enough for about two programs per SM, each over SPLIT_MIN_TILES tiles or more
+    (a decode step at batch 1 has only B * H programs, each over every cached key)."""
+    target = 2 * multiprocessor_count(device)
+    if programs * 2 > target or key_tiles < 2 * SPLIT_MIN_TILES:
+        return 1
+    return max(1, min(triton.cdiv(target, programs), key_tiles // SPLIT_MIN_TILES))
+
+
 def key_mask_arg(key_mask, like):
     return (like, False) if key_mask is None else ((key_mask != 0).to(torch.int8).contiguous(), True)
 
@@ -372,12 +438,27 @@ def _softmax_attention_fwd(q, k, v, window, key_mask, scale):
     o = torch.empty(B, Tq, H, Dv, dtype=v.dtype, device=q.device)
     lse = torch.empty(B, H, Tq, dtype=torch.float32, device=q.device)
     mask, has_mask = key_mask_arg(key_mask, q)
-    softmax_attention_fwd_kernel[(triton.cdiv(Tq, BM), B * H)](
-        q, k, v, mask, o, lse, *bth_strides(q, k, v, o),
-        H, H // Hkv, Tq, Tk, D, Dv, window or 0, scale * LOG2E,
+    q_blocks = triton.cdiv(Tq, BM)
+    tiles = triton.cdiv(min(Tk, Tq + window - 1 if window else Tk), BN) + 1  # of one query block, at most
+    splits = key_splits(q_blocks * B * H, tiles, q.device)
+    tiles_per_split = triton.cdiv(tiles, splits)
+    splits = triton.cdiv(tiles, tiles_per_split)
+    if splits > 1:
+        partial = torch.empty(splits, B * H, Tq, Dv, dtype=torch.float32, device=q.device)
+        lm = torch.empty(2, splits, B * H, Tq, dtype=torch.float32, device=q.device)  # l, then m
+        out, stats = partial, lm
+    else:
+        out, stats = o, lse
+    softmax_attention_fwd_kernel[(q_blocks, B * H, splits)](
+        q, k, v, mask, out, stats, *bth_strides(q, k, v, o),
+        H, H // Hkv, Tq, Tk, D, Dv, window or 0, scale * LOG2E, tiles_per_split,
         BM=BM, BN=BN, BD=BD, BV=BV, WINDOW=window is not None, HAS_MASK=has_mask, SPLIT=split_loops(window),
-        DOT_PRECISION=dot_precision(q), num_warps=num_warps, num_stages=NUM_STAGES,
+        KEY_SPLITS=splits > 1, DOT_PRECISION=dot_precision(q), num_warps=num_warps, num_stages=NUM_STAGES,
     )
+    if splits > 1:
+        softmax_combine_kernel[(q_blocks, B * H)](
+            partial, lm, o, lse, *o.stride()[:3], H, Tq, Dv, splits, BM=BM, BV=BV, num_warps=4
+        )
     return o, lse
 
 
