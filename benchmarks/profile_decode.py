@@ -1,11 +1,13 @@
 """Where a decode step of a BASED model spends its time (CUDA): kernels of one eager step, and the graph replay.
 
-    python benchmarks/profile_decode.py OUT_DIR [--model based-360m] [--prompt 2048] [--batches 1,64] [--no-key-splits]
+    python benchmarks/profile_decode.py OUT_DIR [--model based-360m] [--prompt 2048] [--batches 1,64] [--prefill N]
+        [--no-key-splits]
 
 --model: a preset, or converted:LLAMA_CONFIG as in `hf-based bench` (random weights). --no-key-splits profiles the
 softmax kernel without flash-decoding (each head's keys in one program), for a before/after in one run.
 Writes OUT_DIR/profile_decode[-no-key-splits].json: per batch size, the number of kernels one step launches, their
-summed GPU time, the eager and CUDA-graph step times, and the 30 kernels with the most GPU time (count, microseconds).
+summed GPU time, the eager and CUDA-graph step times, and the 30 kernels with the most GPU time (count, microseconds);
+with --prefill, the same for one batch-1 prefill.
 """
 
 import argparse
@@ -23,12 +25,30 @@ from hf_based.modeling import BasedForCausalLM
 from hf_based.modeling.configuration_based import preset_config
 
 
+def kernel_table(run) -> dict:
+    """CUDA kernels of one run(): their number, summed GPU time and the 30 names with the most (count, microseconds)."""
+    with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+        run()
+        torch.cuda.synchronize()
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    by_name = collections.defaultdict(lambda: [0, 0.0])
+    for e in kernels:
+        by_name[e.name][0] += 1
+        by_name[e.name][1] += e.device_time
+    return {
+        "kernels": len(kernels),
+        "kernel_us_sum": round(sum(e.device_time for e in kernels), 1),
+        "top": sorted(([n[:90], c, round(t, 1)] for n, (c, t) in by_name.items()), key=lambda r: -r[2])[:30],
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("out")
     parser.add_argument("--model", default="based-360m", help="a preset, or converted:LLAMA_CONFIG")
     parser.add_argument("--prompt", type=int, default=2048)
     parser.add_argument("--batches", default="1,64")
+    parser.add_argument("--prefill", type=int, help="also profile a batch-1 prefill of this many tokens")
     parser.add_argument("--no-key-splits", action="store_true", help="softmax decode without flash-decoding")
     args = parser.parse_args()
     if args.no_key_splits:
@@ -52,25 +72,22 @@ def main() -> None:
             for _ in range(3):
                 decoder.step()
             eager = timed_steps(decoder.step, device, 16, 3)
-            with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
-                decoder.step()
-                torch.cuda.synchronize()
-            kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-            by_name = collections.defaultdict(lambda: [0, 0.0])
-            for e in kernels:
-                by_name[e.name][0] += 1
-                by_name[e.name][1] += e.device_time
+            table = kernel_table(decoder.step)
             replay = timed_steps(capture(decoder, device).replay, device, 32, 3)
-            results[f"B{batch}"] = {
-                "kernels": len(kernels),
-                "kernel_us_sum": round(sum(e.device_time for e in kernels), 1),
-                "eager_ms": round(eager * 1e3, 3),
-                "graph_ms": round(replay * 1e3, 3),
-                "top": sorted(([n[:90], c, round(t, 1)] for n, (c, t) in by_name.items()), key=lambda r: -r[2])[:30],
-            }
+            results[f"B{batch}"] = {"eager_ms": round(eager * 1e3, 3), "graph_ms": round(replay * 1e3, 3), **table}
             print(batch, {k: v for k, v in results[f"B{batch}"].items() if k != "top"}, flush=True)
             del decoder
             torch.cuda.empty_cache()
+        if args.prefill:
+            ids = torch.randint(config.vocab_size, (1, args.prefill), device=device)
+
+            def prefill():
+                model(input_ids=ids, use_cache=True, logits_to_keep=1)
+
+            prefill()
+            seconds = timed_steps(prefill, device, 3, 3)
+            results[f"prefill {args.prefill}"] = {"ms": round(seconds * 1e3, 3), **kernel_table(prefill)}
+            print("prefill", {k: v for k, v in results[f"prefill {args.prefill}"].items() if k != "top"}, flush=True)
     Path(args.out).mkdir(parents=True, exist_ok=True)
     name = "profile_decode-no-key-splits.json" if args.no_key_splits else "profile_decode.json"
     (Path(args.out) / name).write_text(json.dumps(results, indent=1))
