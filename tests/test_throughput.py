@@ -138,9 +138,15 @@ def test_bench_tiny_writes_results(tmp_path, one_thread, capsys):
     assert len(results["decode"]) == 2 * len(TINY.prompt_lengths) * len(TINY.decode_batches)
     for record in results["prefill"]:
         assert record["status"] == "ok" and record["tokens_per_s"] > 0 and record["ms"] > 0
+    bandwidth = results["copy_bandwidth_gb_s"] * 1e9
+    assert bandwidth > 0
+    weights = {role: 4 * info["parameters"] for role, info in results["models"].items()}  # fp32, nothing tied
     for record in results["decode"]:
         assert record["status"] == "ok" and record["tokens_per_s"] > 0 and record["mode"] == "eager"
         assert record["cache_bytes"] > 0
+        floor_ms = (weights[record["model"]] + record["cache_bytes"]) / bandwidth * 1e3
+        assert record["floor_ms"] == pytest.approx(floor_ms, rel=1e-2)
+        assert record["x_floor"] == pytest.approx(record["ms_per_step"] / record["floor_ms"], rel=1e-2)
     based = [r["cache_bytes"] for r in results["decode"] if r["model"] == "model" and r["batch"] == 1]
     assert len(set(based)) == 1  # the same state after 16 and 32 prompt tokens
     assert set(results["summary"]["prefill_speedup"]) == {"32", "64"}

@@ -219,6 +219,20 @@ def median_seconds(fn, device: torch.device, reps: int = 5) -> float:
     return statistics.median(times)
 
 
+def copy_bandwidth(device: torch.device) -> float:
+    """Bytes per second that a device-to-device copy reads and writes (1 GiB on CUDA, 64 MiB elsewhere): the
+    ceiling of the memory floor of a decode step."""
+    nbytes = 2**30 if device.type == "cuda" else 2**26
+    source = torch.rand(nbytes // 4, device=device)
+    target = torch.empty_like(source)
+    return 2 * nbytes / median_seconds(lambda: target.copy_(source), device)
+
+
+def weight_bytes(model) -> int:
+    """Bytes of the model's parameters, tied ones once: what a decode step reads at least once."""
+    return sum(p.nbytes for p in model.parameters())
+
+
 class Memory:
     """Peak memory (GB) over a `with` block, on CUDA; None elsewhere."""
 
@@ -411,7 +425,11 @@ def capture(decoder: Decoder, device: torch.device) -> "torch.cuda.CUDAGraph":
 
 
 @torch.no_grad()
-def measure_decode(model, batch: int, prompt_len: int, settings: BenchSettings, device: torch.device) -> dict:
+def measure_decode(
+    model, batch: int, prompt_len: int, settings: BenchSettings, device: torch.device, bandwidth: float | None = None
+) -> dict:
+    """One decode point; with the copy `bandwidth` (bytes/s), also its memory floor: the weights and the cache read
+    once per step."""
     record = {"prompt_len": prompt_len, "batch": batch}
     decoder_class = BasedDecoder if isinstance(model, BasedForCausalLM) else StaticCacheDecoder
     decoder = graph = None
@@ -440,6 +458,9 @@ def measure_decode(model, batch: int, prompt_len: int, settings: BenchSettings, 
             peak_memory_gb=memory.peak_gb,
             cache_bytes=decoder.cache_bytes(),
         )
+        if bandwidth:
+            floor = (weight_bytes(model) + record["cache_bytes"]) / bandwidth
+            record.update(floor_ms=round(floor * 1e3, 4), x_floor=round(seconds / floor, 2))
     except Exception as error:  # noqa: BLE001 - see failure()
         record.update(failure(error))
     del decoder, graph
@@ -552,6 +573,8 @@ def run_bench(
         "decode": [],
         "generate": [],
     }
+    bandwidth = copy_bandwidth(device)
+    results["copy_bandwidth_gb_s"] = round(bandwidth / 1e9, 3)
     grid = [(length, None) for length in settings.prefill_lengths] + [
         (prompt, batch) for prompt in settings.prompt_lengths for batch in settings.decode_batches
     ]
@@ -568,7 +591,7 @@ def run_bench(
                 results["prefill"].append({"model": role, **record})
                 say(f"  prefill {length:>6} tokens: {_rate(record)}")
             else:
-                record = measure_decode(model, batch, length, settings, device)
+                record = measure_decode(model, batch, length, settings, device, bandwidth)
                 results["decode"].append({"model": role, **record})
                 say(
                     f"  decode  P={length:>6} B={batch:>4}: {_rate(record)}"
@@ -708,6 +731,7 @@ def write_report(results: dict, out: Path) -> None:
                     *(_mem(c) for c in cells),
                     *(_cache(c) for c in cells),
                     *((c or {}).get("mode", "") for c in cells),
+                    *((c or {}).get("x_floor", "") for c in cells),
                     summary["decode_speedup"].get(f"P={prompt},B={batch}", ""),
                 ]
             )
@@ -724,11 +748,19 @@ def write_report(results: dict, out: Path) -> None:
                 "baseline cache GB",
                 "BASED mode",
                 "baseline mode",
+                "BASED x floor",
+                "baseline x floor",
                 "speedup",
             ],
             rows,
         )
     )
+    if "copy_bandwidth_gb_s" in results:
+        lines += [
+            "",
+            f"x floor: step time over the memory floor, the weights and the cache read once at the copy bandwidth "
+            f"measured in this run ({results['copy_bandwidth_gb_s']:,.0f} GB/s).",
+        ]
     settings = results["settings"]
     if results.get("generate"):
         lines += [
