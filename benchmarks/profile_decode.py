@@ -4,7 +4,8 @@
         [--no-key-splits]
 
 --model: a preset, or converted:LLAMA_CONFIG as in `hf-based bench` (random weights). --no-key-splits profiles the
-softmax kernel without flash-decoding (each head's keys in one program), for a before/after in one run.
+kernels without splitting key ranges across programs (softmax flash-decoding, hybrid state-scan segments), for a
+before/after in one run.
 Writes OUT_DIR/profile_decode[-no-key-splits].json: per batch size, the number of kernels one step launches, their
 summed GPU time, the eager and CUDA-graph step times, and the 30 kernels with the most GPU time (count, microseconds);
 with --prefill, the same for one batch-1 prefill.
@@ -49,10 +50,10 @@ def main() -> None:
     parser.add_argument("--prompt", type=int, default=2048)
     parser.add_argument("--batches", default="1,64")
     parser.add_argument("--prefill", type=int, help="also profile a batch-1 prefill of this many tokens")
-    parser.add_argument("--no-key-splits", action="store_true", help="softmax decode without flash-decoding")
+    parser.add_argument("--no-key-splits", action="store_true", help="no key splits (see above)")
     args = parser.parse_args()
     if args.no_key_splits:
-        softmax_triton.key_splits = lambda programs, key_tiles, device: 1
+        softmax_triton.multiprocessor_count = lambda device: 0  # key_splits() is then 1 everywhere
     device = torch.device("cuda")
     torch.manual_seed(0)
     if args.model.startswith(CONVERTED):

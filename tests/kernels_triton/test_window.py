@@ -214,6 +214,32 @@ HYBRID_CASES = [  # q_len, k_len, window, padded, initial state, features, (head
 @fp32_hybrid_kernel
 @pytest.mark.parametrize("q_len, k_len, window_size, padded, with_state, features, heads", HYBRID_CASES)
 def test_hybrid_attention_matches_reference(q_len, k_len, window_size, padded, with_state, features, heads):
+    check_hybrid_against_reference(q_len, k_len, window_size, padded, with_state, features, heads)
+
+
+SEGMENT_CASES = [  # as HYBRID_CASES: long enough for several chunks of 16 keys
+    (130, 130, 16, True, True, 16, (2, 1)),
+    (300, 300, 5, False, False, 16, (2, 1)),
+    (100, 300, 16, True, True, 16, (2, 1)),  # cached prefix keys: chunks before the queries
+    (1, 300, 16, False, True, 16, (2, 1)),
+]
+
+
+@fp32_hybrid_kernel
+@pytest.mark.parametrize("q_len, k_len, window_size, padded, with_state, features, heads", SEGMENT_CASES)
+def test_hybrid_attention_state_segments_match_reference(
+    monkeypatch, q_len, k_len, window_size, padded, with_state, features, heads
+):
+    """On a GPU with many SMs, few heads scan their linear states in sequence-parallel segments."""
+    monkeypatch.setattr(softmax, "multiprocessor_count", lambda device: 64)
+    splits = []
+    key_splits = hybrid.key_splits
+    monkeypatch.setattr(hybrid, "key_splits", lambda *args: splits.append(key_splits(*args)) or splits[-1])
+    check_hybrid_against_reference(q_len, k_len, window_size, padded, with_state, features, heads)
+    assert min(splits) > 1
+
+
+def check_hybrid_against_reference(q_len, k_len, window_size, padded, with_state, features, heads):
     rand = Rand(q_len * 1000 + k_len + window_size)
     inputs = hybrid_inputs(rand, q_len, k_len, features, heads)
     state = hybrid_state(rand, features, heads[0]) if with_state else []

@@ -28,6 +28,7 @@ from hf_based.kernels.softmax.triton import (
     NUM_STAGES,
     key_blocks,
     key_mask_arg,
+    key_splits,
     load_key_mask,
     query_blocks,
     softmax_bwd_dkv_tiles,
@@ -61,13 +62,28 @@ TINY = tl.constexpr(torch.finfo(torch.float32).tiny)  # the reference's denomina
 def hybrid_state_fwd_kernel(
     KF, V, M, H0, Z0, HS, ZS, HT, ZT,
     stride_kfb, stride_kft, stride_kfh, stride_vb, stride_vt, stride_vh,
-    H, G, Tk, F, Dv, b0, m_min, NQ, fold_end,
+    H, G, Tk, F, Dv, b0, m_min, NQ, fold_end, segment_chunks,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, HAS_MASK: tl.constexpr, HAS_INITIAL_STATE: tl.constexpr,
-    STORE_STATES: tl.constexpr, STORE_FINAL_STATE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    STORE_STATES: tl.constexpr, STORE_FINAL_STATE: tl.constexpr, SEGMENTS: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """HS[b, h, m] = kv0 + sum_{0 <= j < b0 + m BT} phi_k(k_j) v_j^T (ZS: of phi_k(k_j)) for m in [0, NQ): the keys
-    older than the window of every query of block m; the final state folds keys [0, fold_end)."""
+    older than the window of every query of block m; the final state folds keys [0, fold_end).
+
+    With SEGMENTS, axis 2 runs over (segment, b * H + h): segment s scans only chunks m_min + [s, s + 1) *
+    segment_chunks from a zero state (kv0 for s = 0), so HS holds sums within the segment, and its whole sum goes to
+    HT and ZT ([segments, B, H, ...]); the caller adds the earlier segments' sums (sequence parallelism, for few
+    heads)."""
     i_k, i_v, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    m_end = NQ
+    initial_rows = F  # of kv0 and z0: none but in the first segment
+    if SEGMENTS:
+        n_bh = tl.num_programs(2) // tl.cdiv(NQ - m_min, segment_chunks)
+        segment, i_bh = i_bh // n_bh, i_bh % n_bh
+        m_min += segment * segment_chunks
+        m_end = tl.minimum(m_min + segment_chunks, NQ)
+        initial_rows = tl.where(segment == 0, F, 0)
+        HT += segment.to(tl.int64) * n_bh * F * Dv
+        ZT += segment.to(tl.int64) * n_bh * F
     i_b, i_h = (i_bh // H).to(tl.int64), i_bh % H
     f = i_k * BK + tl.arange(0, BK)
     e = i_v * BV + tl.arange(0, BV)
@@ -77,12 +93,12 @@ def hybrid_state_fwd_kernel(
     state = i_bh.to(tl.int64) * F * Dv + f[:, None] * Dv + e[None, :]
     state_mask = (f[:, None] < F) & (e[None, :] < Dv)
     if HAS_INITIAL_STATE:
-        kv = tl.load(H0 + state, mask=state_mask, other=0.0)  # [BK, BV]
-        z = tl.load(Z0 + i_bh.to(tl.int64) * F + f, mask=f < F, other=0.0)  # [BK]
+        kv = tl.load(H0 + state, mask=(f[:, None] < initial_rows) & (e[None, :] < Dv), other=0.0)  # [BK, BV]
+        z = tl.load(Z0 + i_bh.to(tl.int64) * F + f, mask=f < initial_rows, other=0.0)  # [BK]
     else:
         kv = tl.zeros([BK, BV], dtype=tl.float32)
         z = tl.zeros([BK], dtype=tl.float32)
-    for m in range(m_min, NQ):  # chunk m holds keys [b0 + m BT, b0 + (m + 1) BT); m < 0: keys before the queries'
+    for m in range(m_min, m_end):  # chunk m holds keys [b0 + m BT, b0 + (m + 1) BT); m < 0: keys before the queries'
         if STORE_STATES:
             chunk = (i_bh.to(tl.int64) * NQ + m) * F * Dv
             tl.store(HS + chunk + f[:, None] * Dv + e[None, :], kv.to(HS.dtype.element_ty), mask=state_mask & (m >= 0))
@@ -96,7 +112,7 @@ def hybrid_state_fwd_kernel(
         v = tl.load(V + j[:, None] * stride_vt + e[None, :], mask=fold[:, None] & (e[None, :] < Dv), other=0.0)
         kv = tl.dot(kf, v, kv, input_precision=DOT_PRECISION)  # [BK, BT] @ [BT, BV]
         z += tl.sum(kf.to(tl.float32), 1)
-    if STORE_FINAL_STATE:
+    if STORE_FINAL_STATE or SEGMENTS:
         tl.store(HT + state, kv, mask=state_mask)
         if i_v == 0:
             tl.store(ZT + i_bh.to(tl.int64) * F + f, z, mask=f < F)
@@ -524,14 +540,31 @@ def _hybrid_state(kf, v, key_mask, kv0, z0, window, BT, NQ, b0, m_min, store_sta
     BK, BV = block_size(F, BLOCK_K), block_size(Dv, BLOCK_V)
     hs = kf.new_empty(B, H, NQ if store_states else 0, F, Dv)
     zs = kf.new_empty(B, H, NQ if store_states else 0, F, dtype=torch.float32)
-    final = (kf.new_empty(B, H, F, Dv, dtype=torch.float32), kf.new_empty(B, H, F, dtype=torch.float32))
-    mask, has_mask = key_mask_arg(key_mask, kf)
-    hybrid_state_fwd_kernel[(triton.cdiv(F, BK), triton.cdiv(Dv, BV), B * H)](
-        kf, v, mask, kv0 if kv0 is not None else kf, z0 if z0 is not None else kf, hs, zs, *final,
-        *bth_strides(kf, v), H, H // Hkv, Tk, F, Dv, b0, m_min, NQ, max(Tk - window + 1, 0),
-        BT=BT, BK=BK, BV=BV, HAS_MASK=has_mask, HAS_INITIAL_STATE=kv0 is not None, STORE_STATES=store_states,
-        STORE_FINAL_STATE=output_final, DOT_PRECISION=dot_precision(kf), num_warps=4, num_stages=NUM_STAGES,
+    chunks = NQ - m_min
+    programs = triton.cdiv(F, BK) * triton.cdiv(Dv, BV) * B * H
+    segment_chunks = triton.cdiv(chunks, key_splits(programs, chunks, kf.device))
+    segments = triton.cdiv(chunks, segment_chunks)
+    final = (
+        kf.new_empty(segments, B, H, F, Dv, dtype=torch.float32),
+        kf.new_empty(segments, B, H, F, dtype=torch.float32),
     )
+    mask, has_mask = key_mask_arg(key_mask, kf)
+    hybrid_state_fwd_kernel[(triton.cdiv(F, BK), triton.cdiv(Dv, BV), segments * B * H)](
+        kf, v, mask, kv0 if kv0 is not None else kf, z0 if z0 is not None else kf, hs, zs, *final,
+        *bth_strides(kf, v), H, H // Hkv, Tk, F, Dv, b0, m_min, NQ, max(Tk - window + 1, 0), segment_chunks,
+        BT=BT, BK=BK, BV=BV, HAS_MASK=has_mask, HAS_INITIAL_STATE=kv0 is not None, STORE_STATES=store_states,
+        STORE_FINAL_STATE=output_final, SEGMENTS=segments > 1, DOT_PRECISION=dot_precision(kf), num_warps=4,
+        num_stages=NUM_STAGES,
+    )
+    if segments > 1:  # add to each chunk's state the sums of the segments before its own
+        before = [x.cumsum(0) - x for x in final]
+        if store_states:
+            segment_of_chunk = torch.arange(NQ, device=kf.device).sub(m_min).div(segment_chunks, rounding_mode="floor")
+            hs.copy_(hs.float() + before[0][segment_of_chunk].permute(1, 2, 0, 3, 4))
+            zs.add_(before[1][segment_of_chunk].permute(1, 2, 0, 3))
+        final = tuple(b[-1] + x[-1] for b, x in zip(before, final))
+    else:
+        final = tuple(x[0] for x in final)
     return (hs, zs), (final if output_final else None)
 
 

@@ -417,9 +417,9 @@ def multiprocessor_count(device: torch.device) -> int:
 
 
 def key_splits(programs: int, key_tiles: int, device: torch.device) -> int:
-    """Parts of the key range that the forward runs in parallel (flash-decoding): 1 while (query block, head)
-    programs alone fill the GPU, else enough for about two programs per SM, each over SPLIT_MIN_TILES tiles or more
-    (a decode step at batch 1 has only B * H programs, each over every cached key)."""
+    """Parts of a key range of `key_tiles` tiles that run in parallel (the forward's flash-decoding, the hybrid
+    kernels' state-scan segments): 1 while `programs` alone fill the GPU, else enough for about two programs per SM,
+    each over SPLIT_MIN_TILES tiles or more (at batch 1, a model has only B * H programs per layer)."""
     target = 2 * multiprocessor_count(device)
     if programs * 2 > target or key_tiles < 2 * SPLIT_MIN_TILES:
         return 1
