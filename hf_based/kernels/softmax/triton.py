@@ -245,14 +245,14 @@ def softmax_attention_fwd_kernel(
         parts = tl.num_programs(2) * tl.num_programs(1) * Tq
         tl.store(LSE + row, l_i, mask=i < Tq)
         tl.store(LSE + parts + row, m_i, mask=i < Tq)
-        return
-    # A query without visible keys: o = 0 and lse = +inf, so that the backward's P is 0 too.
-    o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
-    O += i_b * stride_ob + i_h * stride_oh
-    o_mask = (i[:, None] < Tq) & (e[None, :] < Dv)
-    tl.store(O + i[:, None] * stride_ot + e[None, :], o.to(O.dtype.element_ty), mask=o_mask)
-    lse = tl.where(l_i > 0, m_i + tl.log2(tl.where(l_i > 0, l_i, 1.0)), float("inf"))
-    tl.store(LSE + i_bh.to(tl.int64) * Tq + i, lse, mask=i < Tq)
+    else:
+        # A query without visible keys: o = 0 and lse = +inf, so that the backward's P is 0 too.
+        o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+        O += i_b * stride_ob + i_h * stride_oh
+        o_mask = (i[:, None] < Tq) & (e[None, :] < Dv)
+        tl.store(O + i[:, None] * stride_ot + e[None, :], o.to(O.dtype.element_ty), mask=o_mask)
+        lse = tl.where(l_i > 0, m_i + tl.log2(tl.where(l_i > 0, l_i, 1.0)), float("inf"))
+        tl.store(LSE + i_bh.to(tl.int64) * Tq + i, lse, mask=i < Tq)
 
 
 @triton.jit
