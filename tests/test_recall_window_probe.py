@@ -5,7 +5,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AttentionInterface, LlamaConfig, LlamaForCausalLM
+from conversion_helpers import make_teacher
+from transformers import AttentionInterface
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "recall_window_probe.py"
@@ -28,19 +29,8 @@ def test_visible_keys_is_causal_window_plus_sinks():
 
 @pytest.fixture
 def tiny_llama():
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=50,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
-    model = LlamaForCausalLM(config).eval()
     ALL_MASK_ATTENTION_FUNCTIONS.register(probe.ATTENTION, sdpa_mask)
-    return model
+    return make_teacher(vocab=50, layers=3)
 
 
 def logits_with(model, masks, ids):
