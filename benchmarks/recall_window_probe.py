@@ -10,8 +10,8 @@ lets those layers see the first S tokens (StreamingLLM's attention sinks), `wind
 values zeroed (they only take attention away from the window, as a learned denominator term would). If `window` loses retrieval at long prompts
 where `full` keeps it, the loss is in the architecture, not in training; if sinks bring it back, the window layers
 miss the tokens the teacher parks attention on. Scores passkey and niah_single as `hf-based eval` does (greedy, the
-answer anywhere in the continuation; the generated tasks, seed 0) and writes DIR/results.json and DIR/results.md with
-date, commit and machine. Runs on a CPU in minutes for SmolLM2-135M.
+answer anywhere in the continuation; the generated tasks, seed 0) and writes DIR/results.json (by length, and by
+length and depth) and DIR/results.md with date, commit and machine. Runs on a CPU in minutes for SmolLM2-135M.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import argparse
 import importlib.util
 import sys
 from pathlib import Path
+from statistics import mean
 
 import torch
 
@@ -146,13 +147,17 @@ def main(argv=None) -> None:
     for name, masks in variants.items():
         AttentionInterface.register(ATTENTION, masks)
         model.set_attn_implementation(ATTENTION)
-        scores = {}
+        scores, by_depth = {}, {}
         for task, task_docs in docs.items():
-            hits: dict[str, list[float]] = {str(n): [] for n in lengths}
-            for doc in progress_bar(task_docs, desc=f"{name} {task}"):
-                hits[str(doc["length"])].append(retrieved(model, tokenizer, doc, args.new_tokens))
-            scores[task] = {n: sum(h) / len(h) for n, h in hits.items()}
+            hits = [(doc, retrieved(model, tokenizer, doc, args.new_tokens)) for doc in
+                    progress_bar(task_docs, desc=f"{name} {task}")]  # fmt: skip
+            scores[task] = {str(n): mean(h for doc, h in hits if doc["length"] == n) for n in lengths}
+            by_depth[task] = {
+                str(n): {str(d): mean(h for doc, h in hits if (doc["length"], doc["depth"]) == (n, d)) for d in DEPTHS}
+                for n in lengths
+            }
         results["variants"][name] = scores
+        results.setdefault("by_depth", {})[name] = by_depth
         report.write_json(out / "results.json", results)
         (out / "results.md").write_text(markdown(results))
         print(name, scores, flush=True)
