@@ -3,9 +3,9 @@
     python benchmarks/profile_decode.py OUT_DIR [--model based-360m] [--prompt 2048] [--batches 1,64] [--prefill N]
         [--no-key-splits]
 
---model: a preset, or converted:LLAMA_CONFIG as in `hf-based bench` (random weights). --no-key-splits profiles the
-kernels without splitting key ranges across programs (softmax flash-decoding, hybrid state-scan segments), for a
-before/after in one run.
+--model: a preset, a checkpoint directory, or converted:LLAMA_CONFIG, as in `hf-based bench` (random weights).
+--no-key-splits profiles the kernels without splitting key ranges across programs (softmax flash-decoding, hybrid
+state-scan segments), for a before/after in one run.
 Writes OUT_DIR/profile_decode[-no-key-splits].json: per batch size, the number of kernels one step launches, their
 summed GPU time, the eager and CUDA-graph step times, and the 30 kernels with the most GPU time (count, microseconds);
 with --prefill, the same for one batch-1 prefill.
@@ -19,11 +19,10 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from hf_based.bench.throughput import BasedDecoder, capture, timed_steps
+from hf_based.bench.throughput import BasedDecoder, capture, load_config, timed_steps
 from hf_based.cli.bench import CONVERTED, converted_config
 from hf_based.kernels.softmax import triton as softmax_triton
 from hf_based.modeling import BasedForCausalLM
-from hf_based.modeling.configuration_based import preset_config
 
 
 def kernel_table(run) -> dict:
@@ -46,7 +45,7 @@ def kernel_table(run) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("out")
-    parser.add_argument("--model", default="based-360m", help="a preset, or converted:LLAMA_CONFIG")
+    parser.add_argument("--model", default="based-360m", help="a preset, a checkpoint, or converted:LLAMA_CONFIG")
     parser.add_argument("--prompt", type=int, default=2048)
     parser.add_argument("--batches", default="1,64")
     parser.add_argument("--prefill", type=int, help="also profile a batch-1 prefill of this many tokens")
@@ -59,7 +58,7 @@ def main() -> None:
     if args.model.startswith(CONVERTED):
         config = converted_config(args.model.removeprefix(CONVERTED))
     else:
-        config = preset_config(args.model)
+        config = load_config(args.model, "model")
     model = BasedForCausalLM(config).to(device, torch.bfloat16).eval()
     results = {
         "device": torch.cuda.get_device_name(),

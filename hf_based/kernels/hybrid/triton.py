@@ -35,6 +35,7 @@ from hf_based.kernels.softmax.triton import (
     softmax_bwd_dq_tiles,
     softmax_fwd_tiles,
     split_loops,
+    split_range,
 )
 from hf_based.kernels.triton_utils import (
     block_size,
@@ -542,8 +543,7 @@ def _hybrid_state(kf, v, key_mask, kv0, z0, window, BT, NQ, b0, m_min, store_sta
     zs = kf.new_empty(B, H, NQ if store_states else 0, F, dtype=torch.float32)
     chunks = NQ - m_min
     programs = triton.cdiv(F, BK) * triton.cdiv(Dv, BV) * B * H
-    segment_chunks = triton.cdiv(chunks, key_splits(programs, chunks, kf.device))
-    segments = triton.cdiv(chunks, segment_chunks)
+    segments, segment_chunks = split_range(chunks, key_splits(programs, chunks, kf.device))
     final = (
         kf.new_empty(segments, B, H, F, Dv, dtype=torch.float32),
         kf.new_empty(segments, B, H, F, dtype=torch.float32),

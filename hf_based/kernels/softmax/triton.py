@@ -201,7 +201,7 @@ def softmax_attention_fwd_kernel(
     HAS_MASK: tl.constexpr, SPLIT: tl.constexpr, KEY_SPLITS: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """With KEY_SPLITS, program (i_m, i_bh, i_s) covers only key tiles [i_s, i_s + 1) * tiles_per_split of its query
-    block and stores its unnormalised acc, l and m in O and LSE (fp32 [splits, B * H, Tq, Dv] and [3, ...]) for
+    block and stores its unnormalised acc, l and m in O and LSE (fp32 [splits, B * H, Tq, Dv] and [2, ...]) for
     `softmax_combine_kernel`: flash-decoding, so that a few long queries fill the GPU."""
     i_m, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = (i_bh // H).to(tl.int64), i_bh % H
@@ -426,6 +426,12 @@ def key_splits(programs: int, key_tiles: int, device: torch.device) -> int:
     return max(1, min(triton.cdiv(target, programs), key_tiles // SPLIT_MIN_TILES))
 
 
+def split_range(tiles: int, parts: int) -> tuple[int, int]:
+    """(parts, tiles per part) covering `tiles` in at most `parts` equal runs, none of them empty."""
+    per_part = triton.cdiv(tiles, parts)
+    return triton.cdiv(tiles, per_part), per_part
+
+
 def key_mask_arg(key_mask, like):
     return (like, False) if key_mask is None else ((key_mask != 0).to(torch.int8).contiguous(), True)
 
@@ -440,9 +446,7 @@ def _softmax_attention_fwd(q, k, v, window, key_mask, scale):
     mask, has_mask = key_mask_arg(key_mask, q)
     q_blocks = triton.cdiv(Tq, BM)
     tiles = triton.cdiv(min(Tk, Tq + window - 1 if window else Tk), BN) + 1  # of one query block, at most
-    splits = key_splits(q_blocks * B * H, tiles, q.device)
-    tiles_per_split = triton.cdiv(tiles, splits)
-    splits = triton.cdiv(tiles, tiles_per_split)
+    splits, tiles_per_split = split_range(tiles, key_splits(q_blocks * B * H, tiles, q.device))
     if splits > 1:
         partial = torch.empty(splits, B * H, Tq, Dv, dtype=torch.float32, device=q.device)
         lm = torch.empty(2, splits, B * H, Tq, dtype=torch.float32, device=q.device)  # l, then m
