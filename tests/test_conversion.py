@@ -729,6 +729,22 @@ def test_spec_that_keeps_no_layer_converts_every_layer_and_says_so(workdir):
     assert "`--softmax-layers copy:20%` keeps none of this model's 4 layers: every attention layer is converted" in card
 
 
+def test_sinks_reach_the_converted_model_and_its_saved_config(workdir):
+    """--sinks 3: every converted layer keeps the first 3 tokens in its softmax part, through training and saving;
+    the reloaded model decodes as its full forward does. A negative count is refused by name."""
+    run(workdir, "sinks", tiny_recipe(stage1_steps=2, stage2_steps=1, softmax_layers=(), sinks=3))
+    model = AutoModelForCausalLM.from_pretrained(workdir / "sinks").eval()
+    assert model.config.hybrid_attention_sinks == 3
+    assert {type(layer.self_attn).__name__ for layer in model.model.layers} == {"BasedHybridAttention"}
+    ids = torch.randint(4, model.config.vocab_size, (1, 24))
+    with torch.no_grad():
+        generated = model.generate(ids, max_new_tokens=6, do_sample=False, output_logits=True, return_dict_in_generate=True)
+        full = model(generated.sequences).logits
+    torch.testing.assert_close(torch.stack(generated.logits, 1)[0], full[0, 23:-1].float(), atol=1e-4, rtol=1e-4)
+    with pytest.raises(ConversionError, match=r"sinks=-1 is not supported; accepted: integers >= 0"):
+        Recipe(sinks=-1).validate()
+
+
 @pytest.mark.slow
 def test_demo_shows_retrieval_speed_and_shares_and_saves_bf16(workdir, tmp_path, capsys, monkeypatch):
     """The demo on a tiny teacher: the comparison includes the retrieval task, every shown score as a share of the

@@ -85,17 +85,19 @@ def visible_keys(q_len, k_len, window=None):
     return (j <= p) & (j > p - (window or k_len + 1))
 
 
-def naive_hybrid(q, k, v, qf, kf, window_factor, window, mask, kv0, z0, scale):
-    """Explicit loops over batch rows and queries, with the window / older key sets of the spec."""
+def naive_hybrid(q, k, v, qf, kf, window_factor, window, mask, kv0, z0, scale, sinks=None):
+    """Explicit loops over batch rows and queries, with the window / older key sets of the spec; `sinks` [B, Tk]
+    bool moves keys from the older set to the window's softmax for good."""
     k_len, q_len, group = k.shape[1], q.shape[1], q.shape[2] // k.shape[2]
     k, v = k.repeat_interleave(group, 2), v.repeat_interleave(group, 2)
+    sinks = torch.zeros_like(mask) if sinks is None else sinks & mask
     rows = []
-    for b, real in enumerate(mask.tolist()):
+    for b, (real, sink) in enumerate(zip(mask.tolist(), sinks.tolist())):
         outs = []
         for i in range(q_len):
             p = k_len - q_len + i
-            win = [j for j in range(p - window + 1, p + 1) if j >= 0 and real[j]]
-            old = [j for j in range(0, p - window + 1) if real[j]]
+            win = [j for j in range(0, p + 1) if real[j] and (j > p - window or sink[j])]
+            old = [j for j in range(0, p - window + 1) if real[j] and not sink[j]]
             num = torch.einsum("hf,hfd->hd", qf[b, i], kv0[b])  # [H, Dv]
             den = torch.einsum("hf,hf->h", qf[b, i], z0[b])  # [H]
             if win:
@@ -110,7 +112,7 @@ def naive_hybrid(q, k, v, qf, kf, window_factor, window, mask, kv0, z0, scale):
             outs.append(num / den[:, None] if (den > 0).all() else torch.zeros_like(num))
         rows.append(torch.stack(outs))
     n = max(k_len - window + 1, 0)  # keys outside the next query's window
-    kf_folded = kf[:, :n] * mask[:, :n, None, None]
+    kf_folded = kf[:, :n] * (mask & ~sinks)[:, :n, None, None]
     return torch.stack(rows), (kv0 + torch.einsum("bjhf,bjhd->bhfd", kf_folded, v[:, :n]), z0 + kf_folded.sum(1))
 
 
@@ -409,6 +411,50 @@ def test_hybrid_attention_chunked_gradients_match_the_reference(length):
     def outputs_and_grads(op):
         inputs = {name: t.clone().requires_grad_() for name, t in x.items()}
         o, (kv, z) = op(**inputs, window=window, key_mask=mask, initial_state=state, output_final_state=True)
+        loss = sum((out * Rand(i).normal(*out.shape)).sum() for i, out in enumerate((o, kv, z)))
+        return (o, kv, z), torch.autograd.grad(loss, list(inputs.values()))
+
+    close(
+        outputs_and_grads(partial(hybrid_attention_chunked, chunk=8)),
+        outputs_and_grads(hybrid_reference.hybrid_attention),
+    )
+
+
+def first_real_keys(mask, count):
+    """[B, Tk] bool: the first `count` real keys of each row (the sinks the models use)."""
+    return mask & (mask.cumsum(1) <= count)
+
+
+@pytest.mark.parametrize("window", [1, 3, 16])
+@pytest.mark.parametrize("length", LENGTHS)
+def test_hybrid_attention_sinks_match_naive(length, window):
+    """Sinks among cached and new keys, padded rows, GQA: every op's outputs and state equal the spec's, and the
+    sinks change the result wherever a sink is older than a window (so the test can fail)."""
+    rand, prefix = Rand(length + 2), 4
+    x = hybrid_inputs(rand, length, length + prefix)
+    kv0, z0 = rand.normal(2, H, FEAT, DV), rand.positive(2, H, FEAT)
+    mask = left_padding_mask(length + prefix)
+    sinks = first_real_keys(mask, 3)
+    sinks[0, -1] = True  # a sink that no query sees beyond its window
+    expected, expected_state = naive_hybrid(*x.values(), window, mask, kv0, z0, D**-0.5, sinks)
+    without, _ = naive_hybrid(*x.values(), window, mask, kv0, z0, D**-0.5)
+    assert not torch.allclose(expected, without) or length + prefix <= window
+    for op in HYBRID_OPS:
+        o, state = op(**x, window=window, key_mask=mask, initial_state=(kv0, z0), output_final_state=True, sink_mask=sinks)
+        close(o, expected)
+        close(state, expected_state)
+
+
+@pytest.mark.parametrize("length", LENGTHS)
+def test_hybrid_attention_chunked_gradients_with_sinks_match_the_reference(length):
+    rand, window, prefix = Rand(length + 3), 5, 12
+    x = hybrid_inputs(rand, length, length + prefix)
+    mask = left_padding_mask(length + prefix)
+    sinks = first_real_keys(mask, 4)
+
+    def outputs_and_grads(op):
+        inputs = {name: t.clone().requires_grad_() for name, t in x.items()}
+        o, (kv, z) = op(**inputs, window=window, key_mask=mask, output_final_state=True, sink_mask=sinks)
         loss = sum((out * Rand(i).normal(*out.shape)).sum() for i, out in enumerate((o, kv, z)))
         return (o, kv, z), torch.autograd.grad(loss, list(inputs.values()))
 

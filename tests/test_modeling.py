@@ -29,6 +29,7 @@ STACKS = {
     "full_attention": dict(mixer_types=["full_attention"] * 2),
     "based_mix": dict(mixer_types=["base_conv", "linear_attention", "sliding_window_attention", "base_conv"]),
     "lolcats_mix": dict(mixer_types=["hybrid_attention", "full_attention"], feature_map="hedgehog"),
+    "hybrid_sinks": dict(mixer_types=["hybrid_attention"] * 2, feature_map="hedgehog", hybrid_attention_sinks=3),
 }
 CONSTANT_STATE_STACKS = [name for name, kw in STACKS.items() if "full_attention" not in kw["mixer_types"]]
 
@@ -85,6 +86,18 @@ def test_stepwise_decoding_equals_full_forward(name):
         pieces += [model(ids[:, t : t + 1], cache=cache).logits for t in range(20, 40)]
     assert_close(torch.cat(pieces, dim=1), full)
     assert cache.get_seq_length() == 40
+
+
+def test_attention_sinks_change_only_positions_beyond_the_window():
+    """The same weights with and without sinks: equal logits while every key is in the window, different after."""
+    model = tiny_model("hybrid_sinks")
+    plain = BasedForCausalLM(tiny_config(**{**STACKS["hybrid_sinks"], "hybrid_attention_sinks": 0})).double().eval()
+    plain.load_state_dict(model.state_dict())
+    ids = random_ids(2, 30)
+    with torch.no_grad():
+        with_sinks, without = model(ids).logits, plain(ids).logits
+    assert_close(with_sinks[:, :WINDOW], without[:, :WINDOW])
+    assert (with_sinks[:, WINDOW + 1 :] - without[:, WINDOW + 1 :]).abs().amax(-1).min() > 1e-6
 
 
 @pytest.mark.parametrize("name", STACKS)
@@ -305,7 +318,7 @@ def test_generate_refuses_a_cache_implementation_it_does_not_have():
         tiny_model("based_mix").generate(random_ids(1, 4), max_new_tokens=2, cache_implementation="quantized")
 
 
-COMPILED_STACKS = ["based_mix", "lolcats_mix", "hybrid_taylor", "linear_taylor"]
+COMPILED_STACKS = ["based_mix", "lolcats_mix", "hybrid_taylor", "linear_taylor", "hybrid_sinks"]
 
 
 @pytest.mark.slow
@@ -375,6 +388,7 @@ def test_custom_ops_match_their_fakes():
             randn(b, h, f, dv),
             randn(b, h, f).exp(),
             None,
+            mask & (mask.cumsum(1) <= 2),
         ),
         "taylor_linear_attention_recurrent": (
             q,

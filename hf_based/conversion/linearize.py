@@ -122,6 +122,7 @@ def based_config(teacher_config, recipe: Recipe | None = None) -> BasedConfig:
         linear_attention_projections="llama",
         sliding_window=recipe.window,
         hybrid_window_factor_init=recipe.window_factor_init,
+        hybrid_attention_sinks=recipe.sinks,
         attention_bias=bool(qwen2 or _get(teacher_config, "attention_bias", False)),
         mlp_bias=bool(_get(teacher_config, "mlp_bias", False)),
         hidden_act=_get(teacher_config, "hidden_act", "silu"),

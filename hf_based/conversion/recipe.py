@@ -139,6 +139,13 @@ class Recipe:
         "architecture",
         metavar="I,J,...|STRATEGY:K|STRATEGY:P%",
     )
+    sinks: int = setting(
+        0,
+        "attention sinks: the first N tokens of each sequence stay in every converted layer's softmax part however old "
+        "they are, instead of entering its linear state (the cache keeps their keys and values)",
+        "architecture",
+        metavar="N",
+    )
     linear_only: bool = setting(False, "pure linear attention, no sliding window", "architecture")
     window_factor_init: float = setting(
         0.9,
@@ -218,7 +225,8 @@ class Recipe:
         for name in ("stage1_steps", "stage1_tokens", "stage2_steps", "stage2_tokens", "block_index"):
             check(name, lambda v: v is None or (is_int(v) and v >= 0), "integers >= 0")
         check("blockwise", lambda v: v is None or (is_int(v) and v >= 1), "integers >= 1")
-        check("warmup_steps", lambda v: is_int(v) and v >= 0, "integers >= 0")
+        for name in ("warmup_steps", "sinks"):
+            check(name, lambda v: is_int(v) and v >= 0, "integers >= 0")
         for f in dataclasses.fields(self):
             choices = f.metadata.get("choices")
             if choices:

@@ -93,12 +93,15 @@ def opaque_hybrid_attention_recurrent(run: Callable) -> Callable:
         kv: Tensor | None,
         z: Tensor | None,
         scale: float | None,
+        sink_mask: Tensor | None,
     ) -> tuple[Tensor, Tensor, Tensor]:
-        o, (kv, z) = run(q, k, v, q_feat, k_feat, window_factor, window, key_mask, _pair(kv, z), True, scale)
+        o, (kv, z) = run(
+            q, k, v, q_feat, k_feat, window_factor, window, key_mask, _pair(kv, z), True, scale, sink_mask
+        )
         return _contiguous(o, kv, z)
 
     @op.register_fake
-    def _(q, k, v, q_feat, k_feat, window_factor, window, key_mask, kv, z, scale):
+    def _(q, k, v, q_feat, k_feat, window_factor, window, key_mask, kv, z, scale, sink_mask):
         return _attention_output(q, v), *_linear_states(q, v, q_feat.shape[-1], q, k, v, q_feat, k_feat)
 
     def call(
@@ -113,8 +116,11 @@ def opaque_hybrid_attention_recurrent(run: Callable) -> Callable:
         initial_state=None,
         output_final_state=False,
         scale=None,
+        sink_mask=None,
     ):
-        o, kv, z = op(q, k, v, q_feat, k_feat, window_factor, window, key_mask, *_states(initial_state), scale)
+        o, kv, z = op(
+            q, k, v, q_feat, k_feat, window_factor, window, key_mask, *_states(initial_state), scale, sink_mask
+        )
         return o, ((kv, z) if output_final_state else None)
 
     return call

@@ -6,7 +6,8 @@ keep an ordinary KV cache:
     linear_attention          kv [B, H, F, Dv], z [B, H, F] (fp32)
     sliding_window_attention  key/value [B, window-1, Hkv, D] + key_mask [B, window-1]: the keys that, with the
                               next token, make up its window (slots not yet filled are masked out)
-    hybrid_attention          the sliding-window buffer + kv/z of every key that has left the window
+    hybrid_attention          the sliding-window buffer + kv/z of every key that has left the window, and with
+                              attention sinks key/value/key_mask [B, S, Hkv, D] of the sinks that have left it
     base_conv                 conv [B, K-1, C]: the last K-1 conv inputs
     full_attention            key/value/key_mask growing along time
 
@@ -244,13 +245,54 @@ class BasedSlidingWindowLayer(BasedBufferLayer):
         return self.sliding_window
 
 
+def attention_sinks(key_mask: torch.Tensor, count: int, seen: torch.Tensor | int = 0) -> torch.Tensor:
+    """[B, T] bool: the real keys among the first `count` real tokens of each row, when `seen` [B] real tokens came
+    before these (only the count matters, capped at `count`)."""
+    rank = key_mask.long().cumsum(1) + (seen[:, None] if isinstance(seen, torch.Tensor) else seen)
+    return key_mask & (rank <= count)
+
+
 class BasedHybridLayer(BasedRecurrentLayer, BasedSlidingWindowLayer):
     """`hybrid_attention`: the sliding-window buffer + kv/z of the keys that have left the window (like transformers'
-    LinearAttentionAndSlidingWindowAttentionLayer, on our own window layer)."""
+    LinearAttentionAndSlidingWindowAttentionLayer, on our own window layer), and with `sinks` > 0 the attention
+    sinks that have left the window: buffers of `sinks` keys/values whose key mask marks the slots filled so far."""
 
-    def __init__(self, sliding_window: int):
+    def __init__(self, sliding_window: int, sinks: int = 0):
         BasedSlidingWindowLayer.__init__(self, sliding_window)
         BasedRecurrentLayer.__init__(self, ("kv", "z"))
+        self.sinks = sinks
+        self.sink_keys = self.sink_values = self.sink_mask = None
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, key_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """The window's update (keys, values, key mask), preceded by the sinks that have left the window when the
+        layer keeps sinks; -> (keys, values, key mask, sink mask or None)."""
+        keys, values, key_mask = BasedSlidingWindowLayer.update(self, key_states, value_states, key_mask)
+        if not self.sinks:
+            return keys, values, key_mask, None
+        if self.sink_keys is None:
+            batch, _, heads, dim = keys.shape
+            self.sink_keys = keys.new_zeros(batch, self.sinks, heads, dim)
+            self.sink_values = values.new_zeros(batch, self.sinks, heads, values.shape[-1])
+            self.sink_mask = key_mask.new_zeros(batch, self.sinks)
+            mark_static(self.sink_keys, self.sink_values, self.sink_mask)
+        # The cached sinks are all older than the window; ranks of the others continue from their count.
+        sink_mask = torch.cat([self.sink_mask, attention_sinks(key_mask, self.sinks, self.sink_mask.sum(1))], 1)
+        keys, values = torch.cat([self.sink_keys, keys], 1), torch.cat([self.sink_values, values], 1)
+        key_mask = torch.cat([self.sink_mask, key_mask], 1)
+        # Keep the sinks among the keys that leave the window (all but the last window - 1), in order.
+        leaving = keys.shape[1] - self.buffer_length
+        order = torch.sort((~sink_mask[:, :leaving]).to(torch.uint8), dim=1, stable=True).indices[:, : self.sinks]
+        for buffer, source in ((self.sink_keys, keys), (self.sink_values, values)):
+            buffer.copy_(source.gather(1, order[:, :, None, None].expand(-1, -1, *source.shape[2:])))
+        self.sink_mask.copy_(sink_mask.gather(1, order))
+        return keys, values, key_mask, sink_mask
+
+    def _sink_tensors(self) -> dict[str, torch.Tensor]:
+        if self.sink_keys is None:
+            return {}
+        return {"sink_key": self.sink_keys, "sink_value": self.sink_values, "sink_mask": self.sink_mask}
 
     def lazy_initialization(self, *args, **kwargs) -> None:
         # The window's update passes keys positionally, update_recurrent_state passes keyword states.
@@ -262,13 +304,22 @@ class BasedHybridLayer(BasedRecurrentLayer, BasedSlidingWindowLayer):
     def reset(self) -> None:
         BasedRecurrentLayer.reset(self)
         BasedSlidingWindowLayer.reset(self)
+        for tensor in self._sink_tensors().values():
+            tensor.zero_()
 
     def named_tensors(self) -> dict[str, torch.Tensor]:
-        return {**BasedSlidingWindowLayer.named_tensors(self), **BasedRecurrentLayer.named_tensors(self)}
+        return {
+            **BasedSlidingWindowLayer.named_tensors(self),
+            **BasedRecurrentLayer.named_tensors(self),
+            **self._sink_tensors(),
+        }
 
     def apply_to_tensors(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
         BasedSlidingWindowLayer.apply_to_tensors(self, fn)
         BasedRecurrentLayer.apply_to_tensors(self, fn)
+        if self.sink_keys is not None:
+            self.sink_keys, self.sink_values, self.sink_mask = map(fn, (self.sink_keys, self.sink_values, self.sink_mask))
+            mark_static(self.sink_keys, self.sink_values, self.sink_mask)
 
 
 def mark_static(*tensors: torch.Tensor) -> None:
@@ -289,7 +340,7 @@ def cache_layer(config: BasedConfig, layer_idx: int, max_cache_len: int | None =
     if mixer_type == "full_attention":
         return BasedAttentionLayer() if max_cache_len is None else BasedStaticAttentionLayer(max_cache_len)
     if mixer_type == "hybrid_attention":
-        return BasedHybridLayer(config.sliding_window)
+        return BasedHybridLayer(config.sliding_window, config.hybrid_attention_sinks)
     return BasedRecurrentLayer(("conv",))
 
 

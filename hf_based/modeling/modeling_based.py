@@ -29,7 +29,7 @@ from hf_based.kernels import (
     taylor_linear_attention,
     taylor_linear_attention_recurrent,
 )
-from hf_based.modeling.cache import BasedCache
+from hf_based.modeling.cache import BasedCache, attention_sinks
 from hf_based.modeling.compat import CACHE_FIELD
 from hf_based.modeling.configuration_based import BasedConfig
 
@@ -211,12 +211,14 @@ class BasedHybridAttention(BasedAttentionBase):
     """LoLCATs: softmax over the last `sliding_window` keys + linear attention over all older keys, one denominator.
 
     The softmax part is weighted by a learned per-head gamma = sigmoid(window_factors) (init `hybrid_window_factor_init`).
-    Keys leaving the window fold into the linear state, so the cache stays constant-size.
+    Keys leaving the window fold into the linear state, so the cache stays constant-size; the first
+    `hybrid_attention_sinks` real tokens stay in the softmax part instead (the cache keeps them).
     """
 
     def __init__(self, config: BasedConfig, layer_idx: int):
         super().__init__(config, layer_idx)
         self.window = config.sliding_window
+        self.sinks = config.hybrid_attention_sinks
         self.window_factors = nn.Parameter(torch.empty(self.num_heads))
         if config.feature_map == "hedgehog":
             self.feature_map_q = BasedHedgehogFeatureMap(self.num_heads, self.head_dim, config.hedgehog_dim)
@@ -226,10 +228,13 @@ class BasedHybridAttention(BasedAttentionBase):
 
     def forward(self, hidden_states, key_mask, position_embeddings, cache=None):
         q, k, v = self.project(hidden_states, position_embeddings)
-        initial_state = None
+        initial_state = sink_mask = None
         if cache is not None:
             initial_state = cache.layers[self.layer_idx].state()
-            k, v, key_mask = cache.layers[self.layer_idx].update(k, v, key_mask)
+            k, v, key_mask, sink_mask = cache.layers[self.layer_idx].update(k, v, key_mask)
+        elif self.sinks:
+            real = key_mask if key_mask is not None else torch.ones(k.shape[:2], dtype=torch.bool, device=k.device)
+            sink_mask = attention_sinks(real.bool(), self.sinks)
         q_feat = self.feature_map_q(q)
         k_feat = self.feature_map_k(repeat_kv(k, self.num_kv_groups))
         op = hybrid_attention_recurrent if initial_state is not None and q.shape[1] == 1 else hybrid_attention
@@ -244,6 +249,7 @@ class BasedHybridAttention(BasedAttentionBase):
             key_mask=key_mask,
             initial_state=initial_state,
             output_final_state=cache is not None,
+            sink_mask=sink_mask,
         )
         if cache is not None:
             cache.layers[self.layer_idx].update_state(*final_state)

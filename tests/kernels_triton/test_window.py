@@ -384,3 +384,21 @@ def test_bad_inputs_raise_the_reference_errors(name, args, kwargs):
     with pytest.raises(ValueError) as raised:
         getattr(softmax if name == "softmax_attention" else hybrid, name)(*args, **kwargs)
     assert str(raised.value) == str(expected.value)
+
+
+@pytest.mark.parametrize("q_len", [1, 17])
+def test_hybrid_attention_with_sinks_runs_the_pytorch_forms(q_len):
+    """The kernels have no sinks: with a sink mask, both Triton entry points give the reference's result (the
+    blockwise form for the parallel op, the reference for the decode step)."""
+    rand, k_len, window = Rand(5), 40, 5
+    inputs = hybrid_inputs(rand, q_len, k_len)
+    state = tuple(hybrid_state(rand))
+    mask = left_padding_mask(k_len)
+    sinks = mask & (mask.cumsum(1) <= 3)
+    kwargs = dict(key_mask=mask, initial_state=state, output_final_state=True, sink_mask=sinks)
+    expected, expected_state = reference_hybrid(*as_fp64(inputs), window, **{**kwargs, "initial_state": as_fp64(state)})
+    for op in (hybrid.hybrid_attention, hybrid.hybrid_attention_recurrent):
+        o, final = op(*inputs, window, **kwargs)
+        assert_close(o, expected, op.__name__)
+        for got, want in zip(final, expected_state):
+            assert_close(got, want, op.__name__)

@@ -6,7 +6,9 @@ Queries go in blocks of `chunk`. For the block whose first query sits at key pos
 [p0 - window + 1, p0 + chunk) hold every key in the window of one of its queries and every older key not yet in the
 linear state; the keys before them are summed into the state, block by block (a cumulative sum). Within that range
 of span = chunk + window - 1 keys, key l is in the window of the block's query i iff i <= l <= i + window - 1, and
-older iff l < i: the same masks for every block.
+older iff l < i: the same masks for every block. Sinks (see the reference) are gathered once and appended to every
+block's range as extra keys, seen by the queries that they are older than the window of; within the range, their zero
+features keep them out of the linear part.
 """
 
 import math
@@ -32,13 +34,15 @@ def hybrid_attention_chunked(
     initial_state: tuple[torch.Tensor, torch.Tensor] | None = None,
     output_final_state: bool = False,
     scale: float | None = None,
+    sink_mask: torch.Tensor | None = None,
     chunk: int = CHUNK,
 ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
     """Same arguments and result as `reference.hybrid_attention`."""
     out_dtype = v.dtype
-    q, k, v, q_feat, k_feat, window_factor, real, kv, z, scale = _prepare(
-        q, k, v, q_feat, k_feat, window_factor, window, key_mask, initial_state, scale
+    q, k, v, q_feat, k_feat, window_factor, real, sink, kv, z, scale = _prepare(
+        q, k, v, q_feat, k_feat, window_factor, window, key_mask, sink_mask, initial_state, scale
     )
+    sinks = _gather_sinks(sink, k, v) if sink_mask is not None else None
     batch, q_len, heads, _ = q.shape
     k_len = k.shape[1]
     blocks = math.ceil(q_len / chunk)
@@ -74,8 +78,17 @@ def hybrid_attention_chunked(
     older = l < i  # [chunk, span]; padded keys' features are 0
     scores = torch.einsum("bnchd,bnhds->bnhcs", q, ranges(k)) * scale
     linear = torch.einsum("bnchf,bnhfs->bnhcs", q_feat, ranges(k_feat)) * older
-    a = window_factor[:, None, None] * stable_exp(scores, in_window) + linear  # [B, blocks, H, chunk, span]
-    num = torch.einsum("bnhcs,bnhds->bnchd", a, ranges(v)) + torch.einsum("bnchf,bnhfd->bnchd", q_feat, kv_before)
+    values = ranges(v)  # [B, blocks, H, Dv, span]
+    if sinks is not None:  # append the sinks to every block's keys: [..., span + S]
+        sink_pos, sink_k, sink_v, sink_real = sinks
+        query_pos = k_len - q_len + torch.arange(blocks * chunk, device=q.device).view(blocks, 1, chunk, 1)
+        older_sink = sink_real[:, None, None, None, :] & (sink_pos[:, None, None, None, :] <= query_pos - window)
+        scores = torch.cat([scores, torch.einsum("bnchd,bshd->bnhcs", q, sink_k) * scale], -1)
+        in_window = torch.cat([in_window, older_sink], -1)
+        linear = F.pad(linear, (0, sink_pos.shape[1]))
+        values = torch.cat([values, sink_v.permute(0, 2, 3, 1)[:, None].expand(-1, blocks, -1, -1, -1)], -1)
+    a = window_factor[:, None, None] * stable_exp(scores, in_window) + linear  # [B, blocks, H, chunk, keys]
+    num = torch.einsum("bnhcs,bnhds->bnchd", a, values) + torch.einsum("bnchf,bnhfd->bnchd", q_feat, kv_before)
     den = a.sum(-1).transpose(2, 3) + torch.einsum("bnchf,bnhf->bnch", q_feat, z_before)
     out = normalise(num, den).reshape(batch, blocks * chunk, heads, -1)[:, :q_len]
     if not output_final_state:
@@ -83,6 +96,15 @@ def hybrid_attention_chunked(
     return out.to(out_dtype), _final_state(
         *initial, k_feat[:, front : front + k_len], v[:, front : front + k_len], window
     )
+
+
+def _gather_sinks(sink: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+    """The sinks of each row, in order, padded to the largest count: positions [B, S], keys [B, S, H, D], values
+    [B, S, H, Dv] and a mask [B, S] of the real ones. (S is read on the host.)"""
+    count = int(sink.sum(1).max())
+    pos = torch.sort((~sink).to(torch.uint8), dim=1, stable=True).indices[:, :count]  # sinks first, in order
+    gather = lambda x: x.gather(1, pos[:, :, None, None].expand(-1, -1, *x.shape[2:]))  # noqa: E731
+    return pos, gather(k), gather(v), sink.gather(1, pos)
 
 
 def hybrid_attention_cpu(q, k, v, q_feat, k_feat, window_factor, window, *args, **kwargs):

@@ -9,6 +9,10 @@ sigmoid of the layer's `window_factors`):
 
 (kv0, z0) summarises the keys before this call's key sequence. The final state adds every key outside the window of
 the *next* query, j < Tk - (window - 1); the caller keeps the last window - 1 raw keys.
+
+Attention sinks (`sink_mask` [B, Tk]): a sink key j moves from O to W for every query p >= j, the window's softmax
+sees it however old it is, and it never enters the linear part or the state (the caller keeps its raw key and value
+instead). The max c then runs over the sinks too.
 """
 
 import torch
@@ -24,10 +28,10 @@ from hf_based.kernels.linear.reference import fold_keys
 from hf_based.kernels.softmax.reference import key_distance, normalise, stable_exp
 
 
-def _prepare(q, k, v, q_feat, k_feat, window_factor, window, key_mask, initial_state, scale):
-    """Validate and cast; expand k/v to the query heads and mask the padded keys' features.
+def _prepare(q, k, v, q_feat, k_feat, window_factor, window, key_mask, sink_mask, initial_state, scale):
+    """Validate and cast; expand k/v to the query heads and zero the features of padded keys and sinks.
 
-    -> q, k, v, q_feat, k_feat, window_factor, real (key mask [B, Tk] bool), kv, z, scale.
+    -> q, k, v, q_feat, k_feat, window_factor, real (key mask [B, Tk] bool), sink ([B, Tk] bool), kv, z, scale.
     """
     check_attention_inputs(q, k, v, key_mask)
     check_window(window)
@@ -40,10 +44,14 @@ def _prepare(q, k, v, q_feat, k_feat, window_factor, window, key_mask, initial_s
     group = heads // k.shape[2]
     k, v = k.to(dtype).repeat_interleave(group, 2), v.to(dtype).repeat_interleave(group, 2)  # [B, Tk, H, .]
     real = torch.ones(batch, k_len, dtype=torch.bool, device=q.device) if key_mask is None else key_mask.bool()
-    k_feat = k_feat.to(dtype) * real[:, :, None, None]  # padded keys never enter the linear part
+    sink = torch.zeros_like(real)
+    if sink_mask is not None:
+        check_shape("sink_mask", sink_mask, "batch, time", (batch, k_len))
+        sink = sink_mask.bool() & real
+    k_feat = k_feat.to(dtype) * (real & ~sink)[:, :, None, None]  # padded keys and sinks never enter the linear part
     kv, z = prepare_state(initial_state, batch, heads, num_features, v.shape[-1], dtype, q.device)
     scale = dim**-0.5 if scale is None else scale
-    return q.to(dtype), k, v, q_feat.to(dtype), k_feat, window_factor.to(dtype), real, kv, z, scale
+    return q.to(dtype), k, v, q_feat.to(dtype), k_feat, window_factor.to(dtype), real, sink, kv, z, scale
 
 
 def _final_state(kv, z, k_feat, v, window, folded=0):
@@ -64,21 +72,23 @@ def hybrid_attention(
     initial_state: tuple[torch.Tensor, torch.Tensor] | None = None,
     output_final_state: bool = False,
     scale: float | None = None,
+    sink_mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
     """Parallel form, quadratic over Tq x Tk.
 
     q: [B, Tq, H, D]; k: [B, Tk, Hkv, D]; v: [B, Tk, Hkv, Dv] (queries are the last Tq keys, GQA as in
     softmax_attention); q_feat: [B, Tq, H, F]; k_feat: [B, Tk, H, F] (per query head); window_factor: w_h [H];
-    window: int >= 1; key_mask: [B, Tk] or None; initial_state: (kv [B, H, F, Dv], z [B, H, F]) or None.
+    window: int >= 1; key_mask: [B, Tk] or None; initial_state: (kv [B, H, F, Dv], z [B, H, F]) or None;
+    sink_mask: [B, Tk] bool or None, the attention sinks (see the module docstring).
     Returns (o [B, Tq, H, Dv] in v.dtype, final state or None).
     """
     out_dtype = v.dtype
-    q, k, v, q_feat, k_feat, window_factor, real, kv, z, scale = _prepare(
-        q, k, v, q_feat, k_feat, window_factor, window, key_mask, initial_state, scale
+    q, k, v, q_feat, k_feat, window_factor, real, sink, kv, z, scale = _prepare(
+        q, k, v, q_feat, k_feat, window_factor, window, key_mask, sink_mask, initial_state, scale
     )
     distance = key_distance(q.shape[1], k.shape[1], q.device)  # [Tq, Tk]
-    in_window = (distance >= 0) & (distance < window) & real[:, None, None, :]  # [B, 1, Tq, Tk]
-    older = distance >= window  # [Tq, Tk]; padded keys are already zero in k_feat
+    in_window = (distance >= 0) & ((distance < window) | sink[:, None, None, :]) & real[:, None, None, :]  # [B,1,Tq,Tk]
+    older = distance >= window  # [Tq, Tk]; padded keys and sinks are already zero in k_feat
     scores = torch.einsum("bihd,bjhd->bhij", q, k) * scale  # [B, H, Tq, Tk]
     linear = torch.einsum("bihf,bjhf->bhij", q_feat, k_feat) * older
     a = window_factor[:, None, None] * stable_exp(scores, in_window) + linear
@@ -99,12 +109,13 @@ def hybrid_attention_recurrent(
     initial_state: tuple[torch.Tensor, torch.Tensor] | None = None,
     output_final_state: bool = False,
     scale: float | None = None,
+    sink_mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
     """One query at a time (Tq = 1 is the decode step), folding each key into the linear state once it leaves the
     window; same arguments and result as `hybrid_attention`."""
     out_dtype = v.dtype
-    q, k, v, q_feat, k_feat, window_factor, real, kv, z, scale = _prepare(
-        q, k, v, q_feat, k_feat, window_factor, window, key_mask, initial_state, scale
+    q, k, v, q_feat, k_feat, window_factor, real, sink, kv, z, scale = _prepare(
+        q, k, v, q_feat, k_feat, window_factor, window, key_mask, sink_mask, initial_state, scale
     )
     q_len, k_len = q.shape[1], k.shape[1]
     outs = []
@@ -114,9 +125,11 @@ def hybrid_attention_recurrent(
         start = max(p - window + 1, 0)  # the window of query p is keys [start, p]
         kv, z = fold_keys(kv, z, k_feat[:, folded:start], v[:, folded:start])
         folded = start
-        scores = torch.einsum("bhd,bjhd->bhj", q[:, i], k[:, start : p + 1]) * scale  # [B, H, w]
-        a = window_factor[:, None] * stable_exp(scores, real[:, None, start : p + 1])
-        num = torch.einsum("bhj,bjhd->bhd", a, v[:, start : p + 1]) + torch.einsum("bhf,bhfd->bhd", q_feat[:, i], kv)
+        # The window [start, p] and the sinks before it.
+        seen = real[:, : p + 1] & (sink[:, : p + 1] | (torch.arange(p + 1, device=q.device) >= start))  # [B, p + 1]
+        scores = torch.einsum("bhd,bjhd->bhj", q[:, i], k[:, : p + 1]) * scale  # [B, H, p + 1]
+        a = window_factor[:, None] * stable_exp(scores, seen[:, None])
+        num = torch.einsum("bhj,bjhd->bhd", a, v[:, : p + 1]) + torch.einsum("bhf,bhfd->bhd", q_feat[:, i], kv)
         den = a.sum(-1) + torch.einsum("bhf,bhf->bh", q_feat[:, i], z)  # [B, H]
         outs.append(normalise(num, den))
     final_state = _final_state(kv, z, k_feat, v, window, folded) if output_final_state else None

@@ -21,7 +21,9 @@ import triton
 import triton.language as tl
 
 from hf_based.kernels._checks import check_attention_inputs, check_shape, check_window, kernel_dtype, prepare_state
+from hf_based.kernels.hybrid.chunked import hybrid_attention_chunked
 from hf_based.kernels.hybrid.reference import hybrid_attention as hybrid_attention_reference
+from hf_based.kernels.hybrid.reference import hybrid_attention_recurrent as hybrid_attention_recurrent_reference
 from hf_based.kernels.softmax.triton import (
     LOG2E,
     NEG_BIG,
@@ -669,9 +671,15 @@ def _check_hybrid(q, k, v, q_feat, k_feat, window_factor, window, key_mask, init
 
 def hybrid_attention(
     q, k, v, q_feat, k_feat, window_factor, window, key_mask=None, initial_state=None, output_final_state=False,
-    scale=None,
+    scale=None, sink_mask=None,
 ):
-    """Triton twin of the reference `hybrid_attention` (same arguments, result, errors)."""
+    """Triton twin of the reference `hybrid_attention` (same arguments, result, errors). The kernels have no sinks
+    yet: with a `sink_mask`, the blockwise PyTorch form runs instead."""
+    if sink_mask is not None:
+        return hybrid_attention_chunked(
+            q, k, v, q_feat, k_feat, window_factor, window, key_mask, initial_state, output_final_state, scale,
+            sink_mask,
+        )
     kv0, z0 = _check_hybrid(q, k, v, q_feat, k_feat, window_factor, window, key_mask, initial_state)
     dtype = kernel_dtype(q, k, v, q_feat, k_feat)
     if runs_reference(dtype, q.device):
@@ -693,10 +701,15 @@ def hybrid_attention(
 
 def hybrid_attention_recurrent(
     q, k, v, q_feat, k_feat, window_factor, window, key_mask=None, initial_state=None, output_final_state=False,
-    scale=None,
+    scale=None, sink_mask=None,
 ):
     """Triton twin of the reference `hybrid_attention_recurrent`: one fused kernel for the decode
-    step (Tq = 1, no gradients); the parallel op otherwise (same math)."""
+    step (Tq = 1, no gradients); the parallel op otherwise (same math). With a `sink_mask`, the reference."""
+    if sink_mask is not None:
+        return hybrid_attention_recurrent_reference(
+            q, k, v, q_feat, k_feat, window_factor, window, key_mask, initial_state, output_final_state, scale,
+            sink_mask,
+        )
     kv0, z0 = _check_hybrid(q, k, v, q_feat, k_feat, window_factor, window, key_mask, initial_state)
     dtype = kernel_dtype(q, k, v, q_feat, k_feat)
     tensors = (k, v, q_feat, k_feat, window_factor, *(initial_state or ()))
