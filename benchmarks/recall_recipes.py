@@ -68,6 +68,21 @@ VARIANTS = {
         "copy:6 factor 0.9 4x budget": dict(
             softmax_layers="copy:6", window_factor_init=0.9, stage1_steps=800, stage2_steps=400
         ),
+        # Attention sinks: the first tokens stay in the converted layers' softmax part, out of the linear state.
+        **{
+            f"copy:6 factor 0.9 sinks {n}": dict(softmax_layers="copy:6", window_factor_init=0.9, sinks=n)
+            for n in (4, 16, 64)
+        },
+        "copy:6 factor 0.9 sinks 16 untrained": dict(
+            softmax_layers="copy:6", window_factor_init=0.9, sinks=16, **UNTRAINED
+        ),
+        "copy:6 factor 0.9 sinks 16 seq 2048": dict(
+            softmax_layers="copy:6", window_factor_init=0.9, sinks=16, seq_len=2048, batch_size=4
+        ),
+        **{
+            f"copy:{k} factor 0.9 sinks 16": dict(softmax_layers=f"copy:{k}", window_factor_init=0.9, sinks=16)
+            for k in (0, 2, 4)
+        },
     }.items()
 }
 

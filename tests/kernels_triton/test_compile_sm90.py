@@ -104,9 +104,10 @@ def run_every_kernel(monkeypatch):
         backward(hybrid.hybrid_attention(q, k, v, qf, kf, factor, 64, key_mask=key_mask(T), output_final_state=True))
     with torch.no_grad():
         state = (rand.normal(B, H, 32, 64), rand.positive(B, H, 32))
-        hybrid.hybrid_attention_recurrent(
-            q[:, -1:], k, v, qf[:, -1:], kf, factor, 64, key_mask=key_mask(T), initial_state=state
-        )
+        for sinks in (None, key_mask(T) & (torch.arange(T) < 7)):
+            hybrid.hybrid_attention_recurrent(
+                q[:, -1:], k, v, qf[:, -1:], kf, factor, 64, key_mask=key_mask(T), initial_state=state, sink_mask=sinks
+            )
     T = 130
     q, k, v = half(B, T, H, D), half(B, T, H, D), half(B, T, H, 64)
     backward(taylor.taylor_linear_attention(q, k, v, key_mask=key_mask(T), output_final_state=True))

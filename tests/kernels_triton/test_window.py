@@ -387,9 +387,9 @@ def test_bad_inputs_raise_the_reference_errors(name, args, kwargs):
 
 
 @pytest.mark.parametrize("q_len", [1, 17])
-def test_hybrid_attention_with_sinks_runs_the_pytorch_forms(q_len):
-    """The kernels have no sinks: with a sink mask, both Triton entry points give the reference's result (the
-    blockwise form for the parallel op, the reference for the decode step)."""
+def test_hybrid_attention_with_sinks_matches_reference(q_len):
+    """With a sink mask, both Triton entry points give the reference's result: the decode kernel at one query, the
+    blockwise PyTorch form for the parallel op (whose kernels have no sinks)."""
     rand, k_len, window = Rand(5), 40, 5
     inputs = hybrid_inputs(rand, q_len, k_len)
     state = tuple(hybrid_state(rand))

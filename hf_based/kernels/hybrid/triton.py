@@ -23,7 +23,6 @@ import triton.language as tl
 from hf_based.kernels._checks import check_attention_inputs, check_shape, check_window, kernel_dtype, prepare_state
 from hf_based.kernels.hybrid.chunked import hybrid_attention_chunked
 from hf_based.kernels.hybrid.reference import hybrid_attention as hybrid_attention_reference
-from hf_based.kernels.hybrid.reference import hybrid_attention_recurrent as hybrid_attention_recurrent_reference
 from hf_based.kernels.softmax.triton import (
     LOG2E,
     NEG_BIG,
@@ -436,15 +435,17 @@ def hybrid_bwd_dkv_kernel(
 
 @triton.jit
 def hybrid_decode_kernel(
-    Q, K, V, QF, KF, M, WINDOW_FACTOR, H0, Z0, O, HT, ZT,
+    Q, K, V, QF, KF, M, SM, WINDOW_FACTOR, H0, Z0, O, HT, ZT,
     stride_qb, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
     stride_qfb, stride_qfh, stride_kfb, stride_kft, stride_kfh, stride_ob, stride_oh,
     H, G, Tk, D, Dv, F, window, qk_scale,
     BN: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr, BK: tl.constexpr, HAS_MASK: tl.constexpr,
-    HAS_INITIAL_STATE: tl.constexpr, STORE_FINAL_STATE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_SINKS: tl.constexpr, HAS_INITIAL_STATE: tl.constexpr, STORE_FINAL_STATE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
-    """One query (at key position Tk - 1): softmax over keys [Tk - window, Tk) + phi_q . (state of the older keys);
-    the final state also folds key Tk - window, which leaves the next query's window."""
+    """One query (at key position Tk - 1): softmax over keys [Tk - window, Tk) and, with HAS_SINKS, the sinks among
+    the older keys (sink mask SM; the host zeroes their features) + phi_q . (state of the older keys); the final state
+    also folds key Tk - window, which leaves the next query's window."""
     i_v, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = (i_bh // H).to(tl.int64), i_bh % H
     d = tl.arange(0, BD)
@@ -454,17 +455,21 @@ def hybrid_decode_kernel(
     KF += i_b * stride_kfb + i_h * stride_kfh
     QF += i_b * stride_qfb + i_h * stride_qfh
     M += i_b * Tk
+    SM += i_b * Tk
 
     q = tl.load(Q + i_b * stride_qb + i_h * stride_qh + d, mask=d < D, other=0.0).to(tl.float32)
     acc = tl.zeros([BV], dtype=tl.float32)
     l_i = tl.zeros([1], dtype=tl.float32)
     m_i = tl.full([1], NEG_BIG, dtype=tl.float32)
-    for j0 in range(tl.maximum(Tk - window, 0), Tk, BN):
+    older = Tk - window  # keys [0, older) are in the state this query reads, or sinks
+    for j0 in range(0 if HAS_SINKS else tl.maximum(older, 0), Tk, BN):
         j = j0 + tl.arange(0, BN)
         k = tl.load(K + j[:, None] * stride_kt + d[None, :], mask=(j[:, None] < Tk) & (d[None, :] < D), other=0.0)
         v = tl.load(V + j[:, None] * stride_vt + e[None, :], mask=(j[:, None] < Tk) & (e[None, :] < Dv), other=0.0)
         s = tl.sum(q[None, :] * k.to(tl.float32), 1) * qk_scale  # [BN]
-        visible = j < Tk
+        visible = (j >= older) & (j < Tk)
+        if HAS_SINKS:
+            visible = visible | load_key_mask(SM, j, Tk)
         if HAS_MASK:
             visible = visible & load_key_mask(M, j, Tk)
         s = tl.where(visible, s, float("-inf"))
@@ -478,7 +483,6 @@ def hybrid_decode_kernel(
     acc *= window_factor
     l_i *= window_factor
 
-    older = Tk - window  # keys [0, older) are in the state this query reads
     for f0 in range(0, F, BK):
         f = f0 + tl.arange(0, BK)
         state = i_bh.to(tl.int64) * F * Dv + f[:, None] * Dv + e[None, :]
@@ -704,19 +708,18 @@ def hybrid_attention_recurrent(
     scale=None, sink_mask=None,
 ):
     """Triton twin of the reference `hybrid_attention_recurrent`: one fused kernel for the decode
-    step (Tq = 1, no gradients); the parallel op otherwise (same math). With a `sink_mask`, the reference."""
-    if sink_mask is not None:
-        return hybrid_attention_recurrent_reference(
-            q, k, v, q_feat, k_feat, window_factor, window, key_mask, initial_state, output_final_state, scale,
-            sink_mask,
-        )
+    step (Tq = 1, no gradients); the parallel op otherwise (same math)."""
     kv0, z0 = _check_hybrid(q, k, v, q_feat, k_feat, window_factor, window, key_mask, initial_state)
     dtype = kernel_dtype(q, k, v, q_feat, k_feat)
     tensors = (k, v, q_feat, k_feat, window_factor, *(initial_state or ()))
     if runs_reference(dtype, q.device) or not use_decode_kernel(q, *tensors):
         return hybrid_attention(
-            q, k, v, q_feat, k_feat, window_factor, window, key_mask, initial_state, output_final_state, scale
+            q, k, v, q_feat, k_feat, window_factor, window, key_mask, initial_state, output_final_state, scale,
+            sink_mask,
         )
+    if sink_mask is not None:
+        check_shape("sink_mask", sink_mask, "batch, time", k.shape[:2])
+        k_feat = k_feat * (sink_mask == 0)[:, :, None, None]  # sinks stay out of the state
     B, _, H, D = q.shape
     Tk, Hkv, Dv, F = k.shape[1], k.shape[2], v.shape[-1], q_feat.shape[-1]
     scale = D**-0.5 if scale is None else float(scale)
@@ -725,14 +728,15 @@ def hybrid_attention_recurrent(
     o = torch.empty(B, 1, H, Dv, dtype=v.dtype, device=q.device)
     final = (q.new_empty(B, H, F, Dv, dtype=torch.float32), q.new_empty(B, H, F, dtype=torch.float32))
     mask, has_mask = key_mask_arg(key_mask, q)
+    sinks, has_sinks = key_mask_arg(sink_mask, q)
     BV = block_size(Dv, BLOCK_V)
     hybrid_decode_kernel[(triton.cdiv(Dv, BV), B * H)](
-        q, k, v, q_feat, k_feat, mask, window_factor.float(), kv0 if kv0 is not None else q,
+        q, k, v, q_feat, k_feat, mask, sinks, window_factor.float(), kv0 if kv0 is not None else q,
         z0 if z0 is not None else q, o, *final,
         q.stride(0), q.stride(2), *bth_strides(k, v), q_feat.stride(0), q_feat.stride(2), *bth_strides(k_feat),
         o.stride(0), o.stride(2), H, H // Hkv, Tk, D, Dv, F, window, scale * LOG2E,
         BN=BLOCK_DECODE, BD=block_size(D), BV=BV, BK=block_size(F, BLOCK_K), HAS_MASK=has_mask,
-        HAS_INITIAL_STATE=kv0 is not None, STORE_FINAL_STATE=output_final_state, DOT_PRECISION=dot_precision(q),
+        HAS_SINKS=has_sinks, HAS_INITIAL_STATE=kv0 is not None, STORE_FINAL_STATE=output_final_state, DOT_PRECISION=dot_precision(q),
         num_warps=4,
     )
     return o.to(out_dtype), (final if output_final_state else None)
