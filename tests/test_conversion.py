@@ -738,7 +738,9 @@ def test_sinks_reach_the_converted_model_and_its_saved_config(workdir):
     assert {type(layer.self_attn).__name__ for layer in model.model.layers} == {"BasedHybridAttention"}
     ids = torch.randint(4, model.config.vocab_size, (1, 24))
     with torch.no_grad():
-        generated = model.generate(ids, max_new_tokens=6, do_sample=False, output_logits=True, return_dict_in_generate=True)
+        generated = model.generate(
+            ids, max_new_tokens=6, do_sample=False, output_logits=True, return_dict_in_generate=True
+        )
         full = model(generated.sequences).logits
     torch.testing.assert_close(torch.stack(generated.logits, 1)[0], full[0, 23:-1].float(), atol=1e-4, rtol=1e-4)
     with pytest.raises(ConversionError, match=r"sinks=-1 is not supported; accepted: integers >= 0"):

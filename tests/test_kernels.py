@@ -440,7 +440,9 @@ def test_hybrid_attention_sinks_match_naive(length, window):
     without, _ = naive_hybrid(*x.values(), window, mask, kv0, z0, D**-0.5)
     assert not torch.allclose(expected, without) or length + prefix <= window
     for op in HYBRID_OPS:
-        o, state = op(**x, window=window, key_mask=mask, initial_state=(kv0, z0), output_final_state=True, sink_mask=sinks)
+        o, state = op(
+            **x, window=window, key_mask=mask, initial_state=(kv0, z0), output_final_state=True, sink_mask=sinks
+        )
         close(o, expected)
         close(state, expected_state)
 

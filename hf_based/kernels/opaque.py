@@ -95,9 +95,7 @@ def opaque_hybrid_attention_recurrent(run: Callable) -> Callable:
         scale: float | None,
         sink_mask: Tensor | None,
     ) -> tuple[Tensor, Tensor, Tensor]:
-        o, (kv, z) = run(
-            q, k, v, q_feat, k_feat, window_factor, window, key_mask, _pair(kv, z), True, scale, sink_mask
-        )
+        o, (kv, z) = run(q, k, v, q_feat, k_feat, window_factor, window, key_mask, _pair(kv, z), True, scale, sink_mask)
         return _contiguous(o, kv, z)
 
     @op.register_fake

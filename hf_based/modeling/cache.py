@@ -318,7 +318,9 @@ class BasedHybridLayer(BasedRecurrentLayer, BasedSlidingWindowLayer):
         BasedSlidingWindowLayer.apply_to_tensors(self, fn)
         BasedRecurrentLayer.apply_to_tensors(self, fn)
         if self.sink_keys is not None:
-            self.sink_keys, self.sink_values, self.sink_mask = map(fn, (self.sink_keys, self.sink_values, self.sink_mask))
+            self.sink_keys, self.sink_values, self.sink_mask = map(
+                fn, (self.sink_keys, self.sink_values, self.sink_mask)
+            )
             mark_static(self.sink_keys, self.sink_values, self.sink_mask)
 
 
