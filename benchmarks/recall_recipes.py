@@ -73,6 +73,13 @@ VARIANTS = {
             f"copy:6 factor 0.9 sinks {n}": dict(softmax_layers="copy:6", window_factor_init=0.9, sinks=n)
             for n in (4, 16, 64)
         },
+        # copy:6's layers without sinks (with sinks the criterion picks 14 instead of 19): sinks alone.
+        **{
+            f"layers 0 17-20 23 factor 0.9 sinks {n}": dict(
+                softmax_layers=(0, 17, 18, 19, 20, 23), window_factor_init=0.9, sinks=n
+            )
+            for n in (16, 64)
+        },
         "copy:6 factor 0.9 sinks 16 untrained": dict(
             softmax_layers="copy:6", window_factor_init=0.9, sinks=16, **UNTRAINED
         ),
