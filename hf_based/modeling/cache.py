@@ -265,6 +265,13 @@ class BasedHybridLayer(BasedRecurrentLayer, BasedSlidingWindowLayer):
 
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, key_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The window layers' contract (keys, values, key mask), for a mixer that does not tell sinks apart (e.g. a
+        softmax layer swapped in while choosing the layers to keep)."""
+        return self.update_with_sinks(key_states, value_states, key_mask)[:3]
+
+    def update_with_sinks(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, key_mask: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """The window's update (keys, values, key mask), preceded by the sinks that have left the window when the
         layer keeps sinks; -> (keys, values, key mask, sink mask or None)."""

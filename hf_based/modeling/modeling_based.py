@@ -231,7 +231,7 @@ class BasedHybridAttention(BasedAttentionBase):
         initial_state = sink_mask = None
         if cache is not None:
             initial_state = cache.layers[self.layer_idx].state()
-            k, v, key_mask, sink_mask = cache.layers[self.layer_idx].update(k, v, key_mask)
+            k, v, key_mask, sink_mask = cache.layers[self.layer_idx].update_with_sinks(k, v, key_mask)
         elif self.sinks:
             real = key_mask if key_mask is not None else torch.ones(k.shape[:2], dtype=torch.bool, device=k.device)
             sink_mask = attention_sinks(real.bool(), self.sinks)
