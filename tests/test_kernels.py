@@ -399,18 +399,27 @@ def test_hybrid_attention_left_padding():
         close((kv[1:], z[1:]), (kv_alone, z_alone))
 
 
+def first_real_keys(mask, count):
+    """[B, Tk] bool: the first `count` real keys of each row (the sinks the models use)."""
+    return mask & (mask.cumsum(1) <= count)
+
+
+@pytest.mark.parametrize("sinks", [0, 4])
 @pytest.mark.parametrize("length", LENGTHS)
-def test_hybrid_attention_chunked_gradients_match_the_reference(length):
-    """Blocks of 8 queries over a window of 5 behind 12 cached keys, padded rows, GQA: the outputs, the final state
-    and the gradients of every input equal the reference's."""
+def test_hybrid_attention_chunked_gradients_match_the_reference(length, sinks):
+    """Blocks of 8 queries over a window of 5 behind 12 cached keys, padded rows, GQA, with and without sinks: the
+    outputs, the final state and the gradients of every input equal the reference's."""
     rand, window, prefix = Rand(length + 1), 5, 12
     x = hybrid_inputs(rand, length, length + prefix)
     mask = left_padding_mask(length + prefix)
     state = rand.normal(2, H, FEAT, DV), rand.positive(2, H, FEAT)
+    sink_mask = first_real_keys(mask, sinks) if sinks else None
 
     def outputs_and_grads(op):
         inputs = {name: t.clone().requires_grad_() for name, t in x.items()}
-        o, (kv, z) = op(**inputs, window=window, key_mask=mask, initial_state=state, output_final_state=True)
+        o, (kv, z) = op(
+            **inputs, window=window, key_mask=mask, initial_state=state, output_final_state=True, sink_mask=sink_mask
+        )
         loss = sum((out * Rand(i).normal(*out.shape)).sum() for i, out in enumerate((o, kv, z)))
         return (o, kv, z), torch.autograd.grad(loss, list(inputs.values()))
 
@@ -418,11 +427,6 @@ def test_hybrid_attention_chunked_gradients_match_the_reference(length):
         outputs_and_grads(partial(hybrid_attention_chunked, chunk=8)),
         outputs_and_grads(hybrid_reference.hybrid_attention),
     )
-
-
-def first_real_keys(mask, count):
-    """[B, Tk] bool: the first `count` real keys of each row (the sinks the models use)."""
-    return mask & (mask.cumsum(1) <= count)
 
 
 @pytest.mark.parametrize("window", [1, 3, 16])
@@ -445,25 +449,6 @@ def test_hybrid_attention_sinks_match_naive(length, window):
         )
         close(o, expected)
         close(state, expected_state)
-
-
-@pytest.mark.parametrize("length", LENGTHS)
-def test_hybrid_attention_chunked_gradients_with_sinks_match_the_reference(length):
-    rand, window, prefix = Rand(length + 3), 5, 12
-    x = hybrid_inputs(rand, length, length + prefix)
-    mask = left_padding_mask(length + prefix)
-    sinks = first_real_keys(mask, 4)
-
-    def outputs_and_grads(op):
-        inputs = {name: t.clone().requires_grad_() for name, t in x.items()}
-        o, (kv, z) = op(**inputs, window=window, key_mask=mask, output_final_state=True, sink_mask=sinks)
-        loss = sum((out * Rand(i).normal(*out.shape)).sum() for i, out in enumerate((o, kv, z)))
-        return (o, kv, z), torch.autograd.grad(loss, list(inputs.values()))
-
-    close(
-        outputs_and_grads(partial(hybrid_attention_chunked, chunk=8)),
-        outputs_and_grads(hybrid_reference.hybrid_attention),
-    )
 
 
 def test_cpu_inputs_go_to_the_cpu_path_unless_the_reference_is_asked_for(monkeypatch):
