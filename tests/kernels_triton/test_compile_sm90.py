@@ -104,9 +104,20 @@ def run_every_kernel(monkeypatch):
         backward(hybrid.hybrid_attention(q, k, v, qf, kf, factor, 64, key_mask=key_mask(T), output_final_state=True))
     with torch.no_grad():
         state = (rand.normal(B, H, 32, 64), rand.positive(B, H, 32))
-        for sinks in (None, key_mask(T) & (torch.arange(T) < 7)):
+        sinks = key_mask(T) & (torch.arange(T) < 7)
+        hybrid.hybrid_attention(q, k, v, qf, kf, factor, 64, key_mask=key_mask(T), sink_mask=sinks)
+        for sink_mask in (None, sinks):
             hybrid.hybrid_attention_recurrent(
-                q[:, -1:], k, v, qf[:, -1:], kf, factor, 64, key_mask=key_mask(T), initial_state=state, sink_mask=sinks
+                q[:, -1:],
+                k,
+                v,
+                qf[:, -1:],
+                kf,
+                factor,
+                64,
+                key_mask=key_mask(T),
+                initial_state=state,
+                sink_mask=sink_mask,
             )
     T = 130
     q, k, v = half(B, T, H, D), half(B, T, H, D), half(B, T, H, 64)

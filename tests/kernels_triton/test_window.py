@@ -386,19 +386,27 @@ def test_bad_inputs_raise_the_reference_errors(name, args, kwargs):
     assert str(raised.value) == str(expected.value)
 
 
-@pytest.mark.parametrize("q_len", [1, 17])
-def test_hybrid_attention_with_sinks_matches_reference(q_len):
-    """With a sink mask, both Triton entry points give the reference's result: the decode kernel at one query, the
-    blockwise PyTorch form for the parallel op (whose kernels have no sinks)."""
-    rand, k_len, window = Rand(5), 40, 5
+@fp32_hybrid_kernel
+@pytest.mark.parametrize("q_len, k_len, with_state", [(1, 40, True), (17, 40, True), (63, 63, False), (40, 130, True)])
+def test_hybrid_attention_with_sinks_matches_reference(q_len, k_len, with_state):
+    """Sinks among cached and new keys of padded rows: both Triton entry points give the reference's outputs and
+    state (the decode kernel at one query, the forward kernel's sink tile otherwise); with gradients, the blockwise
+    PyTorch form runs (the backward kernels have no sinks), and its gradients are the reference's too."""
+    rand, window = Rand(q_len + k_len), 5
     inputs = hybrid_inputs(rand, q_len, k_len)
-    state = tuple(hybrid_state(rand))
+    state = tuple(hybrid_state(rand)) if with_state else None
     mask = left_padding_mask(k_len)
     sinks = mask & (mask.cumsum(1) <= 3)
-    kwargs = dict(key_mask=mask, initial_state=state, output_final_state=True, sink_mask=sinks)
-    expected, expected_state = reference_hybrid(*as_fp64(inputs), window, **{**kwargs, "initial_state": as_fp64(state)})
+    kwargs = dict(key_mask=mask, output_final_state=True, sink_mask=sinks)
+    fp64_state = as_fp64(state) if with_state else None
+    expected, expected_state = reference_hybrid(*as_fp64(inputs), window, initial_state=fp64_state, **kwargs)
     for op in (hybrid.hybrid_attention, hybrid.hybrid_attention_recurrent):
-        o, final = op(*inputs, window, **kwargs)
+        o, final = op(*inputs, window, initial_state=state, **kwargs)
         assert_close(o, expected, op.__name__)
         for got, want in zip(final, expected_state):
             assert_close(got, want, op.__name__)
+    grad_out = rand.normal(*expected.shape)
+    _, grads = run_with_grads(hybrid.hybrid_attention, inputs, grad_out, window=window, **kwargs)
+    _, expected_grads = run_with_grads(reference_hybrid, as_fp64(inputs), grad_out.double(), window=window, **kwargs)
+    for name, got, want in zip(("q", "k", "v", "q_feat", "k_feat", "window_factor"), grads, expected_grads):
+        assert_close(got, want, name)

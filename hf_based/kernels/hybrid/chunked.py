@@ -42,7 +42,7 @@ def hybrid_attention_chunked(
     q, k, v, q_feat, k_feat, window_factor, real, sink, kv, z, scale = _prepare(
         q, k, v, q_feat, k_feat, window_factor, window, key_mask, sink_mask, initial_state, scale
     )
-    sinks = _gather_sinks(sink, k, v) if sink_mask is not None else None
+    sinks = gather_sinks(sink, k, v) if sink_mask is not None else None
     batch, q_len, heads, _ = q.shape
     k_len = k.shape[1]
     blocks = math.ceil(q_len / chunk)
@@ -98,7 +98,7 @@ def hybrid_attention_chunked(
     )
 
 
-def _gather_sinks(sink: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+def gather_sinks(sink: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
     """The sinks of each row, in order, padded to the largest count: positions [B, S], keys [B, S, H, D], values
     [B, S, H, Dv] and a mask [B, S] of the real ones. (S is read on the host.)"""
     count = int(sink.sum(1).max())

@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from hf_based.kernels._checks import check_attention_inputs, check_shape, check_window, kernel_dtype, prepare_state
-from hf_based.kernels.hybrid.chunked import hybrid_attention_chunked
+from hf_based.kernels.hybrid.chunked import gather_sinks, hybrid_attention_chunked
 from hf_based.kernels.hybrid.reference import hybrid_attention as hybrid_attention_reference
 from hf_based.kernels.softmax.triton import (
     LOG2E,
@@ -122,16 +122,20 @@ def hybrid_state_fwd_kernel(
 
 @triton.jit
 def hybrid_fwd_kernel(
-    Q, K, V, QF, KF, M, WINDOW_FACTOR, HS, ZS, O, O32, C, DEN, IDX,
+    Q, K, V, QF, KF, M, WINDOW_FACTOR, HS, ZS, O, O32, C, DEN, IDX, SP, SK, SV,
     stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
     stride_qfb, stride_qft, stride_qfh, stride_kfb, stride_kft, stride_kfh, stride_ob, stride_ot, stride_oh,
-    H, G, Tq, Tk, D, Dv, F, window, qk_scale,
-    BT: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr, BK: tl.constexpr, HAS_MASK: tl.constexpr,
-    SPLIT: tl.constexpr, STORE_O32: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    stride_skb, stride_skt, stride_skh, stride_svb, stride_svt, stride_svh,
+    H, G, Tq, Tk, D, Dv, F, S, window, qk_scale,
+    BT: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr, BK: tl.constexpr, BS: tl.constexpr,
+    HAS_MASK: tl.constexpr, HAS_SINKS: tl.constexpr, SPLIT: tl.constexpr, STORE_O32: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     """O = num / den of query block m; O32 (same layout as O) keeps it in fp32 for the backward's do . o, whose
     rounding the gradient of the window factor w would amplify: d o / d w = (window average - o) * (window weight)
-    / den."""
+    / den. With HAS_SINKS (forward only: C and IDX then leave them out), the softmax also runs over the S sinks of
+    the row, keys SK / values SV [B, S, Hkv, .] at key positions SP [B, S] (-1: none), for the queries they are older
+    than the window of; the host zeroes their features."""
     i_m, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = (i_bh // H).to(tl.int64), i_bh % H
     NQ = tl.num_programs(0)
@@ -165,6 +169,21 @@ def hybrid_fwd_kernel(
     acc, l_i, m_i, idx = softmax_fwd_tiles(
         acc, l_i, m_i, idx, *args, hi, n, window, qk_scale, BT, BD, BV, True, HAS_MASK, True, True, DOT_PRECISION
     )
+    if HAS_SINKS:
+        js = tl.arange(0, BS)
+        pos = tl.load(SP + i_b * S + js, mask=js < S, other=-1)
+        sk_ptrs = SK + i_b * stride_skb + (i_h // G) * stride_skh + js[:, None] * stride_skt + d[None, :]
+        sv_ptrs = SV + i_b * stride_svb + (i_h // G) * stride_svh + js[:, None] * stride_svt + e[None, :]
+        sk = tl.load(sk_ptrs, mask=(js[:, None] < S) & (d[None, :] < D), other=0.0)
+        sv = tl.load(sv_ptrs, mask=(js[:, None] < S) & (e[None, :] < Dv), other=0.0)
+        s = tl.dot(q, tl.trans(sk), input_precision=DOT_PRECISION) * qk_scale  # [BT, BS]
+        s = tl.where((pos[None, :] >= 0) & (pos[None, :] <= off + i[:, None] - window), s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        prob = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(prob, 1)
+        acc = tl.dot(prob.to(sv.dtype), sv, acc * alpha[:, None], input_precision=DOT_PRECISION)
+        m_i = m_new
     c = tl.where(l_i > 0, m_i, 0.0)  # an empty window has no c: 0 keeps the backward's exp2(s - c) finite
     window_factor = tl.load(WINDOW_FACTOR + i_h)
     acc *= window_factor
@@ -574,8 +593,12 @@ def _hybrid_state(kf, v, key_mask, kv0, z0, window, BT, NQ, b0, m_min, store_sta
     return (hs, zs), (final if output_final else None)
 
 
-def _hybrid_fwd(q, k, v, qf, kf, window_factor, kv0, z0, window, key_mask, scale, output_final_state, keep_fp32):
-    """-> o, o in fp32 (o itself if fp32; None unless keep_fp32), c, den, idx [B, H, Tq], final state or None."""
+def _hybrid_fwd(
+    q, k, v, qf, kf, window_factor, kv0, z0, window, key_mask, scale, output_final_state, keep_fp32, sinks=None
+):
+    """-> o, o in fp32 (o itself if fp32; None unless keep_fp32), c, den, idx [B, H, Tq], final state or None.
+    sinks: (positions [B, S] int32, -1 for none; keys [B, S, Hkv, D]; values [B, S, Hkv, Dv]) or None, forward only;
+    kf must be zero at the sinks."""
     B, Tq, H, D = q.shape
     Tk, Hkv, Dv, F = k.shape[1], k.shape[2], v.shape[-1], qf.shape[-1]
     BT, NQ, b0, m_min = _hybrid_layout(q, k, window)
@@ -586,12 +609,13 @@ def _hybrid_fwd(q, k, v, qf, kf, window_factor, kv0, z0, window, key_mask, scale
     idx = torch.empty(B, H, Tq, dtype=torch.int32, device=q.device)
     mask, has_mask = key_mask_arg(key_mask, q)
     BD, BV = block_size(D), block_size(Dv)
+    sink_pos, sink_k, sink_v = sinks if sinks is not None else (mask, k[:, :0], v[:, :0])
     hybrid_fwd_kernel[(NQ, B * H)](
-        q, k, v, qf, kf, mask, window_factor, hs, zs, o, o if o32 is None else o32, c, den, idx,
-        *bth_strides(q, k, v, qf, kf, o),
-        H, H // Hkv, Tq, Tk, D, Dv, F, window, scale * LOG2E,
-        BT=BT, BD=BD, BV=BV, BK=block_size(F, BLOCK_K), HAS_MASK=has_mask, SPLIT=split_loops(window),
-        STORE_O32=o32 is not None and o32 is not o, DOT_PRECISION=dot_precision(q), num_warps=NUM_WARPS,
+        q, k, v, qf, kf, mask, window_factor, hs, zs, o, o if o32 is None else o32, c, den, idx, sink_pos, sink_k,
+        sink_v, *bth_strides(q, k, v, qf, kf, o, sink_k, sink_v),
+        H, H // Hkv, Tq, Tk, D, Dv, F, sink_k.shape[1], window, scale * LOG2E,
+        BT=BT, BD=BD, BV=BV, BK=block_size(F, BLOCK_K), BS=block_size(sink_k.shape[1]), HAS_MASK=has_mask,
+        HAS_SINKS=sinks is not None, SPLIT=split_loops(window), STORE_O32=o32 is not None and o32 is not o, DOT_PRECISION=dot_precision(q), num_warps=NUM_WARPS,
         num_stages=NUM_STAGES,
     )
     return o, o32, c, den, idx, final
@@ -677,24 +701,38 @@ def hybrid_attention(
     q, k, v, q_feat, k_feat, window_factor, window, key_mask=None, initial_state=None, output_final_state=False,
     scale=None, sink_mask=None,
 ):
-    """Triton twin of the reference `hybrid_attention` (same arguments, result, errors). The kernels have no sinks
-    yet: with a `sink_mask`, the blockwise PyTorch form runs instead."""
-    if sink_mask is not None:
+    """Triton twin of the reference `hybrid_attention` (same arguments, result, errors). The backward kernels have
+    no sinks: with a `sink_mask` and gradients to compute, the blockwise PyTorch form runs instead."""
+    kv0, z0 = _check_hybrid(q, k, v, q_feat, k_feat, window_factor, window, key_mask, initial_state)
+    needs_grad = torch.is_grad_enabled() and any(
+        t.requires_grad for t in (q, k, v, q_feat, k_feat, window_factor, *(initial_state or ()))
+    )
+    if sink_mask is not None and needs_grad:
         return hybrid_attention_chunked(
             q, k, v, q_feat, k_feat, window_factor, window, key_mask, initial_state, output_final_state, scale,
             sink_mask,
         )
-    kv0, z0 = _check_hybrid(q, k, v, q_feat, k_feat, window_factor, window, key_mask, initial_state)
     dtype = kernel_dtype(q, k, v, q_feat, k_feat)
     if runs_reference(dtype, q.device):
         return hybrid_attention_reference(
-            q, k, v, q_feat, k_feat, window_factor, window, key_mask, initial_state, output_final_state, scale
+            q, k, v, q_feat, k_feat, window_factor, window, key_mask, initial_state, output_final_state, scale,
+            sink_mask,
         )
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     out_dtype = v.dtype
     q, k, v, q_feat, k_feat = (kernel_layout(x.to(dtype)) for x in (q, k, v, q_feat, k_feat))
     window_factor = window_factor.float()
     kv0, z0 = (None, None) if kv0 is None else (kv0.contiguous(), z0.contiguous())
+    if sink_mask is not None:
+        check_shape("sink_mask", sink_mask, "batch, time", k.shape[:2])
+        sink = sink_mask.bool() & (key_mask.bool() if key_mask is not None else True)
+        k_feat = k_feat * ~sink[:, :, None, None]  # sinks stay out of the linear part and the state
+        position, sink_k, sink_v, real = gather_sinks(sink, k, v)
+        sinks = (torch.where(real, position, -1).to(torch.int32).contiguous(), sink_k, sink_v)
+        o, _, _, _, _, final = _hybrid_fwd(
+            q, k, v, q_feat, k_feat, window_factor, kv0, z0, window, key_mask, scale, output_final_state, False, sinks
+        )
+        return o.to(out_dtype), (final if output_final_state else None)
     out = HybridAttentionFunction.apply(
         q, k, v, q_feat, k_feat, window_factor, kv0, z0, window, key_mask, scale, output_final_state
     )
