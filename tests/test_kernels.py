@@ -399,6 +399,21 @@ def test_hybrid_attention_left_padding():
         close((kv[1:], z[1:]), (kv_alone, z_alone))
 
 
+@pytest.mark.parametrize("op", HYBRID_OPS)
+def test_hybrid_attention_ignores_the_features_of_the_last_window_keys(op):
+    """The last window - 1 keys are in every query's window and the next one's: their features enter neither the
+    linear part nor the state (the models map only the keys before them)."""
+    rand, length, window = Rand(12), 30, 6
+    x = hybrid_inputs(rand, length, length + 3)
+    state = rand.normal(2, H, FEAT, DV), rand.positive(2, H, FEAT)
+    o, final = op(**x, window=window, initial_state=state, output_final_state=True)
+    x["k_feat"][:, -(window - 1) :] = 0
+    o_zeroed, final_zeroed = op(**x, window=window, initial_state=state, output_final_state=True)
+    close((o_zeroed, *final_zeroed), (o, *final))
+    x["k_feat"][:, -window] = 0  # the first key that does count
+    assert not torch.allclose(op(**x, window=window, initial_state=state, output_final_state=True)[1][0], final[0])
+
+
 def first_real_keys(mask, count):
     """[B, Tk] bool: the first `count` real keys of each row (the sinks the models use)."""
     return mask & (mask.cumsum(1) <= count)

@@ -100,6 +100,21 @@ def test_attention_sinks_change_only_positions_beyond_the_window():
     assert (with_sinks[:, WINDOW + 1 :] - without[:, WINDOW + 1 :]).abs().amax(-1).min() > 1e-6
 
 
+def test_hybrid_decode_step_maps_only_the_key_that_leaves_the_window():
+    model = tiny_model("hybrid_hedgehog")
+    mapped = []
+    model.model.layers[0].mixer.feature_map_k.register_forward_hook(
+        lambda module, args, out: mapped.append(out.shape[1])
+    )
+    ids = random_ids(1, 12)
+    with torch.no_grad():
+        cache = BasedCache(model.config)
+        model(ids[:, :11], cache=cache)
+        model(ids[:, 11:], cache=cache)
+    # The prefill's 11 keys follow the cache's window - 1 empty slots: all but the last window - 1 of those 15.
+    assert mapped == [11, 1]
+
+
 @pytest.mark.parametrize("name", STACKS)
 def test_generated_logits_equal_full_forward(name):
     model = tiny_model(name)

@@ -236,7 +236,11 @@ class BasedHybridAttention(BasedAttentionBase):
             real = key_mask if key_mask is not None else torch.ones(k.shape[:2], dtype=torch.bool, device=k.device)
             sink_mask = attention_sinks(real.bool(), self.sinks)
         q_feat = self.feature_map_q(q)
-        k_feat = self.feature_map_k(repeat_kv(k, self.num_kv_groups))
+        # Only the first Tk - window + 1 keys ever enter the linear part or the state (the window's softmax reads raw
+        # keys): a decode step maps the one key that leaves the window, not all of it. The rest stay zero.
+        folding = max(k.shape[1] - self.window + 1, 0)
+        k_feat = self.feature_map_k(repeat_kv(k[:, :folding], self.num_kv_groups))
+        k_feat = nn.functional.pad(k_feat, (0, 0, 0, 0, 0, k.shape[1] - folding))
         op = hybrid_attention_recurrent if initial_state is not None and q.shape[1] == 1 else hybrid_attention
         o, final_state = op(
             q,
