@@ -7,9 +7,9 @@ parallel twin, with the same signature (minus chunk_size).
 
 One folder per op, `<op>/reference.py` and `<op>/triton.py`: taylor (BASED Taylor linear attention), linear (linear
 attention on materialised features, e.g. hedgehog), softmax (sliding-window softmax attention), hybrid (LoLCATs
-sliding-window softmax + linear attention, and `chunked.py`) and conv (short convolution). `dispatch.py` picks one
-per call;
-`op.reference` is the spec. Under torch.compile the decode-step ops are custom ops (`opaque.py`).
+sliding-window softmax + linear attention, and `chunked.py`), conv (short convolution) and norm (RMSNorm).
+`dispatch.py` picks one per call; `op.reference` is the spec. Under torch.compile the decode-step ops are custom ops
+(`opaque.py`).
 """
 
 from hf_based.kernels.conv import reference as conv_reference
@@ -18,6 +18,7 @@ from hf_based.kernels.feature_maps import hedgehog_feature_map, taylor_feature_m
 from hf_based.kernels.hybrid import reference as hybrid_reference
 from hf_based.kernels.hybrid.chunked import hybrid_attention_cpu
 from hf_based.kernels.linear import reference as linear_reference
+from hf_based.kernels.norm import reference as norm_reference
 from hf_based.kernels.opaque import (
     opaque_hybrid_attention_recurrent,
     opaque_linear_attention_recurrent,
@@ -49,6 +50,12 @@ def _softmax_triton():
 
 def _hybrid_triton():
     from hf_based.kernels.hybrid import triton
+
+    return triton
+
+
+def _norm_triton():
+    from hf_based.kernels.norm import triton
 
     return triton
 
@@ -86,6 +93,7 @@ hybrid_attention_recurrent = dispatched(
     opaque=opaque_hybrid_attention_recurrent,
 )
 short_conv = dispatched(conv_reference.short_conv, lambda: _conv_triton().short_conv)
+rms_norm = dispatched(norm_reference.rms_norm, lambda: _norm_triton().rms_norm)
 short_conv_recurrent = dispatched(
     conv_reference.short_conv_recurrent, lambda: _conv_triton().short_conv_recurrent, opaque=opaque_short_conv_recurrent
 )
@@ -96,6 +104,7 @@ __all__ = [
     "hybrid_attention_recurrent",
     "linear_attention",
     "linear_attention_recurrent",
+    "rms_norm",
     "short_conv",
     "short_conv_recurrent",
     "softmax_attention",

@@ -22,6 +22,7 @@ from hf_based.kernels import (
     hybrid_attention_recurrent,
     linear_attention,
     linear_attention_recurrent,
+    rms_norm,
     short_conv,
     short_conv_recurrent,
     softmax_attention,
@@ -41,10 +42,7 @@ class BasedRMSNorm(nn.Module):
         self.variance_epsilon = eps
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        input_dtype = hidden_states.dtype
-        hidden_states = hidden_states.float()
-        hidden_states = hidden_states * torch.rsqrt(hidden_states.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
-        return self.weight * hidden_states.to(input_dtype)
+        return rms_norm(hidden_states, self.weight, self.variance_epsilon)
 
 
 class BasedRotaryEmbedding(nn.Module):

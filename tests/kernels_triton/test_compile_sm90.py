@@ -20,6 +20,7 @@ from triton_helpers import INTERPRET, Rand
 from hf_based.kernels.conv import triton as conv
 from hf_based.kernels.hybrid import triton as hybrid
 from hf_based.kernels.linear import triton as linear
+from hf_based.kernels.norm import triton as norm
 from hf_based.kernels.softmax import triton as softmax
 from hf_based.kernels.taylor import triton as taylor
 
@@ -133,6 +134,7 @@ def run_every_kernel(monkeypatch):
     backward(conv.short_conv(x, weight, rand.normal(48).half(), output_final_state=True))
     with torch.no_grad():
         conv.short_conv_recurrent(x[:, :1], weight, initial_state=rand.normal(B, 3, 48).half())
+        norm.rms_norm(half(B, T, 576), half(576), 1e-5)
 
 
 def test_every_kernel_compiles_for_sm90(monkeypatch):

@@ -1,0 +1,1 @@
+"""RMSNorm: the reference (reference.py) and its Triton forward kernel (triton.py)."""

@@ -1,0 +1,33 @@
+"""RMSNorm in one kernel, one program per row: the reference's six or more elementwise and reduction kernels become
+one launch, which is what a decode step's many small norms cost. Forward only: with gradients to compute, and while
+torch.compile traces (Inductor fuses the reference itself), the reference runs."""
+
+import torch
+import triton
+import triton.language as tl
+
+from hf_based.kernels._checks import check_shape
+from hf_based.kernels.norm.reference import rms_norm as rms_norm_reference
+
+
+@triton.jit
+def rms_norm_fwd_kernel(X, W, Y, N, eps, BN: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BN)
+    x = tl.load(X + row * N + cols, mask=cols < N, other=0.0)
+    h = x.to(tl.float32)
+    y = (h * tl.rsqrt(tl.sum(h * h, 0) / N + eps)).to(X.dtype.element_ty)  # rounded to x's dtype, as the reference
+    w = tl.load(W + cols, mask=cols < N, other=0.0)
+    tl.store(Y + row * N + cols, (w.to(tl.float32) * y.to(tl.float32)).to(Y.dtype.element_ty), mask=cols < N)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Triton twin of the reference `rms_norm` (same arguments and result)."""
+    check_shape("weight", weight, "features", (x.shape[-1],))
+    needs_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
+    if needs_grad or torch.compiler.is_compiling() or x.dtype == torch.float64 or x.numel() == 0:
+        return rms_norm_reference(x, weight, eps)
+    x2 = x.reshape(-1, x.shape[-1]).contiguous()
+    y = torch.empty(x2.shape, dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
+    rms_norm_fwd_kernel[(x2.shape[0],)](x2, weight.contiguous(), y, x2.shape[1], eps, BN=triton.next_power_of_2(x2.shape[1]))
+    return y.view(x.shape)
