@@ -7,14 +7,16 @@ parallel twin, with the same signature (minus chunk_size).
 
 One folder per op, `<op>/reference.py` and `<op>/triton.py`: taylor (BASED Taylor linear attention), linear (linear
 attention on materialised features, e.g. hedgehog), softmax (sliding-window softmax attention), hybrid (LoLCATs
-sliding-window softmax + linear attention, and `chunked.py`), conv (short convolution) and norm (RMSNorm).
+sliding-window softmax + linear attention, and `chunked.py`), conv (short convolution), norm (RMSNorm) and hedgehog
+(LoLCATs' feature map; `feature_maps.py` has BASED's Taylor map).
 `dispatch.py` picks one per call; `op.reference` is the spec. Under torch.compile the decode-step ops are custom ops
 (`opaque.py`).
 """
 
 from hf_based.kernels.conv import reference as conv_reference
 from hf_based.kernels.dispatch import dispatched
-from hf_based.kernels.feature_maps import hedgehog_feature_map, taylor_feature_map, taylor_num_features
+from hf_based.kernels.feature_maps import taylor_feature_map, taylor_num_features
+from hf_based.kernels.hedgehog import reference as hedgehog_reference
 from hf_based.kernels.hybrid import reference as hybrid_reference
 from hf_based.kernels.hybrid.chunked import hybrid_attention_cpu
 from hf_based.kernels.linear import reference as linear_reference
@@ -50,6 +52,12 @@ def _softmax_triton():
 
 def _hybrid_triton():
     from hf_based.kernels.hybrid import triton
+
+    return triton
+
+
+def _hedgehog_triton():
+    from hf_based.kernels.hedgehog import triton
 
     return triton
 
@@ -94,6 +102,9 @@ hybrid_attention_recurrent = dispatched(
 )
 short_conv = dispatched(conv_reference.short_conv, lambda: _conv_triton().short_conv)
 rms_norm = dispatched(norm_reference.rms_norm, lambda: _norm_triton().rms_norm)
+hedgehog_feature_map = dispatched(
+    hedgehog_reference.hedgehog_feature_map, lambda: _hedgehog_triton().hedgehog_feature_map
+)
 short_conv_recurrent = dispatched(
     conv_reference.short_conv_recurrent, lambda: _conv_triton().short_conv_recurrent, opaque=opaque_short_conv_recurrent
 )

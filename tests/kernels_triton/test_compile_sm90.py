@@ -18,6 +18,7 @@ import torch
 from triton_helpers import INTERPRET, Rand
 
 from hf_based.kernels.conv import triton as conv
+from hf_based.kernels.hedgehog import triton as hedgehog
 from hf_based.kernels.hybrid import triton as hybrid
 from hf_based.kernels.linear import triton as linear
 from hf_based.kernels.norm import triton as norm
@@ -135,6 +136,7 @@ def run_every_kernel(monkeypatch):
     with torch.no_grad():
         conv.short_conv_recurrent(x[:, :1], weight, initial_state=rand.normal(B, 3, 48).half())
         norm.rms_norm(half(B, T, 576), half(576), 1e-5)
+        hedgehog.hedgehog_feature_map(half(B, T, H, 64), half(H, 64, 64))
 
 
 def test_every_kernel_compiles_for_sm90(monkeypatch):

@@ -1,0 +1,1 @@
+"""LoLCATs' hedgehog feature map: the reference (reference.py) and its Triton forward kernel (triton.py)."""
