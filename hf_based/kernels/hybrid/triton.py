@@ -31,6 +31,7 @@ from hf_based.kernels.softmax.triton import (
     key_mask_arg,
     key_splits,
     load_key_mask,
+    online_softmax_tile,
     query_blocks,
     softmax_bwd_dkv_tiles,
     softmax_bwd_dq_tiles,
@@ -178,12 +179,7 @@ def hybrid_fwd_kernel(
         sv = tl.load(sv_ptrs, mask=(js[:, None] < S) & (e[None, :] < Dv), other=0.0)
         s = tl.dot(q, tl.trans(sk), input_precision=DOT_PRECISION) * qk_scale  # [BT, BS]
         s = tl.where((pos[None, :] >= 0) & (pos[None, :] <= off + i[:, None] - window), s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        prob = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(prob, 1)
-        acc = tl.dot(prob.to(sv.dtype), sv, acc * alpha[:, None], input_precision=DOT_PRECISION)
-        m_i = m_new
+        acc, l_i, m_i = online_softmax_tile(acc, l_i, m_i, s, sv, DOT_PRECISION)
     c = tl.where(l_i > 0, m_i, 0.0)  # an empty window has no c: 0 keeps the backward's exp2(s - c) finite
     window_factor = tl.load(WINDOW_FACTOR + i_h)
     acc *= window_factor

@@ -111,16 +111,22 @@ def softmax_fwd_tiles(
             s = tl.where(visible(p[:, None], j[None, :], window, WINDOW), s, float("-inf"))
         if HAS_MASK:
             s = tl.where(load_key_mask(M, j, Tk)[None, :], s, float("-inf"))
-        s_max = tl.max(s, 1)
         if ARGMAX:
-            idx = tl.where(s_max > m_i, start + t * BN + tl.argmax(s, 1), idx)
-        m_new = tl.maximum(m_i, s_max)
-        alpha = tl.exp2(m_i - m_new)
-        prob = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(prob, 1)
-        acc = tl.dot(prob.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
-        m_i = m_new
+            idx = tl.where(tl.max(s, 1) > m_i, start + t * BN + tl.argmax(s, 1), idx)
+        acc, l_i, m_i = online_softmax_tile(acc, l_i, m_i, s, v, DOT_PRECISION)
     return acc, l_i, m_i, idx
+
+
+@triton.jit
+def online_softmax_tile(acc, l_i, m_i, s, v, DOT_PRECISION: tl.constexpr):
+    """One tile of online softmax: logits s [BM, BN] (base 2, -inf where not visible) and values v [BN, BV] into acc
+    [BM, BV] and l_i [BM], both relative to m_i, the running max logit; -> (acc, l_i, m_i)."""
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    alpha = tl.exp2(m_i - m_new)
+    prob = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(prob, 1)
+    acc = tl.dot(prob.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
+    return acc, l_i, m_new
 
 
 @triton.jit
