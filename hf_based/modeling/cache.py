@@ -23,6 +23,7 @@ from collections.abc import Callable
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin, LinearAttentionLayer
 
+from hf_based.kernels.hybrid.chunked import gather_sinks
 from hf_based.modeling.configuration_based import BasedConfig
 
 
@@ -290,10 +291,9 @@ class BasedHybridLayer(BasedRecurrentLayer, BasedSlidingWindowLayer):
         key_mask = torch.cat([self.sink_mask, key_mask], 1)
         # Keep the sinks among the keys that leave the window (all but the last window - 1), in order.
         leaving = keys.shape[1] - self.buffer_length
-        order = torch.sort((~sink_mask[:, :leaving]).to(torch.uint8), dim=1, stable=True).indices[:, : self.sinks]
-        for buffer, source in ((self.sink_keys, keys), (self.sink_values, values)):
-            buffer.copy_(source.gather(1, order[:, :, None, None].expand(-1, -1, *source.shape[2:])))
-        self.sink_mask.copy_(sink_mask.gather(1, order))
+        kept = gather_sinks(sink_mask[:, :leaving], keys[:, :leaving], values[:, :leaving], self.sinks)[1:]
+        for buffer, source in zip((self.sink_keys, self.sink_values, self.sink_mask), kept):
+            buffer.copy_(source)
         return keys, values, key_mask, sink_mask
 
     def _sink_tensors(self) -> dict[str, torch.Tensor]:

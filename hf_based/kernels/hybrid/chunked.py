@@ -98,10 +98,10 @@ def hybrid_attention_chunked(
     )
 
 
-def gather_sinks(sink: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
-    """The sinks of each row, in order, padded to the largest count: positions [B, S], keys [B, S, H, D], values
-    [B, S, H, Dv] and a mask [B, S] of the real ones. (S is read on the host.)"""
-    count = int(sink.sum(1).max())
+def gather_sinks(sink: torch.Tensor, k: torch.Tensor, v: torch.Tensor, count: int | None = None):
+    """The sinks of each row, in order, padded to `count` (default: the largest count of any row, read on the host):
+    positions [B, S], keys [B, S, H, D], values [B, S, H, Dv] and a mask [B, S] of the real ones."""
+    count = int(sink.sum(1).max()) if count is None else count
     pos = torch.sort((~sink).to(torch.uint8), dim=1, stable=True).indices[:, :count]  # sinks first, in order
     gather = lambda x: x.gather(1, pos[:, :, None, None].expand(-1, -1, *x.shape[2:]))  # noqa: E731
     return pos, gather(k), gather(v), sink.gather(1, pos)
