@@ -37,11 +37,27 @@ def kernel_layout(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def needs_grad(*tensors: torch.Tensor | None) -> bool:
+    """Whether autograd is on and wants the gradient of any of these tensors (None entries are skipped)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 def use_decode_kernel(q: torch.Tensor, *tensors: torch.Tensor | None) -> bool:
     """Whether a recurrent op runs its fused decode kernel: one query (T = 1) and no autograd. Otherwise it runs the
     parallel op, which is the same function of the inputs."""
-    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, *tensors))
-    return q.shape[1] == 1 and not needs_grad
+    return q.shape[1] == 1 and not needs_grad(q, *tensors)
+
+
+def use_forward_kernel(*tensors: torch.Tensor) -> bool:
+    """Whether a forward-only kernel stands in for its reference: no gradients to compute, not while torch.compile
+    traces (Inductor fuses the reference itself), no fp64 input, and something to compute (the first tensor is not
+    empty)."""
+    return not (
+        needs_grad(*tensors)
+        or torch.compiler.is_compiling()
+        or any(t.dtype == torch.float64 for t in tensors)
+        or tensors[0].numel() == 0
+    )
 
 
 def bth_strides(*tensors: torch.Tensor) -> list[int]:

@@ -9,7 +9,7 @@ import triton.language as tl
 
 from hf_based.kernels._checks import check_shape
 from hf_based.kernels.hedgehog.reference import hedgehog_feature_map as hedgehog_feature_map_reference
-from hf_based.kernels.triton_utils import block_size
+from hf_based.kernels.triton_utils import block_size, use_forward_kernel
 
 BLOCK_T = 64  # tokens per program
 MIN_FEATURE = 1e-12  # LoLCATs' clamp: no feature exactly 0 after softmax underflow
@@ -45,9 +45,7 @@ def hedgehog_feature_map(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """Triton twin of the reference `hedgehog_feature_map` (same arguments, result, errors)."""
     _, _, heads, dim = check_shape("x", x, "batch, time, heads, dim")
     features = check_shape("weight", weight, "heads, dim, feature_dim", (heads, dim, None))[-1]
-    needs_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
-    fp64 = torch.float64 in (x.dtype, weight.dtype)
-    if needs_grad or fp64 or torch.compiler.is_compiling() or x.numel() == 0:
+    if not use_forward_kernel(x, weight):
         return hedgehog_feature_map_reference(x, weight)
     rows = x.reshape(-1, heads, dim)
     if rows.stride(-1) != 1:

@@ -44,6 +44,7 @@ from hf_based.kernels.triton_utils import (
     bth_strides,
     dot_precision,
     kernel_layout,
+    needs_grad,
     unit_last_dim,
     use_decode_kernel,
 )
@@ -611,8 +612,8 @@ def _hybrid_fwd(
         sink_v, *bth_strides(q, k, v, qf, kf, o, sink_k, sink_v),
         H, H // Hkv, Tq, Tk, D, Dv, F, sink_k.shape[1], window, scale * LOG2E,
         BT=BT, BD=BD, BV=BV, BK=block_size(F, BLOCK_K), BS=block_size(sink_k.shape[1]), HAS_MASK=has_mask,
-        HAS_SINKS=sinks is not None, SPLIT=split_loops(window), STORE_O32=o32 is not None and o32 is not o, DOT_PRECISION=dot_precision(q), num_warps=NUM_WARPS,
-        num_stages=NUM_STAGES,
+        HAS_SINKS=sinks is not None, SPLIT=split_loops(window), STORE_O32=o32 is not None and o32 is not o,
+        DOT_PRECISION=dot_precision(q), num_warps=NUM_WARPS, num_stages=NUM_STAGES,
     )
     return o, o32, c, den, idx, final
 
@@ -693,6 +694,13 @@ def _check_hybrid(q, k, v, q_feat, k_feat, window_factor, window, key_mask, init
     return prepare_state(initial_state, batch, heads, num_features, v.shape[-1], torch.float32, q.device)
 
 
+def _without_sink_features(k_feat, sink_mask):
+    """k_feat with the sinks' features zeroed: the kernels then keep sinks out of the linear part and the state (the
+    key mask keeps padded keys out)."""
+    check_shape("sink_mask", sink_mask, "batch, time", k_feat.shape[:2])
+    return k_feat * (sink_mask == 0)[:, :, None, None]
+
+
 def hybrid_attention(
     q, k, v, q_feat, k_feat, window_factor, window, key_mask=None, initial_state=None, output_final_state=False,
     scale=None, sink_mask=None,
@@ -700,10 +708,7 @@ def hybrid_attention(
     """Triton twin of the reference `hybrid_attention` (same arguments, result, errors). The backward kernels have
     no sinks: with a `sink_mask` and gradients to compute, the blockwise PyTorch form runs instead."""
     kv0, z0 = _check_hybrid(q, k, v, q_feat, k_feat, window_factor, window, key_mask, initial_state)
-    needs_grad = torch.is_grad_enabled() and any(
-        t.requires_grad for t in (q, k, v, q_feat, k_feat, window_factor, *(initial_state or ()))
-    )
-    if sink_mask is not None and needs_grad:
+    if sink_mask is not None and needs_grad(q, k, v, q_feat, k_feat, window_factor, *(initial_state or ())):
         return hybrid_attention_chunked(
             q, k, v, q_feat, k_feat, window_factor, window, key_mask, initial_state, output_final_state, scale,
             sink_mask,
@@ -720,9 +725,8 @@ def hybrid_attention(
     window_factor = window_factor.float()
     kv0, z0 = (None, None) if kv0 is None else (kv0.contiguous(), z0.contiguous())
     if sink_mask is not None:
-        check_shape("sink_mask", sink_mask, "batch, time", k.shape[:2])
+        k_feat = _without_sink_features(k_feat, sink_mask)
         sink = sink_mask.bool() & (key_mask.bool() if key_mask is not None else True)
-        k_feat = k_feat * ~sink[:, :, None, None]  # sinks stay out of the linear part and the state
         position, sink_k, sink_v, real = gather_sinks(sink, k, v)
         sinks = (torch.where(real, position, -1).to(torch.int32).contiguous(), sink_k, sink_v)
         o, _, _, _, _, final = _hybrid_fwd(
@@ -752,8 +756,7 @@ def hybrid_attention_recurrent(
             sink_mask,
         )
     if sink_mask is not None:
-        check_shape("sink_mask", sink_mask, "batch, time", k.shape[:2])
-        k_feat = k_feat * (sink_mask == 0)[:, :, None, None]  # sinks stay out of the state
+        k_feat = _without_sink_features(k_feat, sink_mask)
     B, _, H, D = q.shape
     Tk, Hkv, Dv, F = k.shape[1], k.shape[2], v.shape[-1], q_feat.shape[-1]
     scale = D**-0.5 if scale is None else float(scale)
@@ -770,7 +773,7 @@ def hybrid_attention_recurrent(
         q.stride(0), q.stride(2), *bth_strides(k, v), q_feat.stride(0), q_feat.stride(2), *bth_strides(k_feat),
         o.stride(0), o.stride(2), H, H // Hkv, Tk, D, Dv, F, window, scale * LOG2E,
         BN=BLOCK_DECODE, BD=block_size(D), BV=BV, BK=block_size(F, BLOCK_K), HAS_MASK=has_mask,
-        HAS_SINKS=has_sinks, HAS_INITIAL_STATE=kv0 is not None, STORE_FINAL_STATE=output_final_state, DOT_PRECISION=dot_precision(q),
-        num_warps=4,
+        HAS_SINKS=has_sinks, HAS_INITIAL_STATE=kv0 is not None, STORE_FINAL_STATE=output_final_state,
+        DOT_PRECISION=dot_precision(q), num_warps=4,
     )
     return o.to(out_dtype), (final if output_final_state else None)

@@ -1,6 +1,6 @@
 """RMSNorm in one kernel, one program per row: the reference's six or more elementwise and reduction kernels become
 one launch, which is what a decode step's many small norms cost. Forward only: with gradients to compute, and while
-torch.compile traces (Inductor fuses the reference itself), the reference runs."""
+torch.compile traces (`use_forward_kernel`), the reference runs."""
 
 import torch
 import triton
@@ -8,6 +8,7 @@ import triton.language as tl
 
 from hf_based.kernels._checks import check_shape
 from hf_based.kernels.norm.reference import rms_norm as rms_norm_reference
+from hf_based.kernels.triton_utils import use_forward_kernel
 
 
 @triton.jit
@@ -24,8 +25,7 @@ def rms_norm_fwd_kernel(X, W, Y, N, eps, BN: tl.constexpr):
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """Triton twin of the reference `rms_norm` (same arguments and result)."""
     check_shape("weight", weight, "features", (x.shape[-1],))
-    needs_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
-    if needs_grad or torch.compiler.is_compiling() or x.dtype == torch.float64 or x.numel() == 0:
+    if not use_forward_kernel(x, weight):
         return rms_norm_reference(x, weight, eps)
     x2 = x.reshape(-1, x.shape[-1]).contiguous()
     y = torch.empty(x2.shape, dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
