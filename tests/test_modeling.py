@@ -343,8 +343,13 @@ def test_compiled_decoding_gives_the_same_tokens(name, batch):
     """With a compile_config, transformers compiles the decoding step of a static-cache generation (here on the CPU,
     where it compiles only when told to): one graph for every step (fullgraph, no recompile as the positions advance),
     each kernel one custom op in it, no Python int among its inputs (CUDA graphs would re-capture for each value), and
-    the same tokens as the eager steps."""
+    the same tokens as the eager steps. The traced step never asks for the device's kernels (`use_triton`): on CUDA
+    that test breaks the graph, and the step then recompiles for every layer."""
     from transformers import CompileConfig
+
+    def use_triton_outside_the_graph(x):
+        assert not torch.compiler.is_compiling(), "use_triton traced"
+        return False
 
     model = tiny_model(name, dtype=torch.float32)
     ids, mask = random_ids(batch, 7), torch.ones(batch, 7, dtype=torch.long)
@@ -365,6 +370,7 @@ def test_compiled_decoding_gives_the_same_tokens(name, batch):
         with (
             patch.object(CompileConfig, "to_dict", lambda self: dict(fullgraph=True, backend=backend)),
             torch._dynamo.config.patch(error_on_recompile=True),
+            patch("hf_based.kernels.dispatch.use_triton", use_triton_outside_the_graph),
         ):
             compiled = model.generate(ids, attention_mask=mask, compile_config=compile_config, **settings)
     assert torch.equal(compiled, eager)

@@ -44,20 +44,25 @@ def dispatched(
     call, since triton is an optional dependency. `opaque(run)` makes the custom op that torch.compile calls instead
     of tracing `run` (see `opaque.py`); it has no backward, so only without gradients."""
 
+    def pytorch(*args, **kwargs):
+        if cpu is not None and backend() != "reference":
+            return cpu(*args, **kwargs)
+        return reference(*args, **kwargs)
+
     def run(*args, **kwargs):
         first = args[0] if args else next(iter(kwargs.values()))  # q or x: decides the device
         if isinstance(first, torch.Tensor) and use_triton(first):
             return load_triton()(*args, **kwargs)
-        if cpu is not None and backend() != "reference":
-            return cpu(*args, **kwargs)
-        return reference(*args, **kwargs)
+        return pytorch(*args, **kwargs)
 
     compiled = opaque(run) if opaque is not None else None
 
     @functools.wraps(reference)
     def op(*args, **kwargs):
-        if compiled is not None and torch.compiler.is_compiling() and not torch.is_grad_enabled():
-            return compiled(*args, **kwargs)
+        if torch.compiler.is_compiling() and not torch.is_grad_enabled():
+            # Traced inference: the custom op where there is one; else the PyTorch path, which Inductor fuses (the
+            # device test and the Triton module's import are not traceable and would break the graph on CUDA).
+            return compiled(*args, **kwargs) if compiled is not None else pytorch(*args, **kwargs)
         return run(*args, **kwargs)
 
     op.reference = reference
