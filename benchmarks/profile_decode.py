@@ -8,12 +8,17 @@
 state-scan segments), for a before/after in one run.
 Writes OUT_DIR/profile_decode[-no-key-splits].json: per batch size, the number of kernels one step launches, their
 summed GPU time, the eager and CUDA-graph step times, and the 30 kernels with the most GPU time (count, microseconds);
-with --prefill, the same for one batch-1 prefill.
+with --prefill, the same for one batch-1 prefill. For the eager steps and the prefill also where the host time goes:
+the 40 Python functions with the most own time (cProfile: calls, own ms, cumulative ms) and the host-device
+synchronisations (CUDA sync debug mode), which keep the host from running ahead of the GPU.
 """
 
 import argparse
 import collections
+import cProfile
 import json
+import pstats
+import warnings
 from pathlib import Path
 
 import torch
@@ -39,6 +44,31 @@ def kernel_table(run) -> dict:
         "kernels": len(kernels),
         "kernel_us_sum": round(sum(e.device_time for e in kernels), 1),
         "top": sorted(([n[:90], c, round(t, 1)] for n, (c, t) in by_name.items()), key=lambda r: -r[2])[:30],
+    }
+
+
+def host_table(run) -> dict:
+    """Where one run()'s host time goes: Python functions by own time, and the synchronising CUDA calls."""
+    profiler = cProfile.Profile()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        profiler.enable()
+        run()
+        profiler.disable()
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+    syncs = [str(w.message)[:160] for w in caught if "synchroniz" in str(w.message)]
+    stats = pstats.Stats(profiler).stats  # (file, line, name) -> (primitive calls, calls, own s, cumulative s, ...)
+    top = sorted(stats.items(), key=lambda item: -item[1][2])[:40]
+    return {
+        "host_ms": round(sum(s[2] for s in stats.values()) * 1e3, 2),
+        "syncs": len(syncs),
+        "sync_messages": sorted(set(syncs))[:5],
+        "host_top": [
+            [f"{Path(file).name}:{line}:{name}", calls, round(own * 1e3, 3), round(total * 1e3, 3)]
+            for (file, line, name), (_, calls, own, total, _) in top
+        ],
     }
 
 
@@ -75,9 +105,11 @@ def main() -> None:
                 decoder.step()
             eager = timed_steps(decoder.step, device, 16, 3)
             table = kernel_table(decoder.step)
+            host = host_table(decoder.step)
             replay = timed_steps(capture(decoder, device).replay, device, 32, 3)
             results[f"B{batch}"] = {"eager_ms": round(eager * 1e3, 3), "graph_ms": round(replay * 1e3, 3), **table}
-            print(batch, {k: v for k, v in results[f"B{batch}"].items() if k != "top"}, flush=True)
+            results[f"B{batch}"]["host"] = host
+            print(batch, {k: v for k, v in results[f"B{batch}"].items() if k not in ("top", "host")}, flush=True)
             del decoder
             torch.cuda.empty_cache()
         if args.prefill:
@@ -88,8 +120,9 @@ def main() -> None:
 
             prefill()
             seconds = timed_steps(prefill, device, 3, 3)
-            results[f"prefill {args.prefill}"] = {"ms": round(seconds * 1e3, 3), **kernel_table(prefill)}
-            print("prefill", {k: v for k, v in results[f"prefill {args.prefill}"].items() if k != "top"}, flush=True)
+            entry = {"ms": round(seconds * 1e3, 3), **kernel_table(prefill), "host": host_table(prefill)}
+            results[f"prefill {args.prefill}"] = entry
+            print("prefill", {k: v for k, v in entry.items() if k not in ("top", "host")}, flush=True)
     Path(args.out).mkdir(parents=True, exist_ok=True)
     name = "profile_decode-no-key-splits.json" if args.no_key_splits else "profile_decode.json"
     (Path(args.out) / name).write_text(json.dumps(results, indent=1))

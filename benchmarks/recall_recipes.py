@@ -53,8 +53,8 @@ VARIANTS = {
         **{f"copy:{k} factor 0.5": dict(softmax_layers=f"copy:{k}", window_factor_init=0.5) for k in (0, 1, 2, 4, 6)},
         "copy:6 factor 0.9": dict(softmax_layers="copy:6", window_factor_init=0.9),
         "copy:6 factor 0.5 window 128": dict(softmax_layers="copy:6", window_factor_init=0.5, window=128),
-        # The linear term weighted ~1e-9: sliding-window softmax alone in the converted layers (a length-invariant
-        # mixer), to tell whether the linear term over older keys is what fails at long prompts.
+        # Window factor ~1. Meant to leave the window's softmax alone, but the factor weighs only the window: the linear
+        # term keeps its weight 1 (the `linear N` variants below are what switches it off).
         "copy:6 window only": dict(softmax_layers="copy:6", window_factor_init=1 - 1e-9),
         "copy:6 window only untrained": dict(softmax_layers="copy:6", window_factor_init=1 - 1e-9, **UNTRAINED),
         "copy:6 factor 0.9 stage 1 only": dict(softmax_layers="copy:6", window_factor_init=0.9, stage2_steps=0),
@@ -80,6 +80,25 @@ VARIANTS = {
             )
             for n in (16, 64)
         },
+        # A learned weight on the linear term (`linear_factor_init`): 1e-6 leaves the window and its sinks alone
+        # (stage 1, which trains the feature maps, has nothing to do then), 0.1 lets training raise it.
+        "layers 0 17-20 23 linear 1e-6 sinks 64 untrained": dict(
+            softmax_layers=(0, 17, 18, 19, 20, 23),
+            window_factor_init=0.9,
+            linear_factor_init=1e-6,
+            sinks=64,
+            **UNTRAINED,
+        ),
+        "layers 0 17-20 23 linear 1e-6 sinks 64 LoRA only": dict(
+            softmax_layers=(0, 17, 18, 19, 20, 23),
+            window_factor_init=0.9,
+            linear_factor_init=1e-6,
+            sinks=64,
+            stage1_steps=0,
+        ),
+        "layers 0 17-20 23 linear 0.1 sinks 64": dict(
+            softmax_layers=(0, 17, 18, 19, 20, 23), window_factor_init=0.9, linear_factor_init=0.1, sinks=64
+        ),
         "copy:6 factor 0.9 sinks 16 untrained": dict(
             softmax_layers="copy:6", window_factor_init=0.9, sinks=16, **UNTRAINED
         ),

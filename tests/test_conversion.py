@@ -4,6 +4,7 @@ import argparse
 import contextlib
 import gzip
 import json
+import math
 import os
 import re
 import signal
@@ -745,6 +746,21 @@ def test_sinks_reach_the_converted_model_and_its_saved_config(workdir):
     torch.testing.assert_close(torch.stack(generated.logits, 1)[0], full[0, 23:-1].float(), atol=1e-4, rtol=1e-4)
     with pytest.raises(ConversionError, match=r"sinks=-1 is not supported; accepted: integers >= 0"):
         Recipe(sinks=-1).validate()
+
+
+def test_linear_factor_is_trained_in_stage_1_and_saved(workdir):
+    """--linear-factor-init 0.2: every converted layer gets a per-head linear factor starting at logit(0.2), which
+    attention transfer trains and the saved model keeps; out-of-range values are refused by name."""
+    result = run(workdir, "linear_factor", tiny_recipe(stage1_steps=3, stage2_steps=0, linear_factor_init=0.2))
+    model = AutoModelForCausalLM.from_pretrained(workdir / "linear_factor").eval()
+    assert model.config.hybrid_linear_factor_init == 0.2
+    for layer, saved in zip(result.model.model.layers, model.model.layers):
+        trained = layer.self_attn.linear_factors.detach().float()
+        assert (trained - math.log(0.2 / 0.8)).abs().max() > 1e-4  # moved from its init
+        torch.testing.assert_close(saved.self_attn.linear_factors.float(), trained)
+    for bad in (0, 1.5):
+        with pytest.raises(ConversionError, match=rf"linear_factor_init={bad} is not supported; accepted: none or 0"):
+            Recipe(linear_factor_init=bad).validate()
 
 
 @pytest.mark.slow

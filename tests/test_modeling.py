@@ -30,6 +30,12 @@ STACKS = {
     "based_mix": dict(mixer_types=["base_conv", "linear_attention", "sliding_window_attention", "base_conv"]),
     "lolcats_mix": dict(mixer_types=["hybrid_attention", "full_attention"], feature_map="hedgehog"),
     "hybrid_sinks": dict(mixer_types=["hybrid_attention"] * 2, feature_map="hedgehog", hybrid_attention_sinks=3),
+    "hybrid_linear_factor": dict(
+        mixer_types=["hybrid_attention"] * 2,
+        feature_map="hedgehog",
+        hybrid_attention_sinks=3,
+        hybrid_linear_factor_init=0.3,
+    ),
 }
 CONSTANT_STATE_STACKS = [name for name, kw in STACKS.items() if "full_attention" not in kw["mixer_types"]]
 
@@ -57,10 +63,11 @@ def tiny_config(**overrides) -> BasedConfig:
 def tiny_model(name: str, dtype=torch.float64, seed=0) -> BasedForCausalLM:
     torch.manual_seed(seed)
     model = BasedForCausalLM(tiny_config(**STACKS[name])).to(dtype).eval()
-    # Make the hybrid layers' window weights differ per head, so the tests see them.
+    # Make the hybrid layers' window (and linear) weights differ per head, so the tests see them.
     for layer in model.model.layers:
-        if hasattr(layer.mixer, "window_factors"):
-            torch.nn.init.normal_(layer.mixer.window_factors)
+        for factors in (getattr(layer.mixer, "window_factors", None), getattr(layer.mixer, "linear_factors", None)):
+            if factors is not None:
+                torch.nn.init.normal_(factors)
     return model
 
 
@@ -98,6 +105,23 @@ def test_attention_sinks_change_only_positions_beyond_the_window():
         with_sinks, without = model(ids).logits, plain(ids).logits
     assert_close(with_sinks[:, :WINDOW], without[:, :WINDOW])
     assert (with_sinks[:, WINDOW + 1 :] - without[:, WINDOW + 1 :]).abs().amax(-1).min() > 1e-6
+
+
+def test_a_vanishing_linear_factor_leaves_the_sliding_window():
+    """Linear factor ~0: the hybrid layers compute what sliding-window softmax attention does (the window factor then
+    cancels out); at 0.3 they do not."""
+    window = BasedForCausalLM(tiny_config(**STACKS["sliding_window"])).double().eval()
+    ids = random_ids(2, 30)
+    for factor, same in ((1e-15, True), (0.3, False)):
+        overrides = {"hybrid_linear_factor_init": factor, "hybrid_attention_sinks": 0}
+        hybrid = BasedForCausalLM(tiny_config(**{**STACKS["hybrid_linear_factor"], **overrides})).double()
+        missing = hybrid.load_state_dict(window.state_dict(), strict=False).missing_keys
+        assert all("feature_map" in n or "_factors" in n for n in missing) and any(
+            "linear_factors" in n for n in missing
+        )
+        with torch.no_grad():
+            expected, actual = window(ids).logits, hybrid.eval()(ids).logits
+        assert (actual - expected).abs().max() < 1e-9 if same else (actual - expected).abs().max() > 1e-3
 
 
 def test_hybrid_decode_step_maps_only_the_key_that_leaves_the_window():

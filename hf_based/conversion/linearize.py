@@ -15,7 +15,6 @@ the *teacher's* output on, as LoLCATs does, so every layer trains on the teacher
 from __future__ import annotations
 
 import contextlib
-import math
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -33,6 +32,7 @@ from hf_based.modeling.modeling_based import (
     BasedHybridAttention,
     BasedLinearAttention,
     BasedRotaryEmbedding,
+    factor_logit,
 )
 
 # model_type -> what differs from Llama. All three name their weights like Llama (model.layers.N.self_attn.q_proj...).
@@ -122,6 +122,7 @@ def based_config(teacher_config, recipe: Recipe | None = None) -> BasedConfig:
         linear_attention_projections="llama",
         sliding_window=recipe.window,
         hybrid_window_factor_init=recipe.window_factor_init,
+        hybrid_linear_factor_init=recipe.linear_factor_init,
         hybrid_attention_sinks=recipe.sinks,
         attention_bias=bool(qwen2 or _get(teacher_config, "attention_bias", False)),
         mlp_bias=bool(_get(teacher_config, "mlp_bias", False)),
@@ -149,21 +150,27 @@ def _new_parameter_names(config: BasedConfig) -> set[str]:
             names |= {prefix + "feature_map_q.weight", prefix + "feature_map_k.weight"}
         if config.mixer_types[i] == "hybrid_attention":
             names.add(prefix + "window_factors")
+            if config.hybrid_linear_factor_init is not None:
+                names.add(prefix + "linear_factors")
     return names
 
 
 def init_new_parameters(module: nn.Module, config: BasedConfig, device=None) -> None:
     """(Re)create the parameters that the teacher lacks, with LoLCATs' init: identity feature maps (each head's
-    W = the rectangular identity, `--lk_zero_init`) and window factor = `hybrid_window_factor_init` (the parameter
-    `window_factors` holds its logit: logit(0.9) = 2.1972, LoLCATs' logit(0.1) = -2.1972)."""
+    W = the rectangular identity, `--lk_zero_init`), window factor = `hybrid_window_factor_init` (the parameter
+    `window_factors` holds its logit: logit(0.9) = 2.1972, LoLCATs' logit(0.1) = -2.1972) and, where the config has
+    one, linear factor = `hybrid_linear_factor_init`."""
     for sub in module.modules():
         if isinstance(sub, BasedHedgehogFeatureMap):
             heads, dim, features = sub.weight.shape
             eye = torch.eye(dim, features, device=device).expand(heads, dim, features).clone()
             sub.weight = nn.Parameter(eye)
         elif isinstance(sub, BasedHybridAttention):
-            logit = math.log(config.hybrid_window_factor_init / (1 - config.hybrid_window_factor_init))
+            logit = factor_logit(config.hybrid_window_factor_init)
             sub.window_factors = nn.Parameter(torch.full((sub.num_heads,), logit, device=device))
+            if sub.linear_factors is not None:
+                logit = factor_logit(config.hybrid_linear_factor_init)
+                sub.linear_factors = nn.Parameter(torch.full((sub.num_heads,), logit, device=device))
 
 
 def load_weights(
@@ -251,12 +258,13 @@ def linearize_model(
 
 
 def stage1_parameters(model: nn.Module, config: BasedConfig) -> dict[int, list[tuple[str, nn.Parameter]]]:
-    """Per converted layer: the (name, parameter) pairs that attention transfer trains (feature maps, window factors).
+    """Per converted layer: the (name, parameter) pairs that attention transfer trains (feature maps, window and
+    linear factors).
     Names are relative to `model` (a BasedForCausalLM, or anything whose named_parameters end the same)."""
     converted = set(converted_layers(config))
     groups: dict[int, list[tuple[str, nn.Parameter]]] = {}
     for name, param in model.named_parameters():
-        match = re.search(r"layers\.(\d+)\.self_attn\.(feature_map_[qk]\.weight|window_factors)$", name)
+        match = re.search(r"layers\.(\d+)\.self_attn\.(feature_map_[qk]\.weight|window_factors|linear_factors)$", name)
         if match and int(match.group(1)) in converted:
             groups.setdefault(int(match.group(1)), []).append((name, param))
     return groups

@@ -631,7 +631,15 @@ def _layer_selection(
         "teacher_config": _digest(teacher.config.to_dict()),
         "calibration_ids": _digest(calibration_ids.tolist()),
         "conversion": _digest(
-            [recipe.window, recipe.feature_map, recipe.hedgehog_dim, recipe.linear_only, recipe.window_factor_init]
+            [
+                recipe.window,
+                recipe.feature_map,
+                recipe.hedgehog_dim,
+                recipe.linear_only,
+                recipe.window_factor_init,
+                recipe.linear_factor_init,
+                recipe.sinks,
+            ]
         ),
     }
     if dist.is_main and read_checkpoint(cached, key) is None:

@@ -153,6 +153,12 @@ class Recipe:
         "from the start keeps in-context recall (see --softmax-layers)",
         "architecture",
     )
+    linear_factor_init: float | None = setting(
+        None,
+        "initial weight of the linear part (a learned per-head factor on phi(q), like the window factor); none: no "
+        "such factor, the linear part weighs 1 (LoLCATs). A tiny value (1e-6) leaves the window and its sinks alone",
+        "architecture",
+    )
 
     seq_len: int = setting(1024, "packed sequence length", "data")
     batch_size: int = setting(1, "sequences per micro-batch and process", "data")
@@ -236,6 +242,7 @@ class Recipe:
                     ", ".join(choices),
                 )
         check("window_factor_init", lambda v: is_number(v) and 0 < v < 1, "0 < value < 1")
+        check("linear_factor_init", lambda v: v is None or (is_number(v) and 0 < v < 1), "none or 0 < value < 1")
         for name in ("stage1_lr", "stage2_lr", "epochs", "mse_factor", "lora_alpha", "distill_temperature"):
             check(name, lambda v: is_number(v) and v > 0, "a number > 0")
         check("max_grad_norm", lambda v: is_number(v) and v > 0, "a number > 0 (the gradient norm clipped to)")

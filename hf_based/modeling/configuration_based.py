@@ -65,6 +65,7 @@ class BasedConfig(PretrainedConfig):
     linear_attention_eps: float = 1e-12
     sliding_window: int = 129
     hybrid_window_factor_init: float = 0.1
+    hybrid_linear_factor_init: float | None = None
     hybrid_attention_sinks: int = 0
     conv_kernel_size: int = 3
     conv_intermediate_size: int | None = None
@@ -149,6 +150,12 @@ class BasedConfig(PretrainedConfig):
             raise ValueError(
                 f"hybrid_window_factor_init={self.hybrid_window_factor_init!r} is not supported; "
                 "accepted values: 0 < value < 1 (it is sigmoid(w) at initialisation)"
+            )
+        linear_factor = self.hybrid_linear_factor_init
+        if linear_factor is not None and not (isinstance(linear_factor, (int, float)) and 0 < linear_factor < 1):
+            raise ValueError(
+                f"hybrid_linear_factor_init={linear_factor!r} is not supported; accepted values: None (the linear "
+                "term unweighted) or 0 < value < 1 (a learned weight, sigmoid(w) at initialisation)"
             )
 
     def qk_head_dim(self, mixer_type: str) -> int:

@@ -5,6 +5,7 @@ token mixer, chosen by `config.mixer_types`. The mixers' math lives in `hf_based
 projects, masks, caches and dispatches between the parallel (training/prefill) and recurrent (decode) forms.
 """
 
+import math
 from pathlib import Path
 
 import torch
@@ -205,10 +206,16 @@ class BasedAttention(BasedAttentionBase):
         return self.out(softmax_attention(q, k, v, window=self.window, key_mask=key_mask))
 
 
+def factor_logit(factor: float) -> float:
+    """The parameter whose sigmoid is `factor` (window and linear factors are stored as logits)."""
+    return math.log(factor / (1 - factor))
+
+
 class BasedHybridAttention(BasedAttentionBase):
     """LoLCATs: softmax over the last `sliding_window` keys + linear attention over all older keys, one denominator.
 
-    The softmax part is weighted by a learned per-head gamma = sigmoid(window_factors) (init `hybrid_window_factor_init`).
+    The softmax part is weighted by a learned per-head gamma = sigmoid(window_factors) (init `hybrid_window_factor_init`);
+    with `hybrid_linear_factor_init` set, the linear part too, by beta = sigmoid(linear_factors) (else beta = 1).
     Keys leaving the window fold into the linear state, so the cache stays constant-size; the first
     `hybrid_attention_sinks` real tokens stay in the softmax part instead (the cache keeps them).
     """
@@ -218,6 +225,9 @@ class BasedHybridAttention(BasedAttentionBase):
         self.window = config.sliding_window
         self.sinks = config.hybrid_attention_sinks
         self.window_factors = nn.Parameter(torch.empty(self.num_heads))
+        self.linear_factors = None
+        if config.hybrid_linear_factor_init is not None:
+            self.linear_factors = nn.Parameter(torch.empty(self.num_heads))
         if config.feature_map == "hedgehog":
             self.feature_map_q = BasedHedgehogFeatureMap(self.num_heads, self.head_dim, config.hedgehog_dim)
             self.feature_map_k = BasedHedgehogFeatureMap(self.num_heads, self.head_dim, config.hedgehog_dim)
@@ -234,6 +244,8 @@ class BasedHybridAttention(BasedAttentionBase):
             real = key_mask if key_mask is not None else torch.ones(k.shape[:2], dtype=torch.bool, device=k.device)
             sink_mask = attention_sinks(real.bool(), self.sinks)
         q_feat = self.feature_map_q(q)
+        if self.linear_factors is not None:  # beta on phi(q) weighs the linear part in numerator and denominator
+            q_feat = q_feat * torch.sigmoid(self.linear_factors).to(q_feat.dtype)[:, None]
         # Only the first Tk - window + 1 keys ever enter the linear part or the state (the window's softmax reads raw
         # keys): a decode step maps the one key that leaves the window, not all of it. The rest stay zero.
         folding = max(k.shape[1] - self.window + 1, 0)
@@ -338,8 +350,9 @@ class BasedPreTrainedModel(PreTrainedModel):
             eye = torch.eye(*module.weight.shape[1:], dtype=module.weight.dtype, device=module.weight.device)
             init.copy_(module.weight, eye.expand_as(module.weight))
         elif isinstance(module, BasedHybridAttention):
-            logit = torch.logit(torch.tensor(self.config.hybrid_window_factor_init))
-            init.constant_(module.window_factors, logit.item())
+            init.constant_(module.window_factors, factor_logit(self.config.hybrid_window_factor_init))
+            if module.linear_factors is not None:
+                init.constant_(module.linear_factors, factor_logit(self.config.hybrid_linear_factor_init))
         elif getattr(module, "is_residual_projection", False):  # GPT-2/BASED: scaled by 1/sqrt(2 * num_layers)
             init.normal_(module.weight, mean=0.0, std=std / (2 * self.config.num_hidden_layers) ** 0.5)
 

@@ -1,5 +1,6 @@
 """The hedgehog feature map in one kernel: per block of BT tokens and one head, u = x W in fp32, then softmax(u)
-and softmax(-u) written side by side in x's dtype. It replaces the reference's casts, batched matmul, two softmaxes,
+and softmax(-u) written side by side in x's dtype. When x and W share a 16-bit dtype the product runs on the tensor
+cores: their products are exact in fp32 and accumulate in fp32, as in the reference's fp32 einsum. It replaces the reference's casts, batched matmul, two softmaxes,
 concatenation and clamp (about ten launches per map, two maps per hybrid layer). Forward only: with gradients to
 compute, for fp64, and while torch.compile traces (Inductor fuses the reference), the reference runs."""
 
@@ -18,7 +19,7 @@ MIN_FEATURE = 1e-12  # LoLCATs' clamp: no feature exactly 0 after softmax underf
 @triton.jit
 def hedgehog_fwd_kernel(
     X, W, Y, N, D, F, stride_xn, stride_xh, stride_yn, stride_yh,
-    BT: tl.constexpr, BD: tl.constexpr, BF: tl.constexpr, MIN_FEATURE: tl.constexpr,
+    BT: tl.constexpr, BD: tl.constexpr, BF: tl.constexpr, MIN_FEATURE: tl.constexpr, NATIVE_DOT: tl.constexpr,
 ):
     """Rows n = (batch, time) flattened; X [N, H, D], W [H, D, F], Y [N, H, 2F]."""
     i_t, i_h = tl.program_id(0), tl.program_id(1)
@@ -26,9 +27,12 @@ def hedgehog_fwd_kernel(
     d = tl.arange(0, BD)
     f = tl.arange(0, BF)
     x = tl.load(X + n[:, None].to(tl.int64) * stride_xn + i_h * stride_xh + d[None, :],
-                mask=(n[:, None] < N) & (d[None, :] < D), other=0.0).to(tl.float32)
+                mask=(n[:, None] < N) & (d[None, :] < D), other=0.0)
     w = tl.load(W + i_h * D * F + d[:, None] * F + f[None, :], mask=(d[:, None] < D) & (f[None, :] < F), other=0.0)
-    u = tl.dot(x, w.to(tl.float32), input_precision="ieee")  # [BT, BF], fp32 as the reference's einsum
+    if NATIVE_DOT:
+        u = tl.dot(x, w, out_dtype=tl.float32)  # [BT, BF]
+    else:
+        u = tl.dot(x.to(tl.float32), w.to(tl.float32), input_precision="ieee")
     u = tl.where(f[None, :] < F, u, float("-inf"))
     pos = tl.exp(u - tl.max(u, 1)[:, None])
     pos = pos / tl.sum(pos, 1)[:, None]
@@ -54,5 +58,6 @@ def hedgehog_feature_map(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     hedgehog_fwd_kernel[(triton.cdiv(rows.shape[0], BLOCK_T), heads)](
         rows, weight.contiguous(), y, rows.shape[0], dim, features, rows.stride(0), rows.stride(1),
         y.stride(0), y.stride(1), BT=BLOCK_T, BD=block_size(dim), BF=block_size(features), MIN_FEATURE=MIN_FEATURE,
+        NATIVE_DOT=x.dtype == weight.dtype and x.element_size() == 2,
     )
     return y.view(*x.shape[:-1], 2 * features)
