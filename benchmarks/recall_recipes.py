@@ -96,6 +96,14 @@ VARIANTS = {
             sinks=64,
             stage1_steps=0,
         ),
+        # No linear term at all (0): the same as 1e-6 without the unused feature maps and state; stage 1 is skipped.
+        "layers 0 17-20 23 linear 0 sinks 64": dict(
+            softmax_layers=(0, 17, 18, 19, 20, 23), window_factor_init=0.9, linear_factor_init=0, sinks=64
+        ),
+        # ... with the layers the copy criterion picks on that conversion (measured with its window and sinks).
+        "copy:6 linear 0 sinks 64": dict(
+            softmax_layers="copy:6", window_factor_init=0.9, linear_factor_init=0, sinks=64
+        ),
         "layers 0 17-20 23 linear 0.1 sinks 64": dict(
             softmax_layers=(0, 17, 18, 19, 20, 23), window_factor_init=0.9, linear_factor_init=0.1, sinks=64
         ),

@@ -758,9 +758,20 @@ def test_linear_factor_is_trained_in_stage_1_and_saved(workdir):
         trained = layer.self_attn.linear_factors.detach().float()
         assert (trained - math.log(0.2 / 0.8)).abs().max() > 1e-4  # moved from its init
         torch.testing.assert_close(saved.self_attn.linear_factors.float(), trained)
-    for bad in (0, 1.5):
+    for bad in (-0.1, 1.5):
         with pytest.raises(ConversionError, match=rf"linear_factor_init={bad} is not supported; accepted: none or 0"):
             Recipe(linear_factor_init=bad).validate()
+
+
+def test_no_linear_term_skips_stage_1_and_saves_no_feature_maps(workdir):
+    """--linear-factor-init 0: the converted layers are their window and sinks alone, so attention transfer has
+    nothing to train (stage 1 is skipped), LoRA still trains them, and the saved model has no feature maps."""
+    recipe = tiny_recipe(stage1_steps=3, stage2_steps=1, softmax_layers=(), sinks=2, linear_factor_init=0)
+    result = run(workdir, "no_linear", recipe)
+    assert result.stages["stage1"].skipped and not result.stages["stage2"].skipped
+    model = AutoModelForCausalLM.from_pretrained(workdir / "no_linear").eval()
+    assert model.config.hybrid_linear_factor_init == 0
+    assert not [n for n in model.state_dict() if "feature_map" in n or "linear_factors" in n]
 
 
 @pytest.mark.slow

@@ -36,6 +36,9 @@ STACKS = {
         hybrid_attention_sinks=3,
         hybrid_linear_factor_init=0.3,
     ),
+    "hybrid_no_linear": dict(
+        mixer_types=["hybrid_attention"] * 2, hybrid_attention_sinks=3, hybrid_linear_factor_init=0
+    ),
 }
 CONSTANT_STATE_STACKS = [name for name, kw in STACKS.items() if "full_attention" not in kw["mixer_types"]]
 
@@ -108,17 +111,16 @@ def test_attention_sinks_change_only_positions_beyond_the_window():
 
 
 def test_a_vanishing_linear_factor_leaves_the_sliding_window():
-    """Linear factor ~0: the hybrid layers compute what sliding-window softmax attention does (the window factor then
-    cancels out); at 0.3 they do not."""
+    """Linear factor 0 (no linear term) or ~0: the hybrid layers compute what sliding-window softmax attention does
+    (the window factor then cancels out); at 0.3 they do not."""
     window = BasedForCausalLM(tiny_config(**STACKS["sliding_window"])).double().eval()
     ids = random_ids(2, 30)
-    for factor, same in ((1e-15, True), (0.3, False)):
+    for factor, same in ((0, True), (1e-15, True), (0.3, False)):
         overrides = {"hybrid_linear_factor_init": factor, "hybrid_attention_sinks": 0}
         hybrid = BasedForCausalLM(tiny_config(**{**STACKS["hybrid_linear_factor"], **overrides})).double()
         missing = hybrid.load_state_dict(window.state_dict(), strict=False).missing_keys
-        assert all("feature_map" in n or "_factors" in n for n in missing) and any(
-            "linear_factors" in n for n in missing
-        )
+        assert all("feature_map" in n or "_factors" in n for n in missing)
+        assert any("linear_factors" in n for n in missing) == (factor != 0)
         with torch.no_grad():
             expected, actual = window(ids).logits, hybrid.eval()(ids).logits
         assert (actual - expected).abs().max() < 1e-9 if same else (actual - expected).abs().max() > 1e-3

@@ -146,11 +146,12 @@ def _new_parameter_names(config: BasedConfig) -> set[str]:
     names = set()
     for i in converted_layers(config):
         prefix = f"model.layers.{i}.self_attn."
-        if config.feature_map == "hedgehog":
+        linear_term = config.has_linear_term(config.mixer_types[i])
+        if config.feature_map == "hedgehog" and linear_term:
             names |= {prefix + "feature_map_q.weight", prefix + "feature_map_k.weight"}
         if config.mixer_types[i] == "hybrid_attention":
             names.add(prefix + "window_factors")
-            if config.hybrid_linear_factor_init is not None:
+            if linear_term and config.hybrid_linear_factor_init is not None:
                 names.add(prefix + "linear_factors")
     return names
 
@@ -259,9 +260,9 @@ def linearize_model(
 
 def stage1_parameters(model: nn.Module, config: BasedConfig) -> dict[int, list[tuple[str, nn.Parameter]]]:
     """Per converted layer: the (name, parameter) pairs that attention transfer trains (feature maps, window and
-    linear factors).
+    linear factors); none in layers without a linear term, where the window factor cancels out.
     Names are relative to `model` (a BasedForCausalLM, or anything whose named_parameters end the same)."""
-    converted = set(converted_layers(config))
+    converted = {i for i in converted_layers(config) if config.has_linear_term(config.mixer_types[i])}
     groups: dict[int, list[tuple[str, nn.Parameter]]] = {}
     for name, param in model.named_parameters():
         match = re.search(r"layers\.(\d+)\.self_attn\.(feature_map_[qk]\.weight|window_factors|linear_factors)$", name)

@@ -696,7 +696,11 @@ def plan_stages(inputs: Inputs, recipe: Recipe, student: BasedForCausalLM, dist:
         recipe.stage2_steps, recipe.stage2_tokens, recipe.epochs, num_sequences, global_batch, recipe.seq_len
     )
     if steps1 and not stage1_parameters(student, config):
-        _log(dist, "stage 1 skipped: this recipe has nothing to train in it (Taylor feature maps without a window)")
+        _log(
+            dist,
+            "stage 1 skipped: this recipe has nothing to train in it (Taylor feature maps without a window, or no "
+            "linear term)",
+        )
         steps1 = 0
     # Every setting that changes a stage's result; the step count only where the schedule depends on it (cosine), so
     # that a finished constant-rate stage can be continued with more steps.

@@ -156,7 +156,8 @@ class Recipe:
     linear_factor_init: float | None = setting(
         None,
         "initial weight of the linear part (a learned per-head factor on phi(q), like the window factor); none: no "
-        "such factor, the linear part weighs 1 (LoLCATs). A tiny value (1e-6) leaves the window and its sinks alone",
+        "such factor, the linear part weighs 1 (LoLCATs); 0: no linear part, each converted layer is its window and "
+        "sinks alone (no feature maps, nothing for stage 1 to train)",
         "architecture",
     )
 
@@ -242,7 +243,7 @@ class Recipe:
                     ", ".join(choices),
                 )
         check("window_factor_init", lambda v: is_number(v) and 0 < v < 1, "0 < value < 1")
-        check("linear_factor_init", lambda v: v is None or (is_number(v) and 0 < v < 1), "none or 0 < value < 1")
+        check("linear_factor_init", lambda v: v is None or (is_number(v) and 0 <= v < 1), "none or 0 <= value < 1")
         for name in ("stage1_lr", "stage2_lr", "epochs", "mse_factor", "lora_alpha", "distill_temperature"):
             check(name, lambda v: is_number(v) and v > 0, "a number > 0")
         check("max_grad_norm", lambda v: is_number(v) and v > 0, "a number > 0 (the gradient norm clipped to)")

@@ -152,10 +152,10 @@ class BasedConfig(PretrainedConfig):
                 "accepted values: 0 < value < 1 (it is sigmoid(w) at initialisation)"
             )
         linear_factor = self.hybrid_linear_factor_init
-        if linear_factor is not None and not (isinstance(linear_factor, (int, float)) and 0 < linear_factor < 1):
+        if linear_factor is not None and not (isinstance(linear_factor, (int, float)) and 0 <= linear_factor < 1):
             raise ValueError(
                 f"hybrid_linear_factor_init={linear_factor!r} is not supported; accepted values: None (the linear "
-                "term unweighted) or 0 < value < 1 (a learned weight, sigmoid(w) at initialisation)"
+                "term unweighted), 0 (no linear term) or 0 < value < 1 (a learned weight, sigmoid(w) at initialisation)"
             )
 
     def qk_head_dim(self, mixer_type: str) -> int:
@@ -163,8 +163,15 @@ class BasedConfig(PretrainedConfig):
         based_shaped = mixer_type == "linear_attention" and self.linear_attention_projections == "based"
         return self.feature_dim if based_shaped else self.head_dim
 
+    def has_linear_term(self, mixer_type: str) -> bool:
+        """Whether a `linear_attention` / `hybrid_attention` layer has a linear part (hybrid_linear_factor_init 0:
+        a hybrid layer is its window and sinks alone)."""
+        return mixer_type != "hybrid_attention" or self.hybrid_linear_factor_init != 0
+
     def feature_size(self, mixer_type: str) -> int:
         """Features per head of the linear-attention state of a `linear_attention` / `hybrid_attention` layer."""
+        if not self.has_linear_term(mixer_type):
+            return 1  # one zero feature
         if self.feature_map == "hedgehog":
             return 2 * self.hedgehog_dim
         return taylor_num_features(self.qk_head_dim(mixer_type))  # 1 + d + d^2, as cached (not the packed 1+d+d(d+1)/2)

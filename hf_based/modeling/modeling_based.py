@@ -215,7 +215,8 @@ class BasedHybridAttention(BasedAttentionBase):
     """LoLCATs: softmax over the last `sliding_window` keys + linear attention over all older keys, one denominator.
 
     The softmax part is weighted by a learned per-head gamma = sigmoid(window_factors) (init `hybrid_window_factor_init`);
-    with `hybrid_linear_factor_init` set, the linear part too, by beta = sigmoid(linear_factors) (else beta = 1).
+    with `hybrid_linear_factor_init` in (0, 1), the linear part too, by beta = sigmoid(linear_factors) (None: beta = 1);
+    with 0 there is no linear part (nor feature maps): sliding-window softmax over the window and the sinks.
     Keys leaving the window fold into the linear state, so the cache stays constant-size; the first
     `hybrid_attention_sinks` real tokens stay in the softmax part instead (the cache keeps them).
     """
@@ -225,14 +226,15 @@ class BasedHybridAttention(BasedAttentionBase):
         self.window = config.sliding_window
         self.sinks = config.hybrid_attention_sinks
         self.window_factors = nn.Parameter(torch.empty(self.num_heads))
-        self.linear_factors = None
-        if config.hybrid_linear_factor_init is not None:
-            self.linear_factors = nn.Parameter(torch.empty(self.num_heads))
-        if config.feature_map == "hedgehog":
-            self.feature_map_q = BasedHedgehogFeatureMap(self.num_heads, self.head_dim, config.hedgehog_dim)
-            self.feature_map_k = BasedHedgehogFeatureMap(self.num_heads, self.head_dim, config.hedgehog_dim)
-        else:
-            self.feature_map_q = self.feature_map_k = BasedTaylorFeatureMap()
+        self.linear_factors = self.feature_map_q = self.feature_map_k = None
+        if config.has_linear_term("hybrid_attention"):
+            if config.hybrid_linear_factor_init is not None:
+                self.linear_factors = nn.Parameter(torch.empty(self.num_heads))
+            if config.feature_map == "hedgehog":
+                self.feature_map_q = BasedHedgehogFeatureMap(self.num_heads, self.head_dim, config.hedgehog_dim)
+                self.feature_map_k = BasedHedgehogFeatureMap(self.num_heads, self.head_dim, config.hedgehog_dim)
+            else:
+                self.feature_map_q = self.feature_map_k = BasedTaylorFeatureMap()
 
     def forward(self, hidden_states, key_mask, position_embeddings, cache=None):
         q, k, v = self.project(hidden_states, position_embeddings)
@@ -243,14 +245,7 @@ class BasedHybridAttention(BasedAttentionBase):
         elif self.sinks:
             real = key_mask if key_mask is not None else torch.ones(k.shape[:2], dtype=torch.bool, device=k.device)
             sink_mask = attention_sinks(real.bool(), self.sinks)
-        q_feat = self.feature_map_q(q)
-        if self.linear_factors is not None:  # beta on phi(q) weighs the linear part in numerator and denominator
-            q_feat = q_feat * torch.sigmoid(self.linear_factors).to(q_feat.dtype)[:, None]
-        # Only the first Tk - window + 1 keys ever enter the linear part or the state (the window's softmax reads raw
-        # keys): a decode step maps the one key that leaves the window, not all of it. The rest stay zero.
-        folding = max(k.shape[1] - self.window + 1, 0)
-        k_feat = self.feature_map_k(repeat_kv(k[:, :folding], self.num_kv_groups))
-        k_feat = nn.functional.pad(k_feat, (0, 0, 0, 0, 0, k.shape[1] - folding))
+        q_feat, k_feat = self.features(q, k)
         op = hybrid_attention_recurrent if initial_state is not None and q.shape[1] == 1 else hybrid_attention
         o, final_state = op(
             q,
@@ -268,6 +263,20 @@ class BasedHybridAttention(BasedAttentionBase):
         if cache is not None:
             cache.layers[self.layer_idx].update_state(*final_state)
         return self.out(o)
+
+    def features(self, q, k):
+        """(phi(q) [B, Tq, H, F], phi(k) [B, Tk, H, F]); without a linear term, one zero feature, so that the hybrid
+        kernels add nothing to the window's softmax (and keep a [H, 1, Dv] state of zeros)."""
+        if self.feature_map_q is None:
+            return q.new_zeros(*q.shape[:-1], 1), k.new_zeros(*k.shape[:2], self.num_heads, 1)
+        q_feat = self.feature_map_q(q)
+        if self.linear_factors is not None:  # beta on phi(q) weighs the linear part in numerator and denominator
+            q_feat = q_feat * torch.sigmoid(self.linear_factors).to(q_feat.dtype)[:, None]
+        # Only the first Tk - window + 1 keys ever enter the linear part or the state (the window's softmax reads raw
+        # keys): a decode step maps the one key that leaves the window, not all of it. The rest stay zero.
+        folding = max(k.shape[1] - self.window + 1, 0)
+        k_feat = self.feature_map_k(repeat_kv(k[:, :folding], self.num_kv_groups))
+        return q_feat, nn.functional.pad(k_feat, (0, 0, 0, 0, 0, k.shape[1] - folding))
 
 
 class BasedConv(nn.Module):
