@@ -14,14 +14,15 @@ import torch
 
 from hf_based.bench import report
 from hf_based.conversion import Recipe, linearize_model, load_teacher
+from hf_based.conversion.recipe import LOLCATS
 from hf_based.eval import evaluate
 
-# Every layer converted (softmax_layers=()), as LoLCATs does.
+# LoLCATs' hybrid layers everywhere (every layer converted, no sinks, the linear term), window and factor varied.
 VARIANTS = {
-    "window 64, factor 0.1 (LoLCATs)": Recipe(window=64, window_factor_init=0.1, softmax_layers=()),
-    "window 64, factor 0.9": Recipe(window=64, window_factor_init=0.9, softmax_layers=()),
-    "window 64, factor 0.999": Recipe(window=64, window_factor_init=0.999, softmax_layers=()),
-    "window 128, factor 0.9": Recipe(window=128, window_factor_init=0.9, softmax_layers=()),
+    "window 64, factor 0.1 (LoLCATs)": Recipe(**LOLCATS),
+    "window 64, factor 0.9": Recipe(**{**LOLCATS, "window_factor_init": 0.9}),
+    "window 64, factor 0.999": Recipe(**{**LOLCATS, "window_factor_init": 0.999}),
+    "window 128, factor 0.9": Recipe(**{**LOLCATS, "window": 128, "window_factor_init": 0.9}),
 }
 
 

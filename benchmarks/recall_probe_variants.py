@@ -18,6 +18,7 @@ import torch
 import hf_based.modeling.modeling_based as modeling
 from hf_based.bench import report
 from hf_based.conversion import Recipe, linearize_model, load_teacher
+from hf_based.conversion.recipe import LOLCATS
 from hf_based.eval.retrieval import passkey_doc
 from hf_based.kernels.hybrid.reference import _prepare
 from hf_based.kernels.softmax.reference import key_distance, normalise, stable_exp
@@ -64,7 +65,7 @@ def main() -> None:
     rows = {"teacher": key_predicted(teacher, tokenizer, docs)}
     modeling.hybrid_attention = hybrid_variant
     for factor in (0.1, 0.9, 0.999):
-        model = linearize_model(teacher, Recipe(window=64, window_factor_init=factor, softmax_layers=())).eval()
+        model = linearize_model(teacher, Recipe(**{**LOLCATS, "window_factor_init": factor})).eval()
         for sink, damp in itertools.product((0, 1, 4, 16), (False, True)):
             VARIANT.update(sink=sink, damp=damp)
             name = f"window 64, factor {factor}, sink {sink}" + (", linear x (1 - factor)" if damp else "")

@@ -29,6 +29,7 @@ if importlib.util.find_spec("hf_based") is None:  # run from a checkout without 
 
 from hf_based.bench import report  # noqa: E402
 from hf_based.conversion import Recipe, convert, load_teacher  # noqa: E402
+from hf_based.conversion.recipe import LOLCATS  # noqa: E402
 from hf_based.eval import evaluate  # noqa: E402
 from hf_based.modeling.compat import output_cache  # noqa: E402
 from hf_based.utils import shared_data_dir  # noqa: E402
@@ -37,7 +38,6 @@ RETRIEVAL_TASKS = ("passkey", "niah_single")
 DEPTHS = (0, 25, 50, 75, 100)
 CACHE_CONTEXT = 8192
 UNTRAINED = dict(stage1_steps=0, stage2_steps=0)
-LOLCATS = dict(softmax_layers=(), window_factor_init=0.1)  # every layer converted, LoLCATs' window factor
 # name -> Recipe settings beyond the shared budget, each on top of LoLCATs' recipe.
 VARIANTS = {
     name: LOLCATS | settings

@@ -84,6 +84,10 @@ def make_workdir(root: Path, tokenizer) -> Path:
 
 
 # Small budgets: seq 32, 2 x 2 sequences a step.
+# Command-line flags for the hybrid layers with their linear term, which stage 1 trains (the default has none).
+LINEAR_TERM_FLAGS = ["--sinks", "0", "--linear-factor-init", "none"]
+
+
 def tiny_recipe(**overrides) -> Recipe:
     values = dict(
         window=8,
@@ -94,6 +98,9 @@ def tiny_recipe(**overrides) -> Recipe:
         stage2_steps=4,
         checkpoint_every=2,
         stage2_lr=1e-3,
+        # as LINEAR_TERM_FLAGS
+        sinks=0,
+        linear_factor_init=None,
     )
     return Recipe(**{**values, **overrides})
 

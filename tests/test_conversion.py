@@ -14,7 +14,16 @@ import time
 
 import pytest
 import torch
-from conversion_helpers import LLAMA3_ROPE, make_teacher, make_tokenizer, make_workdir, records, run, tiny_recipe
+from conversion_helpers import (
+    LINEAR_TERM_FLAGS,
+    LLAMA3_ROPE,
+    make_teacher,
+    make_tokenizer,
+    make_workdir,
+    records,
+    run,
+    tiny_recipe,
+)
 from safetensors import safe_open
 from transformers import (
     AutoModelForCausalLM,
@@ -194,6 +203,7 @@ def test_convert_cli_end_to_end(workdir, tokenizer):
             "4",
             "--softmax-layers",
             "-1",
+            *LINEAR_TERM_FLAGS,
             "--val-records",
             "40",
             "--no-progress",
@@ -296,6 +306,7 @@ def test_killed_cli_run_resumes(workdir):
         "--val-records",
         "40",
         "--no-progress",
+        *LINEAR_TERM_FLAGS,
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
@@ -370,6 +381,7 @@ def test_fsdp_on_two_cpu_processes_matches_one_process_and_resumes(workdir):
             "--val-records",
             "40",
             "--no-progress",
+            *LINEAR_TERM_FLAGS,
             "--fsdp",
             "--overwrite",  # the second launch continues stage 2 of the first one's finished model
         ]
@@ -648,27 +660,38 @@ def test_percent_spec_keeps_the_floor_of_p_percent_of_the_layers(spec, num_layer
             based_config(config, Recipe(softmax_layers=spec))
 
 
-def test_default_recipe_keeps_recall_and_lolcats_stays_reachable(capsys):
-    """Defaults: copy:20% softmax layers, window factor 0.9 (logit ln 9 = 2.1972); LoLCATs' recipe (every layer
-    converted, window factor 0.1, logit -2.1972) is Recipe(**LOLCATS), or --softmax-layers "" --window-factor-init 0.1."""
-    assert (Recipe().softmax_layers, Recipe().window_factor_init) == ("copy:20%", 0.9)
+def test_default_recipe_keeps_recall_and_lolcats_stays_reachable(capsys, monkeypatch):
+    """Defaults: copy:20% softmax layers, 64 sinks, no linear term (window factor 0.9, logit ln 9 = 2.1972, which then
+    cancels out); LoLCATs' recipe (every layer converted, window factor 0.1, logit -2.1972, no sinks, the linear term)
+    is Recipe(**LOLCATS), or --softmax-layers "" --window-factor-init 0.1 --sinks 0 --linear-factor-init none."""
+    default = Recipe()
+    assert (default.softmax_layers, default.window_factor_init, default.sinks, default.linear_factor_init) == (
+        "copy:20%",
+        0.9,
+        64,
+        0,
+    )
     teacher = make_teacher(vocab=64, layers=2)  # 20% of 2 layers: none
     for recipe, logit in ((Recipe(), 2.1972), (Recipe(**LOLCATS), -2.1972), (Recipe(window_factor_init=0.1), -2.1972)):
         student = linearize_model(teacher, recipe)
         assert student.config.mixer_types == ["hybrid_attention"] * 2
+        assert student.config.hybrid_attention_sinks == recipe.sinks
         for layer in student.model.layers:
             torch.testing.assert_close(layer.self_attn.window_factors, torch.full((4,), logit), atol=1e-4, rtol=0)
+            assert (layer.self_attn.feature_map_q is None) == (recipe.linear_factor_init == 0)
     parser = argparse.ArgumentParser()
     add_recipe_arguments(parser)
-    parsed = resolve_defaults(parser.parse_args(["--softmax-layers", "", "--window-factor-init", "0.1"]), demo=False)
-    assert recipe_from_args(parsed) == Recipe(**LOLCATS)
+    lolcats = ["--softmax-layers", "", "--window-factor-init", "0.1", "--sinks", "0", "--linear-factor-init", "none"]
+    assert recipe_from_args(resolve_defaults(parser.parse_args(lolcats), demo=False)) == Recipe(**LOLCATS)
     assert recipe_from_args(resolve_defaults(parser.parse_args([]), demo=False)) == Recipe()
+    monkeypatch.setenv("COLUMNS", "1000")  # no line breaks inside the flags
     with pytest.raises(SystemExit) as exit_info:
         main(["convert", "--help"])
     assert exit_info.value.code == 0
     text = " ".join(capsys.readouterr().out.split())
-    assert "(default: copy:20%)" in text and 'LoLCATs\' recipe: --softmax-layers "" --window-factor-init 0.1' in text
-    assert "0.9 rather than LoLCATs' 0.1" in text and "(default: 0.9)" in text
+    lolcats = 'LoLCATs\' recipe: --softmax-layers "" --window-factor-init 0.1 --sinks 0 --linear-factor-init none'
+    assert "(default: copy:20%)" in text and lolcats in text
+    assert "0.9 rather than LoLCATs' 0.1" in text and "(default: 0.9)" in text and "(default: 64)" in text
 
 
 def test_default_recipe_keeps_one_of_five_layers_chosen_by_copying(tmp_path, tokenizer):
@@ -772,6 +795,8 @@ def test_no_linear_term_skips_stage_1_and_saves_no_feature_maps(workdir):
     model = AutoModelForCausalLM.from_pretrained(workdir / "no_linear").eval()
     assert model.config.hybrid_linear_factor_init == 0
     assert not [n for n in model.state_dict() if "feature_map" in n or "linear_factors" in n]
+    card = " ".join((workdir / "no_linear" / "README.md").read_text().split())
+    assert "(8 keys, the current one included, and the first 2 tokens as attention sinks) without a linear term" in card
 
 
 @pytest.mark.slow

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conversion_helpers import make_tokenizer, make_workdir, records, run, tiny_recipe
+from conversion_helpers import LINEAR_TERM_FLAGS, make_tokenizer, make_workdir, records, run, tiny_recipe
 from transformers import AutoModelForCausalLM
 
 from hf_based.cli import main
@@ -22,7 +22,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 TINY = ["--window", "8", "--seq-len", "32", "--batch-size", "2", "--grad-accum", "2", "--stage2-lr", "1e-3"]
 TINY += ["--stage1-steps", "4", "--stage2-steps", "2", "--checkpoint-every", "2", "--val-records", "40"]
-TINY += ["--val-sequences", "2", "--no-progress"]
+TINY += ["--val-sequences", "2", "--no-progress", *LINEAR_TERM_FLAGS]
 
 
 @pytest.fixture(scope="module")

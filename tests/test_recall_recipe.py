@@ -10,10 +10,10 @@ from conversion_helpers import WORDS, make_tokenizer
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from hf_based.conversion import Recipe, convert
+from hf_based.conversion.recipe import LOLCATS
 
 COPIED = 16  # words, then a separator, then the same words again: the copy lies 17 positions back
-WINDOW = 4  # so the window alone cannot copy
-LOLCATS = dict(softmax_layers=(), window_factor_init=0.1)
+WINDOW, SINKS = 4, 2  # so the window and sinks alone cannot copy (the default's 64 and 64, scaled down)
 
 
 def copy_sequences(tokenizer, count: int, seed: int) -> torch.Tensor:
@@ -69,7 +69,7 @@ def convert_copy_teacher(copy_teacher, tmp_path, **recipe):
     tmp_path.mkdir()
     data = tmp_path / "copies.json"
     data.write_text(json.dumps([{"text": text} for text in texts]))
-    settings = dict(window=WINDOW, seq_len=64, batch_size=4, grad_accum=1, stage1_steps=10, stage2_steps=5)
+    settings = dict(window=WINDOW, sinks=SINKS, seq_len=64, batch_size=4, grad_accum=1, stage1_steps=10, stage2_steps=5)
     result = convert(
         out=tmp_path / "converted",
         recipe=Recipe(**settings | recipe),
@@ -94,4 +94,4 @@ def test_default_recipe_keeps_copying_that_lolcats_loses(copy_teacher, tmp_path)
     kept = [i for i, mixer in enumerate(default.config.mixer_types) if mixer == "full_attention"]
     assert len(kept) == 1  # 20% of 5 layers
     assert copy_accuracy(lolcats, held_out) < 0.5  # measured 0.08
-    assert copy_accuracy(default, held_out) > 0.85  # measured 0.95
+    assert copy_accuracy(default, held_out) > 0.85  # measured 0.99

@@ -63,6 +63,16 @@ def _softmax_layers(text: str) -> tuple[int, ...] | str:
         return text.strip()
 
 
+def _factor_or_none(text: str) -> float | None:
+    """A number, or "none" (no such factor); Recipe.validate checks the range."""
+    if text.strip().lower() == "none":
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is neither a number nor 'none'") from None
+
+
 def _name_list(text: str) -> tuple[str, ...]:
     return tuple(x.strip() for x in text.split(",") if x.strip())
 
@@ -81,7 +91,7 @@ MODE_DEFAULTS = {
     "dtype": ("auto", "bfloat16"),
 }
 # Parsers of the recipe's tuple fields, by field name.
-LIST_TYPES = {"softmax_layers": _softmax_layers, "lora_targets": _name_list}
+FIELD_PARSERS = {"softmax_layers": _softmax_layers, "lora_targets": _name_list, "linear_factor_init": _factor_or_none}
 
 
 def resolve_defaults(args: argparse.Namespace, demo: bool) -> argparse.Namespace:
@@ -125,7 +135,7 @@ def add_recipe_arguments(parser: argparse.ArgumentParser) -> None:
         if f.default is False:
             group.add_argument(flag, action="store_true", **meta)
             continue
-        kind = LIST_TYPES.get(f.name) or next(
+        kind = FIELD_PARSERS.get(f.name) or next(
             t for t in typing.get_args(types[f.name]) or [types[f.name]] if t is not type(None)
         )
         if f.name in MODE_DEFAULTS:

@@ -187,6 +187,11 @@ def copy_scores(
     return {i: total / len(batches) for i, total in scores.items()}
 
 
+def top_layers(scores: dict[int, float], k: int) -> list[int]:
+    """The k layers with the highest scores (ties: the lower index), in layer order."""
+    return sorted(sorted(scores, key=lambda i: (-scores[i], i))[:k])
+
+
 def select_softmax_layers(
     teacher: nn.Module,
     recipe: Recipe,
@@ -204,7 +209,7 @@ def select_softmax_layers(
         return LayerSelection(recipe.softmax_layers, strategy, [], {}, 0, num_layers, 0)
     device = torch.device(device)
     autocast = autocast_for(device, recipe.precision)
-    student = linearize_model(teacher, recipe.with_softmax_layers(()), device=device)
+    student = linearize_model(teacher, recipe.selection_probe(), device=device)
     if strategy in ("kl", "copy"):
         home = next(teacher.parameters()).device
         teacher.to(device)
@@ -213,7 +218,7 @@ def select_softmax_layers(
         teacher.to(home)
     else:
         scores = layer_attention_mse(student, calibration_ids, recipe.batch_size, autocast)
-    layers = sorted(sorted(scores, key=lambda i: (-scores[i], i))[:k])
+    layers = top_layers(scores, k)
     logger.info(
         "softmax layers %s (%s, %d of %d: %s): %s",
         layers,

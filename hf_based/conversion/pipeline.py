@@ -373,14 +373,7 @@ def model_card(info: dict) -> str:
         "",
         f"`{info['base_model']}` linearized with LoLCATs (Zhang et al., 2024) by "
         f"[hf-based](https://pypi.org/project/hf-based/) {info['hf_based_version']}: "
-        f"{layers['converted']} of {layers['total']} attention layers are "
-        + (
-            "pure linear attention"
-            if recipe["linear_only"]
-            else f"sliding-window softmax ({recipe['window']} keys, the current one included) plus linear attention over "
-            "older keys, with one shared denominator"
-        )
-        + f", {recipe['feature_map']} feature maps"
+        f"{layers['converted']} of {layers['total']} attention layers are {_converted_layer_text(recipe)}"
         + (f"; layers {layers['softmax']} keep softmax attention." if layers["softmax"] else "."),
         "",
         "Load it with `AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)`, or import `hf_based` "
@@ -631,15 +624,7 @@ def _layer_selection(
         "teacher_config": _digest(teacher.config.to_dict()),
         "calibration_ids": _digest(calibration_ids.tolist()),
         "conversion": _digest(
-            [
-                recipe.window,
-                recipe.feature_map,
-                recipe.hedgehog_dim,
-                recipe.linear_only,
-                recipe.window_factor_init,
-                recipe.linear_factor_init,
-                recipe.sinks,
-            ]
+            [recipe.window, recipe.feature_map, recipe.hedgehog_dim, recipe.linear_only, recipe.window_factor_init]
         ),
     }
     if dist.is_main and read_checkpoint(cached, key) is None:
@@ -647,6 +632,19 @@ def _layer_selection(
         atomic_save({"key": key, "selection": dataclasses.asdict(selection)}, cached)
     dist.barrier()
     return LayerSelection(**read_checkpoint(cached, key)["selection"])
+
+
+def _converted_layer_text(recipe: dict) -> str:
+    """What a converted layer computes, for the model card (`recipe`: a Recipe's dict)."""
+    maps = f"{recipe['feature_map']} feature maps"
+    if recipe["linear_only"]:
+        return f"pure linear attention, {maps}"
+    sinks = recipe.get("sinks", 0)
+    window = f"sliding-window softmax ({recipe['window']} keys, the current one included"
+    window += f", and the first {sinks} tokens as attention sinks)" if sinks else ")"
+    if recipe.get("linear_factor_init") == 0:
+        return f"{window} without a linear term"
+    return f"{window} plus linear attention over older keys, with one shared denominator, {maps}"
 
 
 def _teacher_text(

@@ -49,9 +49,9 @@ SOFTMAX_LAYERS_FORMS = (
     "layer indices I,J,... (negative: from the end; empty: none), or STRATEGY:K (K layers, an integer >= 0) or "
     "STRATEGY:P% (P% of the model's layers, rounded down; 0 < P <= 100) with STRATEGY auto, kl, copy or mse"
 )
-# Where this recipe's defaults differ from LoLCATs': every layer converted, window factor 0.1. Recipe(**LOLCATS)
-# is LoLCATs' recipe.
-LOLCATS = {"softmax_layers": (), "window_factor_init": 0.1}
+# Where this recipe's defaults differ from LoLCATs': every layer converted, window factor 0.1, no sinks, the linear
+# term at weight 1. Recipe(**LOLCATS) is LoLCATs' recipe.
+LOLCATS = {"softmax_layers": (), "window_factor_init": 0.1, "sinks": 0, "linear_factor_init": None}
 # Settings of the released LoLCATs checkpoints that their .pt files do not store.
 LOLCATS_WINDOW = 64  # window_size of the released configs (e.g. distill_llama3_1_8b_lk_smd_wtk64_fd64_w01.yaml)
 LOLCATS_LORA_ALPHA = 16.0  # finetune_lora_qkvo_alpaca_clean.yaml: r=8, lora_alpha=16 (alpha is not in the .pt)
@@ -119,9 +119,12 @@ def setting(default, help: str, group: str, **argparse_kwargs):
 class Recipe:
     """Every setting of a conversion. Defaults follow LoLCATs (Zhang et al., 2024): window 64, hedgehog maps with
     64 -> 128 features; stage 1 lr 1e-2 with MSE x 1000, stage 2 LoRA r 8 / alpha 16 on q/k/v/o at lr 1e-4; packed
-    1024-token sequences, batch 1 x 8 accumulation, 2 epochs per stage, clip 1.0. Two differ, for in-context recall:
-    20% of the layers (those copying depends on, "copy:20%") stay softmax attention, and the window factor starts at
-    0.9 (LoLCATs: every layer converted, 0.1; `Recipe(**LOLCATS)`)."""
+    1024-token sequences, batch 1 x 8 accumulation, 2 epochs per stage, clip 1.0. Three differ, for in-context recall:
+    20% of the layers (those copying depends on, "copy:20%") stay softmax attention, and the converted layers have
+    no linear term but 64 attention sinks: each is sliding-window softmax over its window and the first 64 tokens, so
+    stage 1 has nothing to train and LoRA does the rest (LoLCATs: every layer converted, window factor 0.1, the linear
+    term over all older keys; `Recipe(**LOLCATS)`). On SmolLM2-135M the linear term is what ended needle retrieval at
+    the training length."""
 
     # LoLCATs' window_size counts the same keys
     window: int = setting(64, "softmax window in keys, the current one included", "architecture")
@@ -135,12 +138,14 @@ class Recipe:
         "next-token distribution most, copy = the same on text that repeats itself (in-context recall), mse = the "
         "largest attention-transfer error. Why the default: on SmolLM2-135M, keeping the 6 layers that copying depends "
         "on, with --window-factor-init 0.9, took needle retrieval at 256-1024 tokens from 0 to 0.9 and LAMBADA "
-        "perplexity from 5.9x to 1.35x the teacher's. LoLCATs' recipe: --softmax-layers \"\" --window-factor-init 0.1",
+        "perplexity from 5.9x to 1.35x the teacher's (see --linear-factor-init for what keeps it at longer prompts). "
+        "The layers are measured on the conversion without sinks and with the linear term (LoLCATs' hybrid). "
+        'LoLCATs\' recipe: --softmax-layers "" --window-factor-init 0.1 --sinks 0 --linear-factor-init none',
         "architecture",
         metavar="I,J,...|STRATEGY:K|STRATEGY:P%",
     )
     sinks: int = setting(
-        0,
+        64,
         "attention sinks: the first N tokens of each sequence stay in every converted layer's softmax part however old "
         "they are, instead of entering its linear state (the cache keeps their keys and values)",
         "architecture",
@@ -154,10 +159,12 @@ class Recipe:
         "architecture",
     )
     linear_factor_init: float | None = setting(
-        None,
+        0.0,
         "initial weight of the linear part (a learned per-head factor on phi(q), like the window factor); none: no "
         "such factor, the linear part weighs 1 (LoLCATs); 0: no linear part, each converted layer is its window and "
-        "sinks alone (no feature maps, nothing for stage 1 to train)",
+        "sinks alone (no feature maps, nothing for stage 1 to train). Why the default: on SmolLM2-135M with 64 sinks, "
+        "needle retrieval at 256 / 1024 / 2048 / 4096 tokens was 1.0 / 0.9 / 0.9 / 0.7 without the linear part and "
+        "0.9 / 1.0 / 0.1 / 0 with it (teacher 0.9 / 1.0 / 1.0 / 1.0)",
         "architecture",
     )
 
@@ -272,6 +279,13 @@ class Recipe:
 
         lr = self.stage1_lr if stage == 1 else self.stage2_lr
         return Schedule(steps, self.grad_accum, lr, self.warmup_steps, self.lr_schedule, self.max_grad_norm)
+
+    def selection_probe(self) -> Recipe:
+        """The untrained conversion on which a STRATEGY:K spec measures the layers: every layer converted, without
+        sinks and with the linear term at weight 1, whatever this recipe's sinks and linear factor. On SmolLM2 the
+        copy criterion measured so picks the layers that kept recall (0, 17-20, 23); measured with 64 sinks and no
+        linear term, most layers barely matter alone and it picks others (7, 14, 17, 18, 20, 23)."""
+        return dataclasses.replace(self, softmax_layers=(), sinks=0, linear_factor_init=None)
 
     def with_softmax_layers(self, layers: tuple[int, ...] | list[int]) -> Recipe:
         """This recipe with explicit softmax layers (a selection spec resolved, or none)."""
