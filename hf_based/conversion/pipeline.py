@@ -722,13 +722,12 @@ def plan_stages(inputs: Inputs, recipe: Recipe, student: BasedForCausalLM, dist:
     }
     _log(
         dist,
-        "converting %s: %d/%d layers %s (%s), %d training sequences of %d tokens; stage 1: %d steps, stage 2: "
+        "converting %s: %d/%d layers become %s; %d training sequences of %d tokens; stage 1: %d steps, stage 2: "
         "%d steps of %d sequences",
         inputs.base_name,
         len(converted_layers(config)),
         config.num_hidden_layers,
-        "linear" if recipe.linear_only else "hybrid",
-        recipe.feature_map,
+        _converted_layer_text(recipe.to_dict()),
         num_sequences,
         recipe.seq_len,
         steps1,
