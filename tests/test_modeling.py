@@ -359,7 +359,7 @@ def test_generate_refuses_a_cache_implementation_it_does_not_have():
         tiny_model("based_mix").generate(random_ids(1, 4), max_new_tokens=2, cache_implementation="quantized")
 
 
-COMPILED_STACKS = ["based_mix", "lolcats_mix", "hybrid_taylor", "linear_taylor", "hybrid_sinks"]
+COMPILED_STACKS = ["based_mix", "lolcats_mix", "hybrid_taylor", "linear_taylor", "hybrid_sinks", "hybrid_no_linear"]
 
 
 @pytest.mark.slow
