@@ -121,6 +121,8 @@ BAD_OPTIONS = [
     (["--lora-alpha", "0"], r"lora_alpha=0\.0 is not supported"),
     (["--epochs", "0"], r"epochs=0\.0 is not supported"),
     (["--window-factor-init", "1"], r"window_factor_init=1\.0 is not supported"),
+    (["--linear-factor-init", "1"], r"linear_factor_init=1\.0 is not supported; accepted: none or 0 <= value < 1"),
+    (["--sinks", "-2"], r"sinks=-2 is not supported; accepted: integers >= 0"),
     (["--softmax-layers", "copy:0%"], r"softmax_layers='copy:0%' is not supported \(P must be > 0\); accepted: "),
     (["--softmax-layers", "kl:%"], r"softmax_layers='kl:%' is not supported \(P is missing\); accepted: "),
     (["--softmax-layers", "copy:101%"], r"softmax_layers='copy:101%' is not supported \(P must be <= 100\)"),
