@@ -10,6 +10,7 @@ import json
 
 import torch
 
+from hf_based.bench.throughput import timed_steps
 from hf_based.kernels.hybrid import triton as hybrid
 from hf_based.kernels.hybrid.chunked import hybrid_attention_chunked
 from hf_based.kernels.hybrid.reference import hybrid_attention as reference
@@ -22,15 +23,9 @@ def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
 
 
 def milliseconds(fn, repeats: int = 10) -> float:
+    """Mean milliseconds of `repeats` back-to-back calls, after one that compiles."""
     fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(repeats):
-        fn()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) / repeats
+    return timed_steps(fn, torch.device("cuda"), repeats, trials=1) * 1e3
 
 
 def main() -> None:

@@ -214,9 +214,10 @@ def factor_logit(factor: float) -> float:
 class BasedHybridAttention(BasedAttentionBase):
     """LoLCATs: softmax over the last `sliding_window` keys + linear attention over all older keys, one denominator.
 
-    The softmax part is weighted by a learned per-head gamma = sigmoid(window_factors) (init `hybrid_window_factor_init`);
-    with `hybrid_linear_factor_init` in (0, 1), the linear part too, by beta = sigmoid(linear_factors) (None: beta = 1);
-    with 0 there is no linear part (nor feature maps): sliding-window softmax over the window and the sinks.
+    The softmax part is weighted by a learned per-head gamma = sigmoid(window_factors) (init
+    `hybrid_window_factor_init`); with `hybrid_linear_factor_init` in (0, 1), the linear part too, by beta =
+    sigmoid(linear_factors) (None: beta = 1); with 0 there is no linear part (nor feature maps): sliding-window softmax
+    over the window and the sinks.
     Keys leaving the window fold into the linear state, so the cache stays constant-size; the first
     `hybrid_attention_sinks` real tokens stay in the softmax part instead (the cache keeps them).
     """

@@ -1,7 +1,8 @@
 """The hedgehog feature map in one kernel: per block of BT tokens and one head, u = x W in fp32, then softmax(u)
 and softmax(-u) written side by side in x's dtype. When x and W share a 16-bit dtype the product runs on the tensor
-cores: their products are exact in fp32 and accumulate in fp32, as in the reference's fp32 einsum. It replaces the reference's casts, batched matmul, two softmaxes,
-concatenation and clamp (about ten launches per map, two maps per hybrid layer). Forward only: with gradients to
+cores: their products are exact in fp32 and accumulate in fp32, as in the reference's fp32 einsum. It replaces the
+reference's casts, batched matmul, two softmaxes, concatenation and clamp (about ten launches per map, two maps per
+hybrid layer). Forward only: with gradients to
 compute, for fp64, and while torch.compile traces (Inductor fuses the reference), the reference runs."""
 
 import torch

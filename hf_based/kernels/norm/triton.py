@@ -29,5 +29,6 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         return rms_norm_reference(x, weight, eps)
     x2 = x.reshape(-1, x.shape[-1]).contiguous()
     y = torch.empty(x2.shape, dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
-    rms_norm_fwd_kernel[(x2.shape[0],)](x2, weight.contiguous(), y, x2.shape[1], eps, BN=triton.next_power_of_2(x2.shape[1]))
+    block = triton.next_power_of_2(x2.shape[1])
+    rms_norm_fwd_kernel[(x2.shape[0],)](x2, weight.contiguous(), y, x2.shape[1], eps, BN=block)
     return y.view(x.shape)
