@@ -37,6 +37,9 @@ from hf_based.utils import shared_data_dir  # noqa: E402
 RETRIEVAL_TASKS = ("passkey", "niah_single")
 DEPTHS = (0, 25, 50, 75, 100)
 CACHE_CONTEXT = 8192
+# The zero-shot suite of convert_smollm2.py, each with its headline metric (lambada_openai: its first documents).
+ZERO_SHOT_TASKS = ("piqa", "arc_easy", "arc_challenge", "hellaswag", "winogrande", "lambada_openai")
+HEADLINE = {"arc_challenge": "acc_norm", "hellaswag": "acc_norm"}  # others: acc
 UNTRAINED = dict(stage1_steps=0, stage2_steps=0)
 # name -> Recipe settings beyond the shared budget, each on top of LoLCATs' recipe.
 VARIANTS = {
@@ -100,7 +103,8 @@ VARIANTS = {
         "layers 0 17-20 23 linear 0 sinks 64": dict(
             softmax_layers=(0, 17, 18, 19, 20, 23), window_factor_init=0.9, linear_factor_init=0, sinks=64
         ),
-        # ... with the layers the copy criterion picks on that conversion (measured with its window and sinks).
+        # ... with the layers the copy criterion picks (`Recipe.selection_probe`): the default as `hf-based convert`
+        # runs it.
         "copy:6 linear 0 sinks 64": dict(
             softmax_layers="copy:6", window_factor_init=0.9, linear_factor_init=0, sinks=64
         ),
@@ -137,6 +141,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--tasks", default=",".join(RETRIEVAL_TASKS), help="retrieval tasks, comma-separated")
     parser.add_argument("--lambada-limit", type=int, default=500)
     parser.add_argument(
+        "--zero-shot-limit", type=int, default=0, metavar="N", help="also score the zero-shot suite, N documents each"
+    )
+    parser.add_argument(
         "--save-states",
         metavar="DIR",
         help="also save each variant's trained parameters (stage-1 feature maps and window factors, LoRA) and its "
@@ -151,23 +158,25 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def score(model, tokenizer, args) -> dict:
-    """{"retrieval": {task: {length: accuracy}}, "lambada": {metric: value}} of one model."""
-    metadata = {
-        "max_seq_lengths": [int(n) for n in args.lengths.split(",")],
-        "depths": list(DEPTHS),
-        "num_samples": args.samples,
-        "seed": 0,
-    }
-    retrieval = evaluate(model, args.tasks, tokenizer=tokenizer, batch_size=8, metadata=metadata)
-    lambada = evaluate(
-        model,
-        "lambada_openai",
-        tokenizer=tokenizer,
-        data_dir=args.eval_data_dir,
-        limit=args.lambada_limit,
-        batch_size=32,
-    )["lambada_openai"]
-    return {"retrieval": retrieval, "lambada": lambada, "cache_mib": cache_mib(model, CACHE_CONTEXT)}
+    """{"retrieval": {task: {length: accuracy or None}}, "lambada": {metric: value}, "zero_shot": {task: {metric:
+    value}} (with --zero-shot-limit)} of one model. Each length is scored on its own: running out of memory at one
+    (None) keeps the others."""
+    retrieval = {}
+    for length in (int(n) for n in args.lengths.split(",")):
+        metadata = {"max_seq_lengths": [length], "depths": list(DEPTHS), "num_samples": args.samples, "seed": 0}
+        try:
+            scores = evaluate(model, args.tasks, tokenizer=tokenizer, batch_size=8, metadata=metadata)
+        except torch.OutOfMemoryError:
+            scores = {task: {str(length): None} for task in args.tasks.split(",")}
+            torch.cuda.empty_cache()
+        for task, by_length in scores.items():
+            retrieval.setdefault(task, {}).update(by_length)
+    entry = {"retrieval": retrieval, "cache_mib": cache_mib(model, CACHE_CONTEXT)}
+    standard = dict(tokenizer=tokenizer, data_dir=args.eval_data_dir, batch_size=32)
+    entry["lambada"] = evaluate(model, "lambada_openai", limit=args.lambada_limit, **standard)["lambada_openai"]
+    if args.zero_shot_limit:
+        entry["zero_shot"] = evaluate(model, ZERO_SHOT_TASKS, limit=args.zero_shot_limit, **standard)
+    return entry
 
 
 @torch.no_grad()
@@ -191,6 +200,15 @@ def save_states(converted_dir: Path, recipe: Recipe, softmax: list[int], out_dir
     torch.save({"recipe": recipe, **states}, Path(out_dir) / f"{name.replace(' ', '_').replace(':', '')}.pt")
 
 
+def accuracy(value: float | None) -> str:
+    return "oom" if value is None else f"{value:.2f}"
+
+
+def zero_shot_average(entry: dict) -> float:
+    """The zero-shot suite's average of headline metrics."""
+    return sum(entry["zero_shot"][t][HEADLINE.get(t, "acc")] for t in ZERO_SHOT_TASKS) / len(ZERO_SHOT_TASKS)
+
+
 def markdown(results: dict) -> str:
     env = results["environment"]
     lengths = results["lengths"]
@@ -198,7 +216,10 @@ def markdown(results: dict) -> str:
     header = ["model", "softmax layers"]
     tasks = results["tasks"]
     header += [f"{task} {n}" for task in tasks for n in lengths]
-    header += ["LAMBADA acc", "LAMBADA ppl", "ppl / teacher's", f"cache MiB at {CACHE_CONTEXT}", "minutes"]
+    header += ["LAMBADA acc", "LAMBADA ppl", "ppl / teacher's"]
+    zero_shot = "zero_shot" in teacher
+    header += ["zero-shot average", "/ teacher's"] if zero_shot else []
+    header += [f"cache MiB at {CACHE_CONTEXT}", "minutes"]
     rows = []
     for name, entry in results["models"].items():
         if "error" in entry:
@@ -209,8 +230,13 @@ def markdown(results: dict) -> str:
         base = teacher.get("lambada", {}).get("perplexity")
         rows.append(
             [name, str(entry.get("softmax_layers", "all"))]
-            + [f"{by_length[task][str(n)]:.2f}" for task in tasks for n in lengths]
+            + [accuracy(by_length[task][str(n)]) for task in tasks for n in lengths]
             + [f"{entry['lambada']['acc']:.3f}", f"{ppl:.1f}", f"{ppl / base:.2f}x" if base else "-"]
+            + (
+                [f"{zero_shot_average(entry):.4f}", f"{zero_shot_average(entry) / zero_shot_average(teacher):.1%}"]
+                if zero_shot
+                else []
+            )
             + [f"{entry['cache_mib']:.1f}" if "cache_mib" in entry else "not measured"]
             + [f"{entry.get('seconds', 0) / 60:.1f}"]
         )
@@ -226,7 +252,13 @@ def markdown(results: dict) -> str:
         f"Retrieval: `hf-based eval` (greedy, the answer anywhere in the continuation), "
         f"{results['samples']} documents per length and depth 0/25/50/75/100, seed 0. LAMBADA: lm-eval "
         f"lambada_openai, test split, first {results['lambada_limit']} documents. Cache: bytes of every cached tensor "
-        f"for one sequence after {CACHE_CONTEXT} tokens, in the model's dtype.",
+        f"for one sequence after {CACHE_CONTEXT} tokens, in the model's dtype."
+        + (
+            f" Zero-shot: {', '.join(ZERO_SHOT_TASKS)} (acc; acc_norm for arc_challenge and hellaswag; validation "
+            f"splits, lambada_openai's test split), the first {results['zero_shot_limit']} documents each."
+            if results.get("zero_shot_limit")
+            else ""
+        ),
         "",
         report.markdown_table(header, rows),
     ]
@@ -250,6 +282,7 @@ def main(argv=None) -> None:
         "tasks": args.tasks.split(","),
         "samples": args.samples,
         "lambada_limit": args.lambada_limit,
+        "zero_shot_limit": args.zero_shot_limit,
         "budget": {
             "stage1_steps": args.stage1_steps,
             "stage2_steps": args.stage2_steps,
@@ -297,7 +330,7 @@ def main(argv=None) -> None:
                     dtype=torch.bfloat16,
                     progress=False,
                 )
-                model = converted.model.to(device)
+                model = converted.model.to(device, teacher.dtype)  # convert() hands it back in fp32
                 softmax = [i for i, m in enumerate(model.config.mixer_types) if m == "full_attention"]
                 if args.save_states:
                     save_states(converted.out, recipe, softmax, args.save_states, name)
