@@ -171,7 +171,7 @@ class BasedConfig(PretrainedConfig):
     def feature_size(self, mixer_type: str) -> int:
         """Features per head of the linear-attention state of a `linear_attention` / `hybrid_attention` layer."""
         if not self.has_linear_term(mixer_type):
-            return 1  # one zero feature
+            return 0  # no feature maps, no state
         if self.feature_map == "hedgehog":
             return 2 * self.hedgehog_dim
         return taylor_num_features(self.qk_head_dim(mixer_type))  # 1 + d + d^2, as cached (not the packed 1+d+d(d+1)/2)

@@ -266,10 +266,10 @@ class BasedHybridAttention(BasedAttentionBase):
         return self.out(o)
 
     def features(self, q, k):
-        """(phi(q) [B, Tq, H, F], phi(k) [B, Tk, H, F]); without a linear term, one zero feature, so that the hybrid
-        kernels add nothing to the window's softmax (and keep a [H, 1, Dv] state of zeros)."""
+        """(phi(q) [B, Tq, H, F], phi(k) [B, Tk, H, F]); without a linear term, no features (F = 0): the hybrid
+        kernels then add nothing to the window's softmax and keep an empty state."""
         if self.feature_map_q is None:
-            return q.new_zeros(*q.shape[:-1], 1), k.new_zeros(*k.shape[:2], self.num_heads, 1)
+            return q.new_empty(*q.shape[:-1], 0), k.new_empty(*k.shape[:2], self.num_heads, 0)
         q_feat = self.feature_map_q(q)
         if self.linear_factors is not None:  # beta on phi(q) weighs the linear part in numerator and denominator
             q_feat = q_feat * torch.sigmoid(self.linear_factors).to(q_feat.dtype)[:, None]

@@ -414,19 +414,29 @@ def test_hybrid_attention_with_sinks_matches_reference(q_len, k_len, with_state)
 
 @fp32_hybrid_kernel
 @pytest.mark.parametrize("q_len, k_len", [(1, 40), (17, 40), (63, 63)])
-def test_hybrid_kernels_without_a_linear_term_are_the_window_and_sinks(q_len, k_len):
-    """One zero feature, as a hybrid layer without its linear term feeds them: both Triton entry points give the
-    reference's output, which is then softmax over the window and the sinks alone, whatever the window factor."""
+def test_hybrid_kernels_without_a_linear_term_are_the_window_and_sinks(monkeypatch, q_len, k_len):
+    """No features (F = 0), as a hybrid layer without its linear term feeds them: both Triton entry points give the
+    reference's output, which is then softmax over the window and the sinks alone, whatever the window factor, and
+    an empty state."""
+    monkeypatch.setattr(softmax, "multiprocessor_count", lambda device: 64)  # state scans split as on a GPU
+    monkeypatch.setattr(softmax, "SPLIT_MIN_TILES", 1)
     rand, window = Rand(q_len * 7 + k_len), 5
     q, k, v, _, _, factor = hybrid_inputs(rand, q_len, k_len)
-    q_feat, k_feat = q.new_zeros(*q.shape[:-1], 1), q.new_zeros(B, k_len, H, 1)
+    q_feat, k_feat = q.new_zeros(*q.shape[:-1], 0), q.new_zeros(B, k_len, H, 0)
     mask = left_padding_mask(k_len)
     kwargs = dict(key_mask=mask, sink_mask=mask & (mask.cumsum(1) <= 3), output_final_state=True)
-    state = (q.new_zeros(B, H, 1, DV), q.new_zeros(B, H, 1))
+    state = (q.new_zeros(B, H, 0, DV), q.new_zeros(B, H, 0))
     expected, _ = reference_hybrid(*as_fp64([q, k, v, q_feat, k_feat, factor]), window, **kwargs)
     other_factor, _ = reference_hybrid(*as_fp64([q, k, v, q_feat, k_feat, factor + 1]), window, **kwargs)
     assert_close(other_factor, expected, "window factor")
     for op in (hybrid.hybrid_attention, hybrid.hybrid_attention_recurrent):
         o, (kv, z) = op(q, k, v, q_feat, k_feat, factor, window, initial_state=state, **kwargs)
         assert_close(o, expected, op.__name__)
-        assert kv.abs().max() == 0 and z.abs().max() == 0
+        assert kv.shape == (B, H, 0, DV) and z.shape == (B, H, 0)
+    # Without sinks the Triton backward runs (training through such a layer): the reference's gradients.
+    inputs, grad_out = [q, k, v, q_feat, k_feat, factor], rand.normal(*expected.shape)
+    _, grads = run_with_grads(hybrid.hybrid_attention, inputs, grad_out, window=window, key_mask=mask)
+    _, expected_grads = run_with_grads(reference_hybrid, as_fp64(inputs), grad_out.double(), window=window, key_mask=mask)
+    for name, got, want in zip(("q", "k", "v", "q_feat", "k_feat"), grads, expected_grads):
+        assert_close(got, want, name)
+    assert grads[-1].abs().max() < 1e-4  # the factor cancels out: no gradient but fp32 rounding

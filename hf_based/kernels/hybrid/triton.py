@@ -130,14 +130,14 @@ def hybrid_fwd_kernel(
     stride_skb, stride_skt, stride_skh, stride_svb, stride_svt, stride_svh,
     H, G, Tq, Tk, D, Dv, F, S, window, qk_scale,
     BT: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr, BK: tl.constexpr, BS: tl.constexpr,
-    HAS_MASK: tl.constexpr, HAS_SINKS: tl.constexpr, SPLIT: tl.constexpr, STORE_O32: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    HAS_MASK: tl.constexpr, HAS_SINKS: tl.constexpr, HAS_FEATURES: tl.constexpr, SPLIT: tl.constexpr,
+    STORE_O32: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """O = num / den of query block m; O32 (same layout as O) keeps it in fp32 for the backward's do . o, whose
     rounding the gradient of the window factor w would amplify: d o / d w = (window average - o) * (window weight)
     / den. With HAS_SINKS (forward only: C and IDX then leave them out), the softmax also runs over the S sinks of
     the row, keys SK / values SV [B, S, Hkv, .] at key positions SP [B, S] (-1: none), for the queries they are older
-    than the window of; the host zeroes their features."""
+    than the window of; the host zeroes their features. Without HAS_FEATURES (F = 0) there is no linear part."""
     i_m, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = (i_bh // H).to(tl.int64), i_bh % H
     NQ = tl.num_programs(0)
@@ -186,28 +186,29 @@ def hybrid_fwd_kernel(
     acc *= window_factor
     l_i *= window_factor
 
-    # linear part: the state of keys < b_m, then the band of keys [b_m, b_m + BT) older than the window
-    jb = p_min - window + 1 + tl.arange(0, BT)
-    jb_in = (jb >= 0) & (jb < Tk)
-    chunk = i_bh.to(tl.int64) * NQ + i_m
-    a = tl.zeros([BT, BT], dtype=tl.float32)
-    for f0 in range(0, F, BK):
-        f = f0 + tl.arange(0, BK)
-        qf = tl.load(QF + i[:, None] * stride_qft + f[None, :], mask=(i[:, None] < Tq) & (f[None, :] < F), other=0.0)
-        kf = tl.load(KF + jb[:, None] * stride_kft + f[None, :], mask=jb_in[:, None] & (f[None, :] < F), other=0.0)
-        h_mask = (f[:, None] < F) & (e[None, :] < Dv)
-        h = tl.load(HS + chunk * F * Dv + f[:, None] * Dv + e[None, :], mask=h_mask, other=0.0)  # [BK, BV]
-        z = tl.load(ZS + chunk * F + f, mask=f < F, other=0.0)
-        acc = tl.dot(qf, h, acc, input_precision=DOT_PRECISION)
-        l_i += tl.sum(qf.to(tl.float32) * z[None, :], 1)
-        a = tl.dot(qf, tl.trans(kf), a, input_precision=DOT_PRECISION)  # [BT, BT]
-    band = (jb[None, :] <= off + i[:, None] - window) & (jb[None, :] >= 0)
-    if HAS_MASK:
-        band = band & load_key_mask(M, jb, Tk)[None, :]
-    a = tl.where(band, a, 0.0)
-    vb = tl.load(V + jb[:, None] * stride_vt + e[None, :], mask=jb_in[:, None] & (e[None, :] < Dv), other=0.0)
-    acc = tl.dot(a.to(vb.dtype), vb, acc, input_precision=DOT_PRECISION)
-    l_i += tl.sum(a, 1)
+    if HAS_FEATURES:  # linear part: the state of keys < b_m, then the band of keys [b_m, b_m + BT) older than the window
+        jb = p_min - window + 1 + tl.arange(0, BT)
+        jb_in = (jb >= 0) & (jb < Tk)
+        chunk = i_bh.to(tl.int64) * NQ + i_m
+        a = tl.zeros([BT, BT], dtype=tl.float32)
+        for f0 in range(0, F, BK):
+            f = f0 + tl.arange(0, BK)
+            qf_mask = (i[:, None] < Tq) & (f[None, :] < F)
+            qf = tl.load(QF + i[:, None] * stride_qft + f[None, :], mask=qf_mask, other=0.0)
+            kf = tl.load(KF + jb[:, None] * stride_kft + f[None, :], mask=jb_in[:, None] & (f[None, :] < F), other=0.0)
+            h_mask = (f[:, None] < F) & (e[None, :] < Dv)
+            h = tl.load(HS + chunk * F * Dv + f[:, None] * Dv + e[None, :], mask=h_mask, other=0.0)  # [BK, BV]
+            z = tl.load(ZS + chunk * F + f, mask=f < F, other=0.0)
+            acc = tl.dot(qf, h, acc, input_precision=DOT_PRECISION)
+            l_i += tl.sum(qf.to(tl.float32) * z[None, :], 1)
+            a = tl.dot(qf, tl.trans(kf), a, input_precision=DOT_PRECISION)  # [BT, BT]
+        band = (jb[None, :] <= off + i[:, None] - window) & (jb[None, :] >= 0)
+        if HAS_MASK:
+            band = band & load_key_mask(M, jb, Tk)[None, :]
+        a = tl.where(band, a, 0.0)
+        vb = tl.load(V + jb[:, None] * stride_vt + e[None, :], mask=jb_in[:, None] & (e[None, :] < Dv), other=0.0)
+        acc = tl.dot(a.to(vb.dtype), vb, acc, input_precision=DOT_PRECISION)
+        l_i += tl.sum(a, 1)
 
     o = acc / tl.maximum(l_i, TINY)[:, None]
     o_ptrs = i_b * stride_ob + i_h * stride_oh + i[:, None] * stride_ot + e[None, :]
@@ -599,7 +600,11 @@ def _hybrid_fwd(
     B, Tq, H, D = q.shape
     Tk, Hkv, Dv, F = k.shape[1], k.shape[2], v.shape[-1], qf.shape[-1]
     BT, NQ, b0, m_min = _hybrid_layout(q, k, window)
-    (hs, zs), final = _hybrid_state(kf, v, key_mask, kv0, z0, window, BT, NQ, b0, m_min, True, output_final_state)
+    if F:
+        (hs, zs), final = _hybrid_state(kf, v, key_mask, kv0, z0, window, BT, NQ, b0, m_min, True, output_final_state)
+    else:  # no linear part: no state to scan, an empty one to return
+        hs = zs = kf
+        final = (kf.new_empty(B, H, 0, Dv, dtype=torch.float32), kf.new_empty(B, H, 0, dtype=torch.float32))
     o = torch.empty(B, Tq, H, Dv, dtype=v.dtype, device=q.device)
     o32 = o if o.dtype == torch.float32 else (torch.empty_like(o, dtype=torch.float32) if keep_fp32 else None)
     c, den = (torch.empty(B, H, Tq, dtype=torch.float32, device=q.device) for _ in range(2))
@@ -612,7 +617,8 @@ def _hybrid_fwd(
         sink_v, *bth_strides(q, k, v, qf, kf, o, sink_k, sink_v),
         H, H // Hkv, Tq, Tk, D, Dv, F, sink_k.shape[1], window, scale * LOG2E,
         BT=BT, BD=BD, BV=BV, BK=block_size(F, BLOCK_K), BS=block_size(sink_k.shape[1]), HAS_MASK=has_mask,
-        HAS_SINKS=sinks is not None, SPLIT=split_loops(window), STORE_O32=o32 is not None and o32 is not o,
+        HAS_SINKS=sinks is not None, HAS_FEATURES=F > 0, SPLIT=split_loops(window),
+        STORE_O32=o32 is not None and o32 is not o,
         DOT_PRECISION=dot_precision(q), num_warps=NUM_WARPS, num_stages=NUM_STAGES,
     )
     return o, o32, c, den, idx, final
@@ -623,7 +629,9 @@ def _hybrid_bwd(q, k, v, qf, kf, window_factor, kv0, z0, o32, c, den, idx, do, w
     Tk, Hkv, Dv, F = k.shape[1], k.shape[2], v.shape[-1], qf.shape[-1]
     BT, NQ, b0, m_min = _hybrid_layout(q, k, window)
     BD, BV, BK = block_size(D), block_size(Dv), block_size(F, BLOCK_K)
-    (hs, zs), _ = _hybrid_state(kf, v, key_mask, kv0, z0, window, BT, NQ, b0, m_min, True, False)
+    hs = zs = kf  # no linear part without features: no states to scan either way
+    if F:
+        (hs, zs), _ = _hybrid_state(kf, v, key_mask, kv0, z0, window, BT, NQ, b0, m_min, True, False)
     lse, delta, rden, r, ds_sum = (torch.empty_like(den) for _ in range(5))  # per query row, from the dq kernel
     dq, dk, dv, dqf, dkf = (torch.empty_like(x) for x in (q, k, v, qf, kf))
     mask, has_mask = key_mask_arg(key_mask, q)
@@ -639,11 +647,12 @@ def _hybrid_bwd(q, k, v, qf, kf, window_factor, kv0, z0, o32, c, den, idx, do, w
     dzs = qf.new_empty(B, H, NQ + 1, F, dtype=torch.float32)
     d_init = (qf.new_empty(B, H, F, Dv, dtype=torch.float32), qf.new_empty(B, H, F, dtype=torch.float32))
     BVs = block_size(Dv, BLOCK_V)
-    hybrid_state_bwd_kernel[(triton.cdiv(F, BK), triton.cdiv(Dv, BVs), B * H)](
-        qf, do, rden, delta, dhs, dzs, *d_init, *bth_strides(qf, do), H, Tq, F, Dv, NQ,
-        BT=BT, BK=BK, BV=BVs, STORE_INITIAL_STATE_GRAD=init_grad, DOT_PRECISION=dot_precision(q), num_warps=4,
-        num_stages=NUM_STAGES,
-    )
+    if F:
+        hybrid_state_bwd_kernel[(triton.cdiv(F, BK), triton.cdiv(Dv, BVs), B * H)](
+            qf, do, rden, delta, dhs, dzs, *d_init, *bth_strides(qf, do), H, Tq, F, Dv, NQ,
+            BT=BT, BK=BK, BV=BVs, STORE_INITIAL_STATE_GRAD=init_grad, DOT_PRECISION=dot_precision(q), num_warps=4,
+            num_stages=NUM_STAGES,
+        )
 
     n_chunks = triton.cdiv(Tk - b0, BT) - m_min  # key chunks m_min .. covering [0, Tk)
     hybrid_bwd_dkv_kernel[(n_chunks, B * Hkv)](
@@ -698,7 +707,7 @@ def _without_sink_features(k_feat, sink_mask):
     """k_feat with the sinks' features zeroed: the kernels then keep sinks out of the linear part and the state (the
     key mask keeps padded keys out)."""
     check_shape("sink_mask", sink_mask, "batch, time", k_feat.shape[:2])
-    return k_feat * (sink_mask == 0)[:, :, None, None]
+    return k_feat * (sink_mask == 0)[:, :, None, None] if k_feat.shape[-1] else k_feat
 
 
 def hybrid_attention(
