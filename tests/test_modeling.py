@@ -98,6 +98,22 @@ def test_stepwise_decoding_equals_full_forward(name):
     assert cache.get_seq_length() == 40
 
 
+@pytest.mark.parametrize("prompt", [2, 12])
+def test_decode_steps_skip_the_sink_bookkeeping_once_every_sink_is_cached(prompt):
+    """A prompt that fills the sinks (12 tokens: 3 sinks + a window of 4) lets the decode steps reuse the cached sinks
+    as they are; a shorter one (2) leaves the steps to fill them. Both decode like the full forward."""
+    model = tiny_model("hybrid_sinks")
+    ids = random_ids(2, 20)
+    with torch.no_grad():
+        full = model(ids, use_cache=False).logits
+        cache = BasedCache(model.config)
+        pieces = [model(ids[:, :prompt], cache=cache).logits]
+        assert cache.layers[0].sinks_full == (prompt >= 3 + WINDOW - 1)
+        pieces += [model(ids[:, t : t + 1], cache=cache).logits for t in range(prompt, 20)]
+    assert_close(torch.cat(pieces, dim=1), full)
+    assert cache.layers[0].sink_mask.all()
+
+
 def test_attention_sinks_change_only_positions_beyond_the_window():
     """The same weights with and without sinks: equal logits while every key is in the window, different after."""
     model = tiny_model("hybrid_sinks")
@@ -137,8 +153,8 @@ def test_hybrid_decode_step_maps_only_the_key_that_leaves_the_window():
         cache = BasedCache(model.config)
         model(ids[:, :11], cache=cache)
         model(ids[:, 11:], cache=cache)
-    # The prefill's 11 keys follow the cache's window - 1 empty slots: all but the last window - 1 of those 15.
-    assert mapped == [11, 1]
+    # The prefill (into an empty cache: no slots before its keys) maps all but the last window - 1 of its 11 keys.
+    assert mapped == [11 - (WINDOW - 1), 1]
 
 
 @pytest.mark.parametrize("name", STACKS)

@@ -227,9 +227,16 @@ class BasedSlidingWindowLayer(BasedBufferLayer):
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, key_mask: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Return the window-1 cached keys followed by the new ones (values, key mask alike); keep the last window-1."""
+        """Return the window-1 cached keys followed by the new ones (values, key mask alike); keep the last window-1.
+        A first update that fills the buffer (a prefill) returns the new ones alone: the empty buffer adds only
+        masked keys."""
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states, key_mask)
+            if key_states.shape[1] >= self.buffer_length:
+                start = key_states.shape[1] - self.buffer_length
+                for buffer, new in ((self.keys, key_states), (self.values, value_states), (self.key_mask, key_mask)):
+                    buffer.copy_(new[:, start:])
+                return key_states, value_states, key_mask
         keys = torch.cat([self.keys, key_states], dim=1)
         values = torch.cat([self.values, value_states], dim=1)
         key_mask = torch.cat([self.key_mask, key_mask], dim=1)
@@ -246,10 +253,12 @@ class BasedSlidingWindowLayer(BasedBufferLayer):
         return self.sliding_window
 
 
-def attention_sinks(key_mask: torch.Tensor, count: int, seen: torch.Tensor | int = 0) -> torch.Tensor:
+def attention_sinks(key_mask: torch.Tensor, count: int, seen: torch.Tensor | None = None) -> torch.Tensor:
     """[B, T] bool: the real keys among the first `count` real tokens of each row, when `seen` [B] real tokens came
-    before these (only the count matters, capped at `count`)."""
-    rank = key_mask.long().cumsum(1) + (seen[:, None] if isinstance(seen, torch.Tensor) else seen)
+    before these (None: none; only the count matters, capped at `count`)."""
+    rank = key_mask.long().cumsum(1)
+    if seen is not None:
+        rank = rank + seen[:, None]
     return key_mask & (rank <= count)
 
 
@@ -263,6 +272,9 @@ class BasedHybridLayer(BasedRecurrentLayer, BasedSlidingWindowLayer):
         BasedRecurrentLayer.__init__(self, ("kv", "z"))
         self.sinks = sinks
         self.sink_keys = self.sink_values = self.sink_mask = None
+        # Whether every row holds all its sinks (then no later key is one), read after each multi-token update: never
+        # in a one-token step, which may run in a CUDA graph or under torch.compile, where reading it would sync.
+        self.sinks_full = False
 
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, key_mask: torch.Tensor
@@ -279,21 +291,32 @@ class BasedHybridLayer(BasedRecurrentLayer, BasedSlidingWindowLayer):
         keys, values, key_mask = BasedSlidingWindowLayer.update(self, key_states, value_states, key_mask)
         if not self.sinks:
             return keys, values, key_mask, None
+        if self.sinks_full and key_states.shape[1] == 1:  # a decode step after the sinks have filled: nothing to keep
+            keys, values = torch.cat([self.sink_keys, keys], 1), torch.cat([self.sink_values, values], 1)
+            sink_mask = torch.cat([self.sink_mask, torch.zeros_like(key_mask)], 1)
+            return keys, values, torch.cat([self.sink_mask, key_mask], 1), sink_mask
+        # A prefill whose keys leaving the window could hold every sink skips the empty sink buffers.
+        prefill = self.sink_keys is None and keys.shape[1] - self.buffer_length >= self.sinks
         if self.sink_keys is None:
             batch, _, heads, dim = keys.shape
             self.sink_keys = keys.new_zeros(batch, self.sinks, heads, dim)
             self.sink_values = values.new_zeros(batch, self.sinks, heads, values.shape[-1])
             self.sink_mask = key_mask.new_zeros(batch, self.sinks)
             mark_static(self.sink_keys, self.sink_values, self.sink_mask)
-        # The cached sinks are all older than the window; ranks of the others continue from their count.
-        sink_mask = torch.cat([self.sink_mask, attention_sinks(key_mask, self.sinks, self.sink_mask.sum(1))], 1)
-        keys, values = torch.cat([self.sink_keys, keys], 1), torch.cat([self.sink_values, values], 1)
-        key_mask = torch.cat([self.sink_mask, key_mask], 1)
+        if prefill:
+            sink_mask = attention_sinks(key_mask, self.sinks)
+        else:
+            # The cached sinks are all older than the window; ranks of the others continue from their count.
+            sink_mask = torch.cat([self.sink_mask, attention_sinks(key_mask, self.sinks, self.sink_mask.sum(1))], 1)
+            keys, values = torch.cat([self.sink_keys, keys], 1), torch.cat([self.sink_values, values], 1)
+            key_mask = torch.cat([self.sink_mask, key_mask], 1)
         # Keep the sinks among the keys that leave the window (all but the last window - 1), in order.
         leaving = keys.shape[1] - self.buffer_length
         kept = gather_sinks(sink_mask[:, :leaving], keys[:, :leaving], values[:, :leaving], self.sinks)[1:]
         for buffer, source in zip((self.sink_keys, self.sink_values, self.sink_mask), kept):
             buffer.copy_(source)
+        if key_states.shape[1] > 1:
+            self.sinks_full = bool(self.sink_mask.all())
         return keys, values, key_mask, sink_mask
 
     def _sink_tensors(self) -> dict[str, torch.Tensor]:
@@ -313,6 +336,7 @@ class BasedHybridLayer(BasedRecurrentLayer, BasedSlidingWindowLayer):
         BasedSlidingWindowLayer.reset(self)
         for tensor in self._sink_tensors().values():
             tensor.zero_()
+        self.sinks_full = False
 
     def named_tensors(self) -> dict[str, torch.Tensor]:
         return {

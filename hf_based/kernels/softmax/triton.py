@@ -439,7 +439,13 @@ def split_range(tiles: int, parts: int) -> tuple[int, int]:
 
 
 def key_mask_arg(key_mask, like):
-    return (like, False) if key_mask is None else ((key_mask != 0).to(torch.int8).contiguous(), True)
+    """(the mask as the kernels read it: int8, 0 for masked out; whether there is one). A bool mask is reinterpreted
+    in place, not converted (a decode step passes several)."""
+    if key_mask is None:
+        return like, False
+    if key_mask.dtype == torch.bool:
+        return key_mask.contiguous().view(torch.int8), True
+    return (key_mask != 0).to(torch.int8).contiguous(), True
 
 
 def _softmax_attention_fwd(q, k, v, window, key_mask, scale):
