@@ -436,7 +436,9 @@ def test_hybrid_kernels_without_a_linear_term_are_the_window_and_sinks(monkeypat
     # Without sinks the Triton backward runs (training through such a layer): the reference's gradients.
     inputs, grad_out = [q, k, v, q_feat, k_feat, factor], rand.normal(*expected.shape)
     _, grads = run_with_grads(hybrid.hybrid_attention, inputs, grad_out, window=window, key_mask=mask)
-    _, expected_grads = run_with_grads(reference_hybrid, as_fp64(inputs), grad_out.double(), window=window, key_mask=mask)
+    _, expected_grads = run_with_grads(
+        reference_hybrid, as_fp64(inputs), grad_out.double(), window=window, key_mask=mask
+    )
     for name, got, want in zip(("q", "k", "v", "q_feat", "k_feat"), grads, expected_grads):
         assert_close(got, want, name)
     assert grads[-1].abs().max() < 1e-4  # the factor cancels out: no gradient but fp32 rounding
