@@ -108,6 +108,20 @@ VARIANTS = {
         "copy:6 linear 0 sinks 64": dict(
             softmax_layers="copy:6", window_factor_init=0.9, linear_factor_init=0, sinks=64
         ),
+        # Its ablations: no LoRA, no sinks.
+        "copy:6 linear 0 sinks 64 untrained": dict(
+            softmax_layers="copy:6", window_factor_init=0.9, linear_factor_init=0, sinks=64, **UNTRAINED
+        ),
+        "copy:6 linear 0 no sinks": dict(
+            softmax_layers="copy:6", window_factor_init=0.9, linear_factor_init=0, sinks=0
+        ),
+        # Fewer softmax layers (the Pareto table).
+        **{
+            f"copy:{k} linear 0 sinks 64": dict(
+                softmax_layers=f"copy:{k}", window_factor_init=0.9, linear_factor_init=0, sinks=64
+            )
+            for k in (0, 2, 4)
+        },
         "layers 0 17-20 23 linear 0.1 sinks 64": dict(
             softmax_layers=(0, 17, 18, 19, 20, 23), window_factor_init=0.9, linear_factor_init=0.1, sinks=64
         ),
