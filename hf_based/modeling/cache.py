@@ -6,8 +6,9 @@ keep an ordinary KV cache:
     linear_attention          kv [B, H, F, Dv], z [B, H, F] (fp32)
     sliding_window_attention  key/value [B, window-1, Hkv, D] + key_mask [B, window-1]: the keys that, with the
                               next token, make up its window (slots not yet filled are masked out)
-    hybrid_attention          the sliding-window buffer + kv/z of every key that has left the window, and with
-                              attention sinks key/value/key_mask [B, S, Hkv, D] of the sinks that have left it
+    hybrid_attention          the sliding-window buffer + kv/z of every key that has left the window (F = 0:
+                              empty, without a linear term), and with attention sinks key/value/key_mask
+                              [B, S, Hkv, D] of the sinks that have left it
     base_conv                 conv [B, K-1, C]: the last K-1 conv inputs
     full_attention            key/value/key_mask growing along time
 
