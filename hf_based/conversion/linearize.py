@@ -28,11 +28,9 @@ from hf_based.errors import ConversionError
 from hf_based.kernels import softmax_attention
 from hf_based.modeling import BasedConfig, BasedForCausalLM
 from hf_based.modeling.modeling_based import (
-    BasedHedgehogFeatureMap,
     BasedHybridAttention,
     BasedLinearAttention,
     BasedRotaryEmbedding,
-    factor_logit,
 )
 
 # model_type -> what differs from Llama. All three name their weights like Llama (model.layers.N.self_attn.q_proj...).
@@ -142,36 +140,18 @@ def converted_layers(config: BasedConfig) -> list[int]:
     return [i for i, m in enumerate(config.mixer_types) if m in CONVERTED_MIXERS]
 
 
-def _new_parameter_names(config: BasedConfig) -> set[str]:
-    names = set()
-    for i in converted_layers(config):
-        prefix = f"model.layers.{i}.self_attn."
-        linear_term = config.has_linear_term(config.mixer_types[i])
-        if config.feature_map == "hedgehog" and linear_term:
-            names |= {prefix + "feature_map_q.weight", prefix + "feature_map_k.weight"}
-        if config.mixer_types[i] == "hybrid_attention":
-            names.add(prefix + "window_factors")
-            if linear_term and config.hybrid_linear_factor_init is not None:
-                names.add(prefix + "linear_factors")
-    return names
+def conversion_modules(module: nn.Module):
+    """(name, submodule) of each submodule holding parameters that a converted teacher lacks."""
+    return [(name, sub) for name, sub in module.named_modules() if hasattr(sub, "conversion_parameters")]
 
 
-def init_new_parameters(module: nn.Module, config: BasedConfig, device=None) -> None:
-    """(Re)create the parameters that the teacher lacks, with LoLCATs' init: identity feature maps (each head's
-    W = the rectangular identity, `--lk_zero_init`), window factor = `hybrid_window_factor_init` (the parameter
-    `window_factors` holds its logit: logit(0.9) = 2.1972, LoLCATs' logit(0.1) = -2.1972) and, where the config has
-    one, linear factor = `hybrid_linear_factor_init`."""
-    for sub in module.modules():
-        if isinstance(sub, BasedHedgehogFeatureMap):
-            heads, dim, features = sub.weight.shape
-            eye = torch.eye(dim, features, device=device).expand(heads, dim, features).clone()
-            sub.weight = nn.Parameter(eye)
-        elif isinstance(sub, BasedHybridAttention):
-            logit = factor_logit(config.hybrid_window_factor_init)
-            sub.window_factors = nn.Parameter(torch.full((sub.num_heads,), logit, device=device))
-            if sub.linear_factors is not None:
-                logit = factor_logit(config.hybrid_linear_factor_init)
-                sub.linear_factors = nn.Parameter(torch.full((sub.num_heads,), logit, device=device))
+def init_new_parameters(module: nn.Module, device=None) -> None:
+    """(Re)create the parameters that the teacher lacks, with LoLCATs' init (each module's
+    `init_conversion_parameters`: identity feature maps, window and linear factors from the config)."""
+    for _, sub in conversion_modules(module):
+        for name in sub.conversion_parameters():
+            setattr(sub, name, nn.Parameter(torch.empty(getattr(sub, name).shape, device=device)))
+        sub.init_conversion_parameters()
 
 
 def load_weights(
@@ -187,11 +167,15 @@ def load_weights(
 
     Qwen2's o_proj has no bias: it gets zeros (with attention_bias=True all four projections have one).
     """
-    new = _new_parameter_names(config)
+    new = {
+        f"{owner}.{name}".lstrip(".")
+        for owner, sub in conversion_modules(module)
+        for name in sub.conversion_parameters()
+    }
     state, missing = {}, []
     for name in module.state_dict(keep_vars=True):
         full = prefix + name
-        if full in new:
+        if name in new:
             continue
         tensor = tensors(full)
         if tensor is None and full.endswith("self_attn.o_proj.bias"):
@@ -209,7 +193,7 @@ def load_weights(
             f"{', '.join(missing[:4])}; it is not a supported Llama-family checkpoint"
         )
     module.load_state_dict(state, strict=False, assign=True)
-    init_new_parameters(module, config, device=device)
+    init_new_parameters(module, device=device)
     for sub in module.modules():
         if isinstance(sub, BasedRotaryEmbedding):  # non-persistent buffers: rebuilt, never loaded
             fresh = BasedRotaryEmbedding(config).to(device)

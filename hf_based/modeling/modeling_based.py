@@ -118,6 +118,16 @@ class BasedHedgehogFeatureMap(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return hedgehog_feature_map(x, self.weight)
 
+    def conversion_parameters(self) -> tuple[str, ...]:
+        """Names of the parameters that a converted teacher lacks (`init_conversion_parameters` sets them)."""
+        return ("weight",)
+
+    @torch.no_grad()
+    def init_conversion_parameters(self) -> None:
+        """LoLCATs' init (`--lk_zero_init`): each head's W is the rectangular identity, phi starts as softmax(+-x)."""
+        eye = torch.eye(*self.weight.shape[1:], dtype=self.weight.dtype, device=self.weight.device)
+        init.copy_(self.weight, eye.expand_as(self.weight))
+
 
 class BasedTaylorFeatureMap(nn.Module):
     """BASED's 2nd-order Taylor map (no parameters), as a module so mixers treat both maps alike."""
@@ -226,16 +236,29 @@ class BasedHybridAttention(BasedAttentionBase):
         super().__init__(config, layer_idx)
         self.window = config.sliding_window
         self.sinks = config.hybrid_attention_sinks
+        self.factor_inits = {"window_factors": config.hybrid_window_factor_init}
         self.window_factors = nn.Parameter(torch.empty(self.num_heads))
         self.linear_factors = self.feature_map_q = self.feature_map_k = None
         if config.has_linear_term("hybrid_attention"):
             if config.hybrid_linear_factor_init is not None:
+                self.factor_inits["linear_factors"] = config.hybrid_linear_factor_init
                 self.linear_factors = nn.Parameter(torch.empty(self.num_heads))
             if config.feature_map == "hedgehog":
                 self.feature_map_q = BasedHedgehogFeatureMap(self.num_heads, self.head_dim, config.hedgehog_dim)
                 self.feature_map_k = BasedHedgehogFeatureMap(self.num_heads, self.head_dim, config.hedgehog_dim)
             else:
                 self.feature_map_q = self.feature_map_k = BasedTaylorFeatureMap()
+
+    def conversion_parameters(self) -> tuple[str, ...]:
+        """Names of the parameters that a converted teacher lacks (the feature maps name their own)."""
+        return tuple(self.factor_inits)
+
+    @torch.no_grad()
+    def init_conversion_parameters(self) -> None:
+        """Each factor at its initial value from the config; the parameter holds its logit (logit(0.9) = 2.1972,
+        LoLCATs' logit(0.1) = -2.1972)."""
+        for name, factor in self.factor_inits.items():
+            init.constant_(getattr(self, name), factor_logit(factor))
 
     def forward(self, hidden_states, key_mask, position_embeddings, cache=None):
         q, k, v = self.project(hidden_states, position_embeddings)
@@ -356,13 +379,8 @@ class BasedPreTrainedModel(PreTrainedModel):
     def _init_weights(self, module):
         super()._init_weights(module)
         std = self.config.initializer_range
-        if isinstance(module, BasedHedgehogFeatureMap):  # LoLCATs: identity init, phi starts as softmax(+-x)
-            eye = torch.eye(*module.weight.shape[1:], dtype=module.weight.dtype, device=module.weight.device)
-            init.copy_(module.weight, eye.expand_as(module.weight))
-        elif isinstance(module, BasedHybridAttention):
-            init.constant_(module.window_factors, factor_logit(self.config.hybrid_window_factor_init))
-            if module.linear_factors is not None:
-                init.constant_(module.linear_factors, factor_logit(self.config.hybrid_linear_factor_init))
+        if isinstance(module, (BasedHedgehogFeatureMap, BasedHybridAttention)):
+            module.init_conversion_parameters()
         elif getattr(module, "is_residual_projection", False):  # GPT-2/BASED: scaled by 1/sqrt(2 * num_layers)
             init.normal_(module.weight, mean=0.0, std=std / (2 * self.config.num_hidden_layers) ** 0.5)
 
