@@ -6,7 +6,10 @@ One GPU, bf16. The teacher is scored first; then each variant of VARIANTS is con
 small budget for all, `--stage1-steps` and `--stage2-steps` of `--batch-size` x `--seq-len` tokens) and scored:
 - passkey and niah_single as `hf-based eval` runs them (greedy generation, the answer anywhere in the continuation),
   at `--lengths` x depths 0/25/50/75/100 x `--samples`, split = the generated tasks with seed 0;
-- LAMBADA (lm_eval's lambada_openai, test split, the first `--lambada-limit` documents): accuracy and perplexity.
+  (each length on its own: one that runs out of memory is recorded as such, the others kept);
+- LAMBADA (lm_eval's lambada_openai, test split, the first `--lambada-limit` documents): accuracy and perplexity;
+- with `--zero-shot-limit N`, the six zero-shot tasks of convert_smollm2.py (validation splits), N documents each.
+The conversions are scored in the teacher's dtype (bf16 on a GPU), as a user loads the saved model.
 DIR/results.json and DIR/results.md are rewritten after every variant, with date, commit and machine; variants that
 would overrun `--minutes` are skipped and listed.
 """
