@@ -5,7 +5,7 @@
 One GPU, bf16. The teacher is scored first; then each variant of VARIANTS is converted on the Alpaca data (the same
 small budget for all, `--stage1-steps` and `--stage2-steps` of `--batch-size` x `--seq-len` tokens) and scored:
 - passkey and niah_single as `hf-based eval` runs them (greedy generation, the answer anywhere in the continuation),
-  at `--lengths` x depths 0/25/50/75/100 x `--samples`, split = the generated tasks with seed 0;
+  at `--lengths` x depths 0/25/50/75/100 x `--samples`, split = the generated tasks with seed 0
   (each length on its own: one that runs out of memory is recorded as such, the others kept);
 - LAMBADA (lm_eval's lambada_openai, test split, the first `--lambada-limit` documents): accuracy and perplexity;
 - with `--zero-shot-limit N`, the six zero-shot tasks of convert_smollm2.py (validation splits), N documents each.
