@@ -146,6 +146,35 @@ def test_every_task_through_evaluate(tiny_model, tokenizer):
         assert set(metrics) == {"256"} and 0 <= metrics["256"] <= 1, task
 
 
+def test_scores_by_depth_average_to_the_length_score(tiny_model, tokenizer):
+    metadata = {"max_seq_lengths": [256, 512], "num_samples": 1, "depths": [0, 50, 100]}
+    metrics = evaluate(tiny_model, "kv_lookup", tokenizer=tokenizer, metadata=metadata, by_depth=True)["kv_lookup"]
+    cells = {f"{n}@{d}" for n in (256, 512) for d in (0, 50, 100)}
+    assert set(metrics) == {"256", "512"} | cells
+    for n in (256, 512):
+        assert metrics[str(n)] == pytest.approx(sum(metrics[f"{n}@{d}"] for d in (0, 50, 100)) / 3)
+    assert set(evaluate(tiny_model, "kv_lookup", tokenizer=tokenizer, metadata=FAST)["kv_lookup"]) == {"256"}
+
+
+def test_cli_plots_retrieval_by_length_and_depth(tmp_path, capsys):
+    assert main(["init", str(tmp_path / "model"), "--preset", "tiny", "--seed", "0"]) == 0
+    assert main(["init", str(tmp_path / "base"), "--preset", "tiny", "--seed", "1"]) == 0
+    metadata = json.dumps({"max_seq_lengths": [256], "num_samples": 1, "depths": [0, 100]})
+    argv = ["eval", str(tmp_path / "model"), "--tasks", "passkey,copy", "--metadata", metadata]
+    assert main([*argv, "--compare", str(tmp_path / "base"), "--plot", str(tmp_path / "plots" / "r.png")]) == 0
+    assert (tmp_path / "plots" / "r.png").read_bytes().startswith(b"\x89PNG")
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()]
+    assert [row[1] for row in rows if row[:1] == ["copy"]] == ["256", "256@0", "256@100"]
+
+
+def test_cli_plot_needs_a_retrieval_task(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["eval", str(tmp_path), "--tasks", "piqa", "--plot", str(tmp_path / "r.png")])
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err.strip()
+    assert "--plot" in err and "passkey" in err and "\n" not in err
+
+
 def test_cli_prints_a_metric_per_length(tmp_path, capsys):
     assert main(["init", str(tmp_path / "model"), "--preset", "tiny", "--seed", "0"]) == 0
     metadata = {"max_seq_lengths": [256, 512], "num_samples": 1, "depths": [0]}

@@ -16,6 +16,7 @@ from hf_based.eval.lm_eval_tasks import (
     format_results,
     split_tasks,
 )
+from hf_based.eval.plots import plot_retrieval
 from hf_based.outputs import atomic_write
 from hf_based.utils import DTYPES
 
@@ -82,6 +83,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--output", metavar="JSON", help="also write the results to this JSON file")
     parser.add_argument(
+        "--plot",
+        metavar="PNG",
+        help="also score the retrieval tasks by needle depth (metrics LENGTH@DEPTH) and plot them to this file: "
+        "accuracy by prompt length (with --compare, both models) and each model's length x depth heat map",
+    )
+    parser.add_argument(
         "--compare", metavar="BASE", help="also evaluate BASE (e.g. the teacher) and print both with deltas"
     )
     parser.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available, else cpu)")
@@ -100,8 +107,13 @@ def run(args: argparse.Namespace) -> None:
         raise UsageError(f"--data-dir {args.data_dir} is not a directory")
     if args.output is not None and Path(args.output).is_dir():
         raise UsageError(f"--output {args.output} is a directory; give a file name")
-    if args.output is not None:
-        check_writable(Path(args.output))
+    for path in (args.output, args.plot):
+        if path is not None:
+            check_writable(Path(path))
+    if args.plot is not None and not set(tasks) & set(RETRIEVAL_NAMES):
+        raise UsageError(
+            f"--plot draws the retrieval tasks, and --tasks has none; accepted: {', '.join(RETRIEVAL_NAMES)}"
+        )
     if args.device is not None:
         command_device(args.device)  # an unknown or unavailable device fails here, before a model loads
     options = dict(
@@ -112,6 +124,7 @@ def run(args: argparse.Namespace) -> None:
         device=args.device,
         dtype=args.dtype,
         metadata=args.metadata,
+        by_depth=args.plot is not None,
     )
     evaluated = {}
     for name in [args.model] + ([args.compare] if args.compare else []):
@@ -128,6 +141,11 @@ def run(args: argparse.Namespace) -> None:
         print(format_comparison(results, base_results))
     else:
         print(format_results(results))
+    if args.plot is not None:
+        if plot_retrieval(evaluated, Path(args.plot)):
+            print(f"plot -> {args.plot}")
+        else:
+            print("matplotlib is not installed: no plot (pip install matplotlib)")
     if args.output is not None:
         report = {
             "model": args.model,

@@ -210,6 +210,7 @@ def evaluate(
     device: str | None = None,
     dtype: str | torch.dtype | None = None,
     metadata: Mapping[str, Any] | None = None,
+    by_depth: bool = False,
 ) -> dict[str, dict[str, float]]:
     """Score a causal LM on lm-eval tasks; returns {task: {metric: value}}, e.g. {'piqa': {'acc': .., 'acc_norm': ..}}.
 
@@ -224,6 +225,8 @@ def evaluate(
     metadata: lm-eval task metadata, e.g. the retrieval tasks' {"max_seq_lengths": [256, 512], "num_samples": 2,
         "depths": [0, 50, 100], "seed": 0}; bad retrieval settings raise UsageError (a ValueError) naming them.
 
+    by_depth: the retrieval tasks also report each length at each needle depth, as "LENGTH@DEPTH" (e.g. "256@50"),
+        from the per-document scores.
     Metric names drop lm-eval's ',none' filter suffix; standard errors are not computed. Unknown task names raise
     UnknownTaskError (a ValueError); missing data files FileNotFoundError; a data file with a line that is not a JSON
     object, or without records, UsageError.
@@ -275,7 +278,7 @@ def evaluate(
                 limit=limit,
                 task_manager=task_manager,
                 bootstrap_iters=0,
-                log_samples=False,
+                log_samples=by_depth,
             )
     if output is None:  # a non-zero rank of a distributed run
         return {}
@@ -283,7 +286,20 @@ def evaluate(
     results = output["results"]
     members = {task for tasks_of_group in output.get("group_subtasks", {}).values() for task in tasks_of_group}
     top_level = [name for name in names if name in results] + [name for name in results if name not in members]
-    return {name: _metrics(results[name]) for name in dict.fromkeys(top_level)}
+    scores = {name: _metrics(results[name]) for name in dict.fromkeys(top_level)}
+    for name, samples in output.get("samples", {}).items():
+        if name in scores and name in retrieval.TASKS:
+            scores[name].update(_by_depth(samples))
+    return scores
+
+
+def _by_depth(samples: list[Mapping[str, Any]]) -> dict[str, float]:
+    """A retrieval task's logged documents -> {"LENGTH@DEPTH": mean score}, lengths then depths ascending."""
+    scores = {}
+    for sample in samples:
+        length, depth = sample["doc"]["length"], sample["doc"]["depth"]
+        scores.setdefault((length, depth), []).append(float(sample[str(length)]))
+    return {f"{length}@{depth}": sum(v) / len(v) for (length, depth), v in sorted(scores.items())}
 
 
 def _fmt(value: float | None) -> str:
