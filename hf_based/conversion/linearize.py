@@ -167,11 +167,7 @@ def load_weights(
 
     Qwen2's o_proj has no bias: it gets zeros (with attention_bias=True all four projections have one).
     """
-    new = {
-        f"{owner}.{name}".lstrip(".")
-        for owner, sub in conversion_modules(module)
-        for name in sub.conversion_parameters()
-    }
+    new = {f"{owner}.{name}" for owner, sub in conversion_modules(module) for name in sub.conversion_parameters()}
     state, missing = {}, []
     for name in module.state_dict(keep_vars=True):
         full = prefix + name

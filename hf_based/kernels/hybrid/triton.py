@@ -558,12 +558,16 @@ def _hybrid_layout(q, k, window):
 
 
 def _hybrid_state(kf, v, key_mask, kv0, z0, window, BT, NQ, b0, m_min, store_states, output_final):
-    """hybrid_state_fwd_kernel: (HS [B, H, NQ, F, Dv], ZS [B, H, NQ, F]) if store_states; (kv, z) final if asked."""
+    """hybrid_state_fwd_kernel: (HS [B, H, NQ, F, Dv], ZS [B, H, NQ, F]) if store_states; (kv, z) final if asked.
+    Without features (F = 0: no linear part) the states are empty and nothing runs."""
     B, Tk, H, F = kf.shape
     Hkv, Dv = v.shape[2], v.shape[-1]
     BK, BV = block_size(F, BLOCK_K), block_size(Dv, BLOCK_V)
     hs = kf.new_empty(B, H, NQ if store_states else 0, F, Dv)
     zs = kf.new_empty(B, H, NQ if store_states else 0, F, dtype=torch.float32)
+    if not F:
+        empty = (kf.new_empty(B, H, 0, Dv, dtype=torch.float32), kf.new_empty(B, H, 0, dtype=torch.float32))
+        return (hs, zs), (empty if output_final else None)
     chunks = NQ - m_min
     programs = triton.cdiv(F, BK) * triton.cdiv(Dv, BV) * B * H
     segments, segment_chunks = split_range(chunks, key_splits(programs, chunks, kf.device))
@@ -600,11 +604,7 @@ def _hybrid_fwd(
     B, Tq, H, D = q.shape
     Tk, Hkv, Dv, F = k.shape[1], k.shape[2], v.shape[-1], qf.shape[-1]
     BT, NQ, b0, m_min = _hybrid_layout(q, k, window)
-    if F:
-        (hs, zs), final = _hybrid_state(kf, v, key_mask, kv0, z0, window, BT, NQ, b0, m_min, True, output_final_state)
-    else:  # no linear part: no state to scan, an empty one to return
-        hs = zs = kf
-        final = (kf.new_empty(B, H, 0, Dv, dtype=torch.float32), kf.new_empty(B, H, 0, dtype=torch.float32))
+    (hs, zs), final = _hybrid_state(kf, v, key_mask, kv0, z0, window, BT, NQ, b0, m_min, True, output_final_state)
     o = torch.empty(B, Tq, H, Dv, dtype=v.dtype, device=q.device)
     o32 = o if o.dtype == torch.float32 else (torch.empty_like(o, dtype=torch.float32) if keep_fp32 else None)
     c, den = (torch.empty(B, H, Tq, dtype=torch.float32, device=q.device) for _ in range(2))
@@ -629,9 +629,7 @@ def _hybrid_bwd(q, k, v, qf, kf, window_factor, kv0, z0, o32, c, den, idx, do, w
     Tk, Hkv, Dv, F = k.shape[1], k.shape[2], v.shape[-1], qf.shape[-1]
     BT, NQ, b0, m_min = _hybrid_layout(q, k, window)
     BD, BV, BK = block_size(D), block_size(Dv), block_size(F, BLOCK_K)
-    hs = zs = kf  # no linear part without features: no states to scan either way
-    if F:
-        (hs, zs), _ = _hybrid_state(kf, v, key_mask, kv0, z0, window, BT, NQ, b0, m_min, True, False)
+    (hs, zs), _ = _hybrid_state(kf, v, key_mask, kv0, z0, window, BT, NQ, b0, m_min, True, False)
     lse, delta, rden, r, ds_sum = (torch.empty_like(den) for _ in range(5))  # per query row, from the dq kernel
     dq, dk, dv, dqf, dkf = (torch.empty_like(x) for x in (q, k, v, qf, kf))
     mask, has_mask = key_mask_arg(key_mask, q)
