@@ -22,34 +22,11 @@ from hf_based.conversion import load_teacher
 from hf_based.eval import retrieval
 
 DEPTHS = (0, 25, 50, 75, 100)
-PASSKEY_HEADER = "A pass key is hidden in the text below. Find it and remember it.\n\n"
 NEUTRAL_HEADER = "Some text is given below. Read all of it with care.\n\n"
-
-
-def passkey_needle(rng: random.Random, header: str = PASSKEY_HEADER) -> dict:
-    key = str(rng.randrange(10_000, 100_000))
-    return dict(
-        header=header,
-        needles=[f"The pass key is {key}. Remember it. {key} is the pass key."],
-        question="\n\nWhat is the pass key? The pass key is",
-        outputs=[key],
-    )
-
-
-def niah_needle(rng: random.Random) -> dict:
-    name, value = retrieval._random_key(rng), rng.randrange(1_000_000, 10_000_000)
-    return dict(
-        header="Some special magic numbers are hidden in the text below. Remember them.\n\n",
-        needles=[f"One of the special magic numbers for {name} is: {value}."],
-        question=f"\n\nWhat is the special magic number for {name} in the text? The special magic number for {name} is",
-        outputs=[str(value)],
-    )
-
-
 NEEDLES = {
-    "passkey": passkey_needle,
-    "passkey, neutral header": lambda rng: passkey_needle(rng, NEUTRAL_HEADER),
-    "niah_single": niah_needle,
+    "passkey": retrieval.passkey_needle,
+    "passkey, neutral header": lambda rng: {**retrieval.passkey_needle(rng), "header": NEUTRAL_HEADER},
+    "niah_single": retrieval.niah_needles,
 }
 
 

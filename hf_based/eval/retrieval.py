@@ -171,16 +171,10 @@ def _rng(task: str, length: int, depth: int, seed: int) -> random.Random:
 # ------------------------------------------------------------------------------------------- generators
 
 
-def passkey_doc(tokenizer: PreTrainedTokenizerBase, length: int, depth: int, seed: int) -> dict[str, Any]:
-    """A 5-digit pass key in one sentence at `depth` percent of a repeated paragraph; the prompt asks for it."""
-    rng = _rng("passkey", length, depth, seed)
+def passkey_needle(rng: random.Random) -> dict[str, Any]:
+    """The passkey task's header, needle, question and answer, for a 5-digit key drawn with `rng`."""
     key = str(rng.randrange(10_000, 100_000))
-    return _haystack_doc(
-        tokenizer,
-        length,
-        depth,
-        rng,
-        sentences=list(PASSKEY_PARAGRAPH) * (length // 4),
+    return dict(
         header="A pass key is hidden in the text below. Find it and remember it.\n\n",
         needles=[f"The pass key is {key}. Remember it. {key} is the pass key."],
         question="\n\nWhat is the pass key? The pass key is",
@@ -188,10 +182,16 @@ def passkey_doc(tokenizer: PreTrainedTokenizerBase, length: int, depth: int, see
     )
 
 
-def _niah_doc(
-    task: str, tokenizer: PreTrainedTokenizerBase, length: int, depth: int, seed: int, *, n_keys: int, n_values: int
-) -> dict[str, Any]:
-    rng = _rng(task, length, depth, seed)
+def passkey_doc(tokenizer: PreTrainedTokenizerBase, length: int, depth: int, seed: int) -> dict[str, Any]:
+    """A 5-digit pass key in one sentence at `depth` percent of a repeated paragraph; the prompt asks for it."""
+    rng = _rng("passkey", length, depth, seed)
+    needle = passkey_needle(rng)
+    return _haystack_doc(tokenizer, length, depth, rng, sentences=list(PASSKEY_PARAGRAPH) * (length // 4), **needle)
+
+
+def niah_needles(rng: random.Random, n_keys: int = 1, n_values: int = 1) -> dict[str, Any]:
+    """The niah tasks' header, needles ("One of the special magic numbers for <key> is: <7 digits>."), question and
+    answers, for `n_keys` random keys with `n_values` numbers each drawn with `rng`; the first key is the one asked."""
     keys = []
     while len(keys) < n_keys:
         keys += [key] if (key := _random_key(rng)) not in keys else []
@@ -209,17 +209,20 @@ def _niah_doc(
         if plural
         else f"\n\nWhat is the special magic number for {asked} in the text? The special magic number for {asked} is"
     )
-    return _haystack_doc(
-        tokenizer,
-        length,
-        depth,
-        rng,
-        sentences=filler_sentences(rng, length),
+    return dict(
         header="Some special magic numbers are hidden in the text below. Remember them.\n\n",
         needles=needles,
         question=question,
         outputs=[str(value) for value in values[:n_values]],
     )
+
+
+def _niah_doc(
+    task: str, tokenizer: PreTrainedTokenizerBase, length: int, depth: int, seed: int, *, n_keys: int, n_values: int
+) -> dict[str, Any]:
+    rng = _rng(task, length, depth, seed)
+    needles = niah_needles(rng, n_keys, n_values)  # drawn before the filler
+    return _haystack_doc(tokenizer, length, depth, rng, sentences=filler_sentences(rng, length), **needles)
 
 
 def niah_single_doc(tokenizer: PreTrainedTokenizerBase, length: int, depth: int, seed: int) -> dict[str, Any]:
