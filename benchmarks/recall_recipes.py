@@ -166,6 +166,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="also save each variant's trained parameters (stage-1 feature maps and window factors, LoRA) and its "
         "recipe as DIR/<variant>.pt, for `assemble()` to rebuild the model elsewhere",
     )
+    parser.add_argument(
+        "--retrieval-keys",
+        metavar="N,M,...",
+        help="score each conversion's retrieval once per value of hybrid_retrieval_keys (a generation setting: "
+        "one training serves all; LAMBADA and zero-shot do not use it), one row each; default: the recipe's",
+    )
     parser.add_argument("--minutes", type=float, default=9.0, help="skip variants that would overrun this")
     args = parser.parse_args(argv)
     unknown = sorted(set(args.variants.split(",")) - set(VARIANTS))
@@ -175,9 +181,13 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def score(model, tokenizer, args) -> dict:
-    """{"retrieval": {task: {length: accuracy or None}}, "lambada": {metric: value}, "zero_shot": {task: {metric:
-    value}} (with --zero-shot-limit)} of one model. Each length is scored on its own: running out of memory at one
-    (None) keeps the others."""
+    """{"retrieval": {task: {length: accuracy or None}}, "cache_mib": ..., "lambada": {metric: value}, "zero_shot":
+    {task: {metric: value}} (with --zero-shot-limit)} of one model. Each length is scored on its own: running out of
+    memory at one (None) keeps the others."""
+    return score_retrieval(model, tokenizer, args) | score_standard(model, tokenizer, args)
+
+
+def score_retrieval(model, tokenizer, args) -> dict:
     retrieval = {}
     for length in (int(n) for n in args.lengths.split(",")):
         metadata = {"max_seq_lengths": [length], "depths": list(DEPTHS), "num_samples": args.samples, "seed": 0}
@@ -188,12 +198,28 @@ def score(model, tokenizer, args) -> dict:
             torch.cuda.empty_cache()
         for task, by_length in scores.items():
             retrieval.setdefault(task, {}).update(by_length)
-    entry = {"retrieval": retrieval, "cache_mib": cache_mib(model, CACHE_CONTEXT)}
+    return {"retrieval": retrieval, "cache_mib": cache_mib(model, CACHE_CONTEXT)}
+
+
+def score_standard(model, tokenizer, args) -> dict:
     standard = dict(tokenizer=tokenizer, data_dir=args.eval_data_dir, batch_size=32)
-    entry["lambada"] = evaluate(model, "lambada_openai", limit=args.lambada_limit, **standard)["lambada_openai"]
+    entry = {"lambada": evaluate(model, "lambada_openai", limit=args.lambada_limit, **standard)["lambada_openai"]}
     if args.zero_shot_limit:
         entry["zero_shot"] = evaluate(model, ZERO_SHOT_TASKS, limit=args.zero_shot_limit, **standard)
     return entry
+
+
+def score_conversion(model, tokenizer, args) -> dict:
+    """{row suffix: entry}: one row per --retrieval-keys value (the standard tasks scored once), or the model as
+    converted."""
+    if not args.retrieval_keys:
+        return {"": score(model, tokenizer, args)}
+    standard = score_standard(model, tokenizer, args)
+    rows = {}
+    for keys in (int(n) for n in args.retrieval_keys.split(",")):
+        model.config.hybrid_retrieval_keys = keys
+        rows[f", retrieval keys {keys}"] = score_retrieval(model, tokenizer, args) | standard | {"retrieval_keys": keys}
+    return rows
 
 
 @torch.no_grad()
@@ -307,6 +333,7 @@ def main(argv=None) -> None:
             "seq_len": args.seq_len,
         },
         "variants": {name: VARIANTS[name] for name in args.variants.split(",")},
+        "retrieval_keys": args.retrieval_keys,
         "models": {},
         "skipped": [],
     }
@@ -351,17 +378,19 @@ def main(argv=None) -> None:
                 softmax = [i for i, m in enumerate(model.config.mixer_types) if m == "full_attention"]
                 if args.save_states:
                     save_states(converted.out, recipe, softmax, args.save_states, name)
-                entry = score(model, tokenizer, args) | {"softmax_layers": softmax}
+                rows = score_conversion(model, tokenizer, args)
+                rows = {name + suffix: entry | {"softmax_layers": softmax} for suffix, entry in rows.items()}
                 del converted, model
             except Exception as error:  # one failing variant should not lose the others' results
                 traceback.print_exc()
-                entry = {"error": f"{type(error).__name__}: {error}"}
-            entry["seconds"] = time.perf_counter() - begun
-            longest = max(longest, entry["seconds"])
-            results["models"][name] = entry
+                rows = {name: {"error": f"{type(error).__name__}: {error}"}}
+            seconds = time.perf_counter() - begun
+            longest = max(longest, seconds)
+            for row, entry in rows.items():
+                results["models"][row] = entry | {"seconds": seconds}
+                print(f"{row}: {entry.get('retrieval', entry.get('error'))}", flush=True)
             torch.cuda.empty_cache() if device.type == "cuda" else None
             save()
-            print(f"{name}: {entry.get('retrieval', entry.get('error'))}", flush=True)
     results["seconds"] = time.perf_counter() - started
     save()
 

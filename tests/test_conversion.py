@@ -682,6 +682,7 @@ def test_default_recipe_keeps_recall_and_lolcats_stays_reachable(capsys, monkeyp
     parser = argparse.ArgumentParser()
     add_recipe_arguments(parser)
     lolcats = ["--softmax-layers", "", "--window-factor-init", "0.1", "--sinks", "0", "--linear-factor-init", "none"]
+    lolcats += ["--retrieval-keys", "0"]
     assert recipe_from_args(resolve_defaults(parser.parse_args(lolcats), demo=False)) == Recipe(**LOLCATS)
     assert recipe_from_args(resolve_defaults(parser.parse_args([]), demo=False)) == Recipe()
     monkeypatch.setenv("COLUMNS", "1000")  # no line breaks inside the flags
@@ -689,7 +690,7 @@ def test_default_recipe_keeps_recall_and_lolcats_stays_reachable(capsys, monkeyp
         main(["convert", "--help"])
     assert exit_info.value.code == 0
     text = " ".join(capsys.readouterr().out.split())
-    lolcats = 'LoLCATs\' recipe: --softmax-layers "" --window-factor-init 0.1 --sinks 0 --linear-factor-init none'
+    lolcats = 'LoLCATs\' recipe: --softmax-layers "" --window-factor-init 0.1 --sinks 0 --linear-factor-init none --retrieval-keys 0'
     assert "(default: copy:20%)" in text and lolcats in text
     assert "0.9 rather than LoLCATs' 0.1" in text and "(default: 0.9)" in text and "(default: 64)" in text
 

@@ -122,6 +122,7 @@ def based_config(teacher_config, recipe: Recipe | None = None) -> BasedConfig:
         hybrid_window_factor_init=recipe.window_factor_init,
         hybrid_linear_factor_init=recipe.linear_factor_init,
         hybrid_attention_sinks=recipe.sinks,
+        hybrid_retrieval_keys=recipe.retrieval_keys,
         attention_bias=bool(qwen2 or _get(teacher_config, "attention_bias", False)),
         mlp_bias=bool(_get(teacher_config, "mlp_bias", False)),
         hidden_act=_get(teacher_config, "hidden_act", "silu"),

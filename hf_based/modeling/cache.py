@@ -265,13 +265,15 @@ def attention_sinks(key_mask: torch.Tensor, count: int, seen: torch.Tensor | Non
 
 class BasedHybridLayer(BasedRecurrentLayer, BasedSlidingWindowLayer):
     """`hybrid_attention`: the sliding-window buffer + kv/z of the keys that have left the window (like transformers'
-    LinearAttentionAndSlidingWindowAttentionLayer, on our own window layer), and with `sinks` > 0 the attention
-    sinks that have left the window: buffers of `sinks` keys/values whose key mask marks the slots filled so far."""
+    LinearAttentionAndSlidingWindowAttentionLayer, on our own window layer), and buffers of older keys/values that stay
+    in the softmax part, whose key mask marks the slots filled so far: the first `sinks` real tokens (attention sinks),
+    then `retrieval` keys chosen by each multi-token update's `key_scores` (re-chosen among the kept and the leaving
+    keys at every such update; a one-token step keeps them)."""
 
-    def __init__(self, sliding_window: int, sinks: int = 0):
+    def __init__(self, sliding_window: int, sinks: int = 0, retrieval: int = 0):
         BasedSlidingWindowLayer.__init__(self, sliding_window)
         BasedRecurrentLayer.__init__(self, ("kv", "z"))
-        self.sinks = sinks
+        self.sinks, self.retrieval = sinks, retrieval
         self.sink_keys = self.sink_values = self.sink_mask = None
         # Whether every row holds all its sinks (then no later key is one), read after each multi-token update: never
         # in a one-token step, which may run in a CUDA graph or under torch.compile, where reading it would sync.
@@ -285,40 +287,67 @@ class BasedHybridLayer(BasedRecurrentLayer, BasedSlidingWindowLayer):
         return self.update_with_sinks(key_states, value_states, key_mask)[:3]
 
     def update_with_sinks(
-        self, key_states: torch.Tensor, value_states: torch.Tensor, key_mask: torch.Tensor
+        self,
+        key_states: torch.Tensor,
+        value_states: torch.Tensor,
+        key_mask: torch.Tensor,
+        key_scores: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """The window's update (keys, values, key mask), preceded by the sinks that have left the window when the
-        layer keeps sinks; -> (keys, values, key mask, sink mask or None)."""
+        """The window's update (keys, values, key mask), preceded by the kept keys (sinks, retrieved) that have left
+        the window; -> (keys, values, key mask, mask of the kept keys or None). `key_scores(keys, key_mask)` -> [B, Tk]
+        ranks the keys for the retrieval slots (None: the slots keep what they hold)."""
         keys, values, key_mask = BasedSlidingWindowLayer.update(self, key_states, value_states, key_mask)
-        if not self.sinks:
+        if not self.sinks and not self.retrieval:
             return keys, values, key_mask, None
         if self.sinks_full and key_states.shape[1] == 1:  # a decode step after the sinks have filled: nothing to keep
             keys, values = torch.cat([self.sink_keys, keys], 1), torch.cat([self.sink_values, values], 1)
             sink_mask = torch.cat([self.sink_mask, torch.zeros_like(key_mask)], 1)
             return keys, values, torch.cat([self.sink_mask, key_mask], 1), sink_mask
-        # A prefill whose keys leaving the window could hold every sink skips the empty sink buffers.
+        # A prefill whose keys leaving the window could hold every sink skips the empty buffers.
         prefill = self.sink_keys is None and keys.shape[1] - self.buffer_length >= self.sinks
         if self.sink_keys is None:
             batch, _, heads, dim = keys.shape
-            self.sink_keys = keys.new_zeros(batch, self.sinks, heads, dim)
-            self.sink_values = values.new_zeros(batch, self.sinks, heads, values.shape[-1])
-            self.sink_mask = key_mask.new_zeros(batch, self.sinks)
+            slots = self.sinks + self.retrieval
+            self.sink_keys = keys.new_zeros(batch, slots, heads, dim)
+            self.sink_values = values.new_zeros(batch, slots, heads, values.shape[-1])
+            self.sink_mask = key_mask.new_zeros(batch, slots)
             mark_static(self.sink_keys, self.sink_values, self.sink_mask)
         if prefill:
-            sink_mask = attention_sinks(key_mask, self.sinks)
+            sink_mask = kept = attention_sinks(key_mask, self.sinks)
         else:
-            # The cached sinks are all older than the window; ranks of the others continue from their count.
-            sink_mask = torch.cat([self.sink_mask, attention_sinks(key_mask, self.sinks, self.sink_mask.sum(1))], 1)
+            # The cached keys are all older than the window; ranks of the other sinks continue from their count.
+            cached_sinks, retrieved = self.sink_mask[:, : self.sinks], self.sink_mask[:, self.sinks :]
+            new_sinks = attention_sinks(key_mask, self.sinks, cached_sinks.sum(1))
+            sink_mask = torch.cat([cached_sinks, torch.zeros_like(retrieved), new_sinks], 1)
+            kept = torch.cat([self.sink_mask, new_sinks], 1)
             keys, values = torch.cat([self.sink_keys, keys], 1), torch.cat([self.sink_values, values], 1)
             key_mask = torch.cat([self.sink_mask, key_mask], 1)
         # Keep the sinks among the keys that leave the window (all but the last window - 1), in order.
         leaving = keys.shape[1] - self.buffer_length
-        kept = gather_sinks(sink_mask[:, :leaving], keys[:, :leaving], values[:, :leaving], self.sinks)[1:]
-        for buffer, source in zip((self.sink_keys, self.sink_values, self.sink_mask), kept):
-            buffer.copy_(source)
+        kept_sinks = gather_sinks(sink_mask[:, :leaving], keys[:, :leaving], values[:, :leaving], self.sinks)[1:]
+        for buffer, source in zip((self.sink_keys, self.sink_values, self.sink_mask), kept_sinks):
+            buffer[:, : self.sinks].copy_(source)
+        if self.retrieval and key_scores is not None:
+            eligible = key_mask.bool() & ~sink_mask.bool()
+            eligible[:, leaving:] = False
+            kept = sink_mask.bool() | self._retrieve(
+                keys, values, key_scores(keys, key_mask).masked_fill(~eligible, -torch.inf)
+            )
         if key_states.shape[1] > 1:
-            self.sinks_full = bool(self.sink_mask.all())
-        return keys, values, key_mask, sink_mask
+            self.sinks_full = bool(self.sink_mask[:, : self.sinks].all())
+        return keys, values, key_mask, kept
+
+    def _retrieve(self, keys: torch.Tensor, values: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        """Fill the retrieval slots with the best-scored keys (-inf: not eligible); -> [B, Tk] bool, the keys taken."""
+        length = keys.shape[1]
+        scores = torch.nn.functional.pad(scores, (0, max(self.retrieval - length, 0)), value=-torch.inf)
+        best, index = scores.topk(self.retrieval, dim=1)  # [B, R]
+        taken = best > -torch.inf
+        source = index.clamp(max=length - 1)[:, :, None, None]
+        self.sink_keys[:, self.sinks :].copy_(keys.gather(1, source.expand(-1, -1, *keys.shape[2:])))
+        self.sink_values[:, self.sinks :].copy_(values.gather(1, source.expand(-1, -1, *values.shape[2:])))
+        self.sink_mask[:, self.sinks :].copy_(taken)
+        return torch.zeros_like(scores, dtype=torch.bool).scatter(1, index, taken)[:, :length]
 
     def _sink_tensors(self) -> dict[str, torch.Tensor]:
         if self.sink_keys is None:
@@ -374,7 +403,7 @@ def cache_layer(config: BasedConfig, layer_idx: int, max_cache_len: int | None =
     if mixer_type == "full_attention":
         return BasedAttentionLayer() if max_cache_len is None else BasedStaticAttentionLayer(max_cache_len)
     if mixer_type == "hybrid_attention":
-        return BasedHybridLayer(config.sliding_window, config.hybrid_attention_sinks)
+        return BasedHybridLayer(config.sliding_window, config.hybrid_attention_sinks, config.hybrid_retrieval_keys)
     return BasedRecurrentLayer(("conv",))
 
 

@@ -40,6 +40,9 @@ class BasedConfig(PretrainedConfig):
           over all older keys, one shared denominator, learned per-head weight sigmoid(w) on the softmax part. With
           `hybrid_attention_sinks` = S > 0, the first S real tokens of each sequence stay in the softmax part for
           every later query (attention sinks) and out of the linear state; the cache keeps their keys and values.
+          With `hybrid_retrieval_keys` = R > 0, a prefill through the cache (generation) also keeps the R older keys
+          that its last `sliding_window` queries attend to most (summed over those queries and the heads, widened to
+          neighbours) in the softmax part of every later query; a forward without a cache (training, scoring) does not.
         - `base_conv`: BASED's gated short convolution (in_proj, depthwise causal conv, SiLU gate, out_proj).
         - `full_attention`: ordinary causal softmax attention.
 
@@ -67,6 +70,7 @@ class BasedConfig(PretrainedConfig):
     hybrid_window_factor_init: float = 0.1
     hybrid_linear_factor_init: float | None = None
     hybrid_attention_sinks: int = 0
+    hybrid_retrieval_keys: int = 0
     conv_kernel_size: int = 3
     conv_intermediate_size: int | None = None
     attention_bias: bool = False
@@ -142,10 +146,10 @@ class BasedConfig(PretrainedConfig):
                 f"num_key_value_heads={self.num_key_value_heads} does not divide "
                 f"num_attention_heads={self.num_attention_heads}; accepted values: divisors of num_attention_heads"
             )
-        if not isinstance(self.hybrid_attention_sinks, int) or self.hybrid_attention_sinks < 0:
-            raise ValueError(
-                f"hybrid_attention_sinks={self.hybrid_attention_sinks!r} is not supported; accepted values: integers >= 0"
-            )
+        for name in ("hybrid_attention_sinks", "hybrid_retrieval_keys"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name}={value!r} is not supported; accepted values: integers >= 0")
         if not 0 < self.hybrid_window_factor_init < 1:
             raise ValueError(
                 f"hybrid_window_factor_init={self.hybrid_window_factor_init!r} is not supported; "
@@ -183,7 +187,7 @@ class BasedConfig(PretrainedConfig):
         sizes = []
         for mixer in self.mixer_types:
             window = (self.sliding_window - 1) * kv_heads * 2 * head_dim  # keys + values of the window buffer
-            sinks = self.hybrid_attention_sinks * kv_heads * 2 * head_dim
+            kept = (self.hybrid_attention_sinks + self.hybrid_retrieval_keys) * kv_heads * 2 * head_dim
             linear = heads * self.feature_size(mixer) * (head_dim + 1)  # kv [H, F, Dv] + z [H, F]
             if mixer == "full_attention" and seq_len is None:
                 raise ValueError("full_attention layers keep every key: pass seq_len to recurrent_state_size")
@@ -191,7 +195,7 @@ class BasedConfig(PretrainedConfig):
                 {
                     "linear_attention": linear,
                     "sliding_window_attention": window,
-                    "hybrid_attention": window + sinks + linear,
+                    "hybrid_attention": window + kept + linear,
                     "base_conv": (self.conv_kernel_size - 1) * self.conv_intermediate_size,
                     "full_attention": (seq_len or 0) * kv_heads * 2 * head_dim,
                 }[mixer]

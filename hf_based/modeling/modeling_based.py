@@ -31,6 +31,7 @@ from hf_based.kernels import (
     taylor_linear_attention,
     taylor_linear_attention_recurrent,
 )
+from hf_based.kernels.softmax.reference import key_distance, stable_exp
 from hf_based.modeling.cache import BasedCache, attention_sinks
 from hf_based.modeling.compat import CACHE_FIELD
 from hf_based.modeling.configuration_based import BasedConfig
@@ -216,6 +217,23 @@ class BasedAttention(BasedAttentionBase):
         return self.out(softmax_attention(q, k, v, window=self.window, key_mask=key_mask))
 
 
+# Keys a retrieved key brings along on each side with it (see retrieval_scores).
+RETRIEVAL_NEIGHBOURS = 7
+
+
+def retrieval_scores(q: torch.Tensor, k: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
+    """[B, Tk]: the softmax attention each key gets from the queries q [B, n, H, D] (the last n keys' positions),
+    summed over them and the heads, then the most of its RETRIEVAL_NEIGHBOURS nearest keys': a needle is several
+    tokens, and the answer needs those around the one that scores."""
+    k = repeat_kv(k, q.shape[2] // k.shape[2])
+    scores = torch.einsum("bihd,bjhd->bhij", q.float(), k.float()) * q.shape[-1] ** -0.5
+    visible = (key_distance(q.shape[1], k.shape[1], q.device) >= 0) & key_mask.bool()[:, None, None, :]
+    weights = stable_exp(scores, visible)
+    weights = (weights / weights.sum(-1, keepdim=True).clamp_min(torch.finfo(weights.dtype).tiny)).sum((1, 2))
+    pad = RETRIEVAL_NEIGHBOURS // 2
+    return nn.functional.max_pool1d(weights[:, None], RETRIEVAL_NEIGHBOURS, stride=1, padding=pad)[:, 0]
+
+
 def factor_logit(factor: float) -> float:
     """The parameter whose sigmoid is `factor` (window and linear factors are stored as logits)."""
     return math.log(factor / (1 - factor))
@@ -265,7 +283,9 @@ class BasedHybridAttention(BasedAttentionBase):
         initial_state = sink_mask = None
         if cache is not None:
             initial_state = cache.layers[self.layer_idx].state()
-            k, v, key_mask, sink_mask = cache.layers[self.layer_idx].update_with_sinks(k, v, key_mask)
+            observed = min(q.shape[1], self.window)
+            key_scores = (lambda keys, mask: retrieval_scores(q[:, -observed:], keys, mask)) if q.shape[1] > 1 else None
+            k, v, key_mask, sink_mask = cache.layers[self.layer_idx].update_with_sinks(k, v, key_mask, key_scores)
         elif self.sinks:
             real = key_mask if key_mask is not None else torch.ones(k.shape[:2], dtype=torch.bool, device=k.device)
             sink_mask = attention_sinks(real.bool(), self.sinks)

@@ -387,16 +387,19 @@ def test_bad_inputs_raise_the_reference_errors(name, args, kwargs):
 
 
 @fp32_hybrid_kernel
+@pytest.mark.parametrize("scattered", [False, True])
 @pytest.mark.parametrize("q_len, k_len, with_state", [(1, 40, True), (17, 40, True), (63, 63, False), (40, 130, True)])
-def test_hybrid_attention_with_sinks_matches_reference(q_len, k_len, with_state):
+def test_hybrid_attention_with_sinks_matches_reference(monkeypatch, q_len, k_len, with_state, scattered):
     """Sinks among cached and new keys of padded rows: both Triton entry points give the reference's outputs and
-    state (the decode kernel at one query, the forward kernel's sink tile otherwise); with gradients, the blockwise
-    PyTorch form runs (the backward kernels have no sinks), and its gradients are the reference's too."""
+    state (the decode kernel at one query, the forward kernel's sink tiles otherwise); with gradients, the blockwise
+    PyTorch form runs (the backward kernels have no sinks), and its gradients are the reference's too. Scattered:
+    every fifth key is a sink too (as retrieved keys are), more than one tile of them."""
+    monkeypatch.setattr(hybrid, "BLOCK_SINKS", 16)
     rand, window = Rand(q_len + k_len), 5
     inputs = hybrid_inputs(rand, q_len, k_len)
     state = tuple(hybrid_state(rand)) if with_state else None
     mask = left_padding_mask(k_len)
-    sinks = mask & (mask.cumsum(1) <= 3)
+    sinks = mask & ((mask.cumsum(1) <= 3) | (torch.arange(k_len) % 5 == 0 if scattered else False))
     kwargs = dict(key_mask=mask, output_final_state=True, sink_mask=sinks)
     fp64_state = as_fp64(state) if with_state else None
     expected, expected_state = reference_hybrid(*as_fp64(inputs), window, initial_state=fp64_state, **kwargs)
