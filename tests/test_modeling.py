@@ -11,6 +11,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from hf_based import BasedCache, BasedConfig, BasedForCausalLM, preset_config
+from hf_based.modeling.cache import BasedHybridLayer
 from hf_based.modeling.compat import CACHE_FIELD
 
 VOCAB = 101
@@ -124,6 +125,53 @@ def test_attention_sinks_change_only_positions_beyond_the_window():
         with_sinks, without = model(ids).logits, plain(ids).logits
     assert_close(with_sinks[:, :WINDOW], without[:, :WINDOW])
     assert (with_sinks[:, WINDOW + 1 :] - without[:, WINDOW + 1 :]).abs().amax(-1).min() > 1e-6
+
+
+def test_retrieval_keys_covering_the_prompt_make_generation_full_attention():
+    """Hybrid layers without a linear term whose retrieval slots can hold every older prompt key generate what full
+    softmax attention with the same weights does (the window factor cancels), on left-padded rows, while the
+    window's keys are the prompt's; without retrieval keys the logits differ (so the test can fail)."""
+    hybrid = dict(mixer_types=["hybrid_attention"] * 2, hybrid_attention_sinks=2, hybrid_linear_factor_init=0)
+    torch.manual_seed(0)
+    retrieving = BasedForCausalLM(tiny_config(**hybrid, hybrid_retrieval_keys=30)).double().eval()
+    plain = BasedForCausalLM(tiny_config(**hybrid)).double().eval()
+    full = BasedForCausalLM(tiny_config(mixer_types=["full_attention"] * 2)).double().eval()
+    plain.load_state_dict(retrieving.state_dict())
+    assert set(full.load_state_dict(retrieving.state_dict(), strict=False).unexpected_keys) == {
+        f"model.layers.{i}.self_attn.window_factors" for i in range(2)
+    }
+    ids, mask = random_ids(2, 24), torch.ones(2, 24, dtype=torch.long)
+    mask[1, :5] = 0
+    # Two new tokens: the second step's window still holds the prompt's last keys.
+    generate = dict(attention_mask=mask, max_new_tokens=2, do_sample=False, output_logits=True)
+    outputs = [m.generate(ids, return_dict_in_generate=True, **generate) for m in (retrieving, full, plain)]
+    (retrieved, expected, without) = [torch.stack(out.logits, 1) for out in outputs]
+    assert_close(retrieved, expected)
+    assert torch.equal(outputs[0].sequences, outputs[1].sequences)
+    assert (without - expected).abs().amax() > 1e-3
+
+
+def test_retrieval_slots_keep_the_best_scored_keys_that_leave_the_window():
+    """The slots take the best-scored real keys among those leaving the window that are not sinks; a decode step
+    sees them; a later multi-token update chooses again among the kept and the leaving keys."""
+    layer = BasedHybridLayer(sliding_window=3, sinks=1, retrieval=2)
+    keys = torch.arange(16.0).view(2, 8, 1, 1)
+    mask = torch.ones(2, 8, dtype=torch.bool)
+    mask[1, 5] = False
+    scores = torch.tensor([[9.0, 5, 1, 7, 0, 8, 9, 9], [9, 5, 1, 7, 0, 8, 9, 9]])
+    # Leaving the window: keys 0-5; 0 is the sink; row 1's key 5 is padding.
+    _, _, _, kept = layer.update_with_sinks(keys, -keys, mask, lambda k, m: scores)
+    assert kept.nonzero().tolist() == [[0, 0], [0, 3], [0, 5], [1, 0], [1, 1], [1, 3]]
+    assert layer.sink_keys[:, :, 0, 0].tolist() == [[0, 5, 3], [8, 11, 9]]
+    assert torch.equal(layer.sink_values, -layer.sink_keys) and layer.sink_mask.all()
+    new = torch.full((2, 1, 1, 1), 50.0)
+    step_keys, _, _, step_kept = layer.update_with_sinks(new, -new, torch.ones(2, 1, dtype=torch.bool))
+    assert torch.equal(step_keys[:, :3], layer.sink_keys) and step_kept.tolist() == [[True] * 3 + [False] * 3] * 2
+    # Slots, window (6, 7 then 7, 50), 2 new keys: the choice is among slots 1-2 and keys 7, 50, 60 (leaving).
+    new = torch.tensor([60.0, 70.0]).view(1, 2, 1, 1).expand(2, -1, -1, -1)
+    rescored = torch.tensor([[0.0, 1, 9, 0, 8, 0, 0]]).expand(2, -1)
+    layer.update_with_sinks(new, -new, torch.ones(2, 2, dtype=torch.bool), lambda k, m: rescored)
+    assert layer.sink_keys[:, :, 0, 0].tolist() == [[0, 3, 50], [8, 9, 50]]
 
 
 def test_a_vanishing_linear_factor_leaves_the_sliding_window():

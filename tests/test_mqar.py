@@ -94,13 +94,14 @@ def test_state_size_is_what_the_cache_holds():
         hedgehog_dim=8,
         mixer_types=["base_conv", "linear_attention", "sliding_window_attention", "hybrid_attention", "full_attention"],
     )
-    for overrides in ({}, {"feature_map": "hedgehog", "linear_attention_projections": "llama"}):
+    kept_keys = {"hybrid_attention_sinks": 2, "hybrid_retrieval_keys": 3}
+    for overrides in ({}, {"feature_map": "hedgehog", "linear_attention_projections": "llama"}, kept_keys):
         config = BasedConfig(**{**config.to_dict(), **overrides})
         model = BasedForCausalLM(config)
         out = model(torch.randint(0, 100, (3, 20)), use_cache=True)
         cache = output_cache(out)
         held = [
-            sum(t.numel() for name, t in s.items() if name != "key_mask") // 3
+            sum(t.numel() for name, t in s.items() if name not in ("key_mask", "sink_mask")) // 3
             for s in (layer.named_tensors() for layer in cache.layers)
         ]
         assert held == config.recurrent_state_size(20)
