@@ -726,6 +726,9 @@ def test_default_recipe_keeps_one_of_five_layers_chosen_by_copying(tmp_path, tok
         5,
     )
     assert sorted(scores) == [0, 1, 2, 3, 4] and selection["layers"] == chosen == info["softmax_layers_selected"]
+    assert result.model.config.hybrid_retrieval_keys == 256
+    card = " ".join((out / "README.md").read_text().split())
+    assert "in generation the 256 older prompt keys its last queries attend to most" in card
     assert info["layers"]["softmax"] == chosen and info["recipe"]["softmax_layers"] == chosen
     assert info["recipe"]["window_factor_init"] == 0.9 and result.recipe.softmax_layers == tuple(chosen)
     # The same choice as measuring copy:1 directly on the run's calibration sequences (its first 8 training sequences).
@@ -756,8 +759,9 @@ def test_spec_that_keeps_no_layer_converts_every_layer_and_says_so(workdir):
 
 def test_sinks_reach_the_converted_model_and_its_saved_config(workdir):
     """--sinks 3: every converted layer keeps the first 3 tokens in its softmax part, through training and saving;
-    the reloaded model decodes as its full forward does. A negative count is refused by name."""
-    run(workdir, "sinks", tiny_recipe(stage1_steps=2, stage2_steps=1, softmax_layers=(), sinks=3))
+    the reloaded model decodes as its full forward does (without retrieval keys, which only generation keeps). A
+    negative count is refused by name."""
+    run(workdir, "sinks", tiny_recipe(stage1_steps=2, stage2_steps=1, softmax_layers=(), sinks=3, retrieval_keys=0))
     model = AutoModelForCausalLM.from_pretrained(workdir / "sinks").eval()
     assert model.config.hybrid_attention_sinks == 3
     assert {type(layer.self_attn).__name__ for layer in model.model.layers} == {"BasedHybridAttention"}
@@ -768,8 +772,9 @@ def test_sinks_reach_the_converted_model_and_its_saved_config(workdir):
         )
         full = model(generated.sequences).logits
     torch.testing.assert_close(torch.stack(generated.logits, 1)[0], full[0, 23:-1].float(), atol=1e-4, rtol=1e-4)
-    with pytest.raises(ConversionError, match=r"sinks=-1 is not supported; accepted: integers >= 0"):
-        Recipe(sinks=-1).validate()
+    for name in ("sinks", "retrieval_keys"):
+        with pytest.raises(ConversionError, match=rf"{name}=-1 is not supported; accepted: integers >= 0"):
+            Recipe(**{name: -1}).validate()
 
 
 def test_linear_factor_is_trained_in_stage_1_and_saved(workdir):
