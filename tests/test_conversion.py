@@ -728,7 +728,7 @@ def test_default_recipe_keeps_one_of_five_layers_chosen_by_copying(tmp_path, tok
     assert sorted(scores) == [0, 1, 2, 3, 4] and selection["layers"] == chosen == info["softmax_layers_selected"]
     assert result.model.config.hybrid_retrieval_keys == 256
     card = " ".join((out / "README.md").read_text().split())
-    assert "in generation the 256 older prompt keys its last queries attend to most" in card
+    assert "in generation also the 256 older prompt keys its last queries attend to most" in card
     assert info["layers"]["softmax"] == chosen and info["recipe"]["softmax_layers"] == chosen
     assert info["recipe"]["window_factor_init"] == 0.9 and result.recipe.softmax_layers == tuple(chosen)
     # The same choice as measuring copy:1 directly on the run's calibration sequences (its first 8 training sequences).

@@ -642,13 +642,13 @@ def _converted_layer_text(recipe: dict) -> str:
     sinks = recipe.get("sinks", 0)
     window = f"sliding-window softmax ({recipe['window']} keys, the current one included"
     window += f", and the first {sinks} tokens as attention sinks)" if sinks else ")"
-    if recipe.get("retrieval_keys"):
-        window += (
-            f", and in generation the {recipe['retrieval_keys']} older prompt keys its last queries attend to most"
-        )
     if recipe.get("linear_factor_init") == 0:
-        return f"{window} without a linear term"
-    return f"{window} plus linear attention over older keys, with one shared denominator, {maps}"
+        text = f"{window} without a linear term"
+    else:
+        text = f"{window} plus linear attention over older keys, with one shared denominator, {maps}"
+    if recipe.get("retrieval_keys"):
+        text += f"; in generation also the {recipe['retrieval_keys']} older prompt keys its last queries attend to most"
+    return text
 
 
 def _teacher_text(
