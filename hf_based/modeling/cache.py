@@ -24,7 +24,7 @@ from collections.abc import Callable
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin, LinearAttentionLayer
 
-from hf_based.kernels.hybrid.chunked import gather_sinks
+from hf_based.kernels.hybrid.chunked import gather_keys, gather_sinks
 from hf_based.modeling.configuration_based import BasedConfig
 
 
@@ -343,9 +343,9 @@ class BasedHybridLayer(BasedRecurrentLayer, BasedSlidingWindowLayer):
         scores = torch.nn.functional.pad(scores, (0, max(self.retrieval - length, 0)), value=-torch.inf)
         best, index = scores.topk(self.retrieval, dim=1)  # [B, R]
         taken = best > -torch.inf
-        source = index.clamp(max=length - 1)[:, :, None, None]
-        self.sink_keys[:, self.sinks :].copy_(keys.gather(1, source.expand(-1, -1, *keys.shape[2:])))
-        self.sink_values[:, self.sinks :].copy_(values.gather(1, source.expand(-1, -1, *values.shape[2:])))
+        source = index.clamp(max=length - 1)  # padding slots (not taken) read any real position
+        self.sink_keys[:, self.sinks :].copy_(gather_keys(keys, source))
+        self.sink_values[:, self.sinks :].copy_(gather_keys(values, source))
         self.sink_mask[:, self.sinks :].copy_(taken)
         return torch.zeros_like(scores, dtype=torch.bool).scatter(1, index, taken)[:, :length]
 

@@ -217,7 +217,7 @@ class BasedAttention(BasedAttentionBase):
         return self.out(softmax_attention(q, k, v, window=self.window, key_mask=key_mask))
 
 
-# Keys a retrieved key brings along on each side with it (see retrieval_scores).
+# Width of the max-pool over retrieval scores: a key scores as the best key within 3 positions of it.
 RETRIEVAL_NEIGHBOURS = 7
 
 

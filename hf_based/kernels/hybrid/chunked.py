@@ -103,8 +103,12 @@ def gather_sinks(sink: torch.Tensor, k: torch.Tensor, v: torch.Tensor, count: in
     positions [B, S], keys [B, S, H, D], values [B, S, H, Dv] and a mask [B, S] of the real ones."""
     count = int(sink.sum(1).max()) if count is None else count
     pos = torch.sort((~sink).to(torch.uint8), dim=1, stable=True).indices[:, :count]  # sinks first, in order
-    gather = lambda x: x.gather(1, pos[:, :, None, None].expand(-1, -1, *x.shape[2:]))  # noqa: E731
-    return pos, gather(k), gather(v), sink.gather(1, pos)
+    return pos, gather_keys(k, pos), gather_keys(v, pos), sink.gather(1, pos)
+
+
+def gather_keys(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """x [B, T, H, D] at positions [B, S] of each row -> [B, S, H, D]."""
+    return x.gather(1, positions[:, :, None, None].expand(-1, -1, *x.shape[2:]))
 
 
 def hybrid_attention_cpu(q, k, v, q_feat, k_feat, window_factor, window, *args, **kwargs):
