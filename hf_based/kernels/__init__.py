@@ -7,8 +7,9 @@ parallel twin, with the same signature (minus chunk_size).
 
 One folder per op, `<op>/reference.py` and `<op>/triton.py`: taylor (BASED Taylor linear attention), linear (linear
 attention on materialised features, e.g. hedgehog), softmax (sliding-window softmax attention), hybrid (LoLCATs
-sliding-window softmax + linear attention, and `chunked.py`), conv (short convolution), norm (RMSNorm) and hedgehog
-(LoLCATs' feature map; `feature_maps.py` has BASED's Taylor map).
+sliding-window softmax + linear attention, and `chunked.py`), conv (short convolution), norm (RMSNorm), rope (rotary
+embedding of queries and keys), retrieval (which keys a prompt's last queries attend to) and hedgehog (LoLCATs'
+feature map; `feature_maps.py` has BASED's Taylor map).
 `dispatch.py` picks one per call; `op.reference` is the spec. Under torch.compile the decode-step ops are custom ops
 (`opaque.py`).
 """
@@ -27,6 +28,8 @@ from hf_based.kernels.opaque import (
     opaque_short_conv_recurrent,
     opaque_softmax_attention,
 )
+from hf_based.kernels.retrieval import reference as retrieval_reference
+from hf_based.kernels.rope import reference as rope_reference
 from hf_based.kernels.softmax import reference as softmax_reference
 from hf_based.kernels.taylor import reference as taylor_reference
 
@@ -68,6 +71,18 @@ def _norm_triton():
     return triton
 
 
+def _rope_triton():
+    from hf_based.kernels.rope import triton
+
+    return triton
+
+
+def _retrieval_triton():
+    from hf_based.kernels.retrieval import triton
+
+    return triton
+
+
 def _conv_triton():
     from hf_based.kernels.conv import triton
 
@@ -102,6 +117,8 @@ hybrid_attention_recurrent = dispatched(
 )
 short_conv = dispatched(conv_reference.short_conv, lambda: _conv_triton().short_conv)
 rms_norm = dispatched(norm_reference.rms_norm, lambda: _norm_triton().rms_norm)
+retrieval_scores = dispatched(retrieval_reference.retrieval_scores, lambda: _retrieval_triton().retrieval_scores)
+apply_rotary = dispatched(rope_reference.apply_rotary, lambda: _rope_triton().apply_rotary)
 hedgehog_feature_map = dispatched(
     hedgehog_reference.hedgehog_feature_map, lambda: _hedgehog_triton().hedgehog_feature_map
 )
@@ -110,11 +127,13 @@ short_conv_recurrent = dispatched(
 )
 
 __all__ = [
+    "apply_rotary",
     "hedgehog_feature_map",
     "hybrid_attention",
     "hybrid_attention_recurrent",
     "linear_attention",
     "linear_attention_recurrent",
+    "retrieval_scores",
     "rms_norm",
     "short_conv",
     "short_conv_recurrent",

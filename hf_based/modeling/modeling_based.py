@@ -18,11 +18,13 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from hf_based.kernels import (
+    apply_rotary,
     hedgehog_feature_map,
     hybrid_attention,
     hybrid_attention_recurrent,
     linear_attention,
     linear_attention_recurrent,
+    retrieval_scores,
     rms_norm,
     short_conv,
     short_conv_recurrent,
@@ -31,7 +33,6 @@ from hf_based.kernels import (
     taylor_linear_attention,
     taylor_linear_attention_recurrent,
 )
-from hf_based.kernels.softmax.reference import key_distance, stable_exp
 from hf_based.modeling.cache import BasedCache, attention_sinks
 from hf_based.modeling.compat import CACHE_FIELD
 from hf_based.modeling.configuration_based import BasedConfig
@@ -71,17 +72,6 @@ class BasedRotaryEmbedding(nn.Module):
         freqs = position_ids[..., None].float() * self.inv_freq.to(x.device)  # [B, T, D/2]
         emb = torch.cat((freqs, freqs), dim=-1)
         return (emb.cos() * self.attention_scaling).to(x.dtype), (emb.sin() * self.attention_scaling).to(x.dtype)
-
-
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
-def apply_rotary_pos_emb(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [B, T, H, D]; cos/sin: [B, T, D]."""
-    cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)
-    return x * cos + rotate_half(x) * sin
 
 
 def residual_projection(linear: nn.Linear) -> nn.Linear:
@@ -166,8 +156,7 @@ class BasedAttentionBase(nn.Module):
         k = self.k_proj(hidden_states).view(batch, length, self.num_kv_heads, self.qk_dim)
         v = self.v_proj(hidden_states).view(batch, length, self.num_kv_heads, self.head_dim)
         if self.use_rope:
-            cos, sin = position_embeddings
-            q, k = apply_rotary_pos_emb(q, cos, sin), apply_rotary_pos_emb(k, cos, sin)
+            q, k = apply_rotary(q, k, *position_embeddings)
         return q, k, v
 
     def out(self, o: torch.Tensor) -> torch.Tensor:
@@ -215,23 +204,6 @@ class BasedAttention(BasedAttentionBase):
         if cache is not None:
             k, v, key_mask = cache.layers[self.layer_idx].update(k, v, key_mask)
         return self.out(softmax_attention(q, k, v, window=self.window, key_mask=key_mask))
-
-
-# Width of the max-pool over retrieval scores: a key scores as the best key within 3 positions of it.
-RETRIEVAL_NEIGHBOURS = 7
-
-
-def retrieval_scores(q: torch.Tensor, k: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
-    """[B, Tk]: the softmax attention each key gets from the queries q [B, n, H, D] (the last n keys' positions),
-    summed over them and the heads, then the most of its RETRIEVAL_NEIGHBOURS nearest keys': a needle is several
-    tokens, and the answer needs those around the one that scores."""
-    k = repeat_kv(k, q.shape[2] // k.shape[2])
-    scores = torch.einsum("bihd,bjhd->bhij", q.float(), k.float()) * q.shape[-1] ** -0.5
-    visible = (key_distance(q.shape[1], k.shape[1], q.device) >= 0) & key_mask.bool()[:, None, None, :]
-    weights = stable_exp(scores, visible)
-    weights = (weights / weights.sum(-1, keepdim=True).clamp_min(torch.finfo(weights.dtype).tiny)).sum((1, 2))
-    pad = RETRIEVAL_NEIGHBOURS // 2
-    return nn.functional.max_pool1d(weights[:, None], RETRIEVAL_NEIGHBOURS, stride=1, padding=pad)[:, 0]
 
 
 def factor_logit(factor: float) -> float:

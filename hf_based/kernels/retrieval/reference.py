@@ -1,0 +1,31 @@
+"""Retrieval scores: which older keys the last queries of a prompt attend to, for a cache that keeps the best of them
+(the hybrid layers' retrieval slots)."""
+
+import torch
+import torch.nn.functional as F
+
+from hf_based.kernels.softmax.reference import key_distance, stable_exp
+
+# Width of the max-pool over the scores: a key scores as the best key within 3 positions of it.
+NEIGHBOURS = 7
+
+
+def pool_neighbours(weights: torch.Tensor) -> torch.Tensor:
+    """[B, Tk] -> [B, Tk]: each key's most of its NEIGHBOURS nearest keys' (a needle is several tokens, and the answer
+    needs those around the one that scores)."""
+    return F.max_pool1d(weights[:, None], NEIGHBOURS, stride=1, padding=NEIGHBOURS // 2)[:, 0]
+
+
+def retrieval_scores(q: torch.Tensor, k: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """[B, Tk] fp32: the softmax attention each key gets from the queries q [B, n, H, D] (at the last n key positions,
+    causal, over the real keys of key_mask [B, Tk]), summed over them and the heads, then pooled (`pool_neighbours`).
+    k: [B, Tk, Hkv, D], Hkv dividing H."""
+    k = k.repeat_interleave(q.shape[2] // k.shape[2], dim=2)
+    dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    scores = torch.einsum("bihd,bjhd->bhij", q.to(dtype), k.to(dtype)) * q.shape[-1] ** -0.5
+    visible = key_distance(q.shape[1], k.shape[1], q.device) >= 0
+    if key_mask is not None:
+        visible = visible & key_mask.bool()[:, None, None, :]
+    weights = stable_exp(scores, visible)
+    weights = (weights / weights.sum(-1, keepdim=True).clamp_min(torch.finfo(dtype).tiny)).sum((1, 2))
+    return pool_neighbours(weights)
