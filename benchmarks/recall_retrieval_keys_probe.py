@@ -67,15 +67,15 @@ def main(argv=None) -> None:
             progress=False,
         ).model.eval()
     layers = [i for i, mixer in enumerate(model.config.mixer_types) if mixer == "hybrid_attention"]
-    taken = []  # per _retrieve call (one per converted layer and prefill): the positions row 0 took
-    retrieve = BasedHybridLayer._retrieve
+    taken = []  # per _choose call (one per converted layer and prefill): the positions row 0 took
+    choose = BasedHybridLayer._choose
 
-    def recording(self, keys, values, scores):
-        chosen = retrieve(self, keys, values, scores)
-        taken.append(set(chosen[0].nonzero()[:, 0].tolist()))
-        return chosen
+    def recording(self, *args):
+        choice = choose(self, *args)
+        taken.append(set(choice[2][0].nonzero()[:, 0].tolist()))
+        return choice
 
-    BasedHybridLayer._retrieve = recording
+    BasedHybridLayer._choose = recording
     rows = []
     for keys in (int(n) for n in args.keys.split(",")):
         model.config.hybrid_retrieval_keys = keys

@@ -24,7 +24,7 @@ from collections.abc import Callable
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin, LinearAttentionLayer
 
-from hf_based.kernels.hybrid.chunked import gather_keys, gather_sinks
+from hf_based.kernels.hybrid.chunked import first_positions, gather_keys, gather_sinks
 from hf_based.modeling.configuration_based import BasedConfig
 
 
@@ -153,9 +153,15 @@ class BasedBufferLayer(BasedAttentionLayer):
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor, key_mask: torch.Tensor) -> None:
         batch, _, heads, dim = key_states.shape
-        self.keys = key_states.new_zeros(batch, self.buffer_length, heads, dim)
-        self.values = value_states.new_zeros(batch, self.buffer_length, heads, value_states.shape[-1])
-        self.key_mask = key_mask.new_zeros(batch, self.buffer_length)
+        self.hold(
+            key_states.new_zeros(batch, self.buffer_length, heads, dim),
+            value_states.new_zeros(batch, self.buffer_length, heads, value_states.shape[-1]),
+            key_mask.new_zeros(batch, self.buffer_length),
+        )
+
+    def hold(self, keys: torch.Tensor, values: torch.Tensor, key_mask: torch.Tensor) -> None:
+        """Make these the buffers, kept at their addresses from now on."""
+        self.keys, self.values, self.key_mask = keys, values, key_mask
         self.is_initialized = True
         mark_static(self.keys, self.values, self.key_mask)
 
@@ -232,12 +238,16 @@ class BasedSlidingWindowLayer(BasedBufferLayer):
         A first update that fills the buffer (a prefill) returns the new ones alone: the empty buffer adds only
         masked keys."""
         if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states, key_mask)
             if key_states.shape[1] >= self.buffer_length:
                 start = key_states.shape[1] - self.buffer_length
-                for buffer, new in ((self.keys, key_states), (self.values, value_states), (self.key_mask, key_mask)):
-                    buffer.copy_(new[:, start:])
+                self.hold(
+                    *(
+                        x[:, start:].clone(memory_format=torch.contiguous_format)
+                        for x in (key_states, value_states, key_mask)
+                    )
+                )
                 return key_states, value_states, key_mask
+            self.lazy_initialization(key_states, value_states, key_mask)
         keys = torch.cat([self.keys, key_states], dim=1)
         values = torch.cat([self.values, value_states], dim=1)
         key_mask = torch.cat([self.key_mask, key_mask], dim=1)
@@ -303,51 +313,79 @@ class BasedHybridLayer(BasedRecurrentLayer, BasedSlidingWindowLayer):
             keys, values = torch.cat([self.sink_keys, keys], 1), torch.cat([self.sink_values, values], 1)
             sink_mask = torch.cat([self.sink_mask, torch.zeros_like(key_mask)], 1)
             return keys, values, torch.cat([self.sink_mask, key_mask], 1), sink_mask
-        # A prefill whose keys leaving the window could hold every sink skips the empty buffers.
-        prefill = self.sink_keys is None and keys.shape[1] - self.buffer_length >= self.sinks
+        if self.sink_keys is None and keys.shape[1] - self.buffer_length >= self.sinks:
+            kept = self._fill_slots(keys, values, key_mask, key_scores)
+        else:
+            keys, values, key_mask, kept = self._update_slots(keys, values, key_mask, key_scores)
+        if key_states.shape[1] > 1:
+            self.sinks_full = bool(self.sink_mask[:, : self.sinks].all())
+        return keys, values, key_mask, kept
+
+    def _update_slots(self, keys, values, key_mask, key_scores):
+        """The window's keys preceded by the slots' (allocated empty at the first update); the sinks among the keys
+        that leave the window join the slots, and the retrieval slots are re-chosen. -> (keys, values, key mask,
+        the kept keys' mask)."""
         if self.sink_keys is None:
             batch, _, heads, dim = keys.shape
             slots = self.sinks + self.retrieval
-            self.sink_keys = keys.new_zeros(batch, slots, heads, dim)
-            self.sink_values = values.new_zeros(batch, slots, heads, values.shape[-1])
-            self.sink_mask = key_mask.new_zeros(batch, slots)
-            mark_static(self.sink_keys, self.sink_values, self.sink_mask)
-        if prefill:
-            sink_mask = kept = attention_sinks(key_mask, self.sinks)
-        else:
-            # The cached keys are all older than the window; ranks of the other sinks continue from their count.
-            cached_sinks, retrieved = self.sink_mask[:, : self.sinks], self.sink_mask[:, self.sinks :]
-            new_sinks = attention_sinks(key_mask, self.sinks, cached_sinks.sum(1))
-            sink_mask = torch.cat([cached_sinks, torch.zeros_like(retrieved), new_sinks], 1)
-            kept = torch.cat([self.sink_mask, new_sinks], 1)
-            keys, values = torch.cat([self.sink_keys, keys], 1), torch.cat([self.sink_values, values], 1)
-            key_mask = torch.cat([self.sink_mask, key_mask], 1)
+            self._hold_slots(
+                keys.new_zeros(batch, slots, heads, dim),
+                values.new_zeros(batch, slots, heads, values.shape[-1]),
+                key_mask.new_zeros(batch, slots),
+            )
+        # The cached keys are all older than the window; ranks of the other sinks continue from their count.
+        cached_sinks, retrieved = self.sink_mask[:, : self.sinks], self.sink_mask[:, self.sinks :]
+        new_sinks = attention_sinks(key_mask, self.sinks, cached_sinks.sum(1))
+        sink_mask = torch.cat([cached_sinks, torch.zeros_like(retrieved), new_sinks], 1)
+        kept = torch.cat([self.sink_mask, new_sinks], 1)
+        keys, values = torch.cat([self.sink_keys, keys], 1), torch.cat([self.sink_values, values], 1)
+        key_mask = torch.cat([self.sink_mask, key_mask], 1)
         # Keep the sinks among the keys that leave the window (all but the last window - 1), in order.
         leaving = keys.shape[1] - self.buffer_length
         kept_sinks = gather_sinks(sink_mask[:, :leaving], keys[:, :leaving], values[:, :leaving], self.sinks)[1:]
         for buffer, source in zip((self.sink_keys, self.sink_values, self.sink_mask), kept_sinks):
             buffer[:, : self.sinks].copy_(source)
         if self.retrieval and key_scores is not None:
-            eligible = key_mask.bool() & ~sink_mask.bool()
-            eligible[:, leaving:] = False
-            kept = sink_mask.bool() | self._retrieve(
-                keys, values, key_scores(keys, key_mask).masked_fill(~eligible, -torch.inf)
-            )
-        if key_states.shape[1] > 1:
-            self.sinks_full = bool(self.sink_mask[:, : self.sinks].all())
+            index, taken, chosen = self._choose(key_scores, keys, key_mask, sink_mask, leaving)
+            slots = (self.sink_keys, self.sink_values, self.sink_mask)
+            for buffer, source in zip(slots, (gather_keys(keys, index), gather_keys(values, index), taken)):
+                buffer[:, self.sinks :].copy_(source)
+            kept = sink_mask.bool() | chosen
         return keys, values, key_mask, kept
 
-    def _retrieve(self, keys: torch.Tensor, values: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        """Fill the retrieval slots with the best-scored keys (-inf: not eligible); -> [B, Tk] bool, the keys taken."""
+    def _fill_slots(self, keys, values, key_mask, key_scores) -> torch.Tensor:
+        """A first update whose keys leaving the window could hold every sink (a prefill): the slots are made from
+        those keys alone, each buffer in one gather. -> the kept keys' mask [B, Tk]."""
+        leaving = keys.shape[1] - self.buffer_length
+        sink_mask = attention_sinks(key_mask, self.sinks)
+        index, taken = first_positions(sink_mask[:, :leaving], self.sinks)
+        kept = sink_mask
+        if self.retrieval:
+            if key_scores is not None:
+                best, best_taken, chosen = self._choose(key_scores, keys, key_mask, sink_mask, leaving)
+                kept = sink_mask | chosen
+            else:  # the slots stay empty
+                best, best_taken = (x.new_zeros(x.shape[0], self.retrieval) for x in (index, taken))
+            index, taken = torch.cat([index, best], 1), torch.cat([taken, best_taken], 1)
+        self._hold_slots(gather_keys(keys, index), gather_keys(values, index), taken)
+        return kept
+
+    def _hold_slots(self, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor) -> None:
+        self.sink_keys, self.sink_values, self.sink_mask = keys, values, mask
+        mark_static(self.sink_keys, self.sink_values, self.sink_mask)
+
+    def _choose(self, key_scores, keys, key_mask, sink_mask, leaving):
+        """The retrieval slots' choice: the best-scored keys that are real, not sinks and leave the window. ->
+        (positions [B, R], whether each slot took a key [B, R], the keys taken [B, Tk] bool)."""
+        eligible = key_mask.bool() & ~sink_mask.bool()
+        eligible[:, leaving:] = False
         length = keys.shape[1]
+        scores = key_scores(keys, key_mask).masked_fill(~eligible, -torch.inf)
         scores = torch.nn.functional.pad(scores, (0, max(self.retrieval - length, 0)), value=-torch.inf)
         best, index = scores.topk(self.retrieval, dim=1)  # [B, R]
         taken = best > -torch.inf
-        source = index.clamp(max=length - 1)  # padding slots (not taken) read any real position
-        self.sink_keys[:, self.sinks :].copy_(gather_keys(keys, source))
-        self.sink_values[:, self.sinks :].copy_(gather_keys(values, source))
-        self.sink_mask[:, self.sinks :].copy_(taken)
-        return torch.zeros_like(scores, dtype=torch.bool).scatter(1, index, taken)[:, :length]
+        chosen = torch.zeros_like(scores, dtype=torch.bool).scatter(1, index, taken)[:, :length]
+        return index.clamp(max=length - 1), taken, chosen  # slots that took nothing read any real position
 
     def _sink_tensors(self) -> dict[str, torch.Tensor]:
         if self.sink_keys is None:

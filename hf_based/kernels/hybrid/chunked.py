@@ -102,8 +102,15 @@ def gather_sinks(sink: torch.Tensor, k: torch.Tensor, v: torch.Tensor, count: in
     """The sinks of each row, in order, padded to `count` (default: the largest count of any row, read on the host):
     positions [B, S], keys [B, S, H, D], values [B, S, H, Dv] and a mask [B, S] of the real ones."""
     count = int(sink.sum(1).max()) if count is None else count
-    pos = torch.sort((~sink).to(torch.uint8), dim=1, stable=True).indices[:, :count]  # sinks first, in order
-    return pos, gather_keys(k, pos), gather_keys(v, pos), sink.gather(1, pos)
+    pos, real = first_positions(sink, count)
+    return pos, gather_keys(k, pos), gather_keys(v, pos), real
+
+
+def first_positions(mask: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The positions of the first `count` True entries of each row of mask [B, T], in order, and whether each is one
+    ([B, count] each; a row with fewer fills the rest with other positions, marked False)."""
+    pos = torch.sort((~mask).to(torch.uint8), dim=1, stable=True).indices[:, :count]
+    return pos, mask.gather(1, pos)
 
 
 def gather_keys(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
