@@ -22,6 +22,8 @@ from hf_based.kernels.hedgehog import triton as hedgehog
 from hf_based.kernels.hybrid import triton as hybrid
 from hf_based.kernels.linear import triton as linear
 from hf_based.kernels.norm import triton as norm
+from hf_based.kernels.retrieval import triton as retrieval
+from hf_based.kernels.rope import triton as rope
 from hf_based.kernels.softmax import triton as softmax
 from hf_based.kernels.taylor import triton as taylor
 
@@ -136,6 +138,8 @@ def run_every_kernel(monkeypatch):
     with torch.no_grad():
         conv.short_conv_recurrent(x[:, :1], weight, initial_state=rand.normal(B, 3, 48).half())
         norm.rms_norm(half(B, T, 576), half(576), 1e-5)
+        rope.apply_rotary(half(B, T, 9, 64), half(B, T, 3, 64), half(1, T, 64), half(1, T, 64))
+        retrieval.retrieval_scores(half(B, 64, 9, 64), half(B, T, 3, 64), key_mask(T))
         hedgehog.hedgehog_feature_map(half(B, T, H, 64), half(H, 64, 64))
 
 
@@ -143,7 +147,14 @@ def test_every_kernel_compiles_for_sm90(monkeypatch):
     launches = record_launches(monkeypatch)
     run_every_kernel(monkeypatch)
     kernels = {launch["kernel"] for launch in launches.values()}
-    assert {"softmax_combine_kernel", "hybrid_state_fwd_kernel", "hybrid_decode_kernel", "taylor_fwd_kernel"} <= kernels
+    assert {
+        "softmax_combine_kernel",
+        "hybrid_state_fwd_kernel",
+        "hybrid_decode_kernel",
+        "taylor_fwd_kernel",
+        "rope_fwd_kernel",
+        "retrieval_weights_kernel",
+    } <= kernels
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     result = subprocess.run(
         [sys.executable, "-c", COMPILE],
