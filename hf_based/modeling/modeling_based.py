@@ -253,16 +253,22 @@ class BasedHybridAttention(BasedAttentionBase):
     def forward(self, hidden_states, key_mask, position_embeddings, cache=None):
         q, k, v = self.project(hidden_states, position_embeddings)
         initial_state = sink_mask = None
+        # The parallel op's bound on any row's sinks, so that it need not read their count on the host.
+        bound = {"max_sinks": self.sinks}
         if cache is not None:
-            initial_state = cache.layers[self.layer_idx].state()
+            layer = cache.layers[self.layer_idx]
+            initial_state = layer.state()
             observed = min(q.shape[1], self.window)
             key_scores = (lambda keys, mask: retrieval_scores(q[:, -observed:], keys, mask)) if q.shape[1] > 1 else None
-            k, v, key_mask, sink_mask = cache.layers[self.layer_idx].update_with_sinks(k, v, key_mask, key_scores)
+            k, v, key_mask, sink_mask = layer.update_with_sinks(k, v, key_mask, key_scores)
+            bound = {"max_sinks": layer.sinks + layer.retrieval}
         elif self.sinks:
             real = key_mask if key_mask is not None else torch.ones(k.shape[:2], dtype=torch.bool, device=k.device)
             sink_mask = attention_sinks(real.bool(), self.sinks)
         q_feat, k_feat = self.features(q, k)
-        op = hybrid_attention_recurrent if initial_state is not None and q.shape[1] == 1 else hybrid_attention
+        op = hybrid_attention
+        if initial_state is not None and q.shape[1] == 1:
+            op, bound = hybrid_attention_recurrent, {}
         o, final_state = op(
             q,
             k,
@@ -275,6 +281,7 @@ class BasedHybridAttention(BasedAttentionBase):
             initial_state=initial_state,
             output_final_state=cache is not None,
             sink_mask=sink_mask,
+            **bound,
         )
         if cache is not None:
             cache.layers[self.layer_idx].update_state(*final_state)

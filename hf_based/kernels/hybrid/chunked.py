@@ -35,6 +35,7 @@ def hybrid_attention_chunked(
     output_final_state: bool = False,
     scale: float | None = None,
     sink_mask: torch.Tensor | None = None,
+    max_sinks: int | None = None,
     chunk: int = CHUNK,
 ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
     """Same arguments and result as `reference.hybrid_attention`."""
@@ -42,7 +43,7 @@ def hybrid_attention_chunked(
     q, k, v, q_feat, k_feat, window_factor, real, sink, kv, z, scale = _prepare(
         q, k, v, q_feat, k_feat, window_factor, window, key_mask, sink_mask, initial_state, scale
     )
-    sinks = gather_sinks(sink, k, v) if sink_mask is not None else None
+    sinks = gather_sinks(sink, k, v, max_sinks) if sink_mask is not None else None
     batch, q_len, heads, _ = q.shape
     k_len = k.shape[1]
     blocks = math.ceil(q_len / chunk)

@@ -73,13 +73,16 @@ def hybrid_attention(
     output_final_state: bool = False,
     scale: float | None = None,
     sink_mask: torch.Tensor | None = None,
+    max_sinks: int | None = None,
 ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
     """Parallel form, quadratic over Tq x Tk.
 
     q: [B, Tq, H, D]; k: [B, Tk, Hkv, D]; v: [B, Tk, Hkv, Dv] (queries are the last Tq keys, GQA as in
     softmax_attention); q_feat: [B, Tq, H, F]; k_feat: [B, Tk, H, F] (per query head); window_factor: w_h [H];
     window: int >= 1; key_mask: [B, Tk] or None; initial_state: (kv [B, H, F, Dv], z [B, H, F]) or None;
-    sink_mask: [B, Tk] bool or None, the attention sinks (see the module docstring).
+    sink_mask: [B, Tk] bool or None, the attention sinks (see the module docstring); max_sinks: None or at least the
+    most sinks of any row (as flash-attention's max_seqlen: the kernels then size their sink tiles without reading
+    the count on the host; the reference has no use for it).
     Returns (o [B, Tq, H, Dv] in v.dtype, final state or None).
     """
     out_dtype = v.dtype

@@ -712,7 +712,7 @@ def _without_sink_features(k_feat, sink_mask):
 
 def hybrid_attention(
     q, k, v, q_feat, k_feat, window_factor, window, key_mask=None, initial_state=None, output_final_state=False,
-    scale=None, sink_mask=None,
+    scale=None, sink_mask=None, max_sinks=None,
 ):
     """Triton twin of the reference `hybrid_attention` (same arguments, result, errors). The backward kernels have
     no sinks: with a `sink_mask` and gradients to compute, the blockwise PyTorch form runs instead."""
@@ -720,7 +720,7 @@ def hybrid_attention(
     if sink_mask is not None and needs_grad(q, k, v, q_feat, k_feat, window_factor, *(initial_state or ())):
         return hybrid_attention_chunked(
             q, k, v, q_feat, k_feat, window_factor, window, key_mask, initial_state, output_final_state, scale,
-            sink_mask,
+            sink_mask, max_sinks,
         )
     dtype = kernel_dtype(q, k, v, q_feat, k_feat)
     if runs_reference(dtype, q.device):
@@ -736,7 +736,7 @@ def hybrid_attention(
     if sink_mask is not None:
         k_feat = _without_sink_features(k_feat, sink_mask)
         sink = sink_mask.bool() & (key_mask.bool() if key_mask is not None else True)
-        position, sink_k, sink_v, real = gather_sinks(sink, k, v)
+        position, sink_k, sink_v, real = gather_sinks(sink, k, v, max_sinks)
         sinks = (torch.where(real, position, -1).to(torch.int32).contiguous(), sink_k, sink_v)
         o, _, _, _, _, final = _hybrid_fwd(
             q, k, v, q_feat, k_feat, window_factor, kv0, z0, window, key_mask, scale, output_final_state, False, sinks
