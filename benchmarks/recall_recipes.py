@@ -5,7 +5,7 @@
 One GPU, bf16. The teacher is scored first; then each variant of VARIANTS is converted on the Alpaca data (the same
 small budget for all, `--stage1-steps` and `--stage2-steps` of `--batch-size` x `--seq-len` tokens) and scored:
 - passkey and niah_single as `hf-based eval` runs them (greedy generation, the answer anywhere in the continuation),
-  at `--lengths` x depths 0/25/50/75/100 x `--samples`, split = the generated tasks with seed 0
+  at `--lengths` x depths 0/25/50/75/100 x `--samples`, split = the generated tasks with seed `--task-seed`
   (each length on its own: one that runs out of memory is recorded as such, the others kept);
 - LAMBADA (lm_eval's lambada_openai, test split, the first `--lambada-limit` documents): accuracy and perplexity;
 - with `--zero-shot-limit N`, the six zero-shot tasks of convert_smollm2.py (validation splits), N documents each.
@@ -155,6 +155,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--seq-len", type=int, default=1024)
     parser.add_argument("--lengths", default="256,512,1024,2048,4096,8192")
     parser.add_argument("--samples", type=int, default=2, help="documents per task, length and depth")
+    parser.add_argument(
+        "--task-seed", type=int, default=0, help="seed of the generated retrieval documents (another: held-out prompts)"
+    )
     parser.add_argument("--tasks", default=",".join(RETRIEVAL_TASKS), help="retrieval tasks, comma-separated")
     parser.add_argument("--lambada-limit", type=int, default=500)
     parser.add_argument(
@@ -190,7 +193,12 @@ def score(model, tokenizer, args) -> dict:
 def score_retrieval(model, tokenizer, args) -> dict:
     retrieval = {}
     for length in (int(n) for n in args.lengths.split(",")):
-        metadata = {"max_seq_lengths": [length], "depths": list(DEPTHS), "num_samples": args.samples, "seed": 0}
+        metadata = {
+            "max_seq_lengths": [length],
+            "depths": list(DEPTHS),
+            "num_samples": args.samples,
+            "seed": args.task_seed,
+        }
         try:
             scores = evaluate(model, args.tasks, tokenizer=tokenizer, batch_size=8, metadata=metadata)
         except torch.OutOfMemoryError:
@@ -293,7 +301,8 @@ def markdown(results: dict) -> str:
         f"{budget['stage2_steps']} steps of {budget['tokens_per_step']:,} tokens in sequences of {budget['seq_len']} "
         "(unless the variant says otherwise). "
         f"Retrieval: `hf-based eval` (greedy, the answer anywhere in the continuation), "
-        f"{results['samples']} documents per length and depth 0/25/50/75/100, seed 0. LAMBADA: lm-eval "
+        f"{results['samples']} documents per length and depth 0/25/50/75/100, seed {results.get('task_seed', 0)}. "
+        "LAMBADA: lm-eval "
         f"lambada_openai, test split, first {results['lambada_limit']} documents. Cache: bytes of every cached tensor "
         f"for one sequence after {CACHE_CONTEXT} tokens, in the model's dtype."
         + (
@@ -324,6 +333,7 @@ def main(argv=None) -> None:
         "lengths": [int(n) for n in args.lengths.split(",")],
         "tasks": args.tasks.split(","),
         "samples": args.samples,
+        "task_seed": args.task_seed,
         "lambada_limit": args.lambada_limit,
         "zero_shot_limit": args.zero_shot_limit,
         "budget": {
