@@ -267,7 +267,7 @@ class BasedSlidingWindowLayer(BasedBufferLayer):
 def attention_sinks(key_mask: torch.Tensor, count: int, seen: torch.Tensor | None = None) -> torch.Tensor:
     """[B, T] bool: the real keys among the first `count` real tokens of each row, when `seen` [B] real tokens came
     before these (None: none; only the count matters, capped at `count`)."""
-    rank = key_mask.long().cumsum(1)
+    rank = key_mask.cumsum(1)  # int64 for a bool mask too
     if seen is not None:
         rank = rank + seen[:, None]
     return key_mask & (rank <= count)
@@ -381,7 +381,8 @@ class BasedHybridLayer(BasedRecurrentLayer, BasedSlidingWindowLayer):
         eligible[:, leaving:] = False
         length = keys.shape[1]
         scores = key_scores(keys, key_mask).masked_fill(~eligible, -torch.inf)
-        scores = torch.nn.functional.pad(scores, (0, max(self.retrieval - length, 0)), value=-torch.inf)
+        if length < self.retrieval:
+            scores = torch.nn.functional.pad(scores, (0, self.retrieval - length), value=-torch.inf)
         best, index = scores.topk(self.retrieval, dim=1)  # [B, R]
         taken = best > -torch.inf
         chosen = torch.zeros_like(scores, dtype=torch.bool).scatter(1, index, taken)[:, :length]
