@@ -106,7 +106,7 @@ def main() -> None:
             eager = timed_steps(decoder.step, device, 16, 3)
             table = kernel_table(decoder.step)
             host = host_table(decoder.step)
-            replay = timed_steps(capture(decoder, device).replay, device, 32, 3)
+            replay = timed_steps(capture(decoder.step, device).replay, device, 32, 3)
             results[f"B{batch}"] = {"eager_ms": round(eager * 1e3, 3), "graph_ms": round(replay * 1e3, 3), **table}
             results[f"B{batch}"]["host"] = host
             print(batch, {k: v for k, v in results[f"B{batch}"].items() if k not in ("top", "host")}, flush=True)

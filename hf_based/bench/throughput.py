@@ -35,6 +35,7 @@ import gc
 import logging
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -280,7 +281,7 @@ def random_ids(model, batch: int, length: int, device, seed: int = 0) -> torch.T
 
 
 @torch.no_grad()
-def measure_prefill(model, length: int, batch: int, device: torch.device) -> dict:
+def measure_prefill(model, length: int, batch: int, device: torch.device, cuda_graph: bool = False) -> dict:
     record = {"length": length, "batch": batch}
     try:
         ids = random_ids(model, batch, length, device)
@@ -297,6 +298,16 @@ def measure_prefill(model, length: int, batch: int, device: torch.device) -> dic
             tokens_per_s=round(batch * length / seconds, 1),
             peak_memory_gb=memory.peak_gb,
         )
+        if cuda_graph and device.type == "cuda":
+            # The same prefill captured once and replayed: what the kernels take without the host launching them
+            # one by one (eager prefills of small models are host-bound).
+            try:
+                graph = capture(prefill, device)
+                seconds = median_seconds(graph.replay, device)
+                record.update(graph_ms=round(seconds * 1e3, 3), graph_tokens_per_s=round(batch * length / seconds, 1))
+            except Exception as error:  # noqa: BLE001 - the eager figures stand; say why there is no graph one
+                record["graph_error"] = capture_error(error, device)
+            graph = None
     except Exception as error:  # noqa: BLE001 - see failure()
         record.update(failure(error))
     free(device)
@@ -412,16 +423,24 @@ def timed_steps(run_step, device: torch.device, steps: int, trials: int) -> floa
     return statistics.median(per_step)
 
 
-def capture(decoder: Decoder, device: torch.device) -> "torch.cuda.CUDAGraph":
+def capture(step: Callable[[], object], device: torch.device) -> "torch.cuda.CUDAGraph":
     stream = torch.cuda.Stream(device)
     stream.wait_stream(torch.cuda.current_stream(device))
     with torch.cuda.stream(stream):
-        decoder.step()  # one eager step on a side stream, as torch.cuda.graphs recommends
+        step()  # one eager run on a side stream, as torch.cuda.graphs recommends
     torch.cuda.current_stream(device).wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        decoder.step()
+        step()
     return graph
+
+
+def capture_error(error: BaseException, device: torch.device) -> str:
+    """What a failed capture records (out of memory is raised instead: a result of its own)."""
+    if is_oom(error):
+        raise error
+    synchronize(device)
+    return f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
 
 
 @torch.no_grad()
@@ -441,14 +460,11 @@ def measure_decode(
             mode, run_step = "eager", decoder.step
             if settings.cuda_graphs and device.type == "cuda" and decoder.graphable:
                 try:
-                    graph = capture(decoder, device)
+                    graph = capture(decoder.step, device)
                     mode, run_step = "cuda_graph", graph.replay
                 except Exception as error:  # noqa: BLE001 - fall back to eager steps, and say why
-                    if is_oom(error):
-                        raise
-                    record["graph_error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
+                    record["graph_error"] = capture_error(error, device)
                     graph = None
-                    synchronize(device)
             seconds = timed_steps(run_step, device, settings.steps, settings.trials)
         record.update(
             status="ok",
@@ -587,7 +603,7 @@ def run_bench(
         say(f"bench {role}: {info['name']} ({info['class']}, {info['parameters'] / 1e6:.1f}M parameters)")
         for length, batch in grid:
             if batch is None:
-                record = measure_prefill(model, length, settings.prefill_batch, device)
+                record = measure_prefill(model, length, settings.prefill_batch, device, settings.cuda_graphs)
                 results["prefill"].append({"model": role, **record})
                 say(f"  prefill {length:>6} tokens: {_rate(record)}")
             else:
@@ -616,15 +632,15 @@ def _rate(record: dict) -> str:
     return f"{record['tokens_per_s']:,.0f} tokens/s{memory}"
 
 
-def _speedup(rows: list[dict], key) -> dict:
+def _speedup(rows: list[dict], key, rate: str = "tokens_per_s") -> dict:
     table = {}
     for row in rows:
-        if row["model"] == "model" and row["status"] == "ok":
+        if row["model"] == "model" and row["status"] == "ok" and rate in row:
             twin = next((r for r in rows if r["model"] == "baseline" and key(r) == key(row)), None)
             table[key(row)] = (
-                round(row["tokens_per_s"] / twin["tokens_per_s"], 2)
-                if twin and twin["status"] == "ok"
-                else f"baseline {twin['status']}"
+                round(row[rate] / twin[rate], 2)
+                if twin and twin["status"] == "ok" and rate in twin
+                else f"baseline {twin['status'] if twin['status'] != 'ok' else 'without ' + rate}"
                 if twin
                 else None
             )
@@ -634,8 +650,10 @@ def _speedup(rows: list[dict], key) -> dict:
 def summarize(results: dict) -> dict:
     prefill = _speedup(results["prefill"], lambda r: r["length"])
     decode = _speedup(results["decode"], lambda r: (r["prompt_len"], r["batch"]))
+    graphed = _speedup(results["prefill"], lambda r: r["length"], "graph_tokens_per_s")
     summary = {
         "prefill_speedup": {str(k): v for k, v in prefill.items()},
+        "prefill_graph_speedup": {str(k): v for k, v in graphed.items()},
         "decode_speedup": {f"P={p},B={b}": v for (p, b), v in decode.items()},
         "generate_speedup": {f"P={p},B={b}": v for (p, b), v in generate_speedup(results.get("generate", [])).items()},
     }
@@ -711,13 +729,31 @@ def write_report(results: dict, out: Path) -> None:
                 *(_cell(c) for c in cells),
                 *(_mem(c) for c in cells),
                 summary["prefill_speedup"].get(str(length), ""),
+                *(_cell(c, "graph_tokens_per_s") for c in cells),
+                summary.get("prefill_graph_speedup", {}).get(str(length), ""),
             ]
         )
     lines.append(
         report.markdown_table(
-            ["tokens", "BASED tok/s", "baseline tok/s", "BASED peak GB", "baseline peak GB", "speedup"], rows
+            [
+                "tokens",
+                "BASED tok/s",
+                "baseline tok/s",
+                "BASED peak GB",
+                "baseline peak GB",
+                "speedup",
+                "BASED tok/s, CUDA graph",
+                "baseline tok/s, CUDA graph",
+                "speedup, CUDA graph",
+            ],
+            rows,
         )
     )
+    lines += [
+        "",
+        "Prefill: one forward that fills a generation cache (eager, as generate() runs it); CUDA graph: the same "
+        "forward captured once and replayed, what its kernels take without the host launching them one by one.",
+    ]
     lines += ["", "## Decode (tokens/s; steps after a prompt of P tokens)", ""]
     rows = []
     for prompt in results["settings"]["prompt_lengths"]:
@@ -808,10 +844,12 @@ def _find(rows, role, **match):
     return next((r for r in rows if r["model"] == role and all(r[k] == v for k, v in match.items())), None)
 
 
-def _cell(record) -> str:
+def _cell(record, rate: str = "tokens_per_s") -> str:
     if record is None:
         return ""
-    return f"{record['tokens_per_s']:,.0f}" if record["status"] == "ok" else record["status"].upper()
+    if record["status"] != "ok":
+        return record["status"].upper()
+    return f"{record[rate]:,.0f}" if rate in record else ""
 
 
 def _mem(record) -> str:
@@ -834,6 +872,15 @@ def plot(results: dict, out: Path) -> Path | None:
     for role in ("model", "baseline"):
         ok = [r for r in results["prefill"] if r["model"] == role and r["status"] == "ok"]
         ax.plot([r["length"] for r in ok], [r["tokens_per_s"] for r in ok], "o-", color=colors[role], label=names[role])
+        graphed = [r for r in ok if "graph_tokens_per_s" in r]
+        if graphed:
+            ax.plot(
+                [r["length"] for r in graphed],
+                [r["graph_tokens_per_s"] for r in graphed],
+                "s--",
+                color=colors[role],
+                label=f"{names[role]}, CUDA graph",
+            )
     ax.set(
         xscale="log",
         yscale="log",

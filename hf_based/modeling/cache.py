@@ -285,9 +285,16 @@ class BasedHybridLayer(BasedRecurrentLayer, BasedSlidingWindowLayer):
         BasedRecurrentLayer.__init__(self, ("kv", "z"))
         self.sinks, self.retrieval = sinks, retrieval
         self.sink_keys = self.sink_values = self.sink_mask = None
-        # Whether every row holds all its sinks (then no later key is one), read after each multi-token update: never
-        # in a one-token step, which may run in a CUDA graph or under torch.compile, where reading it would sync.
-        self.sinks_full = False
+        self._sinks_full: bool | torch.Tensor = False
+
+    @property
+    def sinks_full(self) -> bool:
+        """Whether every row holds all its sinks (then no later key is one). A multi-token update leaves it on the
+        device, since reading it would sync (and keep a prefill out of a CUDA graph); the first read (a one-token
+        step, or `BasedCache.read_flags` before a compiled or captured one) brings it to the host."""
+        if isinstance(self._sinks_full, torch.Tensor):
+            self._sinks_full = bool(self._sinks_full)
+        return self._sinks_full
 
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, key_mask: torch.Tensor
@@ -309,7 +316,7 @@ class BasedHybridLayer(BasedRecurrentLayer, BasedSlidingWindowLayer):
         keys, values, key_mask = BasedSlidingWindowLayer.update(self, key_states, value_states, key_mask)
         if not self.sinks and not self.retrieval:
             return keys, values, key_mask, None
-        if self.sinks_full and key_states.shape[1] == 1:  # a decode step after the sinks have filled: nothing to keep
+        if key_states.shape[1] == 1 and self.sinks_full:  # a decode step after the sinks have filled: nothing to keep
             keys, values = torch.cat([self.sink_keys, keys], 1), torch.cat([self.sink_values, values], 1)
             sink_mask = torch.cat([self.sink_mask, torch.zeros_like(key_mask)], 1)
             return keys, values, torch.cat([self.sink_mask, key_mask], 1), sink_mask
@@ -318,7 +325,7 @@ class BasedHybridLayer(BasedRecurrentLayer, BasedSlidingWindowLayer):
         else:
             keys, values, key_mask, kept = self._update_slots(keys, values, key_mask, key_scores)
         if key_states.shape[1] > 1:
-            self.sinks_full = bool(self.sink_mask[:, : self.sinks].all())
+            self._sinks_full = self.sink_mask[:, : self.sinks].all()
         return keys, values, key_mask, kept
 
     def _update_slots(self, keys, values, key_mask, key_scores):
@@ -405,7 +412,7 @@ class BasedHybridLayer(BasedRecurrentLayer, BasedSlidingWindowLayer):
         BasedSlidingWindowLayer.reset(self)
         for tensor in self._sink_tensors().values():
             tensor.zero_()
-        self.sinks_full = False
+        self._sinks_full = False
 
     def named_tensors(self) -> dict[str, torch.Tensor]:
         return {
@@ -477,6 +484,13 @@ class BasedCache(Cache):
         for layer in self.layers:
             if isinstance(layer, BasedAttentionLayer):
                 layer.cumulative_length += length
+
+    def read_flags(self) -> None:
+        """Bring to the host what multi-token updates left on the device (whether each hybrid layer's sinks are full),
+        one sync, before a step that must not read them: a compiled or captured one."""
+        for layer in self.layers:
+            if isinstance(layer, BasedHybridLayer):
+                layer.sinks_full  # noqa: B018 - the property reads it
 
     def __repr__(self) -> str:
         return f"BasedCache(layers={len(self.layers)}, seen_tokens={self.seen_tokens}, bytes={self.nbytes()})"

@@ -425,6 +425,7 @@ class BasedPreTrainedModel(PreTrainedModel):
             inputs = kwargs.get("input_ids")
             length = (inputs if inputs is not None else kwargs["inputs_embeds"]).shape[1]
             cache.check_capacity(length)
+            cache.read_flags()
             cache.counted_outside_forward = True
             try:
                 outputs = compiled(**kwargs)
