@@ -758,3 +758,11 @@ def test_bad_inputs_raise():
         from transformers import DynamicCache
 
         model(random_ids(2, 5), cache=DynamicCache())
+
+
+def test_prefill_graphs_refuse_a_cpu_model_and_a_bad_shape_count():
+    model = tiny_model("hybrid_sinks")
+    with pytest.raises(ValueError, match="prefill graphs need a model on a CUDA device, got one on cpu"):
+        model.enable_prefill_graphs()
+    with pytest.raises(ValueError, match="max_shapes must be an int >= 1"):
+        model.enable_prefill_graphs(max_shapes=0)

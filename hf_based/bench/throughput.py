@@ -308,6 +308,16 @@ def measure_prefill(model, length: int, batch: int, device: torch.device, cuda_g
             except Exception as error:  # noqa: BLE001 - the eager figures stand; say why there is no graph one
                 record["graph_error"] = capture_error(error, device)
             graph = None
+            if isinstance(model, BasedForCausalLM):  # what users get from it: the model's own prefill graphs
+                model.enable_prefill_graphs(max_shapes=1)
+                try:
+                    prefill()  # captures
+                    seconds = median_seconds(prefill, device)
+                    record.update(prefill_graphs_tokens_per_s=round(batch * length / seconds, 1))
+                except Exception as error:  # noqa: BLE001 - as above
+                    record["prefill_graphs_error"] = capture_error(error, device)
+                finally:
+                    model.disable_prefill_graphs()
     except Exception as error:  # noqa: BLE001 - see failure()
         record.update(failure(error))
     free(device)
@@ -654,6 +664,13 @@ def summarize(results: dict) -> dict:
     summary = {
         "prefill_speedup": {str(k): v for k, v in prefill.items()},
         "prefill_graph_speedup": {str(k): v for k, v in graphed.items()},
+        "prefill_graphs_vs_eager_baseline": {
+            str(r["length"]): round(r["prefill_graphs_tokens_per_s"] / twin["tokens_per_s"], 2)
+            for r in results["prefill"]
+            if r["model"] == "model" and "prefill_graphs_tokens_per_s" in r
+            for twin in results["prefill"]
+            if twin["model"] == "baseline" and twin["length"] == r["length"] and twin["status"] == "ok"
+        },
         "decode_speedup": {f"P={p},B={b}": v for (p, b), v in decode.items()},
         "generate_speedup": {f"P={p},B={b}": v for (p, b), v in generate_speedup(results.get("generate", [])).items()},
     }
@@ -731,6 +748,8 @@ def write_report(results: dict, out: Path) -> None:
                 summary["prefill_speedup"].get(str(length), ""),
                 *(_cell(c, "graph_tokens_per_s") for c in cells),
                 summary.get("prefill_graph_speedup", {}).get(str(length), ""),
+                _cell(cells[0], "prefill_graphs_tokens_per_s"),
+                summary.get("prefill_graphs_vs_eager_baseline", {}).get(str(length), ""),
             ]
         )
     lines.append(
@@ -745,6 +764,8 @@ def write_report(results: dict, out: Path) -> None:
                 "BASED tok/s, CUDA graph",
                 "baseline tok/s, CUDA graph",
                 "speedup, CUDA graph",
+                "BASED tok/s, prefill graphs",
+                "speedup, prefill graphs vs eager baseline",
             ],
             rows,
         )
@@ -752,7 +773,9 @@ def write_report(results: dict, out: Path) -> None:
     lines += [
         "",
         "Prefill: one forward that fills a generation cache (eager, as generate() runs it); CUDA graph: the same "
-        "forward captured once and replayed, what its kernels take without the host launching them one by one.",
+        "forward captured once and replayed, what its kernels take without the host launching them one by one; "
+        "prefill graphs: BASED with `model.enable_prefill_graphs()` (a replay and a copy of its cache per call), "
+        "against the baseline's eager prefill (transformers has no graphed prefill).",
     ]
     lines += ["", "## Decode (tokens/s; steps after a prompt of P tokens)", ""]
     rows = []

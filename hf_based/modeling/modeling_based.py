@@ -36,6 +36,7 @@ from hf_based.kernels import (
 from hf_based.modeling.cache import BasedCache, attention_sinks
 from hf_based.modeling.compat import CACHE_FIELD
 from hf_based.modeling.configuration_based import BasedConfig
+from hf_based.modeling.prefill_graphs import PrefillGraphs
 
 
 class BasedRMSNorm(nn.Module):
@@ -564,6 +565,7 @@ class BasedForCausalLM(BasedPreTrainedModel, GenerationMixin):
         self.model = BasedModel(config)
         self.vocab_size = config.vocab_size
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.prefill_graphs: PrefillGraphs | None = None
         self.post_init()
 
     def generate(self, inputs=None, *args, attention_mask=None, **kwargs):
@@ -576,6 +578,16 @@ class BasedForCausalLM(BasedPreTrainedModel, GenerationMixin):
         if prompt is not None and prompt.dim() >= 2 and not cached:
             check_input_shapes(tuple(prompt.shape[:2]), attention_mask, past=0)
         return super().generate(inputs, *args, attention_mask=attention_mask, **kwargs)
+
+    def enable_prefill_graphs(self, max_shapes: int = 4) -> None:
+        """Capture inference prefills into an empty cache (as `generate()` runs them) in CUDA graphs, one per input
+        shape up to `max_shapes`, and replay them for later prompts of that shape: a small model's eager prefill is
+        host-bound. The first prefill of a shape costs about three eager ones. See `prefill_graphs.py`."""
+        self.prefill_graphs = PrefillGraphs(self, max_shapes)
+
+    def disable_prefill_graphs(self) -> None:
+        """Back to eager prefills; frees the captured graphs."""
+        self.prefill_graphs = None
 
     def forward(
         self,
@@ -591,11 +603,48 @@ class BasedForCausalLM(BasedPreTrainedModel, GenerationMixin):
         logits_to_keep=0,
         **kwargs,
     ) -> CausalLMOutputWithPast:
+        cache = cache if cache is not None else past_key_values
+        graphs = self.prefill_graphs
+        if (
+            graphs is not None
+            and labels is None
+            and not output_hidden_states
+            and use_cache is not False
+            and graphs.applies(input_ids, inputs_embeds, cache, attention_mask, position_ids, logits_to_keep)
+        ):
+            return graphs(input_ids, attention_mask, position_ids, cache, logits_to_keep)
+        return self.forward_eager(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            inputs_embeds=inputs_embeds,
+            labels=labels,
+            use_cache=use_cache,
+            output_hidden_states=output_hidden_states,
+            logits_to_keep=logits_to_keep,
+            **kwargs,
+        )
+
+    def forward_eager(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        position_ids=None,
+        cache=None,
+        inputs_embeds=None,
+        labels=None,
+        use_cache=None,
+        output_hidden_states=None,
+        logits_to_keep=0,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        """The forward itself, never from a prefill graph."""
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            cache=cache if cache is not None else past_key_values,
+            cache=cache,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             output_hidden_states=output_hidden_states,

@@ -1,5 +1,6 @@
 """A converted model's prefill through its cache reads nothing on the host, so it can be captured in a CUDA graph:
-replays give the eager prefill's logits and cache, for the tokens in the input buffer. GPU only (CUDA graphs)."""
+replays give the eager prefill's logits and cache, for the tokens in the input buffer; generate() with the model's
+prefill graphs gives the eager tokens. GPU only (CUDA graphs)."""
 
 import pytest
 import torch
@@ -11,7 +12,8 @@ from hf_based.modeling import BasedConfig, BasedForCausalLM
 pytestmark = pytest.mark.skipif(INTERPRET, reason="CUDA graphs need a GPU")
 
 
-def test_prefill_with_sinks_and_retrieval_slots_replays_as_a_cuda_graph():
+def converted_like_model():
+    """Window, sinks and retrieval slots in two hybrid layers, a softmax layer between them, bf16 on the GPU."""
     config = BasedConfig(
         vocab_size=256,
         hidden_size=128,
@@ -26,7 +28,11 @@ def test_prefill_with_sinks_and_retrieval_slots_replays_as_a_cuda_graph():
         hybrid_linear_factor_init=0,
     )
     torch.manual_seed(0)
-    model = BasedForCausalLM(config).cuda().to(torch.bfloat16).eval()
+    return BasedForCausalLM(config).cuda().to(torch.bfloat16).eval()
+
+
+def test_prefill_with_sinks_and_retrieval_slots_replays_as_a_cuda_graph():
+    model = converted_like_model()
     ids = torch.randint(0, 256, (2, 300), device="cuda")
     outputs = {}
 
@@ -52,3 +58,23 @@ def test_prefill_with_sinks_and_retrieval_slots_replays_as_a_cuda_graph():
             for got, want in zip(result(), expected[seed], strict=True):
                 torch.testing.assert_close(got, want)
     assert not torch.equal(expected[1][0], expected[2][0])  # other tokens, other logits: the replays differ
+
+
+def test_generate_with_prefill_graphs_gives_the_eager_tokens():
+    model = converted_like_model()
+    mask = torch.ones(2, 300, dtype=torch.long, device="cuda")
+    mask[1, :120] = 0  # left padding
+
+    def generate(seed):
+        ids = torch.randint(0, 256, (2, 300), generator=torch.Generator().manual_seed(seed)).cuda()
+        out = model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False, output_scores=True,
+                             return_dict_in_generate=True)  # fmt: skip
+        return out.sequences, torch.stack(out.scores)
+
+    expected = {seed: generate(seed) for seed in (1, 2)}
+    model.enable_prefill_graphs()
+    for seed in (1, 2, 1):  # captured at the first, replayed after
+        tokens, scores = generate(seed)
+        assert torch.equal(tokens, expected[seed][0])
+        torch.testing.assert_close(scores, expected[seed][1])
+    assert len(model.prefill_graphs.graphs) == 1
