@@ -613,33 +613,6 @@ class BasedForCausalLM(BasedPreTrainedModel, GenerationMixin):
             and graphs.applies(input_ids, inputs_embeds, cache, attention_mask, position_ids, logits_to_keep)
         ):
             return graphs(input_ids, attention_mask, position_ids, cache, logits_to_keep)
-        return self.forward_eager(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            cache=cache,
-            inputs_embeds=inputs_embeds,
-            labels=labels,
-            use_cache=use_cache,
-            output_hidden_states=output_hidden_states,
-            logits_to_keep=logits_to_keep,
-            **kwargs,
-        )
-
-    def forward_eager(
-        self,
-        input_ids=None,
-        attention_mask=None,
-        position_ids=None,
-        cache=None,
-        inputs_embeds=None,
-        labels=None,
-        use_cache=None,
-        output_hidden_states=None,
-        logits_to_keep=0,
-        **kwargs,
-    ) -> CausalLMOutputWithPast:
-        """The forward itself, never from a prefill graph."""
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,

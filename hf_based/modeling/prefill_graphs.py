@@ -76,17 +76,21 @@ class PrefillGraphs:
         result = {}
 
         def prefill():
-            result["outputs"] = self.model.forward_eager(
+            result["outputs"] = self.model(
                 **static, cache=BasedCache(self.model.config), use_cache=True, logits_to_keep=logits_to_keep
             )
 
         device = static["input_ids"].device
-        stream = torch.cuda.Stream(device)
-        stream.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(stream):
-            prefill()  # a warm-up on a side stream (Triton compiles here), as torch.cuda.graphs recommends
-        torch.cuda.current_stream(device).wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            prefill()
+        self.model.prefill_graphs = None  # the eager forward, here
+        try:
+            stream = torch.cuda.Stream(device)
+            stream.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(stream):
+                prefill()  # a warm-up on a side stream (Triton compiles here), as torch.cuda.graphs recommends
+            torch.cuda.current_stream(device).wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                prefill()
+        finally:
+            self.model.prefill_graphs = self
         return graph, static, result
