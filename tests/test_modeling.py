@@ -13,6 +13,7 @@ from transformers import AutoModelForCausalLM
 from hf_based import BasedCache, BasedConfig, BasedForCausalLM, preset_config
 from hf_based.modeling.cache import BasedHybridLayer
 from hf_based.modeling.compat import CACHE_FIELD
+from hf_based.modeling.prefill_graphs import copy_layers
 
 VOCAB = 101
 WINDOW = 5
@@ -766,3 +767,18 @@ def test_prefill_graphs_refuse_a_cpu_model_and_a_bad_shape_count():
         model.enable_prefill_graphs()
     with pytest.raises(ValueError, match="max_shapes must be an int >= 1"):
         model.enable_prefill_graphs(max_shapes=0)
+
+
+def test_copied_cache_layers_hold_their_own_equal_tensors():
+    model = tiny_model("hybrid_sinks")
+    with torch.no_grad():
+        cache = model(input_ids=torch.randint(3, VOCAB, (2, 40)), use_cache=True).past_key_values
+    copies = copy_layers(cache.layers)
+    for layer, copied in zip(cache.layers, copies, strict=True):
+        original = layer.named_tensors()
+        assert original.keys() == copied.named_tensors().keys()
+        for name, tensor in copied.named_tensors().items():
+            assert torch.equal(tensor, original[name])
+            if tensor.numel():
+                assert tensor.data_ptr() != original[name].data_ptr()
+        assert vars(copied).keys() == vars(layer).keys()
