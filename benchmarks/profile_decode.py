@@ -24,10 +24,11 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from hf_based.bench.throughput import BasedDecoder, capture, load_config, timed_steps
+from hf_based.bench.throughput import BasedDecoder, load_config, timed_steps
 from hf_based.cli.bench import CONVERTED, converted_config
 from hf_based.kernels.softmax import triton as softmax_triton
 from hf_based.modeling import BasedForCausalLM
+from hf_based.modeling.prefill_graphs import capture
 
 
 def kernel_table(run) -> dict:

@@ -35,7 +35,6 @@ import gc
 import logging
 import statistics
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,6 +46,7 @@ from hf_based.bench import report
 from hf_based.errors import UsageError
 from hf_based.modeling import PRESETS, BasedCache, BasedConfig, BasedForCausalLM, preset_config
 from hf_based.modeling.compat import CACHE_FIELD, output_cache
+from hf_based.modeling.prefill_graphs import capture
 from hf_based.utils import pyplot
 
 logger = logging.getLogger(__name__)
@@ -431,18 +431,6 @@ def timed_steps(run_step, device: torch.device, steps: int, trials: int) -> floa
                 run_step()
             per_step.append((time.perf_counter() - start) / steps)
     return statistics.median(per_step)
-
-
-def capture(step: Callable[[], object], device: torch.device) -> "torch.cuda.CUDAGraph":
-    stream = torch.cuda.Stream(device)
-    stream.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(stream):
-        step()  # one eager run on a side stream, as torch.cuda.graphs recommends
-    torch.cuda.current_stream(device).wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
-    return graph
 
 
 def capture_error(error: BaseException, device: torch.device) -> str:

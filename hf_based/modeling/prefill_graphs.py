@@ -9,6 +9,7 @@ runs eagerly.
 """
 
 import copy
+from collections.abc import Callable
 
 import torch
 
@@ -80,20 +81,26 @@ class PrefillGraphs:
                 **static, cache=BasedCache(self.model.config), use_cache=True, logits_to_keep=logits_to_keep
             )
 
-        device = static["input_ids"].device
         self.model.prefill_graphs = None  # the eager forward, here
         try:
-            stream = torch.cuda.Stream(device)
-            stream.wait_stream(torch.cuda.current_stream(device))
-            with torch.cuda.stream(stream):
-                prefill()  # a warm-up on a side stream (Triton compiles here), as torch.cuda.graphs recommends
-            torch.cuda.current_stream(device).wait_stream(stream)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                prefill()
+            graph = capture(prefill, static["input_ids"].device)
         finally:
             self.model.prefill_graphs = self
         return graph, static, result
+
+
+def capture(step: Callable[[], object], device: torch.device) -> torch.cuda.CUDAGraph:
+    """step() captured in a CUDA graph, after one eager run on a side stream (Triton compiles there), as
+    torch.cuda.graphs recommends."""
+    stream = torch.cuda.Stream(device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(stream):
+        step()
+    torch.cuda.current_stream(device).wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    return graph
 
 
 def copy_layers(layers: list) -> list:

@@ -6,8 +6,8 @@ import pytest
 import torch
 from triton_helpers import INTERPRET
 
-from hf_based.bench.throughput import capture
 from hf_based.modeling import BasedConfig, BasedForCausalLM
+from hf_based.modeling.prefill_graphs import capture
 
 pytestmark = pytest.mark.skipif(INTERPRET, reason="CUDA graphs need a GPU")
 
