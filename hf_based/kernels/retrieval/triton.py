@@ -1,6 +1,7 @@
 """Retrieval scores in two kernels: the log-sum-exp of each query row over its visible keys (in parts of the keys
-that run in parallel), then for each block of keys the sum over query rows and heads of exp(score - lse). The reference's twenty-odd kernels (a [H, n, Tk] score
-tensor, masks, max, exp, sums) become two launches and a pool: one hybrid layer's share of a prefill's host time.
+that run in parallel), then for each block of keys the sum over query rows and heads of exp(score - lse). The
+reference's twenty-odd kernels (a [H, n, Tk] score tensor, masks, max, exp, sums) become two launches and a pool: one
+hybrid layer's share of a prefill's host time.
 Forward only (the scores choose keys; nothing differentiates them); fp64 and traced calls run the reference."""
 
 import torch
@@ -10,10 +11,9 @@ import triton.language as tl
 from hf_based.kernels._checks import check_shape
 from hf_based.kernels.retrieval.reference import pool_neighbours
 from hf_based.kernels.retrieval.reference import retrieval_scores as retrieval_scores_reference
-from hf_based.kernels.softmax.triton import key_mask_arg, key_splits, split_range
+from hf_based.kernels.softmax.triton import LOG2E, key_mask_arg, key_splits, split_range
 from hf_based.kernels.triton_utils import block_size, dot_precision, use_forward_kernel
 
-LOG2E = 1.4426950408889634
 BLOCK_Q, BLOCK_N = 64, 64
 
 
