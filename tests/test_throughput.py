@@ -166,7 +166,7 @@ def test_bench_tiny_writes_results(tmp_path, one_thread, capsys):
     assert (tmp_path / "bench.png").is_file()
 
 
-def test_bench_a_converted_llama_config_against_the_llama(tmp_path, one_thread):
+def test_bench_a_converted_llama_config_against_the_llama(tmp_path, capsys, one_thread):
     """--model converted:LLAMA: the config convert() makes of that Llama (the default recipe's 20% of the layers
     kept as softmax attention, evenly spaced), against the Llama itself; the shipped Llama-3 configs convert too."""
     from hf_based.cli.bench import converted_config
@@ -183,6 +183,8 @@ def test_bench_a_converted_llama_config_against_the_llama(tmp_path, one_thread):
     config = converted_config(str(llama))
     assert config.mixer_types == ["hybrid_attention"] * 2 + ["full_attention"] + ["hybrid_attention"] * 2
     assert (config.hidden_size, config.num_key_value_heads) == (32, 2)
+    assert converted_config(str(llama), softmax_layers=0).mixer_types == ["hybrid_attention"] * 5
+    assert converted_config(str(llama), softmax_layers=2).mixer_types.count("full_attention") == 2
     for name, softmax in (("llama-3.2-1b", [2, 8, 13]), ("llama-3.1-8b", [2, 8, 13, 18, 24, 29])):
         converted = converted_config(str(BENCHMARKS / "configs" / name))
         assert [i for i, m in enumerate(converted.mixer_types) if m == "full_attention"] == softmax
@@ -193,6 +195,9 @@ def test_bench_a_converted_llama_config_against_the_llama(tmp_path, one_thread):
     assert results["models"]["model"]["class"] == "BasedForCausalLM"
     assert results["models"]["baseline"]["class"] == "LlamaForCausalLM"
     assert all(r["status"] == "ok" for r in results["prefill"] + results["decode"] + results["generate"])
+    with pytest.raises(SystemExit):
+        main([*argv, "--softmax-layers", "6"])
+    assert "--softmax-layers 6 is not supported; accepted: 0 to 5" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(
@@ -203,6 +208,7 @@ def test_bench_a_converted_llama_config_against_the_llama(tmp_path, one_thread):
         (["--steps", "0"], "steps must be >= 1"),
         (["--new-tokens", "0"], "generate_new_tokens must be >= 1"),
         (["--plot-only"], "does not exist"),
+        (["--softmax-layers", "2"], "--softmax-layers needs --model converted:LLAMA; got --model tiny"),
     ],
 )
 def test_bad_arguments_give_one_line_errors(tmp_path, capsys, argv, message):

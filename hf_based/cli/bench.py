@@ -11,16 +11,19 @@ from hf_based.modeling.presets import PRESETS
 CONVERTED = "converted:"
 
 
-def converted_config(base: str):
+def converted_config(base: str, softmax_layers: int | None = None):
     """The BasedConfig of `base` (a Llama-family config) converted with the default recipe, whose softmax layers,
-    chosen from the weights in a real conversion, are here evenly spaced: speed depends on how many, not which."""
+    chosen from the weights in a real conversion, are here evenly spaced: speed depends on how many, not which.
+    `softmax_layers`: how many (default: the recipe's share)."""
     from hf_based import checkpoints
     from hf_based.conversion.linearize import based_config
     from hf_based.conversion.recipe import Recipe
 
     teacher = checkpoints.load_config(base)
     recipe, layers = Recipe(), teacher.num_hidden_layers
-    count = recipe.layer_selection.size(layers)
+    count = recipe.layer_selection.size(layers) if softmax_layers is None else softmax_layers
+    if not 0 <= count <= layers:
+        raise UsageError(f"--softmax-layers {count} is not supported; accepted: 0 to {layers} (the teacher's layers)")
     return based_config(teacher, recipe.with_softmax_layers([int((i + 0.5) * layers / count) for i in range(count)]))
 
 
@@ -33,6 +36,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         f"(only its config is read; weights are random), or {CONVERTED}LLAMA: what `hf-based convert` makes of that "
         "Llama-family directory / hub id / .gguf with the default recipe's share of softmax layers, evenly spaced "
         "(default: based-360m, tiny with --tiny)",
+    )
+    parser.add_argument(
+        "--softmax-layers",
+        type=int,
+        metavar="K",
+        help=f"with {CONVERTED}LLAMA: how many layers stay softmax attention (default: the recipe's share)",
     )
     parser.add_argument(
         "--baseline",
@@ -94,7 +103,11 @@ def run(args: argparse.Namespace) -> None:
     if args.no_cuda_graphs:
         overrides["cuda_graphs"] = False
     model = args.model or ("tiny" if args.tiny else "based-360m")
-    model_config = converted_config(model.removeprefix(CONVERTED)) if model.startswith(CONVERTED) else None
+    if args.softmax_layers is not None and not model.startswith(CONVERTED):
+        raise UsageError(f"--softmax-layers needs --model {CONVERTED}LLAMA; got --model {model}")
+    model_config = None
+    if model.startswith(CONVERTED):
+        model_config = converted_config(model.removeprefix(CONVERTED), args.softmax_layers)
     try:
         settings = dataclasses.replace(settings, **overrides)
         resolve_configs(model, args.baseline, model_config)  # bad input fails here, before any model is built
