@@ -123,7 +123,7 @@ VARIANTS = {
             f"copy:{k} linear 0 sinks 64": dict(
                 softmax_layers=f"copy:{k}", window_factor_init=0.9, linear_factor_init=0, sinks=64
             )
-            for k in (0, 2, 4)
+            for k in (0, 1, 2, 4)
         },
         "layers 0 17-20 23 linear 0.1 sinks 64": dict(
             softmax_layers=(0, 17, 18, 19, 20, 23), window_factor_init=0.9, linear_factor_init=0.1, sinks=64
