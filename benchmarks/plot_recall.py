@@ -3,9 +3,10 @@
     python benchmarks/plot_recall.py RESULTS.json [...] --out DIR
 
 DIR/recall_by_length.png: passkey and niah_single accuracy vs prompt length for the teacher and the `--models`;
-DIR/recall_pareto.png: the "copy:K factor 0.5" series vs K, with niah_single at the shortest and longest measured
-lengths, LAMBADA perplexity over the teacher's and the cache after 8192 tokens. Each model comes from the first file
-that has it.
+DIR/recall_pareto.png: the series named by `--pareto` (default "copy:K factor 0.5") vs K, with passkey and
+niah_single at the shortest and longest measured lengths, LAMBADA perplexity over the teacher's, the cache after 8192
+tokens and, with `--speed K=BENCH.json ...` (`hf-based bench --softmax-layers K` results), decode tokens/s. Each model
+comes from the first file that has it.
 """
 
 import argparse
@@ -44,24 +45,29 @@ def by_length(plt, files: list[dict], names: list[str], path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
-def pareto(plt, files: list[dict], path: Path) -> None:
+def pareto(plt, files: list[dict], pattern: str, speeds: dict[int, dict], path: Path) -> None:
+    """The series whose names match `pattern` (K = its first group) vs K: retrieval at the shortest and longest
+    lengths all of them measured, LAMBADA perplexity over the teacher's, the cache after 8192 tokens, and, with
+    `speeds` (K -> a bench results.json), decode tokens/s at the bench's largest batch against the teacher's."""
     series, teacher = {}, None
     for results in files:
         if "cache_mib" in results["models"].get("teacher", {}):
-            teacher = results["models"]["teacher"]
+            teacher = teacher or results["models"]["teacher"]
         for name, entry in results["models"].items():
-            match = re.fullmatch(r"copy:(\d+) factor 0\.5", name)
+            match = re.fullmatch(pattern, name)
             if match and "retrieval" in entry:
                 series.setdefault(int(match.group(1)), entry)
     ks = sorted(series)
-    niah = {k: series[k]["retrieval"]["niah_single"] for k in ks}
-    lengths = sorted(set.intersection(*(set(scores) for scores in niah.values())), key=int)
-    fig, axes = plt.subplots(1, 3, figsize=(13, 4))
-    for length in (lengths[0], lengths[-1]):
-        (line,) = axes[0].plot(ks, [niah[k][length] for k in ks], marker="o", label=f"converted, {length} tokens")
-        teacher_score = teacher["retrieval"]["niah_single"][length]
-        axes[0].axhline(teacher_score, linestyle="--", color=line.get_color(), label=f"teacher, {length} tokens")
-    axes[0].set(xlabel="softmax layers kept (of 30)", ylabel="niah_single accuracy", ylim=(-0.05, 1.05))
+    lengths = sorted(set.intersection(*(set(series[k]["retrieval"]["niah_single"]) for k in ks)), key=int)
+    panels = 4 if speeds else 3
+    fig, axes = plt.subplots(1, panels, figsize=(4.3 * panels, 4))
+    for task, marker in zip(TASKS, ("s", "o")):
+        for length in (lengths[0], lengths[-1]):
+            scores = [series[k]["retrieval"][task][length] for k in ks]
+            (line,) = axes[0].plot(ks, scores, marker=marker, label=f"{task}, {length} tokens")
+            teacher_score = teacher["retrieval"][task][length]
+            axes[0].axhline(teacher_score, linestyle="--", color=line.get_color(), linewidth=0.8)
+    axes[0].set(xlabel="softmax layers kept (of 30)", ylabel="accuracy (dashed: teacher)", ylim=(-0.05, 1.05))
     axes[0].legend(fontsize=7)
     base = teacher["lambada"]["perplexity"]
     axes[1].plot(ks, [series[k]["lambada"]["perplexity"] / base for k in ks], marker="o")
@@ -72,9 +78,26 @@ def pareto(plt, files: list[dict], path: Path) -> None:
     axes[2].axhline(teacher["cache_mib"], linestyle="--", color="black", label="teacher (KV cache)")
     axes[2].set(xlabel="softmax layers kept (of 30)", ylabel="cache after 8192 tokens (MiB, one sequence)")
     axes[2].legend(fontsize=7)
-    fig.suptitle("copy:K selection, window factor 0.5: recall, perplexity and cache vs K")
+    if speeds:
+        rates = {k: decode_rates(bench) for k, bench in speeds.items()}
+        batch, prompt = max(next(iter(rates.values())))
+        axes[3].plot(sorted(rates), [rates[k][batch, prompt][0] for k in sorted(rates)], marker="o", label="converted")
+        axes[3].plot(sorted(rates), [rates[k][batch, prompt][1] for k in sorted(rates)], "k--", label="teacher")
+        axes[3].set(xlabel="softmax layers kept (of 30)", ylabel=f"decode tokens/s, batch {batch} after {prompt}")
+        axes[3].legend(fontsize=7)
+    series_name = pattern.replace(r"(\d+)", "K").replace("\\", "")
+    fig.suptitle(f"{series_name}: recall, perplexity, cache{' and decode speed' if speeds else ''} vs K")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+
+
+def decode_rates(bench: dict) -> dict[tuple[int, int], tuple[float, float]]:
+    """(batch, prompt) -> (converted, teacher) decode tokens/s of one `hf-based bench` results.json."""
+    rows = {}
+    for row in bench["decode"]:
+        if row["status"] == "ok":
+            rows.setdefault((row["batch"], row["prompt_len"]), {})[row["model"]] = row["tokens_per_s"]
+    return {key: (pair["model"], pair["baseline"]) for key, pair in rows.items() if len(pair) == 2}
 
 
 def main() -> None:
@@ -82,12 +105,20 @@ def main() -> None:
     parser.add_argument("results", nargs="+", help="results.json files of recall_recipes.py")
     parser.add_argument("--out", required=True)
     parser.add_argument("--models", default=",".join(BY_LENGTH), help="models of recall_by_length.png, in order")
+    parser.add_argument(
+        "--pareto", default=r"copy:(\d+) factor 0\.5", help="regex of the Pareto series' names; its group is K"
+    )
+    parser.add_argument(
+        "--speed", nargs="*", default=[], metavar="K=BENCH.json", help="hf-based bench results with K softmax layers"
+    )
     args = parser.parse_args()
     files = [json.loads(Path(f).read_text()) for f in args.results]
     out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
     plt = pyplot()
     by_length(plt, files, args.models.split(","), out / "recall_by_length.png")
-    pareto(plt, files, out / "recall_pareto.png")
+    speeds = {int(k): json.loads(Path(f).read_text()) for k, f in (spec.split("=", 1) for spec in args.speed)}
+    pareto(plt, files, args.pareto, speeds, out / "recall_pareto.png")
 
 
 if __name__ == "__main__":
