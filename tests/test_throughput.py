@@ -1,5 +1,6 @@
 """Throughput benchmark (`hf-based bench`) on CPU at tiny sizes: what it writes and how it decodes, no speeds."""
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from hf_based.bench.throughput import (
     StaticCacheDecoder,
     based_parameters,
     build,
+    generate_modes,
     generate_speedup,
     matched_llama_config,
     measure_decode,
@@ -119,6 +121,19 @@ def test_generate_speedup_compares_each_models_fastest_cache():
         {"model": "model", "prompt_len": 8, "batch": 4, "cache": "static", "status": "ok", "tokens_per_s": 9.0},
     ]
     assert generate_speedup(rows) == {(8, 1): 3.0}  # B4 has no baseline to compare with
+
+
+def test_generate_is_timed_with_prefill_graphs_for_based_models_on_cuda():
+    """Only a BASED model on CUDA with the static cache among the caches gets the extra (static, prefill graphs) row;
+    nothing is built on the device, so this runs without one."""
+    based = build(preset_config("tiny"), torch.float32, CPU)
+    llama = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2))
+    cuda = torch.device("cuda")
+    assert generate_modes(based, TINY, cuda) == [("dynamic", False), ("static", False), ("static", True)]
+    assert generate_modes(based, TINY, CPU) == [("dynamic", False), ("static", False)]
+    assert generate_modes(llama, TINY, cuda) == [("dynamic", False), ("static", False)]
+    dynamic_only = dataclasses.replace(TINY, generate_caches=("dynamic",))
+    assert generate_modes(based, dynamic_only, cuda) == [("dynamic", False)]
 
 
 def test_other_failures_are_recorded_not_raised():

@@ -16,8 +16,9 @@ on one GPU, and measures
   capture fails the steps run eagerly; each record says which ("mode": "cuda_graph" | "eager");
 - generate(): tokens/s of what users run, `model.generate()` over a prompt of P tokens for N new tokens (greedy,
   batch B, prefill included), with each cache implementation (`dynamic`: the default; `static`: allocated once, and
-  on CUDA the decoding step compiled by transformers, for both models), after one untimed call that compiles; the
-  summary compares each model's fastest;
+  on CUDA the decoding step compiled by transformers, for both models) and, for BASED on CUDA, the static cache with
+  `enable_prefill_graphs()` (the untimed call captures the prompt's shape, the timed one replays it), after one
+  untimed call that compiles; the summary compares each model's fastest;
 - peak memory: torch.cuda.max_memory_allocated during each measurement (weights included), and the size of the
   cache the decode steps read.
 
@@ -483,10 +484,16 @@ def measure_decode(
 
 
 @torch.no_grad()
-def measure_generate(model, batch: int, prompt_len: int, new_tokens: int, cache: str, device: torch.device) -> dict:
+def measure_generate(
+    model, batch: int, prompt_len: int, new_tokens: int, cache: str, device: torch.device, prefill_graphs: bool = False
+) -> dict:
     """End-to-end `generate()`: greedy, exactly `new_tokens` per sequence, prefill included; the first call (which
-    compiles, where transformers compiles) is not timed."""
+    compiles, where transformers compiles) is not timed. `prefill_graphs`: with the model's prefill graphs on (the
+    untimed call captures the prompt's shape, the timed one replays it)."""
     record = {"prompt_len": prompt_len, "batch": batch, "new_tokens": new_tokens, "cache": cache}
+    if prefill_graphs:
+        record["prefill_graphs"] = True
+        model.enable_prefill_graphs(max_shapes=1)
     try:
         ids = random_ids(model, batch, prompt_len, device)
         settings = dict(
@@ -514,8 +521,20 @@ def measure_generate(model, batch: int, prompt_len: int, new_tokens: int, cache:
         )
     except Exception as error:  # noqa: BLE001 - see failure()
         record.update(failure(error))
+    finally:
+        if prefill_graphs:
+            model.disable_prefill_graphs()
     free(device)
     return record
+
+
+def generate_modes(model, settings: BenchSettings, device: torch.device) -> list[tuple[str, bool]]:
+    """(cache implementation, prefill graphs) pairs that generate() is timed with: each cache, and for our models on
+    CUDA the static cache with prefill graphs too (their fastest documented path)."""
+    modes = [(cache, False) for cache in settings.generate_caches]
+    if isinstance(model, BasedForCausalLM) and device.type == "cuda" and "static" in settings.generate_caches:
+        modes.append(("static", True))
+    return modes
 
 
 def speed_and_memory(models: dict, prompt_len: int, device: torch.device, decode_batch: int = 1) -> dict[str, dict]:
@@ -612,11 +631,12 @@ def run_bench(
                     + (f" ({record.get('mode')})" if record["status"] == "ok" else "")
                 )
         for batch in settings.generate_batches:
-            for cache in settings.generate_caches:
+            for cache, graphs in generate_modes(model, settings, device):
                 prompt, new = settings.generate_prompt_len, settings.generate_new_tokens
-                record = measure_generate(model, batch, prompt, new, cache, device)
+                record = measure_generate(model, batch, prompt, new, cache, device, graphs)
                 results["generate"].append({"model": role, **record})
-                say(f"  generate() P={prompt} +{new} B={batch:>4} {cache:>7} cache: {_rate(record)}")
+                mode = f"{cache} cache" + (", prefill graphs" if graphs else "")
+                say(f"  generate() P={prompt} +{new} B={batch:>4} {mode}: {_rate(record)}")
         del model
         free(device)
     results["summary"] = summarize(results)
@@ -821,6 +841,9 @@ def write_report(results: dict, out: Path) -> None:
             for cache in settings["generate_caches"]:
                 cells = [_find(results["generate"], role, batch=batch, cache=cache) for role in ("model", "baseline")]
                 rows.append([batch, cache, *(_cell(c) for c in cells), *(_mem(c) for c in cells)])
+            graphed = _find(results["generate"], "model", batch=batch, prefill_graphs=True)
+            if graphed is not None:
+                rows.append([batch, "static, prefill graphs", _cell(graphed), "", _mem(graphed), ""])
         lines.append(
             report.markdown_table(
                 ["B", "cache", "BASED tok/s", "baseline tok/s", "BASED peak GB", "baseline peak GB"], rows
@@ -852,7 +875,7 @@ def write_report(results: dict, out: Path) -> None:
 
 
 def _find(rows, role, **match):
-    return next((r for r in rows if r["model"] == role and all(r[k] == v for k, v in match.items())), None)
+    return next((r for r in rows if r["model"] == role and all(r.get(k) == v for k, v in match.items())), None)
 
 
 def _cell(record, rate: str = "tokens_per_s") -> str:

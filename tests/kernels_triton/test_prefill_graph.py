@@ -60,7 +60,8 @@ def test_prefill_with_sinks_and_retrieval_slots_replays_as_a_cuda_graph():
     assert not torch.equal(expected[1][0], expected[2][0])  # other tokens, other logits: the replays differ
 
 
-def test_generate_with_prefill_graphs_gives_the_eager_tokens():
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
+def test_generate_with_prefill_graphs_gives_the_eager_tokens(cache):
     model = converted_like_model()
     mask = torch.ones(2, 300, dtype=torch.long, device="cuda")
     mask[1, :120] = 0  # left padding
@@ -68,7 +69,7 @@ def test_generate_with_prefill_graphs_gives_the_eager_tokens():
     def generate(seed):
         ids = torch.randint(0, 256, (2, 300), generator=torch.Generator().manual_seed(seed)).cuda()
         out = model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False, output_scores=True,
-                             return_dict_in_generate=True)  # fmt: skip
+                             return_dict_in_generate=True, cache_implementation=cache)  # fmt: skip
         return out.sequences, torch.stack(out.scores)
 
     expected = {seed: generate(seed) for seed in (1, 2)}
