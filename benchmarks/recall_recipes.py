@@ -44,6 +44,9 @@ CACHE_CONTEXT = 8192
 ZERO_SHOT_TASKS = ("piqa", "arc_easy", "arc_challenge", "hellaswag", "winogrande", "lambada_openai")
 HEADLINE = {"arc_challenge": "acc_norm", "hellaswag": "acc_norm"}  # others: acc
 UNTRAINED = dict(stage1_steps=0, stage2_steps=0)
+# The default recipe's retrieval keys, for the variants named after it ("copy:K linear 0 sinks 64" and its ablations);
+# results before this was added scored those with none (LoLCATs' 0) unless --retrieval-keys said otherwise.
+DEFAULT_KEYS = dict(retrieval_keys=Recipe().retrieval_keys)
 # name -> Recipe settings beyond the shared budget, each on top of LoLCATs' recipe.
 VARIANTS = {
     name: LOLCATS | settings
@@ -109,19 +112,19 @@ VARIANTS = {
         # ... with the layers the copy criterion picks (`Recipe.selection_probe`): the default as `hf-based convert`
         # runs it.
         "copy:6 linear 0 sinks 64": dict(
-            softmax_layers="copy:6", window_factor_init=0.9, linear_factor_init=0, sinks=64
+            softmax_layers="copy:6", window_factor_init=0.9, linear_factor_init=0, sinks=64, **DEFAULT_KEYS
         ),
         # Its ablations: no LoRA, no sinks.
         "copy:6 linear 0 sinks 64 untrained": dict(
-            softmax_layers="copy:6", window_factor_init=0.9, linear_factor_init=0, sinks=64, **UNTRAINED
+            softmax_layers="copy:6", window_factor_init=0.9, linear_factor_init=0, sinks=64, **UNTRAINED, **DEFAULT_KEYS
         ),
         "copy:6 linear 0 no sinks": dict(
-            softmax_layers="copy:6", window_factor_init=0.9, linear_factor_init=0, sinks=0
+            softmax_layers="copy:6", window_factor_init=0.9, linear_factor_init=0, sinks=0, **DEFAULT_KEYS
         ),
         # Fewer softmax layers (the Pareto table).
         **{
             f"copy:{k} linear 0 sinks 64": dict(
-                softmax_layers=f"copy:{k}", window_factor_init=0.9, linear_factor_init=0, sinks=64
+                softmax_layers=f"copy:{k}", window_factor_init=0.9, linear_factor_init=0, sinks=64, **DEFAULT_KEYS
             )
             for k in (0, 1, 2, 4)
         },
