@@ -248,14 +248,23 @@ class BasedSlidingWindowLayer(BasedBufferLayer):
                 )
                 return key_states, value_states, key_mask
             self.lazy_initialization(key_states, value_states, key_mask)
-        keys = torch.cat([self.keys, key_states], dim=1)
-        values = torch.cat([self.values, value_states], dim=1)
-        key_mask = torch.cat([self.key_mask, key_mask], dim=1)
-        start = keys.shape[1] - self.buffer_length
-        self.keys.copy_(keys[:, start:])
-        self.values.copy_(values[:, start:])
-        self.key_mask.copy_(key_mask[:, start:])
-        return keys, values, key_mask
+        return self.append(key_states, value_states, key_mask)
+
+    def append(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, key_mask: torch.Tensor, before: tuple = ((), (), ())
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The cached window then the new keys (values, key mask alike), preceded by `before`'s (keys, values, key
+        mask) tensors in the same concatenation (one launch each, not two); the buffers keep the last window-1."""
+        joined = [
+            torch.cat([*extra, cached, new], dim=1)
+            for extra, cached, new in zip(
+                before, (self.keys, self.values, self.key_mask), (key_states, value_states, key_mask)
+            )
+        ]
+        start = joined[0].shape[1] - self.buffer_length
+        for buffer, source in zip((self.keys, self.values, self.key_mask), joined):
+            buffer.copy_(source[:, start:])
+        return tuple(joined)
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.buffer_length + query_length, 0
@@ -313,13 +322,16 @@ class BasedHybridLayer(BasedRecurrentLayer, BasedSlidingWindowLayer):
         """The window's update (keys, values, key mask), preceded by the kept keys (sinks, retrieved) that have left
         the window; -> (keys, values, key mask, mask of the kept keys or None). `key_scores(keys, key_mask)` -> [B, Tk]
         ranks the keys for the retrieval slots (None: the slots keep what they hold)."""
+        if (self.sinks or self.retrieval) and key_states.shape[1] == 1 and self.sinks_full:
+            # A decode step after the sinks have filled: nothing new to keep; the slots join the window's concatenation.
+            slots = (self.sink_keys,), (self.sink_values,), (self.sink_mask,)
+            keys, values, key_mask = self.append(key_states, value_states, key_mask, before=slots)
+            kept = torch.zeros_like(key_mask)
+            kept[:, : self.sink_mask.shape[1]] = self.sink_mask
+            return keys, values, key_mask, kept
         keys, values, key_mask = BasedSlidingWindowLayer.update(self, key_states, value_states, key_mask)
         if not self.sinks and not self.retrieval:
             return keys, values, key_mask, None
-        if key_states.shape[1] == 1 and self.sinks_full:  # a decode step after the sinks have filled: nothing to keep
-            keys, values = torch.cat([self.sink_keys, keys], 1), torch.cat([self.sink_values, values], 1)
-            sink_mask = torch.cat([self.sink_mask, torch.zeros_like(key_mask)], 1)
-            return keys, values, torch.cat([self.sink_mask, key_mask], 1), sink_mask
         if self.sink_keys is None and keys.shape[1] - self.buffer_length >= self.sinks:
             kept = self._fill_slots(keys, values, key_mask, key_scores)
         else:
