@@ -775,6 +775,9 @@ def test_sinks_reach_the_converted_model_and_its_saved_config(workdir):
     for name in ("sinks", "retrieval_keys"):
         with pytest.raises(ConversionError, match=rf"{name}=-1 is not supported; accepted: integers >= 0"):
             Recipe(**{name: -1}).validate()
+    with pytest.raises(ConversionError, match=r"stage2_steps=5 and stage2_tokens=100 both set; accepted: one of them$"):
+        Recipe(stage2_steps=5, stage2_tokens=100).validate()
+    Recipe(stage1_steps=0, stage2_tokens=100).validate()
 
 
 def test_linear_factor_is_trained_in_stage_1_and_saved(workdir):
