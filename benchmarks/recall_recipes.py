@@ -118,6 +118,23 @@ VARIANTS = {
         "copy:6 linear 0 sinks 64 untrained": dict(
             softmax_layers="copy:6", window_factor_init=0.9, linear_factor_init=0, sinks=64, **UNTRAINED, **DEFAULT_KEYS
         ),
+        # LoRA that stays closer to the teacher (its logits as targets, or fewer steps): does passkey survive it?
+        "copy:6 linear 0 sinks 64 distill": dict(
+            softmax_layers="copy:6",
+            window_factor_init=0.9,
+            linear_factor_init=0,
+            sinks=64,
+            stage2_loss="distill",
+            **DEFAULT_KEYS,
+        ),
+        "copy:6 linear 0 sinks 64 LoRA 25 steps": dict(
+            softmax_layers="copy:6",
+            window_factor_init=0.9,
+            linear_factor_init=0,
+            sinks=64,
+            stage2_steps=25,
+            **DEFAULT_KEYS,
+        ),
         "copy:6 linear 0 no sinks": dict(
             softmax_layers="copy:6", window_factor_init=0.9, linear_factor_init=0, sinks=0, **DEFAULT_KEYS
         ),
