@@ -109,6 +109,15 @@ VARIANTS = {
         "layers 0 17-20 23 linear 0 sinks 64": dict(
             softmax_layers=(0, 17, 18, 19, 20, 23), window_factor_init=0.9, linear_factor_init=0, sinks=64
         ),
+        # ... untrained, with retrieval keys: the copy criterion's probe skipped (it picks these layers; slow on a CPU).
+        "layers 0 17-20 23 linear 0 sinks 64 untrained": dict(
+            softmax_layers=(0, 17, 18, 19, 20, 23),
+            window_factor_init=0.9,
+            linear_factor_init=0,
+            sinks=64,
+            **UNTRAINED,
+            **DEFAULT_KEYS,
+        ),
         # ... with the layers the copy criterion picks (`Recipe.selection_probe`): the default as `hf-based convert`
         # runs it.
         "copy:6 linear 0 sinks 64": dict(
