@@ -44,9 +44,10 @@ CACHE_CONTEXT = 8192
 ZERO_SHOT_TASKS = ("piqa", "arc_easy", "arc_challenge", "hellaswag", "winogrande", "lambada_openai")
 HEADLINE = {"arc_challenge": "acc_norm", "hellaswag": "acc_norm"}  # others: acc
 UNTRAINED = dict(stage1_steps=0, stage2_steps=0)
-# The default recipe's retrieval keys, for the variants named after it ("copy:K linear 0 sinks 64" and its ablations);
-# results before this was added scored those with none (LoLCATs' 0) unless --retrieval-keys said otherwise.
-DEFAULT_KEYS = dict(retrieval_keys=Recipe().retrieval_keys)
+# The default recipe's converted layers (no linear term, 64 sinks, its retrieval keys), for the variants named after it
+# ("copy:K linear 0 sinks 64" and its ablations); results before the keys were added here scored those with none
+# (LoLCATs' 0) unless --retrieval-keys said otherwise.
+DEFAULT = dict(window_factor_init=0.9, linear_factor_init=0, sinks=64, retrieval_keys=Recipe().retrieval_keys)
 # name -> Recipe settings beyond the shared budget, each on top of LoLCATs' recipe.
 VARIANTS = {
     name: LOLCATS | settings
@@ -110,50 +111,19 @@ VARIANTS = {
             softmax_layers=(0, 17, 18, 19, 20, 23), window_factor_init=0.9, linear_factor_init=0, sinks=64
         ),
         # ... untrained, with retrieval keys: the copy criterion's probe skipped (it picks these layers; slow on a CPU).
-        "layers 0 17-20 23 linear 0 sinks 64 untrained": dict(
-            softmax_layers=(0, 17, 18, 19, 20, 23),
-            window_factor_init=0.9,
-            linear_factor_init=0,
-            sinks=64,
-            **UNTRAINED,
-            **DEFAULT_KEYS,
-        ),
+        "layers 0 17-20 23 linear 0 sinks 64 untrained": DEFAULT
+        | dict(softmax_layers=(0, 17, 18, 19, 20, 23), **UNTRAINED),
         # ... with the layers the copy criterion picks (`Recipe.selection_probe`): the default as `hf-based convert`
         # runs it.
-        "copy:6 linear 0 sinks 64": dict(
-            softmax_layers="copy:6", window_factor_init=0.9, linear_factor_init=0, sinks=64, **DEFAULT_KEYS
-        ),
+        "copy:6 linear 0 sinks 64": DEFAULT | dict(softmax_layers="copy:6"),
         # Its ablations: no LoRA, no sinks.
-        "copy:6 linear 0 sinks 64 untrained": dict(
-            softmax_layers="copy:6", window_factor_init=0.9, linear_factor_init=0, sinks=64, **UNTRAINED, **DEFAULT_KEYS
-        ),
+        "copy:6 linear 0 sinks 64 untrained": DEFAULT | dict(softmax_layers="copy:6", **UNTRAINED),
         # LoRA that stays closer to the teacher (its logits as targets, or fewer steps): does passkey survive it?
-        "copy:6 linear 0 sinks 64 distill": dict(
-            softmax_layers="copy:6",
-            window_factor_init=0.9,
-            linear_factor_init=0,
-            sinks=64,
-            stage2_loss="distill",
-            **DEFAULT_KEYS,
-        ),
-        "copy:6 linear 0 sinks 64 LoRA 25 steps": dict(
-            softmax_layers="copy:6",
-            window_factor_init=0.9,
-            linear_factor_init=0,
-            sinks=64,
-            stage2_steps=25,
-            **DEFAULT_KEYS,
-        ),
-        "copy:6 linear 0 no sinks": dict(
-            softmax_layers="copy:6", window_factor_init=0.9, linear_factor_init=0, sinks=0, **DEFAULT_KEYS
-        ),
+        "copy:6 linear 0 sinks 64 distill": DEFAULT | dict(softmax_layers="copy:6", stage2_loss="distill"),
+        "copy:6 linear 0 sinks 64 LoRA 25 steps": DEFAULT | dict(softmax_layers="copy:6", stage2_steps=25),
+        "copy:6 linear 0 no sinks": DEFAULT | dict(softmax_layers="copy:6", sinks=0),
         # Fewer softmax layers (the Pareto table).
-        **{
-            f"copy:{k} linear 0 sinks 64": dict(
-                softmax_layers=f"copy:{k}", window_factor_init=0.9, linear_factor_init=0, sinks=64, **DEFAULT_KEYS
-            )
-            for k in (0, 1, 2, 4)
-        },
+        **{f"copy:{k} linear 0 sinks 64": DEFAULT | dict(softmax_layers=f"copy:{k}") for k in (0, 1, 2, 4)},
         "layers 0 17-20 23 linear 0.1 sinks 64": dict(
             softmax_layers=(0, 17, 18, 19, 20, 23), window_factor_init=0.9, linear_factor_init=0.1, sinks=64
         ),
