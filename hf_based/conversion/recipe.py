@@ -256,10 +256,10 @@ class Recipe:
             check(name, lambda v: v is None or (is_int(v) and v >= 0), "integers >= 0")
         check("blockwise", lambda v: v is None or (is_int(v) and v >= 1), "integers >= 1")
         for stage in (1, 2):  # steps would win silently over tokens
-            if getattr(self, f"stage{stage}_steps") is not None and getattr(self, f"stage{stage}_tokens") is not None:
+            steps, tokens = getattr(self, f"stage{stage}_steps"), getattr(self, f"stage{stage}_tokens")
+            if steps is not None and tokens is not None:
                 raise ConversionError(
-                    f"stage{stage}_steps={getattr(self, f'stage{stage}_steps')!r} and "
-                    f"stage{stage}_tokens={getattr(self, f'stage{stage}_tokens')!r} both set; accepted: one of them"
+                    f"stage{stage}_steps={steps!r} and stage{stage}_tokens={tokens!r} both set; accepted: one of them"
                 )
         for name in ("warmup_steps", "sinks", "retrieval_keys"):
             check(name, lambda v: is_int(v) and v >= 0, "integers >= 0")
