@@ -20,6 +20,7 @@ from hf_based.bench.throughput import (
     matched_llama_config,
     measure_decode,
     measure_prefill,
+    prefill_graphs_on,
     random_ids,
 )
 from hf_based.cli import main
@@ -134,6 +135,21 @@ def test_generate_is_timed_with_prefill_graphs_for_based_models_on_cuda():
     assert generate_modes(llama, TINY, cuda) == [("dynamic", False), ("static", False)]
     dynamic_only = dataclasses.replace(TINY, generate_caches=("dynamic",))
     assert generate_modes(based, dynamic_only, cuda) == [("dynamic", False)]
+
+
+def test_prefill_graphs_are_switched_off_after_a_failed_measurement():
+    calls = []
+
+    class Model:
+        def enable_prefill_graphs(self, max_shapes):
+            calls.append(("enable", max_shapes))
+
+        def disable_prefill_graphs(self):
+            calls.append(("disable",))
+
+    with pytest.raises(RuntimeError, match="capture failed"), prefill_graphs_on(Model()):
+        raise RuntimeError("capture failed")
+    assert calls == [("enable", 1), ("disable",)]
 
 
 def test_other_failures_are_recorded_not_raised():

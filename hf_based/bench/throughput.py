@@ -31,6 +31,7 @@ layer count, heads (no GQA), vocabulary and embedding tying, and the MLP width t
 Writes DIR/results.json, DIR/results.md and DIR/bench.png.
 """
 
+import contextlib
 import dataclasses
 import gc
 import logging
@@ -310,15 +311,13 @@ def measure_prefill(model, length: int, batch: int, device: torch.device, cuda_g
                 record["graph_error"] = capture_error(error, device)
             graph = None
             if isinstance(model, BasedForCausalLM):  # what users get from it: the model's own prefill graphs
-                model.enable_prefill_graphs(max_shapes=1)
                 try:
-                    prefill()  # captures
-                    seconds = median_seconds(prefill, device)
+                    with prefill_graphs_on(model):
+                        prefill()  # captures
+                        seconds = median_seconds(prefill, device)
                     record.update(prefill_graphs_tokens_per_s=round(batch * length / seconds, 1))
                 except Exception as error:  # noqa: BLE001 - as above
                     record["prefill_graphs_error"] = capture_error(error, device)
-                finally:
-                    model.disable_prefill_graphs()
     except Exception as error:  # noqa: BLE001 - see failure()
         record.update(failure(error))
     free(device)
@@ -493,7 +492,6 @@ def measure_generate(
     record = {"prompt_len": prompt_len, "batch": batch, "new_tokens": new_tokens, "cache": cache}
     if prefill_graphs:
         record["prefill_graphs"] = True
-        model.enable_prefill_graphs(max_shapes=1)
     try:
         ids = random_ids(model, batch, prompt_len, device)
         settings = dict(
@@ -506,7 +504,8 @@ def measure_generate(
         )
         if cache == "static":  # compiled decoding on CUDA: transformers' default there, our models' opt-in
             settings["compile_config"] = CompileConfig()
-        with Memory(device) as memory:
+        graphs = prefill_graphs_on(model) if prefill_graphs else contextlib.nullcontext()
+        with graphs, Memory(device) as memory:
             model.generate(ids, **settings)
             synchronize(device)
             start = time.perf_counter()
@@ -521,11 +520,18 @@ def measure_generate(
         )
     except Exception as error:  # noqa: BLE001 - see failure()
         record.update(failure(error))
-    finally:
-        if prefill_graphs:
-            model.disable_prefill_graphs()
     free(device)
     return record
+
+
+@contextlib.contextmanager
+def prefill_graphs_on(model):
+    """The model's prefill graphs on for the block (one input shape: the timings repeat one prompt), off after."""
+    model.enable_prefill_graphs(max_shapes=1)
+    try:
+        yield
+    finally:
+        model.disable_prefill_graphs()
 
 
 def generate_modes(model, settings: BenchSettings, device: torch.device) -> list[tuple[str, bool]]:
