@@ -155,7 +155,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--lengths", default="256,512,1024,2048,4096,8192")
     parser.add_argument("--samples", type=int, default=2, help="documents per task, length and depth")
     parser.add_argument(
-        "--task-seed", type=int, default=0, help="seed of the generated retrieval documents (another: held-out prompts)"
+        "--task-seed",
+        type=int,
+        default=0,
+        help="seed of the generated retrieval documents; sample i takes seed + i, so held-out prompts need a seed at "
+        "least --samples away from every seed already looked at",
     )
     parser.add_argument("--tasks", default=",".join(RETRIEVAL_TASKS), help="retrieval tasks, comma-separated")
     parser.add_argument("--lambada-limit", type=int, default=500)

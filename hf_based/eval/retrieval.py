@@ -13,7 +13,8 @@ the depth.
 The tokenizer reaches the generators through the task metadata (lm-eval's `--metadata`, or TaskManager's):
 `registered_tokenizer` names a tokenizer object registered by `registered_tokenizer()` (what `evaluate()` does with
 the evaluated model's own tokenizer); otherwise `tokenizer`, `pretrained` or `model` names one to load. The other
-metadata keys: max_seq_lengths (from LENGTHS), depths (percents), num_samples (per length and depth) and seed.
+metadata keys: max_seq_lengths (from LENGTHS), depths (percents), num_samples (per length and depth) and seed
+(sample i is generated with seed + i: two splits share no document only when their seeds are num_samples apart).
 """
 
 from __future__ import annotations
