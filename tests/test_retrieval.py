@@ -2,6 +2,7 @@
 model's tokens, scored per prompt length, run through `evaluate()` and `hf-based eval`."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -29,6 +30,10 @@ def tiny_model():
     return BasedForCausalLM(preset_config("tiny")).eval()
 
 
+def yaml_text(name: str) -> str:
+    return (retrieval.TASK_DIR / f"{name}.yaml").read_text()
+
+
 def n_tokens(tokenizer, text: str) -> int:
     return len(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
 
@@ -45,13 +50,23 @@ def test_generators_are_deterministic_per_seed(tokenizer, task):
 
 @pytest.mark.parametrize("task", retrieval.TASKS)
 @pytest.mark.parametrize("length", [256, 1024])
-def test_prompt_fills_the_length_without_passing_it(tokenizer, task, length):
+def test_prompt_fills_the_length_less_the_answer_without_passing_it(tokenizer, task, length):
     # Filler is cut after a whole sentence (copy's passage at a word); kv_lookup's unit is a whole "key": "value" line.
     slack = {"kv_lookup": 24, "copy": 4}.get(task, 16)
+    budget = retrieval.prompt_budget(task, length)
     for depth in retrieval.DEFAULT_DEPTHS:
         doc = retrieval.GENERATORS[task](tokenizer, length, depth, 0)
         assert doc["prompt_tokens"] == retrieval.count_tokens(tokenizer, doc["input"])
-        assert length - slack <= doc["prompt_tokens"] <= length, (depth, doc["prompt_tokens"])
+        assert budget - slack <= doc["prompt_tokens"] <= budget, (depth, doc["prompt_tokens"])
+
+
+@pytest.mark.parametrize("task", retrieval.TASKS)
+def test_answer_budget_is_the_tasks_max_gen_toks(task):
+    # Prompt + answer fit the length only if the budget left is what lm-eval generates.
+    yaml = yaml_text(task)
+    common = yaml_text("_common")
+    max_gen_toks = int(re.search(r"max_gen_toks: (\d+)", yaml if "max_gen_toks" in yaml else common).group(1))
+    assert retrieval.prompt_budget(task, 1000) == 1000 - max_gen_toks
 
 
 def haystack_fraction(tokenizer, prompt: str, start: int, end: int) -> float:

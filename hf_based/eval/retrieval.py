@@ -5,7 +5,8 @@ Linearized models keep zero-shot accuracy but can lose in-context recall; these 
 the haystacks are filler sentences from a small vocabulary of our own, so nothing is downloaded.
 
 Each generator is a pure function of (tokenizer, length, depth, seed) returning one document: `input` (the prompt: at
-most `length` tokens of the evaluated model's tokenizer, and within a sentence piece of it), `outputs` (the strings
+most `length` tokens of the evaluated model's tokenizer less the task's answer tokens, and within a sentence piece of
+it), `outputs` (the strings
 the continuation must contain), `length`, `depth` (percent) and `prompt_tokens`. The lm-eval hooks below make them
 tasks (YAMLs in tasks/retrieval/) with one metric per length, named "256", "512", ...; the per-sample records carry
 the depth.
@@ -44,6 +45,16 @@ LENGTHS = (256, 512, 1024, 2048, 4096, 8192, 16384)  # the lengths the task YAML
 DEFAULT_LENGTHS = (256, 512, 1024, 2048, 4096)
 DEFAULT_DEPTHS = (0, 25, 50, 75, 100)
 DEFAULT_NUM_SAMPLES = 4
+# Each task's max_gen_toks (its YAML): a prompt leaves that many of its length for the answer, as RULER does, so that
+# prompt + answer fit a model whose context is the length (lm-eval cuts a longer prompt's start).
+ANSWER_TOKENS = {"copy": 32, "niah_multivalue": 48}
+DEFAULT_ANSWER_TOKENS = 16
+
+
+def prompt_budget(task: str, length: int) -> int:
+    """The most tokens a prompt of `task` at `length` may have: the length less the task's answer tokens."""
+    return length - ANSWER_TOKENS.get(task, DEFAULT_ANSWER_TOKENS)
+
 
 # ------------------------------------------------------------------------------------------- filler text
 
@@ -105,21 +116,23 @@ def count_tokens(tokenizer: PreTrainedTokenizerBase, text: str) -> int:
     return len(tokenizer(text, verbose=False)["input_ids"])  # not verbose: no warning for prompts past 2048
 
 
-def _largest_fit(tokenizer: PreTrainedTokenizerBase, build: Callable[[int], str], length: int, upper: int) -> int:
-    """The largest n in [0, upper] for which the prompt build(n) has at most `length` tokens (tokens grow with n).
+def _largest_fit(tokenizer: PreTrainedTokenizerBase, build: Callable[[int], str], budget: int, upper: int) -> int:
+    """The largest n in [0, upper] for which the prompt build(n) has at most `budget` tokens (tokens grow with n).
 
     Gallops up from 0, then bisects: O(log n) tokenizations of the whole prompt, exact for any tokenizer.
     """
     tokens = functools.cache(lambda n: count_tokens(tokenizer, build(n)))
-    if tokens(0) > length:
-        raise UsageError(f"length {length} is too short for this task's prompt ({tokens(0)} tokens without filler)")
+    if tokens(0) > budget:
+        raise UsageError(
+            f"a prompt budget of {budget} tokens is too short for this task ({tokens(0)} tokens without filler)"
+        )
     low, step = 0, 1  # tokens(low) fits
-    while low + step <= upper and tokens(low + step) <= length:
+    while low + step <= upper and tokens(low + step) <= budget:
         low, step = low + step, step * 2
     high = min(low + step, upper + 1)  # does not fit, or is past upper
     while high - low > 1:
         middle = (low + high) // 2
-        low, high = (middle, high) if tokens(middle) <= length else (low, middle)
+        low, high = (middle, high) if tokens(middle) <= budget else (low, middle)
     return low
 
 
@@ -130,6 +143,7 @@ def _nearest_start(starts: list[int], n_words: int, fraction: float) -> int:
 
 
 def _haystack_doc(
+    task: str,
     tokenizer: PreTrainedTokenizerBase,
     length: int,
     depth: int,
@@ -158,7 +172,7 @@ def _haystack_doc(
             pieces.insert(slot, needles[index])
         return f"{header}{' '.join(pieces)}{question}"
 
-    prompt = build(_largest_fit(tokenizer, build, length, upper=len(sentences)))
+    prompt = build(_largest_fit(tokenizer, build, prompt_budget(task, length), upper=len(sentences)))
     return dict(
         input=prompt, outputs=outputs, length=length, depth=depth, prompt_tokens=count_tokens(tokenizer, prompt)
     )
@@ -187,7 +201,8 @@ def passkey_doc(tokenizer: PreTrainedTokenizerBase, length: int, depth: int, see
     """A 5-digit pass key in one sentence at `depth` percent of a repeated paragraph; the prompt asks for it."""
     rng = _rng("passkey", length, depth, seed)
     needle = passkey_needle(rng)
-    return _haystack_doc(tokenizer, length, depth, rng, sentences=list(PASSKEY_PARAGRAPH) * (length // 4), **needle)
+    sentences = list(PASSKEY_PARAGRAPH) * (length // 4)
+    return _haystack_doc("passkey", tokenizer, length, depth, rng, sentences=sentences, **needle)
 
 
 def niah_needles(rng: random.Random, n_keys: int = 1, n_values: int = 1) -> dict[str, Any]:
@@ -223,7 +238,7 @@ def _niah_doc(
 ) -> dict[str, Any]:
     rng = _rng(task, length, depth, seed)
     needles = niah_needles(rng, n_keys, n_values)  # drawn before the filler
-    return _haystack_doc(tokenizer, length, depth, rng, sentences=filler_sentences(rng, length), **needles)
+    return _haystack_doc(task, tokenizer, length, depth, rng, sentences=filler_sentences(rng, length), **needles)
 
 
 def niah_single_doc(tokenizer: PreTrainedTokenizerBase, length: int, depth: int, seed: int) -> dict[str, Any]:
@@ -258,7 +273,7 @@ def kv_lookup_doc(tokenizer: PreTrainedTokenizerBase, length: int, depth: int, s
             f'What is the value of key "{key}"? The value of key "{key}" is "'
         )
 
-    n_pairs = _largest_fit(tokenizer, build, length, upper=len(pairs))
+    n_pairs = _largest_fit(tokenizer, build, prompt_budget("kv_lookup", length), upper=len(pairs))
     prompt = build(n_pairs)
     return dict(
         input=prompt,
@@ -298,7 +313,7 @@ def copy_doc(tokenizer: PreTrainedTokenizerBase, length: int, depth: int, seed: 
             f"Repeat: {' '.join(words[start : start + COPY_CUE_WORDS])}"
         )
 
-    n_words = max(_largest_fit(tokenizer, build, length, upper=len(words)), span)
+    n_words = max(_largest_fit(tokenizer, build, prompt_budget("copy", length), upper=len(words)), span)
     prompt = build(n_words)
     start = cue_start(n_words)
     answer = " ".join(words[start + COPY_CUE_WORDS : start + span])
