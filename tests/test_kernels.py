@@ -29,6 +29,7 @@ from hf_based.kernels import (
 )
 from hf_based.kernels.hybrid import reference as hybrid_reference
 from hf_based.kernels.hybrid.chunked import hybrid_attention_chunked
+from hf_based.kernels.retrieval.reference import KEPT_AFTER, KEPT_BEFORE, pool_neighbours
 
 LENGTHS = (1, 7, 63, 300)
 # Hybrid attention's parallel forms: the reference, and the blockwise CPU path with blocks small enough that the
@@ -806,3 +807,15 @@ BAD_INPUTS = [
 def test_bad_inputs_raise(call, message):
     with pytest.raises(ValueError, match=message):
         call()
+
+
+def test_retrieval_pooling_ranks_the_keys_around_a_scoring_one_with_it():
+    # One key scores in each row: the KEPT_BEFORE keys before it and the KEPT_AFTER after it take its score (cut at the
+    # ends), every other key keeps zero.
+    weights = torch.zeros(3, 40, dtype=torch.float64)
+    weights[0, 20], weights[1, 1], weights[2, 38] = 1.0, 0.5, 0.25
+    pooled = pool_neighbours(weights)
+    for row, hit in enumerate((20, 1, 38)):
+        expected = torch.zeros(40, dtype=torch.float64)
+        expected[max(hit - KEPT_BEFORE, 0) : hit + KEPT_AFTER + 1] = weights[row, hit]
+        torch.testing.assert_close(pooled[row], expected, rtol=0, atol=0)

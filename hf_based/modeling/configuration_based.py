@@ -41,8 +41,8 @@ class BasedConfig(PretrainedConfig):
           `hybrid_attention_sinks` = S > 0, the first S real tokens of each sequence stay in the softmax part for
           every later query (attention sinks) and out of the linear state; the cache keeps their keys and values.
           With `hybrid_retrieval_keys` = R > 0, a prefill through the cache (generation) also keeps the R older keys
-          that its last `sliding_window` queries attend to most (summed over those queries and the heads, widened to
-          neighbours) in the softmax part of every later query; a forward without a cache (training, scoring) does not.
+          that its last `sliding_window` queries attend to most (summed over those queries and the heads; a key that
+          scores brings the 3 keys before it and the 11 after) in the softmax part of every later query; a forward without a cache (training, scoring) does not.
         - `base_conv`: BASED's gated short convolution (in_proj, depthwise causal conv, SiLU gate, out_proj).
         - `full_attention`: ordinary causal softmax attention.
 

@@ -6,14 +6,17 @@ import torch.nn.functional as F
 
 from hf_based.kernels.softmax.reference import key_distance, stable_exp
 
-# Width of the max-pool over the scores: a key scores as the best key within 3 positions of it.
-NEIGHBOURS = 7
+# A key that scores keeps this many keys before it and after it: a needle is several tokens, and a copy reads what
+# followed the text it matched (on SmolLM2, 7 keys centred on the hit kept a whole pass key or 7-digit needle in
+# fewer than half as many layers as these 15).
+KEPT_BEFORE, KEPT_AFTER = 3, 11
 
 
 def pool_neighbours(weights: torch.Tensor) -> torch.Tensor:
-    """[B, Tk] -> [B, Tk]: each key's most of its NEIGHBOURS nearest keys' (a needle is several tokens, and the answer
-    needs those around the one that scores)."""
-    return F.max_pool1d(weights[:, None], NEIGHBOURS, stride=1, padding=NEIGHBOURS // 2)[:, 0]
+    """[B, Tk] -> [B, Tk]: each key's score is the best among the KEPT_AFTER keys before it, itself and the KEPT_BEFORE
+    keys after it, so the keys around one that scores rank with it."""
+    padded = F.pad(weights[:, None], (KEPT_AFTER, KEPT_BEFORE))  # scores are >= 0: zero padding is never the best
+    return F.max_pool1d(padded, KEPT_BEFORE + 1 + KEPT_AFTER, stride=1)[:, 0]
 
 
 def retrieval_scores(q: torch.Tensor, k: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
