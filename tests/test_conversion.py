@@ -60,6 +60,7 @@ from hf_based.conversion.layer_selection import (
     select_softmax_layers,
 )
 from hf_based.conversion.linearize import AttentionTransfer, converted_layers, distillation_loss, stage1_parameters
+from hf_based.conversion.pipeline import resolve_steps
 from hf_based.conversion.recipe import LOLCATS, SOFTMAX_LAYERS_FORMS
 from hf_based.errors import UsageError
 from hf_based.modeling.compat import output_cache
@@ -662,15 +663,11 @@ def test_percent_spec_keeps_the_floor_of_p_percent_of_the_layers(spec, num_layer
 
 def test_default_recipe_keeps_recall_and_lolcats_stays_reachable(capsys, monkeypatch):
     """Defaults: copy:20% softmax layers, 64 sinks, no linear term (window factor 0.9, logit ln 9 = 2.1972, which then
-    cancels out); LoLCATs' recipe (every layer converted, window factor 0.1, logit -2.1972, no sinks, the linear term)
-    is Recipe(**LOLCATS), or --softmax-layers "" --window-factor-init 0.1 --sinks 0 --linear-factor-init none."""
+    cancels out), no LoRA; LoLCATs' recipe (every layer converted, window factor 0.1, logit -2.1972, no sinks, the
+    linear term, 2 epochs of LoRA) is Recipe(**LOLCATS), or the flags the help names."""
     default = Recipe()
-    assert (default.softmax_layers, default.window_factor_init, default.sinks, default.linear_factor_init) == (
-        "copy:20%",
-        0.9,
-        64,
-        0,
-    )
+    settings = ("softmax_layers", "window_factor_init", "sinks", "linear_factor_init", "stage2_epochs")
+    assert [getattr(default, name) for name in settings] == ["copy:20%", 0.9, 64, 0, 0]
     teacher = make_teacher(vocab=64, layers=2)  # 20% of 2 layers: none
     for recipe, logit in ((Recipe(), 2.1972), (Recipe(**LOLCATS), -2.1972), (Recipe(window_factor_init=0.1), -2.1972)):
         student = linearize_model(teacher, recipe)
@@ -682,7 +679,7 @@ def test_default_recipe_keeps_recall_and_lolcats_stays_reachable(capsys, monkeyp
     parser = argparse.ArgumentParser()
     add_recipe_arguments(parser)
     lolcats = ["--softmax-layers", "", "--window-factor-init", "0.1", "--sinks", "0", "--linear-factor-init", "none"]
-    lolcats += ["--retrieval-keys", "0"]
+    lolcats += ["--retrieval-keys", "0", "--stage2-epochs", "2"]
     assert recipe_from_args(resolve_defaults(parser.parse_args(lolcats), demo=False)) == Recipe(**LOLCATS)
     assert recipe_from_args(resolve_defaults(parser.parse_args([]), demo=False)) == Recipe()
     monkeypatch.setenv("COLUMNS", "1000")  # no line breaks inside the flags
@@ -690,7 +687,10 @@ def test_default_recipe_keeps_recall_and_lolcats_stays_reachable(capsys, monkeyp
         main(["convert", "--help"])
     assert exit_info.value.code == 0
     text = " ".join(capsys.readouterr().out.split())
-    lolcats = 'LoLCATs\' recipe: --softmax-layers "" --window-factor-init 0.1 --sinks 0 --linear-factor-init none --retrieval-keys 0'
+    lolcats = (
+        'LoLCATs\' recipe: --softmax-layers "" --window-factor-init 0.1 --sinks 0 --linear-factor-init none '
+        "--retrieval-keys 0 --stage2-epochs 2"
+    )
     assert "(default: copy:20%)" in text and lolcats in text
     assert "0.9 rather than LoLCATs' 0.1" in text and "(default: 0.9)" in text and "(default: 64)" in text
 
@@ -826,3 +826,10 @@ def test_demo_shows_retrieval_speed_and_shares_and_saves_bf16(workdir, tmp_path,
     assert speed["teacher"]["decode"]["cache_bytes"] > 0 and speed["converted"]["prefill"]["status"] == "ok"
     with safe_open(tmp_path / "out" / "model.safetensors", "pt") as weights:
         assert {weights.get_slice(name).get_dtype() for name in weights.keys()} == {"BF16"}
+
+
+def test_stage_budgets_resolve_to_steps_and_zero_epochs_skip_the_stage():
+    # 10 sequences, 4 per step: 2 epochs -> 5 steps, 0.1 -> the one step that starts it, 0 -> none (no LoRA by default).
+    assert [resolve_steps(None, None, epochs, 10, 4, 32) for epochs in (2.0, 0.1, 0.0)] == [5, 1, 0]
+    assert resolve_steps(7, None, 0.0, 10, 4, 32) == 7 and resolve_steps(None, 300, 0.0, 10, 4, 32) == 3
+    assert Recipe().stage2_epochs == 0 and Recipe(**LOLCATS).stage2_epochs == 2

@@ -120,6 +120,7 @@ BAD_OPTIONS = [
     (["--warmup-steps", "-1"], r"warmup_steps=-1 is not supported"),
     (["--lora-alpha", "0"], r"lora_alpha=0\.0 is not supported"),
     (["--epochs", "0"], r"epochs=0\.0 is not supported"),
+    (["--stage2-epochs=-1"], r"stage2_epochs=-1\.0 is not supported; accepted: a number >= 0 \(0: no LoRA\)"),
     (["--window-factor-init", "1"], r"window_factor_init=1\.0 is not supported"),
     (["--linear-factor-init", "1"], r"linear_factor_init=1\.0 is not supported; accepted: none or 0 <= value < 1"),
     (["--sinks", "-2"], r"sinks=-2 is not supported; accepted: integers >= 0"),

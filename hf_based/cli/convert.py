@@ -83,7 +83,6 @@ MODE_DEFAULTS = {
     "seq_len": (Recipe.seq_len, 256),
     "grad_accum": (Recipe.grad_accum, 2),
     "stage1_steps": (Recipe.stage1_steps, 60),
-    "stage2_steps": (Recipe.stage2_steps, 15),
     "val_sequences": (DataOptions.val_sequences, 4),
     "eval_tasks": (EvalOptions.tasks, "piqa,winogrande,lambada_openai"),
     "eval_limit": (EvalOptions.limit, 100),

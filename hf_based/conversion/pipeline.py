@@ -108,12 +108,13 @@ class ConversionResult:
 def resolve_steps(
     steps: int | None, tokens: int | None, epochs: float, num_sequences: int, global_batch: int, seq_len: int
 ) -> int:
-    """Optimizer steps of a stage: given, from a token budget, or `epochs` passes over the training sequences."""
+    """Optimizer steps of a stage: given, from a token budget, or `epochs` passes over the training sequences (at least
+    one step unless `epochs` is 0)."""
     if steps is not None:
         return steps
     if tokens is not None:
         return math.ceil(tokens / (global_batch * seq_len))
-    return max(1, math.ceil(epochs * num_sequences / global_batch))
+    return max(1, math.ceil(epochs * num_sequences / global_batch)) if epochs else 0
 
 
 def batch_indices(order: torch.Tensor, step: int, micro: int, recipe: Recipe, dist: Dist) -> torch.Tensor:
@@ -695,7 +696,7 @@ def plan_stages(inputs: Inputs, recipe: Recipe, student: BasedForCausalLM, dist:
         recipe.seq_len,
     )
     steps2 = resolve_steps(
-        recipe.stage2_steps, recipe.stage2_tokens, recipe.epochs, num_sequences, global_batch, recipe.seq_len
+        recipe.stage2_steps, recipe.stage2_tokens, recipe.stage2_epochs, num_sequences, global_batch, recipe.seq_len
     )
     if steps1 and not stage1_parameters(student, config):
         _log(
