@@ -125,16 +125,16 @@ def test_generate_speedup_compares_each_models_fastest_cache():
 
 
 def test_generate_is_timed_with_prefill_graphs_for_based_models_on_cuda():
-    """Only a BASED model on CUDA with the static cache among the caches gets the extra (static, prefill graphs) row;
-    nothing is built on the device, so this runs without one."""
+    """Only a BASED model on CUDA with the dynamic cache among the caches gets the extra (dynamic, prefill graphs) row
+    (prefill graphs serve dynamic caches only); nothing is built on the device, so this runs without one."""
     based = build(preset_config("tiny"), torch.float32, CPU)
     llama = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2))
     cuda = torch.device("cuda")
-    assert generate_modes(based, TINY, cuda) == [("dynamic", False), ("static", False), ("static", True)]
+    assert generate_modes(based, TINY, cuda) == [("dynamic", False), ("static", False), ("dynamic", True)]
     assert generate_modes(based, TINY, CPU) == [("dynamic", False), ("static", False)]
     assert generate_modes(llama, TINY, cuda) == [("dynamic", False), ("static", False)]
-    dynamic_only = dataclasses.replace(TINY, generate_caches=("dynamic",))
-    assert generate_modes(based, dynamic_only, cuda) == [("dynamic", False)]
+    static_only = dataclasses.replace(TINY, generate_caches=("static",))
+    assert generate_modes(based, static_only, cuda) == [("static", False)]
 
 
 def test_prefill_graphs_are_switched_off_after_a_failed_measurement():
