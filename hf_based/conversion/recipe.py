@@ -201,7 +201,7 @@ class Recipe:
     stage1_lr: float = setting(1e-2, "attention-transfer learning rate", "training")
     mse_factor: float = setting(1000.0, "stage-1 loss scale", "training")
     stage2_steps: int | None = setting(
-        None, "stage 2 optimizer steps, 0 skips it; none: --epochs passes", "training", exclusive="stage2"
+        None, "stage 2 optimizer steps, 0 skips it; none: --stage2-epochs passes", "training", exclusive="stage2"
     )
     stage2_tokens: int | None = setting(None, "stage 2 budget in tokens", "training", exclusive="stage2")
     stage2_epochs: float = setting(
