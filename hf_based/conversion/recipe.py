@@ -208,8 +208,8 @@ class Recipe:
         0.0,
         "passes of stage 2 when no steps/tokens are given; 0: no LoRA. Why the default: on SmolLM2-135M, 100 LoRA "
         "steps on Alpaca took passkey retrieval at 256 / 1024 / 2048 tokens from 0.9 / 0.8 / 0.4 to 0.8 / 0.3 / 0 "
-        "(teacher 0.9 / 0.7 / 0.3), and the converted layers without it score LAMBADA and the zero-shot tasks as the "
-        "teacher does (1.00x perplexity, 99.6%)",
+        "(teacher 0.9 / 0.7 / 0.3), and the converted layers without it score LAMBADA as the teacher does (1.00x "
+        "perplexity) and 99.6% of its zero-shot average",
         "training",
     )
     stage2_lr: float = setting(1e-4, "LoRA learning rate", "training")
