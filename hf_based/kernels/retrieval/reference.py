@@ -7,8 +7,7 @@ import torch.nn.functional as F
 from hf_based.kernels.softmax.reference import key_distance, stable_exp
 
 # A key that scores keeps this many keys before it and after it: a needle is several tokens, and a copy reads what
-# followed the text it matched (on SmolLM2, 7 keys centred on the hit kept a whole pass key or 7-digit needle in
-# fewer than half as many layers as these 15).
+# followed the text it matched (benchmarks/results/recall/recipes/NOTES.md, run 17, says how these were chosen).
 KEPT_BEFORE, KEPT_AFTER = 3, 11
 
 
