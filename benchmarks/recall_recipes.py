@@ -11,13 +11,15 @@ small budget for all, `--stage1-steps` and `--stage2-steps` of `--batch-size` x 
 - with `--zero-shot-limit N`, the six zero-shot tasks of convert_smollm2.py (validation splits), N documents each.
 The conversions are scored in the teacher's dtype (bf16 on a GPU), as a user loads the saved model.
 DIR/results.json and DIR/results.md are rewritten after every variant, with date, commit and machine; variants that
-would overrun `--minutes` are skipped and listed.
+would overrun `--minutes` are skipped and listed. A rerun into the same DIR with the same settings keeps the models
+scored there (the teacher included) and scores the rest, so a sweep can span several calls.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
 import sys
 import tempfile
 import time
@@ -122,8 +124,12 @@ VARIANTS = {
         "copy:6 linear 0 sinks 64 distill": DEFAULT | dict(softmax_layers="copy:6", stage2_loss="distill"),
         "copy:6 linear 0 sinks 64 LoRA 25 steps": DEFAULT | dict(softmax_layers="copy:6", stage2_steps=25),
         "copy:6 linear 0 no sinks": DEFAULT | dict(softmax_layers="copy:6", sinks=0),
-        # Fewer softmax layers (the Pareto table).
+        # Fewer softmax layers (the Pareto table), with LoRA and as the default converts (untrained).
         **{f"copy:{k} linear 0 sinks 64": DEFAULT | dict(softmax_layers=f"copy:{k}") for k in (0, 1, 2, 4)},
+        **{
+            f"copy:{k} linear 0 sinks 64 untrained": DEFAULT | dict(softmax_layers=f"copy:{k}", **UNTRAINED)
+            for k in (0, 1, 2, 4)
+        },
         "layers 0 17-20 23 linear 0.1 sinks 64": dict(
             softmax_layers=(0, 17, 18, 19, 20, 23), window_factor_init=0.9, linear_factor_init=0.1, sinks=64
         ),
@@ -176,7 +182,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--retrieval-keys",
         metavar="N,M,...",
         help="score each conversion's retrieval once per value of hybrid_retrieval_keys (a generation setting: "
-        "one training serves all; LAMBADA and zero-shot do not use it), one row each; default: the recipe's",
+        "one training serves all), one row each; LAMBADA and zero-shot are scored once, with the recipe's; default: "
+        "the recipe's",
     )
     parser.add_argument("--minutes", type=float, default=9.0, help="skip variants that would overrun this")
     args = parser.parse_args(argv)
@@ -184,6 +191,38 @@ def parse_args(argv=None) -> argparse.Namespace:
     if unknown:
         parser.error(f"unknown variant(s) {', '.join(unknown)}; accepted: {', '.join(VARIANTS)}")
     return args
+
+
+# What makes two runs' scores comparable: a rerun into the same directory keeps the earlier models only if these match.
+SETTINGS = (
+    "teacher",
+    "data",
+    "lengths",
+    "tasks",
+    "samples",
+    "task_seed",
+    "lambada_limit",
+    "zero_shot_limit",
+    "budget",
+    "retrieval_keys",
+)
+
+
+def earlier_models(path: Path, results: dict) -> dict:
+    """The models an earlier run scored into `path` with the same settings as `results`; the variants it ran join
+    `results["variants"]`. A file with other settings is an error rather than a mix of incomparable rows."""
+    if not path.exists():
+        return {}
+    earlier = json.loads(path.read_text())
+    differing = [key for key in SETTINGS if earlier.get(key) != results[key]]
+    if differing:
+        key = differing[0]
+        raise SystemExit(
+            f"{path} was scored with {key}={earlier.get(key)!r}, not {results[key]!r}; accepted: the same settings "
+            "(to add rows to it) or another --out"
+        )
+    results["variants"] = earlier["variants"] | results["variants"]
+    return {name: entry for name, entry in earlier["models"].items() if "error" not in entry}
 
 
 def score(model, tokenizer, args) -> dict:
@@ -351,17 +390,23 @@ def main(argv=None) -> None:
         "skipped": [],
     }
 
+    results["models"] = earlier_models(out / "results.json", results)
+
     def save() -> None:
         report.write_json(out / "results.json", results)
         (out / "results.md").write_text(markdown(results))
 
-    begun = time.perf_counter()
-    results["models"]["teacher"] = score(teacher.to(device), tokenizer, args) | {"seconds": time.perf_counter() - begun}
-    teacher.cpu()
-    save()
+    if "teacher" not in results["models"]:
+        begun = time.perf_counter()
+        entry = score(teacher.to(device), tokenizer, args)
+        results["models"]["teacher"] = entry | {"seconds": time.perf_counter() - begun}
+        teacher.cpu()
+        save()
     longest = 0.0
     with tempfile.TemporaryDirectory() as work:
         for name in args.variants.split(","):
+            if any(row == name or row.startswith(name + ", ") for row in results["models"]):
+                continue  # scored by an earlier run into this directory
             if time.perf_counter() - started + 1.2 * longest > 60 * args.minutes:
                 results["skipped"].append(name)
                 continue
