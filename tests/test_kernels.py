@@ -7,6 +7,7 @@ and input validation.
 
 import math
 from functools import partial
+from unittest.mock import patch
 
 import pytest
 import torch
@@ -29,6 +30,7 @@ from hf_based.kernels import (
 )
 from hf_based.kernels.hybrid import reference as hybrid_reference
 from hf_based.kernels.hybrid.chunked import hybrid_attention_chunked
+from hf_based.kernels.retrieval import reference as retrieval_reference
 from hf_based.kernels.retrieval.reference import KEPT_AFTER, KEPT_BEFORE, pool_neighbours
 
 LENGTHS = (1, 7, 63, 300)
@@ -819,3 +821,24 @@ def test_retrieval_pooling_ranks_the_keys_around_a_scoring_one_with_it():
         expected = torch.zeros(40, dtype=torch.float64)
         expected[max(hit - KEPT_BEFORE, 0) : hit + KEPT_AFTER + 1] = weights[row, hit]
         torch.testing.assert_close(pooled[row], expected, rtol=0, atol=0)
+
+
+def test_retrieval_scores_take_each_keys_best_weight_among_the_queries():
+    # Per head, a key's score is the largest softmax weight any query gives it (not their sum), then the heads add up:
+    # with the pooling off, the reference matches that formula on causal queries over left-padded keys.
+    gen = torch.Generator().manual_seed(7)
+    q, k = (torch.randn(2, n, h, 8, generator=gen, dtype=torch.float64) for n, h in ((5, 4), (30, 2)))
+    mask = torch.ones(2, 30, dtype=torch.bool)
+    mask[1, :6] = False
+    expected = torch.zeros(2, 30, dtype=torch.float64)
+    for b in range(2):
+        for h in range(4):
+            weights = []
+            for i in range(5):  # query i sits at key position 25 + i
+                visible = mask[b] & (torch.arange(30) <= 25 + i)
+                logits = (k[b, :, h // 2] @ q[b, i, h]) / 8**0.5
+                weights.append(logits.masked_fill(~visible, -torch.inf).softmax(0))
+            expected[b] += torch.stack(weights).amax(0)
+    with patch.object(retrieval_reference, "pool_neighbours", lambda w: w):
+        scores = retrieval_reference.retrieval_scores(q, k, mask)
+    torch.testing.assert_close(scores, expected)

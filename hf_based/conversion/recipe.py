@@ -164,7 +164,7 @@ class Recipe:
     retrieval_keys: int = setting(
         256,
         "keys each converted layer keeps from a prompt in generation besides its window and sinks: the N older keys "
-        "that the prompt's last window of queries attend to most (a setting of the saved model, "
+        "that the prompt's last 8 queries attend to most (a setting of the saved model, "
         "`hybrid_retrieval_keys`, that training does not see). Why the default: on SmolLM2-135M, passkey retrieval at "
         "256 / 1024 tokens was 0.2 / 0 without them and 0.8 / 0.3 with 256 (0.9 / 0.8 without the LoRA stage; teacher "
         "0.9 / 0.7)",

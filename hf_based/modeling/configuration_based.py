@@ -41,7 +41,7 @@ class BasedConfig(PretrainedConfig):
           `hybrid_attention_sinks` = S > 0, the first S real tokens of each sequence stay in the softmax part for
           every later query (attention sinks) and out of the linear state; the cache keeps their keys and values.
           With `hybrid_retrieval_keys` = R > 0, a prefill through the cache (generation) also keeps the R older keys
-          that its last `sliding_window` queries attend to most (summed over those queries and the heads; a key that
+          that its last 8 queries attend to most (each key's best weight among them, summed over the heads; a key that
           scores brings the 3 keys before it and the 11 after) in the softmax part of every later query, within
           that prefill too. A forward with `use_cache=False` (training) keeps none; a plain forward in eval mode
           makes a cache (`use_cache` defaults to True), so lm-eval's scores include them.

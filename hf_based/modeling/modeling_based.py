@@ -33,6 +33,7 @@ from hf_based.kernels import (
     taylor_linear_attention,
     taylor_linear_attention_recurrent,
 )
+from hf_based.kernels.retrieval.reference import RETRIEVAL_QUERIES
 from hf_based.modeling.cache import BasedCache, attention_sinks
 from hf_based.modeling.compat import CACHE_FIELD
 from hf_based.modeling.configuration_based import BasedConfig
@@ -259,7 +260,7 @@ class BasedHybridAttention(BasedAttentionBase):
         if cache is not None:
             layer = cache.layers[self.layer_idx]
             initial_state = layer.state()
-            observed = min(q.shape[1], self.window)
+            observed = min(q.shape[1], RETRIEVAL_QUERIES)
             key_scores = (lambda keys, mask: retrieval_scores(q[:, -observed:], keys, mask)) if q.shape[1] > 1 else None
             k, v, key_mask, sink_mask = layer.update_with_sinks(k, v, key_mask, key_scores)
             bound = {"max_sinks": layer.sinks + layer.retrieval}

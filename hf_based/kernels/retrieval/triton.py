@@ -1,5 +1,5 @@
 """Retrieval scores in two kernels: the log-sum-exp of each query row over its visible keys (in parts of the keys
-that run in parallel), then for each block of keys the sum over query rows and heads of exp(score - lse). The
+that run in parallel), then for each block of keys the max over query rows of exp(score - lse), summed over heads. The
 reference's twenty-odd kernels (a [H, n, Tk] score tensor, masks, max, exp, sums) become two launches and a pool: one
 hybrid layer's share of a prefill's host time.
 Forward only (the scores choose keys; nothing differentiates them); fp64 and traced calls run the reference."""
@@ -76,6 +76,7 @@ def retrieval_weights_kernel(
     parts = tl.arange(0, BS)[:, None]
     acc = tl.zeros([BN], tl.float32)
     for h in range(H):
+        best = tl.zeros([BN], tl.float32)
         for start in range(0, Tq, BQ):
             rows = start + tl.arange(0, BQ)
             # Each row's log-sum-exp from the parts' (max, sum); +inf for a row without any visible key, whose
@@ -89,7 +90,8 @@ def retrieval_weights_kernel(
             lse = tl.where(l > 0, shift + tl.log2(tl.where(l > 0, l, 1.0)), float("inf"))
             s = _scores(Q, K, MASK, b, h, h // G, rows, cols, stride_qb, stride_qt, stride_qh, stride_kb, stride_kt,
                         stride_kh, Tq, Tk, D, scale_log2, BD, HAS_MASK, DOT_PRECISION)  # fmt: skip
-            acc += tl.sum(tl.exp2(s - lse[:, None]), 0)
+            best = tl.maximum(best, tl.max(tl.exp2(s - lse[:, None]), 0))
+        acc += best
     tl.store(W + b * Tk + cols, acc, mask=cols < Tk)
 
 
