@@ -4,8 +4,8 @@
 
 DIR/recall_by_length.png: passkey and niah_single accuracy vs prompt length for the teacher and the `--models`;
 DIR/recall_pareto.png: the series named by `--pareto` (default "copy:K factor 0.5") vs K, with passkey and
-niah_single at the shortest and longest measured lengths, LAMBADA perplexity over the teacher's, the cache after 8192
-tokens and, with `--speed K=BENCH.json ...` (`hf-based bench --softmax-layers K` results), decode tokens/s. Each model
+niah_single at the shortest and longest measured lengths, LAMBADA perplexity and the zero-shot average (where
+scored) over the teacher's, the cache after 8192 tokens and, with `--speed K=BENCH.json ...` (`hf-based bench --softmax-layers K` results), decode tokens/s. Each model
 comes from the first file that has it.
 """
 
@@ -13,6 +13,8 @@ import argparse
 import json
 import re
 from pathlib import Path
+
+from recall_recipes import zero_shot_average  # this directory: a sibling script
 
 from hf_based.utils import pyplot
 
@@ -47,8 +49,9 @@ def by_length(plt, files: list[dict], names: list[str], path: Path) -> None:
 
 def pareto(plt, files: list[dict], pattern: str, speeds: dict[int, dict], path: Path) -> None:
     """The series whose names match `pattern` (K = its first group) vs K: retrieval at the shortest and longest
-    lengths all of them measured, LAMBADA perplexity over the teacher's, the cache after 8192 tokens, and, with
-    `speeds` (K -> a bench results.json), decode tokens/s at the bench's largest batch against the teacher's."""
+    lengths all of them measured, LAMBADA perplexity and the zero-shot average over the teacher's, the cache after
+    8192 tokens, and, with `speeds` (K -> a bench results.json), decode tokens/s at the bench's largest batch against
+    the teacher's."""
     series, teacher = {}, None
     for results in files:
         if "cache_mib" in results["models"].get("teacher", {}):
@@ -70,9 +73,14 @@ def pareto(plt, files: list[dict], pattern: str, speeds: dict[int, dict], path: 
     axes[0].set(xlabel="softmax layers kept (of 30)", ylabel="accuracy (dashed: teacher)", ylim=(-0.05, 1.05))
     axes[0].legend(fontsize=7)
     base = teacher["lambada"]["perplexity"]
-    axes[1].plot(ks, [series[k]["lambada"]["perplexity"] / base for k in ks], marker="o")
-    axes[1].axhline(1.5, linestyle="--", color="gray", label="target 1.5x")
-    axes[1].set(xlabel="softmax layers kept (of 30)", ylabel="LAMBADA perplexity / teacher's")
+    axes[1].plot(ks, [series[k]["lambada"]["perplexity"] / base for k in ks], marker="o", label="LAMBADA perplexity")
+    if all("zero_shot" in series[k] for k in ks) and "zero_shot" in teacher:
+        average = zero_shot_average(teacher)
+        ratios = [zero_shot_average(series[k]) / average for k in ks]
+        axes[1].plot(ks, ratios, marker="s", label="zero-shot average accuracy")
+        axes[1].axhline(0.99, linestyle=":", color="gray", label="target 0.99x (zero-shot)")
+    axes[1].axhline(1.5, linestyle="--", color="gray", label="target 1.5x (perplexity)")
+    axes[1].set(xlabel="softmax layers kept (of 30)", ylabel="ratio to the teacher's")
     axes[1].legend(fontsize=7)
     axes[2].plot(ks, [series[k]["cache_mib"] for k in ks], marker="o", label="converted")
     axes[2].axhline(teacher["cache_mib"], linestyle="--", color="black", label="teacher (KV cache)")
