@@ -1,14 +1,16 @@
 """How a converted layer should choose its retrieval keys: rules compared on whether they keep a needle's answer.
 
-    python benchmarks/recall_key_choice_probe.py --teacher PATH_OR_ID --out DIR [--length 4096] [--seeds 0,1]
+    python benchmarks/recall_key_choice_probe.py --teacher PATH_OR_ID --out DIR [--length 4096] [--seeds 0,1] \
+        [--slots 256,512]
 
 SmolLM2's default conversion without training (softmax layers 0, 17-20, 23; 64 sinks; no linear term; 256 retrieval
 keys), fp32, on passkey and niah_single documents (the retrieval tasks' generators at `--length` tokens, depths
 25/50/75, `--seeds`: tuning seeds, below the held-out 1000). For each converted layer and document, the attention of
-the prompt's last 64 queries is recorded once; each rule then scores the keys from it (which queries, summed or the
-best per key, the neighbours a scoring key brings), takes the 256 best of those the slots may hold (not sinks, older
-than the window) and counts the layers that hold every token of the answer. A proxy, not generation: it says which
-rule to try end to end. DIR/results.json and DIR/results.md, with date, commit and machine.
+the prompt's last 64 queries is recorded once (in a forward that chooses as the default does); each rule then scores
+the keys from it (which queries, summed or the best per key, the neighbours a scoring key brings), takes the R best
+(`--slots`) of those the slots may hold (not sinks, older than the window) and counts the layers that hold every
+token of the answer. A proxy, not generation: it says which rule to try end to end. DIR/results.json and
+DIR/results.md, with date, commit and machine.
 """
 
 from __future__ import annotations
@@ -80,16 +82,18 @@ def main(argv=None) -> None:
     parser.add_argument("--out", required=True)
     parser.add_argument("--length", type=int, default=4096)
     parser.add_argument("--seeds", default="0,1", help="document seeds, comma-separated (held-out ones start at 1000)")
+    parser.add_argument("--slots", default="256", help="retrieval keys per layer (R), comma-separated")
     args = parser.parse_args(argv)
+    all_slots = [int(n) for n in args.slots.split(",")]
     teacher, tokenizer = load_teacher(args.teacher, dtype=torch.float32)
     model = linearize_model(teacher, Recipe(**RECIPE)).eval()
     config = model.config
     recorded = []  # per converted layer of one prefill: (q, k)
     scores = modeling_based.retrieval_scores
 
-    def recording(q, k, key_mask):
+    def recording(q, k, key_mask):  # the forward itself keeps the default's choice
         recorded.append((q, k))
-        return scores(q, k, key_mask)
+        return scores(q[:, -retrieval.RETRIEVAL_QUERIES :], k, key_mask)
 
     modeling_based.retrieval_scores, modeling_based.RETRIEVAL_QUERIES = recording, RECORDED_QUERIES
     rows = []
@@ -102,12 +106,14 @@ def main(argv=None) -> None:
                 with torch.no_grad():
                     model(input_ids=ids, use_cache=True, logits_to_keep=1)
                 answer = answer_positions(tokenizer, doc["input"], doc["outputs"][0])
-                held = {name: 0 for name in RULES}
+                held = {(name, slots): 0 for name in RULES for slots in all_slots}
                 for q, k in recorded:
                     weights = attention(q, k)
-                    for name, rule in RULES.items():
-                        taken = chosen(weights, rule, config.hybrid_attention_sinks, config.sliding_window, 256)
-                        held[name] += bool(taken[answer].all())
+                    for (name, slots), count in held.items():
+                        rule = RULES[name]
+                        taken = chosen(weights, rule, config.hybrid_attention_sinks, config.sliding_window, slots)
+                        held[name, slots] = count + bool(taken[answer].all())
+                held = {f"{name}, R {slots}": count for (name, slots), count in held.items()}
                 rows.append(dict(task=task, depth=depth, seed=seed, layers=len(recorded), held=held))
                 print(rows[-1], flush=True)
     results = {
@@ -116,15 +122,17 @@ def main(argv=None) -> None:
         "seeds": args.seeds,
         "default_rule": DEFAULT,
         "rules": RULES,
+        "slots": all_slots,
         "rows": rows,
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     report.write_json(out / "results.json", results)
     table = [
-        [name + (" (the default)" if rule == DEFAULT else "")]
-        + [str(sum(r["held"][name] for r in rows if r["task"] == task)) for task in TASKS]
-        + [str(sum(r["held"][name] for r in rows))]
+        [name + (" (the default rule)" if rule == DEFAULT else ""), str(slots)]
+        + [str(sum(r["held"][f"{name}, R {slots}"] for r in rows if r["task"] == task)) for task in TASKS]
+        + [str(sum(r["held"][f"{name}, R {slots}"] for r in rows))]
+        for slots in all_slots
         for name, rule in RULES.items()
     ]
     per_task = len(rows) // len(TASKS) * rows[0]["layers"]
@@ -133,12 +141,12 @@ def main(argv=None) -> None:
         "",
         report.environment_lines(results["environment"]),
         "",
-        f"Layer-documents whose 256 retrieval keys hold every answer token (of {per_task} per task: "
+        f"Layer-documents whose R retrieval keys hold every answer token (of {per_task} per task: "
         f"{rows[0]['layers']} converted layers x {len(rows) // len(TASKS)} documents; depths {DEPTHS}, seeds "
         f"{args.seeds}). Rule: the last N queries observed, their weights summed per key or its best, keys kept before "
         "/ after a scoring one.",
         "",
-        report.markdown_table(["rule"] + [f"{task}" for task in TASKS] + ["both"], table),
+        report.markdown_table(["rule", "R"] + list(TASKS) + ["both"], table),
     ]
     (out / "results.md").write_text("\n".join(lines) + "\n")
 
