@@ -1,5 +1,6 @@
 """The ops of the BASED-family mixers, each with a Triton kernel for CUDA tensors and a pure-PyTorch reference (the
-spec, and the CPU path, except for hybrid attention: its blockwise `hybrid/chunked.py`).
+spec, and the CPU path, except for hybrid attention, its blockwise `hybrid/chunked.py`, and softmax attention,
+torch's fused kernel in `softmax/cpu.py`).
 
 All tensors are time-major [batch, time, heads, dim]. Ops compute in fp32 (fp64 for fp64 inputs), keep recurrent
 states in that dtype and return outputs in the input dtype. Each `*_recurrent` op is the decode form of its
@@ -31,6 +32,7 @@ from hf_based.kernels.opaque import (
 from hf_based.kernels.retrieval import reference as retrieval_reference
 from hf_based.kernels.rope import reference as rope_reference
 from hf_based.kernels.softmax import reference as softmax_reference
+from hf_based.kernels.softmax.cpu import softmax_attention_sdpa
 from hf_based.kernels.taylor import reference as taylor_reference
 
 
@@ -105,7 +107,10 @@ linear_attention_recurrent = dispatched(
     opaque=lambda run: opaque_linear_attention_recurrent("linear_attention_recurrent", run, taylor=False),
 )
 softmax_attention = dispatched(
-    softmax_reference.softmax_attention, lambda: _softmax_triton().softmax_attention, opaque=opaque_softmax_attention
+    softmax_reference.softmax_attention,
+    lambda: _softmax_triton().softmax_attention,
+    cpu=softmax_attention_sdpa,
+    opaque=opaque_softmax_attention,
 )
 hybrid_attention = dispatched(
     hybrid_reference.hybrid_attention, lambda: _hybrid_triton().hybrid_attention, cpu=hybrid_attention_cpu

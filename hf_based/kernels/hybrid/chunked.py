@@ -20,6 +20,7 @@ from hf_based.kernels.hybrid.reference import _final_state, _prepare, hybrid_att
 from hf_based.kernels.softmax.reference import normalise, stable_exp
 
 CHUNK = 64  # the fastest of 16, 32, 64 and 128 at window 64, 1k and 4k tokens (2-core CPU)
+MAX_SCORES = 2**24  # 64 MiB of fp32 scores, a few such tensors at a time
 
 
 def hybrid_attention_chunked(
@@ -37,8 +38,10 @@ def hybrid_attention_chunked(
     sink_mask: torch.Tensor | None = None,
     max_sinks: int | None = None,
     chunk: int = CHUNK,
+    max_scores: int = MAX_SCORES,
 ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
-    """Same arguments and result as `reference.hybrid_attention`."""
+    """Same arguments and result as `reference.hybrid_attention`; `chunk` queries a block, blocks in groups of at most
+    `max_scores` score elements (at least one block)."""
     out_dtype = v.dtype
     q, k, v, q_feat, k_feat, window_factor, real, sink, kv, z, scale = _prepare(
         q, k, v, q_feat, k_feat, window_factor, window, key_mask, sink_mask, initial_state, scale
@@ -75,23 +78,34 @@ def hybrid_attention_chunked(
 
     q, q_feat = by_block(q), by_block(q_feat)
     i, l = torch.arange(chunk, device=q.device)[:, None], torch.arange(span, device=q.device)
-    in_window = (l >= i) & (l < i + window) & ranges(real)[:, :, None, None, :]  # [B, blocks, 1, chunk, span]
     older = l < i  # [chunk, span]; padded keys' features are 0
-    scores = torch.einsum("bnchd,bnhds->bnhcs", q, ranges(k)) * scale
-    linear = torch.einsum("bnchf,bnhfs->bnhcs", q_feat, ranges(k_feat)) * older
-    values = ranges(v)  # [B, blocks, H, Dv, span]
-    if sinks is not None:  # append the sinks to every block's keys: [..., span + S]
-        sink_pos, sink_k, sink_v, sink_real = sinks
-        query_pos = k_len - q_len + torch.arange(blocks * chunk, device=q.device).view(blocks, 1, chunk, 1)
-        older_sink = sink_real[:, None, None, None, :] & (sink_pos[:, None, None, None, :] <= query_pos - window)
-        scores = torch.cat([scores, torch.einsum("bnchd,bshd->bnhcs", q, sink_k) * scale], -1)
-        in_window = torch.cat([in_window, older_sink], -1)
-        linear = F.pad(linear, (0, sink_pos.shape[1]))
-        values = torch.cat([values, sink_v.permute(0, 2, 3, 1)[:, None].expand(-1, blocks, -1, -1, -1)], -1)
-    a = window_factor[:, None, None] * stable_exp(scores, in_window) + linear  # [B, blocks, H, chunk, keys]
-    num = torch.einsum("bnhcs,bnhds->bnchd", a, values) + torch.einsum("bnchf,bnhfd->bnchd", q_feat, kv_before)
-    den = a.sum(-1).transpose(2, 3) + torch.einsum("bnchf,bnhf->bnch", q_feat, z_before)
-    out = normalise(num, den).reshape(batch, blocks * chunk, heads, -1)[:, :q_len]
+
+    def block_outputs(n: slice) -> torch.Tensor:  # the outputs of blocks n: [B, blocks in n, chunk, H, Dv]
+        in_window = (l >= i) & (l < i + window) & ranges(real)[:, n, None, None, :]  # [B, n, 1, chunk, span]
+        scores = torch.einsum("bnchd,bnhds->bnhcs", q[:, n], ranges(k)[:, n]) * scale
+        linear = torch.einsum("bnchf,bnhfs->bnhcs", q_feat[:, n], ranges(k_feat)[:, n]) * older
+        values = ranges(v)[:, n]  # [B, n, H, Dv, span]
+        if sinks is not None:  # append the sinks to every block's keys: [..., span + S]
+            sink_pos, sink_k, sink_v, sink_real = sinks
+            query_pos = k_len - q_len + torch.arange(blocks * chunk, device=q.device).view(blocks, 1, chunk, 1)[n]
+            older_sink = sink_real[:, None, None, None, :] & (sink_pos[:, None, None, None, :] <= query_pos - window)
+            scores = torch.cat([scores, torch.einsum("bnchd,bshd->bnhcs", q[:, n], sink_k) * scale], -1)
+            in_window = torch.cat([in_window, older_sink], -1)
+            linear = F.pad(linear, (0, sink_pos.shape[1]))
+            sink_values = sink_v.permute(0, 2, 3, 1)[:, None].expand(-1, values.shape[1], -1, -1, -1)
+            values = torch.cat([values, sink_values], -1)
+        a = window_factor[:, None, None] * stable_exp(scores, in_window) + linear  # [B, n, H, chunk, keys]
+        num = torch.einsum("bnhcs,bnhds->bnchd", a, values)
+        num = num + torch.einsum("bnchf,bnhfd->bnchd", q_feat[:, n], kv_before[:, n])
+        den = a.sum(-1).transpose(2, 3) + torch.einsum("bnchf,bnhf->bnch", q_feat[:, n], z_before[:, n])
+        return normalise(num, den)
+
+    # Blocks in groups whose score tensors hold at most max_scores elements: a long prompt's [B, blocks, H, chunk,
+    # keys] would otherwise take gigabytes (with 64 sinks and 256 retrieval keys, some 20 GB at 8 x 8192 tokens).
+    keys = span + (sinks[0].shape[1] if sinks is not None else 0)
+    group = max(1, max_scores // (batch * heads * chunk * keys))
+    out = torch.cat([block_outputs(slice(n, n + group)) for n in range(0, blocks, group)], 1)
+    out = out.reshape(batch, blocks * chunk, heads, -1)[:, :q_len]
     if not output_final_state:
         return out.to(out_dtype), None
     return out.to(out_dtype), _final_state(
