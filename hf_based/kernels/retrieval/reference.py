@@ -4,7 +4,7 @@
 import torch
 import torch.nn.functional as F
 
-from hf_based.kernels.softmax.reference import key_distance, stable_exp
+from hf_based.kernels.softmax.reference import stable_exp, visible_keys
 
 # A key that scores keeps this many keys before it and after it: a needle is several tokens, and a copy reads what
 # followed the text it matched (benchmarks/results/recall/recipes/NOTES.md, run 17, says how these were chosen).
@@ -28,9 +28,6 @@ def retrieval_scores(q: torch.Tensor, k: torch.Tensor, key_mask: torch.Tensor | 
     k = k.repeat_interleave(q.shape[2] // k.shape[2], dim=2)
     dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     scores = torch.einsum("bihd,bjhd->bhij", q.to(dtype), k.to(dtype)) * q.shape[-1] ** -0.5
-    visible = key_distance(q.shape[1], k.shape[1], q.device) >= 0
-    if key_mask is not None:
-        visible = visible & key_mask.bool()[:, None, None, :]
-    weights = stable_exp(scores, visible)
+    weights = stable_exp(scores, visible_keys(q.shape[1], k.shape[1], None, key_mask, q.device))
     weights = (weights / weights.sum(-1, keepdim=True).clamp_min(torch.finfo(dtype).tiny)).amax(2).sum(1)
     return pool_neighbours(weights)

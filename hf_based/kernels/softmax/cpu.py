@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from hf_based.kernels._checks import accumulation_dtype, check_attention_inputs, check_window
-from hf_based.kernels.softmax.reference import key_distance
+from hf_based.kernels.softmax.reference import visible_keys
 
 
 def softmax_attention_sdpa(
@@ -21,10 +21,7 @@ def softmax_attention_sdpa(
     check_attention_inputs(q, k, v, key_mask)
     if window is not None:
         check_window(window)
-    distance = key_distance(q.shape[1], k.shape[1], q.device)  # [Tq, Tk]
-    visible = distance >= 0 if window is None else (distance >= 0) & (distance < window)
-    if key_mask is not None:
-        visible = visible & key_mask.bool()[:, None, None, :]  # [B, 1, Tq, Tk]
+    visible = visible_keys(q.shape[1], k.shape[1], window, key_mask, q.device)
     # A query without a visible key (a padded position) would come out NaN: it reads key 0, then is zeroed.
     seen = visible.any(-1, keepdim=True)
     visible = visible | (~seen & (torch.arange(k.shape[1], device=q.device) == 0))

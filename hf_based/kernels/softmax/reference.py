@@ -14,6 +14,13 @@ def key_distance(q_len: int, k_len: int, device) -> torch.Tensor:
     return torch.arange(k_len - q_len, k_len, device=device)[:, None] - torch.arange(k_len, device=device)
 
 
+def visible_keys(q_len: int, k_len: int, window: int | None, key_mask: torch.Tensor | None, device) -> torch.Tensor:
+    """[Tq, Tk] bool, or [B, 1, Tq, Tk] with a key_mask [B, Tk]: which keys each query sees."""
+    distance = key_distance(q_len, k_len, device)
+    visible = distance >= 0 if window is None else (distance >= 0) & (distance < window)
+    return visible if key_mask is None else visible & key_mask.bool()[:, None, None, :]
+
+
 def stable_exp(scores: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
     """exp(s - c) with c the max visible score of each row; 0 where not visible, so all 0 (not NaN) in a row
     without visible keys."""
@@ -50,9 +57,6 @@ def softmax_attention(
     q, k, v = q.to(dtype), k.to(dtype).repeat_interleave(group, 2), v.to(dtype).repeat_interleave(group, 2)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
 
-    distance = key_distance(q.shape[1], k.shape[1], q.device)  # [Tq, Tk]
-    visible = distance >= 0 if window is None else (distance >= 0) & (distance < window)
-    if key_mask is not None:
-        visible = visible & key_mask.bool()[:, None, None, :]  # [B, 1, Tq, Tk]
+    visible = visible_keys(q.shape[1], k.shape[1], window, key_mask, q.device)
     p = stable_exp(torch.einsum("bihd,bjhd->bhij", q, k) * scale, visible)  # [B, H, Tq, Tk]
     return normalise(torch.einsum("bhij,bjhd->bihd", p, v), p.sum(-1).transpose(1, 2)).to(out_dtype)
