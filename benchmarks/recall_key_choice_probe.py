@@ -21,7 +21,6 @@ import sys
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 REPO = Path(__file__).resolve().parents[1]
 if importlib.util.find_spec("hf_based") is None:  # run from a checkout without `pip install -e .`
@@ -31,7 +30,7 @@ from hf_based.bench import report  # noqa: E402
 from hf_based.conversion import Recipe, linearize_model, load_teacher  # noqa: E402
 from hf_based.eval.retrieval import niah_single_doc, passkey_doc  # noqa: E402
 from hf_based.kernels.retrieval import reference as retrieval  # noqa: E402
-from hf_based.kernels.softmax.reference import key_distance  # noqa: E402
+from hf_based.kernels.softmax.reference import visible_keys  # noqa: E402
 from hf_based.modeling import modeling_based  # noqa: E402
 
 DEPTHS = (25, 50, 75)
@@ -55,7 +54,7 @@ def attention(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     """[H, n, Tk] fp64 softmax weights of the queries q [1, n, H, D] (the last n positions) over the keys [1, Tk, Hkv, D]."""
     k = k.repeat_interleave(q.shape[2] // k.shape[2], dim=2)
     logits = torch.einsum("bihd,bjhd->bhij", q.double(), k.double())[0] * q.shape[-1] ** -0.5
-    return logits.masked_fill(key_distance(q.shape[1], k.shape[1], q.device) < 0, -torch.inf).softmax(-1)
+    return logits.masked_fill(~visible_keys(q.shape[1], k.shape[1], None, None, q.device), -torch.inf).softmax(-1)
 
 
 def chosen(weights: torch.Tensor, rule: tuple, sinks: int, window: int, slots: int) -> torch.Tensor:
@@ -63,7 +62,7 @@ def chosen(weights: torch.Tensor, rule: tuple, sinks: int, window: int, slots: i
     queries, combine, before, after = rule
     recent = weights[:, -queries:]
     score = recent.sum((0, 1)) if combine == "sum" else recent.amax(1).sum(0)
-    score = F.max_pool1d(F.pad(score[None, None], (after, before)), before + 1 + after, stride=1)[0, 0]
+    score = retrieval.pool_neighbours(score[None], before, after)[0]
     score[:sinks] = score[score.shape[0] - window + 1 :] = -1  # sinks and the window are not the slots'
     taken = torch.zeros_like(score, dtype=torch.bool)
     taken[score.topk(slots).indices] = True

@@ -14,11 +14,11 @@ KEPT_BEFORE, KEPT_AFTER = 3, 11
 RETRIEVAL_QUERIES = 8
 
 
-def pool_neighbours(weights: torch.Tensor) -> torch.Tensor:
-    """[B, Tk] -> [B, Tk]: each key's score is the best among the KEPT_AFTER keys before it, itself and the KEPT_BEFORE
-    keys after it, so the keys around one that scores rank with it."""
-    padded = F.pad(weights[:, None], (KEPT_AFTER, KEPT_BEFORE))  # scores are >= 0: zero padding is never the best
-    return F.max_pool1d(padded, KEPT_BEFORE + 1 + KEPT_AFTER, stride=1)[:, 0]
+def pool_neighbours(weights: torch.Tensor, before: int = KEPT_BEFORE, after: int = KEPT_AFTER) -> torch.Tensor:
+    """[B, Tk] -> [B, Tk]: each key's score is the best among the `after` keys before it, itself and the `before` keys
+    after it, so that a key that scores brings the `before` keys before it and the `after` keys after it."""
+    padded = F.pad(weights[:, None], (after, before))  # scores are >= 0: zero padding is never the best
+    return F.max_pool1d(padded, before + 1 + after, stride=1)[:, 0]
 
 
 def retrieval_scores(q: torch.Tensor, k: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
