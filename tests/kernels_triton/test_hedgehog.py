@@ -31,7 +31,7 @@ def test_hedgehog_on_a_strided_input_and_the_clamp():
     weight = torch.eye(16, 8, device=DEVICE).expand(2, 16, 8).contiguous()
     phi = hedgehog.hedgehog_feature_map(wide, weight)
     torch.testing.assert_close(phi, reference(wide, weight), atol=1e-6, rtol=1e-5)
-    assert phi.min() == pytest.approx(1e-12)
+    assert phi.min().item() == pytest.approx(1e-12)
 
 
 def test_hedgehog_with_gradients_runs_the_reference():
