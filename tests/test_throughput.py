@@ -195,6 +195,13 @@ def test_bench_tiny_writes_results(tmp_path, one_thread, capsys):
     (tmp_path / "bench.png").unlink()
     assert main(["bench", "--out", str(tmp_path), "--plot-only"]) == 0
     assert (tmp_path / "bench.png").is_file()
+    # A baseline out of memory meets a speed target, and the report says why.
+    target = {"batch": 64, "prompt_len": 8192, "speedup": 10.0, "measured": "baseline oom", "met": True}
+    results["summary"]["decode_target"] = target
+    (tmp_path / "results.json").write_text(json.dumps(results))
+    assert main(["bench", "--out", str(tmp_path), "--plot-only"]) == 0
+    report = (tmp_path / "results.md").read_text()
+    assert "measured baseline oom -> met (the baseline ran out of memory)" in report
 
 
 def test_bench_a_converted_llama_config_against_the_llama(tmp_path, capsys, one_thread):

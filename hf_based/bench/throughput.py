@@ -746,10 +746,13 @@ def write_report(results: dict, out: Path) -> None:
             where = (
                 f"batch {t['batch']}, prompt {t['prompt_len']}" if key == "decode_target" else f"{t['length']} tokens"
             )
+            measured = f"{t['measured']}x" if isinstance(t["measured"], float) else t["measured"]
+            verdict = "met" if t["met"] else "NOT met"
+            if t["measured"] == "baseline oom":
+                verdict += " (the baseline ran out of memory)"
             lines += [
                 "",
-                f"**{key.split('_')[0]} target** ({where}): >= {t['speedup']}x, measured {t['measured']}x "
-                f"-> {'met' if t['met'] else 'NOT met'}",
+                f"**{key.split('_')[0]} target** ({where}): >= {t['speedup']}x, measured {measured} -> {verdict}",
             ]
     lines += ["", f"## Prefill (tokens/s, batch {results['settings']['prefill_batch']})", ""]
     rows = []
