@@ -11,6 +11,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from hf_based import BasedCache, BasedConfig, BasedForCausalLM, preset_config
+from hf_based.kernels.retrieval.reference import RETRIEVAL_QUERIES
 from hf_based.modeling.cache import BasedHybridLayer
 from hf_based.modeling.compat import CACHE_FIELD
 from hf_based.modeling.prefill_graphs import copy_layers
@@ -138,17 +139,19 @@ def test_attention_sinks_change_only_positions_beyond_the_window():
 
 
 def test_retrieval_keys_covering_the_prompt_make_generation_full_attention():
-    """Hybrid layers without a linear term whose retrieval slots can hold every older prompt key generate what full
+    """A hybrid layer without a linear term whose retrieval slots can hold every older prompt key generates what full
     softmax attention with the same weights does (the window factor cancels), on left-padded rows, while the
-    window's keys are the prompt's; without retrieval keys the logits differ (so the test can fail)."""
-    hybrid = dict(mixer_types=["hybrid_attention"] * 2, hybrid_attention_sinks=2, hybrid_linear_factor_init=0)
+    window's keys are the prompt's; without retrieval keys the logits differ (so the test can fail). One layer: the
+    prompt's earlier queries do not see the retrieval keys, so a second layer's keys would differ from full
+    attention's."""
+    hybrid = dict(mixer_types=["hybrid_attention"], hybrid_attention_sinks=2, hybrid_linear_factor_init=0)
     torch.manual_seed(0)
     retrieving = BasedForCausalLM(tiny_config(**hybrid, hybrid_retrieval_keys=30)).double().eval()
     plain = BasedForCausalLM(tiny_config(**hybrid)).double().eval()
-    full = BasedForCausalLM(tiny_config(mixer_types=["full_attention"] * 2)).double().eval()
+    full = BasedForCausalLM(tiny_config(mixer_types=["full_attention"])).double().eval()
     plain.load_state_dict(retrieving.state_dict())
     assert set(full.load_state_dict(retrieving.state_dict(), strict=False).unexpected_keys) == {
-        f"model.layers.{i}.self_attn.window_factors" for i in range(2)
+        "model.layers.0.self_attn.window_factors"
     }
     ids, mask = random_ids(2, 24), torch.ones(2, 24, dtype=torch.long)
     mask[1, :5] = 0
@@ -161,6 +164,25 @@ def test_retrieval_keys_covering_the_prompt_make_generation_full_attention():
     assert (without - expected).abs().amax() > 1e-3
 
 
+def test_only_the_choosing_queries_of_a_prefill_see_its_retrieval_keys():
+    """In a prefill the last RETRIEVAL_QUERIES queries choose the retrieval keys and see them; the earlier ones
+    see the window and sinks alone, as without retrieval keys, so their outputs do not depend on later tokens."""
+    model = tiny_model("hybrid_retrieval")
+    plain = BasedForCausalLM(tiny_config(**{**STACKS["hybrid_retrieval"], "hybrid_retrieval_keys": 0})).double()
+    plain.load_state_dict(model.state_dict())
+    ids = random_ids(2, 30)
+    changed = ids.clone()
+    changed[:, -1] = (ids[:, -1] + 1) % VOCAB  # a different last token: other queries, maybe other keys chosen
+    earlier = 30 - RETRIEVAL_QUERIES
+    with torch.no_grad():
+        logits, other, without = (
+            m(x, use_cache=True).logits for m, x in ((model, ids), (model, changed), (plain, ids))
+        )
+    assert_close(logits[:, :earlier], without[:, :earlier])
+    assert_close(other[:, :earlier], logits[:, :earlier])
+    assert (logits[:, earlier:] - without[:, earlier:]).abs().amax() > 1e-6
+
+
 def test_retrieval_slots_keep_the_best_scored_keys_that_leave_the_window():
     """The slots take the best-scored real keys among those leaving the window that are not sinks; a decode step
     sees them; a later multi-token update chooses again among the kept and the leaving keys."""
@@ -171,17 +193,23 @@ def test_retrieval_slots_keep_the_best_scored_keys_that_leave_the_window():
     scores = torch.tensor([[9.0, 5, 1, 7, 0, 8, 9, 9], [9, 5, 1, 7, 0, 8, 9, 9]])
     # Leaving the window: keys 0-5; 0 is the sink; row 1's key 5 is padding.
     _, _, _, kept = layer.update_with_sinks(keys, -keys, mask, lambda k, m: scores)
-    assert kept.nonzero().tolist() == [[0, 0], [0, 3], [0, 5], [1, 0], [1, 1], [1, 3]]
+    # Before the choice only the sinks are kept; the choosing queries see the sinks and the chosen keys.
+    assert kept.mask.nonzero().tolist() == [[0, 0], [1, 0]] and kept.count == 1
+    assert kept.chosen.nonzero().tolist() == [[0, 0], [0, 3], [0, 5], [1, 0], [1, 1], [1, 3]]
     assert layer.sink_keys[:, :, 0, 0].tolist() == [[0, 5, 3], [8, 11, 9]]
     assert torch.equal(layer.sink_values, -layer.sink_keys) and layer.sink_mask.all()
     new = torch.full((2, 1, 1, 1), 50.0)
     step_keys, _, _, step_kept = layer.update_with_sinks(new, -new, torch.ones(2, 1, dtype=torch.bool))
-    assert torch.equal(step_keys[:, :3], layer.sink_keys) and step_kept.tolist() == [[True] * 3 + [False] * 3] * 2
+    assert torch.equal(step_keys[:, :3], layer.sink_keys) and step_kept.chosen is None
+    assert step_kept.mask.tolist() == [[True] * 3 + [False] * 3] * 2 and step_kept.count == 3
     # Slots, window (6, 7 then 7, 50), 2 new keys: the choice is among slots 1-2 and keys 7, 50, 60 (leaving).
     new = torch.tensor([60.0, 70.0]).view(1, 2, 1, 1).expand(2, -1, -1, -1)
     rescored = torch.tensor([[0.0, 1, 9, 0, 8, 0, 0]]).expand(2, -1)
-    layer.update_with_sinks(new, -new, torch.ones(2, 2, dtype=torch.bool), lambda k, m: rescored)
+    _, _, _, kept = layer.update_with_sinks(new, -new, torch.ones(2, 2, dtype=torch.bool), lambda k, m: rescored)
     assert layer.sink_keys[:, :, 0, 0].tolist() == [[0, 3, 50], [8, 9, 50]]
+    # Until the new choice the update's queries see the earlier slots; the choosing ones see the new slots.
+    assert kept.mask.tolist() == [[True] * 3 + [False] * 4] * 2
+    assert kept.chosen.tolist() == [[True, False, True, False, True, False, False]] * 2  # the sink, keys 3 and 50
 
 
 def test_a_vanishing_linear_factor_leaves_the_sliding_window():

@@ -20,6 +20,7 @@ the generation, so a decode step can be captured in a CUDA graph (`BasedCache.is
 """
 
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin, LinearAttentionLayer
@@ -282,6 +283,21 @@ def attention_sinks(key_mask: torch.Tensor, count: int, seen: torch.Tensor | Non
     return key_mask & (rank <= count)
 
 
+class KeptKeys(NamedTuple):
+    """The keys older than the window that a hybrid update's queries attend to (masks [B, Tk] over its keys).
+
+    mask: what every query of the update sees: the sinks and the retrieval slots as they were before it.
+    count: a bound on any row's count in `mask` (the kernels size their tiles by it, not reading it on the host).
+    chosen: with a new choice of retrieval keys (a multi-token update), what the queries that made it (the last
+    `RETRIEVAL_QUERIES`) see instead: the sinks and the new slots, as every later query will. The earlier queries
+    never see the keys chosen for the later ones, so their outputs do not depend on what follows them.
+    """
+
+    mask: torch.Tensor
+    count: int
+    chosen: torch.Tensor | None = None
+
+
 class BasedHybridLayer(BasedRecurrentLayer, BasedSlidingWindowLayer):
     """`hybrid_attention`: the sliding-window buffer + kv/z of the keys that have left the window (like transformers'
     LinearAttentionAndSlidingWindowAttentionLayer, on our own window layer), and buffers of older keys/values that stay
@@ -318,9 +334,9 @@ class BasedHybridLayer(BasedRecurrentLayer, BasedSlidingWindowLayer):
         value_states: torch.Tensor,
         key_mask: torch.Tensor,
         key_scores: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, KeptKeys | None]:
         """The window's update (keys, values, key mask), preceded by the kept keys (sinks, retrieved) that have left
-        the window; -> (keys, values, key mask, mask of the kept keys or None). `key_scores(keys, key_mask)` -> [B, Tk]
+        the window; -> (keys, values, key mask, the kept keys or None). `key_scores(keys, key_mask)` -> [B, Tk]
         ranks the keys for the retrieval slots (None: the slots keep what they hold)."""
         if (self.sinks or self.retrieval) and key_states.shape[1] == 1 and self.sinks_full:
             # A decode step after the sinks have filled: nothing new to keep; the slots join the window's concatenation.
@@ -328,7 +344,7 @@ class BasedHybridLayer(BasedRecurrentLayer, BasedSlidingWindowLayer):
             keys, values, key_mask = self.append(key_states, value_states, key_mask, before=slots)
             kept = torch.zeros_like(key_mask)
             kept[:, : self.sink_mask.shape[1]] = self.sink_mask
-            return keys, values, key_mask, kept
+            return keys, values, key_mask, KeptKeys(kept, self.sinks + self.retrieval)
         keys, values, key_mask = BasedSlidingWindowLayer.update(self, key_states, value_states, key_mask)
         if not self.sinks and not self.retrieval:
             return keys, values, key_mask, None
@@ -343,7 +359,7 @@ class BasedHybridLayer(BasedRecurrentLayer, BasedSlidingWindowLayer):
     def _update_slots(self, keys, values, key_mask, key_scores):
         """The window's keys preceded by the slots' (allocated empty at the first update); the sinks among the keys
         that leave the window join the slots, and the retrieval slots are re-chosen. -> (keys, values, key mask,
-        the kept keys' mask)."""
+        the kept keys)."""
         if self.sink_keys is None:
             batch, _, heads, dim = keys.shape
             slots = self.sinks + self.retrieval
@@ -364,25 +380,27 @@ class BasedHybridLayer(BasedRecurrentLayer, BasedSlidingWindowLayer):
         kept_sinks = gather_sinks(sink_mask[:, :leaving], keys[:, :leaving], values[:, :leaving], self.sinks)[1:]
         for buffer, source in zip((self.sink_keys, self.sink_values, self.sink_mask), kept_sinks):
             buffer[:, : self.sinks].copy_(source)
+        # Until the choice, the update's queries see the sinks and the slots as they were before it.
+        kept = KeptKeys(kept, self.sinks + self.retrieval)
         if self.retrieval and key_scores is not None:
             index, taken, chosen = self._choose(key_scores, keys, key_mask, sink_mask, leaving)
             slots = (self.sink_keys, self.sink_values, self.sink_mask)
             for buffer, source in zip(slots, (gather_keys(keys, index), gather_keys(values, index), taken)):
                 buffer[:, self.sinks :].copy_(source)
-            kept = sink_mask.bool() | chosen
+            kept = kept._replace(chosen=sink_mask.bool() | chosen)
         return keys, values, key_mask, kept
 
-    def _fill_slots(self, keys, values, key_mask, key_scores) -> torch.Tensor:
+    def _fill_slots(self, keys, values, key_mask, key_scores) -> KeptKeys:
         """A first update whose keys leaving the window could hold every sink (a prefill): the slots are made from
-        those keys alone, each buffer in one gather. -> the kept keys' mask [B, Tk]."""
+        those keys alone, each buffer in one gather. -> the kept keys."""
         leaving = keys.shape[1] - self.buffer_length
         sink_mask = attention_sinks(key_mask, self.sinks)
         index, taken = first_positions(sink_mask[:, :leaving], self.sinks)
-        kept = sink_mask
+        kept = KeptKeys(sink_mask, self.sinks)
         if self.retrieval:
             if key_scores is not None:
                 best, best_taken, chosen = self._choose(key_scores, keys, key_mask, sink_mask, leaving)
-                kept = sink_mask | chosen
+                kept = kept._replace(chosen=sink_mask | chosen)
             else:  # the slots stay empty
                 best, best_taken = (x.new_zeros(x.shape[0], self.retrieval) for x in (index, taken))
             index, taken = torch.cat([index, best], 1), torch.cat([taken, best_taken], 1)

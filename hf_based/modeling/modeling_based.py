@@ -254,16 +254,17 @@ class BasedHybridAttention(BasedAttentionBase):
 
     def forward(self, hidden_states, key_mask, position_embeddings, cache=None):
         q, k, v = self.project(hidden_states, position_embeddings)
-        initial_state = sink_mask = None
+        initial_state = sink_mask = chosen = None
         # The parallel op's bound on any row's sinks, so that it need not read their count on the host.
         bound = {"max_sinks": self.sinks}
+        choosing = min(q.shape[1], RETRIEVAL_QUERIES)  # the last queries, which choose the retrieval keys
         if cache is not None:
             layer = cache.layers[self.layer_idx]
             initial_state = layer.state()
-            observed = min(q.shape[1], RETRIEVAL_QUERIES)
-            key_scores = (lambda keys, mask: retrieval_scores(q[:, -observed:], keys, mask)) if q.shape[1] > 1 else None
-            k, v, key_mask, sink_mask = layer.update_with_sinks(k, v, key_mask, key_scores)
-            bound = {"max_sinks": layer.sinks + layer.retrieval}
+            key_scores = (lambda keys, mask: retrieval_scores(q[:, -choosing:], keys, mask)) if q.shape[1] > 1 else None
+            k, v, key_mask, kept = layer.update_with_sinks(k, v, key_mask, key_scores)
+            if kept is not None:
+                sink_mask, bound, chosen = kept.mask, {"max_sinks": kept.count}, kept.chosen
         elif self.sinks:
             real = key_mask if key_mask is not None else torch.ones(k.shape[:2], dtype=torch.bool, device=k.device)
             sink_mask = attention_sinks(real.bool(), self.sinks)
@@ -271,22 +272,36 @@ class BasedHybridAttention(BasedAttentionBase):
         op = hybrid_attention
         if initial_state is not None and q.shape[1] == 1:
             op, bound = hybrid_attention_recurrent, {}
-        o, final_state = op(
-            q,
-            k,
-            v,
-            q_feat,
-            k_feat,
-            torch.sigmoid(self.window_factors),
-            self.window,
-            key_mask=key_mask,
-            initial_state=initial_state,
-            output_final_state=cache is not None,
-            sink_mask=sink_mask,
-            **bound,
-        )
+
+        def attend(rows: slice, mask, output_final_state: bool, **bound):
+            """The op for the queries `rows` (a suffix of q, or all of it) against every key."""
+            window_factors = torch.sigmoid(self.window_factors)
+            return op(
+                q[:, rows],
+                k,
+                v,
+                q_feat[:, rows],
+                k_feat,
+                window_factors,
+                self.window,
+                key_mask=key_mask,
+                initial_state=initial_state,
+                output_final_state=output_final_state,
+                sink_mask=mask,
+                **bound,
+            )
+
+        if chosen is None:
+            o, final_state = attend(slice(None), sink_mask, cache is not None, **bound)
+        else:
+            # The queries that chose the retrieval keys see them, as every later query will (from the cache); the
+            # earlier ones see only what was kept before.
+            o, final_state = attend(slice(-choosing, None), chosen, True, max_sinks=layer.sinks + layer.retrieval)
+            if q.shape[1] > choosing:
+                earlier = attend(slice(None), sink_mask, False, **bound)[0]
+                o = torch.cat([earlier[:, :-choosing], o], 1)
         if cache is not None:
-            cache.layers[self.layer_idx].update_state(*final_state)
+            layer.update_state(*final_state)
         return self.out(o)
 
     def features(self, q, k):
