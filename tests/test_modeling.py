@@ -164,16 +164,17 @@ def test_retrieval_keys_covering_the_prompt_make_generation_full_attention():
     assert (without - expected).abs().amax() > 1e-3
 
 
-def test_only_the_choosing_queries_of_a_prefill_see_its_retrieval_keys():
-    """In a prefill the last RETRIEVAL_QUERIES queries choose the retrieval keys and see them; the earlier ones
-    see the window and sinks alone, as without retrieval keys, so their outputs do not depend on later tokens."""
+def test_only_the_last_window_of_a_prefill_sees_its_retrieval_keys():
+    """In a prefill the last RETRIEVAL_QUERIES queries choose the retrieval keys and the last window of queries (or
+    the choosing ones, if more) sees them; the earlier ones see the window and sinks alone, as without retrieval keys, so their outputs do not depend
+    on later tokens."""
     model = tiny_model("hybrid_retrieval")
     plain = BasedForCausalLM(tiny_config(**{**STACKS["hybrid_retrieval"], "hybrid_retrieval_keys": 0})).double()
     plain.load_state_dict(model.state_dict())
     ids = random_ids(2, 30)
     changed = ids.clone()
     changed[:, -1] = (ids[:, -1] + 1) % VOCAB  # a different last token: other queries, maybe other keys chosen
-    earlier = 30 - RETRIEVAL_QUERIES
+    earlier = 30 - max(WINDOW, RETRIEVAL_QUERIES)
     with torch.no_grad():
         logits, other, without = (
             m(x, use_cache=True).logits for m, x in ((model, ids), (model, changed), (plain, ids))

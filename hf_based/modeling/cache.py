@@ -288,9 +288,10 @@ class KeptKeys(NamedTuple):
 
     mask: what every query of the update sees: the sinks and the retrieval slots as they were before it.
     count: a bound on any row's count in `mask` (the kernels size their tiles by it, not reading it on the host).
-    chosen: with a new choice of retrieval keys (a multi-token update), what the queries that made it (the last
-    `RETRIEVAL_QUERIES`) see instead: the sinks and the new slots, as every later query will. The earlier queries
-    never see the keys chosen for the later ones, so their outputs do not depend on what follows them.
+    chosen: with a new choice of retrieval keys (a multi-token update), what the update's last queries (the model's
+    last window of them, the choosing ones among them) see instead: the sinks and the new slots, as every later
+    query will. The earlier queries never see the keys chosen for the later ones, so their outputs do not depend on
+    what follows them.
     """
 
     mask: torch.Tensor

@@ -42,8 +42,9 @@ class BasedConfig(PretrainedConfig):
           every later query (attention sinks) and out of the linear state; the cache keeps their keys and values.
           With `hybrid_retrieval_keys` = R > 0, a prefill through the cache (generation) also keeps the R older keys
           that its last 8 queries attend to most (each key's best weight among them, summed over the heads; a key that
-          scores brings the 3 keys before it and the 11 after) in the softmax part of those 8 queries and every
-          later one; the prefill's earlier queries do not see them (their outputs never depend on later tokens).
+          scores brings the 3 keys before it and the 11 after) in the softmax part of the prefill's last window of
+          queries (`sliding_window` of them, the 8 among them) and of every later query; the prefill's earlier
+          queries do not see them (their outputs never depend on later tokens).
           A forward with `use_cache=False` (training) keeps none; a plain forward in eval mode
           makes a cache (`use_cache` defaults to True), so lm-eval's scores include them.
         - `base_conv`: BASED's gated short convolution (in_proj, depthwise causal conv, SiLU gate, out_proj).

@@ -294,12 +294,13 @@ class BasedHybridAttention(BasedAttentionBase):
         if chosen is None:
             o, final_state = attend(slice(None), sink_mask, cache is not None, **bound)
         else:
-            # The queries that chose the retrieval keys see them, as every later query will (from the cache); the
-            # earlier ones see only what was kept before.
-            o, final_state = attend(slice(-choosing, None), chosen, True, max_sinks=layer.sinks + layer.retrieval)
-            if q.shape[1] > choosing:
+            # The prefill's last window of queries (and at least the choosing ones) sees the retrieval keys, as every
+            # later query will (from the cache); the earlier ones see only what was kept before.
+            seeing = min(q.shape[1], max(self.window, RETRIEVAL_QUERIES))
+            o, final_state = attend(slice(-seeing, None), chosen, True, max_sinks=layer.sinks + layer.retrieval)
+            if q.shape[1] > seeing:
                 earlier = attend(slice(None), sink_mask, False, **bound)[0]
-                o = torch.cat([earlier[:, :-choosing], o], 1)
+                o = torch.cat([earlier[:, :-seeing], o], 1)
         if cache is not None:
             layer.update_state(*final_state)
         return self.out(o)
