@@ -28,8 +28,9 @@ from hf_based.kernels import (
     taylor_linear_attention_recurrent,
     taylor_num_features,
 )
+from hf_based.kernels.hybrid import chunked
 from hf_based.kernels.hybrid import reference as hybrid_reference
-from hf_based.kernels.hybrid.chunked import hybrid_attention_chunked
+from hf_based.kernels.hybrid.chunked import hybrid_attention_chunked, hybrid_attention_recurrent_cpu
 from hf_based.kernels.retrieval import reference as retrieval_reference
 from hf_based.kernels.retrieval.reference import KEPT_AFTER, KEPT_BEFORE, pool_neighbours
 from hf_based.kernels.softmax.cpu import softmax_attention_sdpa
@@ -455,6 +456,34 @@ def test_hybrid_attention_chunked_gradients_match_the_reference(length, sinks):
     close(
         outputs_and_grads(partial(hybrid_attention_chunked, chunk=8, max_scores=3000)), expected
     )  # 2-3 blocks a group
+
+
+@pytest.mark.parametrize("sinks", [0, 4])
+@pytest.mark.parametrize("window", [1, 3, 16])
+@pytest.mark.parametrize("length", LENGTHS)
+def test_hybrid_decode_step_without_features_runs_sdpa_on_cpu(length, window, sinks):
+    """A decode step without a linear term (F = 0) on the CPU: softmax over the window and the sinks through SDPA,
+    padded rows, GQA. Its output, empty state and gradients equal the reference's; the dispatched op takes it."""
+    rand = Rand(length + window)
+    x = hybrid_inputs(rand, 1, length)
+    x["q_feat"], x["k_feat"] = x["q_feat"][..., :0], x["k_feat"][..., :0]
+    mask = left_padding_mask(length)
+    state = x["q"].new_zeros(2, H, 0, DV), x["q"].new_zeros(2, H, 0)
+    kwargs = dict(window=window, key_mask=mask, initial_state=state, output_final_state=True)
+    if sinks:
+        kwargs["sink_mask"] = first_real_keys(mask, sinks)
+
+    def outputs_and_grads(op):
+        inputs = {name: t.clone().requires_grad_(name in ("q", "k", "v")) for name, t in x.items()}
+        o, final = op(**inputs, **kwargs)
+        grads = torch.autograd.grad((o * Rand(7).normal(*o.shape)).sum(), [inputs[n] for n in ("q", "k", "v")])
+        return (o, *final), grads
+
+    expected = outputs_and_grads(hybrid_reference.hybrid_attention_recurrent)
+    close(outputs_and_grads(hybrid_attention_recurrent_cpu), expected)
+    with patch.object(chunked, "softmax_attention_sdpa", wraps=softmax_attention_sdpa) as sdpa:
+        close(outputs_and_grads(hybrid_attention_recurrent), expected)
+    assert sdpa.call_count == 1
 
 
 @pytest.mark.parametrize("window", [1, 3, 16])

@@ -1,6 +1,6 @@
 """The ops of the BASED-family mixers, each with a Triton kernel for CUDA tensors and a pure-PyTorch reference (the
-spec, and the CPU path, except for hybrid attention, its blockwise `hybrid/chunked.py`, and softmax attention,
-torch's fused kernel in `softmax/cpu.py`).
+spec, and the CPU path, except for hybrid attention, its blockwise `hybrid/chunked.py` (and, without a linear term,
+a decode step through torch's fused softmax kernel), and softmax attention, that fused kernel in `softmax/cpu.py`).
 
 All tensors are time-major [batch, time, heads, dim]. Ops compute in fp32 (fp64 for fp64 inputs), keep recurrent
 states in that dtype and return outputs in the input dtype. Each `*_recurrent` op is the decode form of its
@@ -20,7 +20,7 @@ from hf_based.kernels.dispatch import dispatched
 from hf_based.kernels.feature_maps import taylor_feature_map, taylor_num_features
 from hf_based.kernels.hedgehog import reference as hedgehog_reference
 from hf_based.kernels.hybrid import reference as hybrid_reference
-from hf_based.kernels.hybrid.chunked import hybrid_attention_cpu
+from hf_based.kernels.hybrid.chunked import hybrid_attention_cpu, hybrid_attention_recurrent_cpu
 from hf_based.kernels.linear import reference as linear_reference
 from hf_based.kernels.norm import reference as norm_reference
 from hf_based.kernels.opaque import (
@@ -118,6 +118,7 @@ hybrid_attention = dispatched(
 hybrid_attention_recurrent = dispatched(
     hybrid_reference.hybrid_attention_recurrent,
     lambda: _hybrid_triton().hybrid_attention_recurrent,
+    cpu=hybrid_attention_recurrent_cpu,
     opaque=opaque_hybrid_attention_recurrent,
 )
 short_conv = dispatched(conv_reference.short_conv, lambda: _conv_triton().short_conv)

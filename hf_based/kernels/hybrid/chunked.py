@@ -16,7 +16,15 @@ import math
 import torch
 import torch.nn.functional as F
 
-from hf_based.kernels.hybrid.reference import _final_state, _prepare, hybrid_attention
+from hf_based.kernels._checks import accumulation_dtype, prepare_state
+from hf_based.kernels.hybrid.reference import (
+    _final_state,
+    _prepare,
+    check_inputs,
+    hybrid_attention,
+    hybrid_attention_recurrent,
+)
+from hf_based.kernels.softmax.cpu import softmax_attention_sdpa
 from hf_based.kernels.softmax.reference import normalise, stable_exp
 
 CHUNK = 64  # the fastest of 16, 32, 64 and 128 at window 64, 1k and 4k tokens (2-core CPU)
@@ -139,3 +147,36 @@ def hybrid_attention_cpu(q, k, v, q_feat, k_feat, window_factor, window, *args, 
     short = k.shape[1] <= 2 * (CHUNK + window)
     op = hybrid_attention if short else hybrid_attention_chunked
     return op(q, k, v, q_feat, k_feat, window_factor, window, *args, **kwargs)
+
+
+def hybrid_attention_recurrent_cpu(
+    q,
+    k,
+    v,
+    q_feat,
+    k_feat,
+    window_factor,
+    window,
+    key_mask=None,
+    initial_state=None,
+    output_final_state=False,
+    scale=None,
+    sink_mask=None,
+):
+    """The CPU path of the decode step. Without a linear term (no features), one query's output is softmax attention
+    over its window and the sinks (the window factor cancels) and the state stays empty: torch's SDPA computes it
+    without the reference's copies of every key per query head. Otherwise the reference."""
+    if q.shape[1] != 1 or q_feat.shape[-1]:
+        args = (key_mask, initial_state, output_final_state, scale, sink_mask)
+        return hybrid_attention_recurrent(q, k, v, q_feat, k_feat, window_factor, window, *args)
+    check_inputs(q, k, v, q_feat, k_feat, window_factor, window, key_mask, sink_mask)
+    batch, _, heads, _ = q.shape
+    k_len = k.shape[1]
+    state = prepare_state(initial_state, batch, heads, 0, v.shape[-1], accumulation_dtype(q, k, v), q.device)
+    seen = (torch.arange(k_len, device=q.device) >= k_len - window).expand(batch, -1)  # the query is key Tk - 1
+    if sink_mask is not None:
+        seen = seen | sink_mask.bool()
+    if key_mask is not None:
+        seen = seen & key_mask.bool()
+    o = softmax_attention_sdpa(q, k, v, key_mask=seen, scale=scale)
+    return o, (tuple(x.clone() for x in state) if output_final_state else None)  # new tensors, as the reference's

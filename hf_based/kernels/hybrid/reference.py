@@ -28,25 +28,34 @@ from hf_based.kernels.linear.reference import fold_keys
 from hf_based.kernels.softmax.reference import key_distance, normalise, stable_exp
 
 
+def check_inputs(q, k, v, q_feat, k_feat, window_factor, window, key_mask, sink_mask) -> int:
+    """Validate the arguments of either form; -> the feature count F."""
+    check_attention_inputs(q, k, v, key_mask)
+    check_window(window)
+    batch, q_len, heads, _ = q.shape
+    k_len = k.shape[1]
+    num_features = check_shape("q_feat", q_feat, "batch, time, heads, features", (batch, q_len, heads, None))[-1]
+    check_shape("k_feat", k_feat, "batch, time, heads, features", (batch, k_len, heads, num_features))
+    check_shape("window_factor", window_factor, "heads", (heads,))
+    if sink_mask is not None:
+        check_shape("sink_mask", sink_mask, "batch, time", (batch, k_len))
+    return num_features
+
+
 def _prepare(q, k, v, q_feat, k_feat, window_factor, window, key_mask, sink_mask, initial_state, scale):
     """Validate and cast; expand k/v to the query heads and zero the features of padded keys and sinks.
 
     -> q, k, v, q_feat, k_feat, window_factor, real (key mask [B, Tk] bool), sink ([B, Tk] bool), kv, z, scale.
     """
-    check_attention_inputs(q, k, v, key_mask)
-    check_window(window)
+    num_features = check_inputs(q, k, v, q_feat, k_feat, window_factor, window, key_mask, sink_mask)
     batch, q_len, heads, dim = q.shape
     k_len = k.shape[1]
-    num_features = check_shape("q_feat", q_feat, "batch, time, heads, features", (batch, q_len, heads, None))[-1]
-    check_shape("k_feat", k_feat, "batch, time, heads, features", (batch, k_len, heads, num_features))
-    check_shape("window_factor", window_factor, "heads", (heads,))
     dtype = accumulation_dtype(q, k, v, q_feat, k_feat)
     group = heads // k.shape[2]
     k, v = k.to(dtype).repeat_interleave(group, 2), v.to(dtype).repeat_interleave(group, 2)  # [B, Tk, H, .]
     real = torch.ones(batch, k_len, dtype=torch.bool, device=q.device) if key_mask is None else key_mask.bool()
     sink = torch.zeros_like(real)
     if sink_mask is not None:
-        check_shape("sink_mask", sink_mask, "batch, time", (batch, k_len))
         sink = sink_mask.bool() & real
     k_feat = k_feat.to(dtype) * (real & ~sink)[:, :, None, None]  # padded keys and sinks never enter the linear part
     kv, z = prepare_state(initial_state, batch, heads, num_features, v.shape[-1], dtype, q.device)
