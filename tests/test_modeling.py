@@ -166,8 +166,8 @@ def test_retrieval_keys_covering_the_prompt_make_generation_full_attention():
 
 def test_only_the_last_window_of_a_prefill_sees_its_retrieval_keys():
     """In a prefill the last RETRIEVAL_QUERIES queries choose the retrieval keys and the last window of queries (or
-    the choosing ones, if more) sees them; the earlier ones see the window and sinks alone, as without retrieval keys, so their outputs do not depend
-    on later tokens."""
+    the choosing ones, if more) sees them; the earlier ones see the window and sinks alone, as without retrieval
+    keys, so their outputs do not depend on later tokens."""
     model = tiny_model("hybrid_retrieval")
     plain = BasedForCausalLM(tiny_config(**{**STACKS["hybrid_retrieval"], "hybrid_retrieval_keys": 0})).double()
     plain.load_state_dict(model.state_dict())

@@ -257,10 +257,10 @@ class BasedHybridAttention(BasedAttentionBase):
         initial_state = sink_mask = chosen = None
         # The parallel op's bound on any row's sinks, so that it need not read their count on the host.
         bound = {"max_sinks": self.sinks}
-        choosing = min(q.shape[1], RETRIEVAL_QUERIES)  # the last queries, which choose the retrieval keys
         if cache is not None:
             layer = cache.layers[self.layer_idx]
             initial_state = layer.state()
+            choosing = min(q.shape[1], RETRIEVAL_QUERIES)  # the last queries, which choose the retrieval keys
             key_scores = (lambda keys, mask: retrieval_scores(q[:, -choosing:], keys, mask)) if q.shape[1] > 1 else None
             k, v, key_mask, kept = layer.update_with_sinks(k, v, key_mask, key_scores)
             if kept is not None:
@@ -272,10 +272,10 @@ class BasedHybridAttention(BasedAttentionBase):
         op = hybrid_attention
         if initial_state is not None and q.shape[1] == 1:
             op, bound = hybrid_attention_recurrent, {}
+        window_factors = torch.sigmoid(self.window_factors)
 
-        def attend(rows: slice, mask, output_final_state: bool, **bound):
+        def attend(rows: slice, mask, output_final_state: bool, **sink_bound):
             """The op for the queries `rows` (a suffix of q, or all of it) against every key."""
-            window_factors = torch.sigmoid(self.window_factors)
             return op(
                 q[:, rows],
                 k,
@@ -288,7 +288,7 @@ class BasedHybridAttention(BasedAttentionBase):
                 initial_state=initial_state,
                 output_final_state=output_final_state,
                 sink_mask=mask,
-                **bound,
+                **sink_bound,
             )
 
         if chosen is None:
