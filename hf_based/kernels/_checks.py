@@ -11,16 +11,18 @@ import torch
 def check_shape(name: str, x, dims: str, sizes=None) -> torch.Size:
     """Check that `x` is a tensor with one dim per name in `dims` ("batch, time, ...") and, where `sizes` holds an
     int rather than None, exactly that size. Returns x.shape."""
+    if isinstance(x, torch.Tensor):  # the common case first: every op checks several tensors per call
+        shape = x.shape
+        if len(shape) == dims.count(",") + 1 and (
+            sizes is None or all(s is None or s == n for s, n in zip(sizes, shape))
+        ):
+            return shape
     names = [d.strip() for d in dims.split(",")]
-    sizes = sizes or (None,) * len(names)
-    is_tensor = isinstance(x, torch.Tensor)
-    if not (is_tensor and x.dim() == len(names) and all(s is None or s == n for s, n in zip(sizes, x.shape))):
-        accepted = f"[{', '.join(names)}]"
-        if any(s is not None for s in sizes):
-            accepted += " = [" + ", ".join("*" if s is None else str(s) for s in sizes) + "]"
-        got = tuple(x.shape) if is_tensor else type(x).__name__
-        raise ValueError(f"{name} must have shape {accepted}, got {got}")
-    return x.shape
+    accepted = f"[{', '.join(names)}]"
+    if sizes is not None and any(s is not None for s in sizes):
+        accepted += " = [" + ", ".join("*" if s is None else str(s) for s in sizes) + "]"
+    got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+    raise ValueError(f"{name} must have shape {accepted}, got {got}")
 
 
 def check_positive_int(name: str, value, meaning: str = "") -> None:

@@ -5,12 +5,22 @@ STORE_FINAL_STATE, HAS_FINAL_STATE_GRAD, STORE_INITIAL_STATE_GRAD and DOT_PRECIS
 """
 
 import torch
-import triton
+
+
+def cdiv(n: int, d: int) -> int:
+    """ceil(n / d) for ints; triton.cdiv's host twin without its constexpr-function wrapper, which costs microseconds
+    a call on every launch."""
+    return -(-n // d)
+
+
+def next_power_of_2(n: int) -> int:
+    """The smallest power of 2 >= n (1 for n <= 1); triton.next_power_of_2 without its wrapper, as `cdiv`."""
+    return 1 << max(n - 1, 0).bit_length()
 
 
 def block_size(n: int, cap: int | None = None, minimum: int = 16) -> int:
     """Power-of-2 block covering a dim of size n, at least `minimum` (16 is tl.dot's smallest), at most `cap`."""
-    size = max(minimum, triton.next_power_of_2(n))
+    size = max(minimum, next_power_of_2(n))
     return size if cap is None else min(size, cap)
 
 

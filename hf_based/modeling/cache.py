@@ -421,7 +421,7 @@ class BasedHybridLayer(BasedRecurrentLayer, BasedSlidingWindowLayer):
         scores = key_scores(keys, key_mask).masked_fill(~eligible, -torch.inf)
         if length < self.retrieval:
             scores = torch.nn.functional.pad(scores, (0, self.retrieval - length), value=-torch.inf)
-        best, index = scores.topk(self.retrieval, dim=1)  # [B, R]
+        best, index = scores.topk(self.retrieval, dim=1, sorted=False)  # [B, R]; in any order: a set of slots
         taken = best > -torch.inf
         chosen = torch.zeros_like(scores, dtype=torch.bool).scatter(1, index, taken)[:, :length]
         return index.clamp(max=length - 1), taken, chosen  # slots that took nothing read any real position

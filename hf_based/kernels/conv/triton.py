@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 
 from hf_based.kernels._checks import accumulation_dtype, check_shape
-from hf_based.kernels.triton_utils import block_size, unit_last_dim
+from hf_based.kernels.triton_utils import block_size, cdiv, unit_last_dim
 
 # time steps x channels per block; wide channel blocks keep the backward's sums over time inside each thread
 BLOCK_T, BLOCK_C = 16, 512
@@ -138,7 +138,7 @@ class ShortConvFunction(torch.autograd.Function):
         BT, BC, BS = _blocks(T, C, K, BLOCK_T, BLOCK_C)
         y = torch.empty_like(x, memory_format=torch.contiguous_format)
         final = x.new_empty(B, K - 1, C, dtype=state_dtype) if output_final_state else None
-        short_conv_fwd_kernel[(triton.cdiv(C, BC), triton.cdiv(T, BT), B)](
+        short_conv_fwd_kernel[(cdiv(C, BC), cdiv(T, BT), B)](
             x, weight, bias, initial_state, y, final,
             x.stride(0), x.stride(1), y.stride(0), y.stride(1), weight.stride(0), weight.stride(1),
             T, C,
@@ -155,9 +155,9 @@ class ShortConvFunction(torch.autograd.Function):
         B, T, C = x.shape
         K = weight.shape[1]
         BT, BC, BS = _blocks(T, C, K, BWD_BLOCK_T, BWD_BLOCK_C)
-        NT, NC = triton.cdiv(T, BT), triton.cdiv(C, BC)
-        NB = triton.cdiv(NT, min(NT, max(1, BWD_PROGRAMS // (B * NC))))
-        NS = triton.cdiv(NT, NB)
+        NT, NC = cdiv(T, BT), cdiv(C, BC)
+        NB = cdiv(NT, min(NT, max(1, BWD_PROGRAMS // (B * NC))))
+        NS = cdiv(NT, NB)
         dy = unit_last_dim(dy)
         dfinal = None if dfinal is None else dfinal.contiguous()
         want_ds0 = initial_state is not None and ctx.needs_input_grad[3]

@@ -11,7 +11,7 @@ import triton.language as tl
 
 from hf_based.kernels._checks import check_shape
 from hf_based.kernels.hedgehog.reference import hedgehog_feature_map as hedgehog_feature_map_reference
-from hf_based.kernels.triton_utils import block_size, use_forward_kernel
+from hf_based.kernels.triton_utils import block_size, cdiv, use_forward_kernel
 
 BLOCK_T = 64  # tokens per program
 MIN_FEATURE = 1e-12  # LoLCATs' clamp: no feature exactly 0 after softmax underflow
@@ -56,7 +56,7 @@ def hedgehog_feature_map(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     if rows.stride(-1) != 1:
         rows = rows.contiguous()
     y = torch.empty(rows.shape[0], heads, 2 * features, dtype=x.dtype, device=x.device)
-    hedgehog_fwd_kernel[(triton.cdiv(rows.shape[0], BLOCK_T), heads)](
+    hedgehog_fwd_kernel[(cdiv(rows.shape[0], BLOCK_T), heads)](
         rows, weight.contiguous(), y, rows.shape[0], dim, features, rows.stride(0), rows.stride(1),
         y.stride(0), y.stride(1), BT=BLOCK_T, BD=block_size(dim), BF=block_size(features), MIN_FEATURE=MIN_FEATURE,
         NATIVE_DOT=x.dtype == weight.dtype and x.element_size() == 2,

@@ -42,6 +42,7 @@ from hf_based.kernels.softmax.triton import (
 from hf_based.kernels.triton_utils import (
     block_size,
     bth_strides,
+    cdiv,
     dot_precision,
     kernel_layout,
     needs_grad,
@@ -556,7 +557,7 @@ def _hybrid_layout(q, k, window):
     Tq, Tk = q.shape[1], k.shape[1]
     BT = block_size(Tq, BLOCK_T)
     b0 = Tk - Tq - window + 1
-    return BT, triton.cdiv(Tq, BT), b0, -triton.cdiv(max(b0, 0), BT)
+    return BT, cdiv(Tq, BT), b0, -cdiv(max(b0, 0), BT)
 
 
 def _hybrid_state(kf, v, key_mask, kv0, z0, window, BT, NQ, b0, m_min, store_states, output_final):
@@ -571,14 +572,14 @@ def _hybrid_state(kf, v, key_mask, kv0, z0, window, BT, NQ, b0, m_min, store_sta
         empty = (kf.new_empty(B, H, 0, Dv, dtype=torch.float32), kf.new_empty(B, H, 0, dtype=torch.float32))
         return (hs, zs), (empty if output_final else None)
     chunks = NQ - m_min
-    programs = triton.cdiv(F, BK) * triton.cdiv(Dv, BV) * B * H
+    programs = cdiv(F, BK) * cdiv(Dv, BV) * B * H
     segments, segment_chunks = split_range(chunks, key_splits(programs, chunks, kf.device))
     final = (
         kf.new_empty(segments, B, H, F, Dv, dtype=torch.float32),
         kf.new_empty(segments, B, H, F, dtype=torch.float32),
     )
     mask, has_mask = key_mask_arg(key_mask, kf)
-    hybrid_state_fwd_kernel[(triton.cdiv(F, BK), triton.cdiv(Dv, BV), segments * B * H)](
+    hybrid_state_fwd_kernel[(cdiv(F, BK), cdiv(Dv, BV), segments * B * H)](
         kf, v, mask, kv0 if kv0 is not None else kf, z0 if z0 is not None else kf, hs, zs, *final,
         *bth_strides(kf, v), H, H // Hkv, Tk, F, Dv, b0, m_min, NQ, max(Tk - window + 1, 0), segment_chunks,
         BT=BT, BK=BK, BV=BV, HAS_MASK=has_mask, HAS_INITIAL_STATE=kv0 is not None, STORE_STATES=store_states,
@@ -648,13 +649,13 @@ def _hybrid_bwd(q, k, v, qf, kf, window_factor, kv0, z0, o32, c, den, idx, do, w
     d_init = (qf.new_empty(B, H, F, Dv, dtype=torch.float32), qf.new_empty(B, H, F, dtype=torch.float32))
     BVs = block_size(Dv, BLOCK_V)
     if F:
-        hybrid_state_bwd_kernel[(triton.cdiv(F, BK), triton.cdiv(Dv, BVs), B * H)](
+        hybrid_state_bwd_kernel[(cdiv(F, BK), cdiv(Dv, BVs), B * H)](
             qf, do, rden, delta, dhs, dzs, *d_init, *bth_strides(qf, do), H, Tq, F, Dv, NQ,
             BT=BT, BK=BK, BV=BVs, STORE_INITIAL_STATE_GRAD=init_grad, DOT_PRECISION=dot_precision(q), num_warps=4,
             num_stages=NUM_STAGES,
         )
 
-    n_chunks = triton.cdiv(Tk - b0, BT) - m_min  # key chunks m_min .. covering [0, Tk)
+    n_chunks = cdiv(Tk - b0, BT) - m_min  # key chunks m_min .. covering [0, Tk)
     hybrid_bwd_dkv_kernel[(n_chunks, B * Hkv)](
         q, k, v, qf, kf, mask, window_factor, do, lse, delta, rden, r, idx, dhs, dzs, dk, dv, dkf,
         *bth_strides(q, k, v, qf, kf, do), *sizes, b0, m_min, NQ, **common,
@@ -776,7 +777,7 @@ def hybrid_attention_recurrent(
     mask, has_mask = key_mask_arg(key_mask, q)
     sinks, has_sinks = key_mask_arg(sink_mask, q)
     BV = block_size(Dv, BLOCK_V)
-    hybrid_decode_kernel[(triton.cdiv(Dv, BV), B * H)](
+    hybrid_decode_kernel[(cdiv(Dv, BV), B * H)](
         q, k, v, q_feat, k_feat, mask, sinks, window_factor.float(), kv0 if kv0 is not None else q,
         z0 if z0 is not None else q, o, *final,
         q.stride(0), q.stride(2), *bth_strides(k, v), q_feat.stride(0), q_feat.stride(2), *bth_strides(k_feat),

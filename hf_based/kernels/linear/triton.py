@@ -25,7 +25,7 @@ from hf_based.kernels._checks import (
     kernel_dtype,
     prepare_state,
 )
-from hf_based.kernels.triton_utils import block_size, dot_precision, unit_last_dim, use_decode_kernel
+from hf_based.kernels.triton_utils import block_size, cdiv, dot_precision, unit_last_dim, use_decode_kernel
 
 BLOCK_K = 64  # feature block of the chunk kernels (the cap: smaller F use one block of F rounded up)
 BLOCK_V = 64  # value block of the chunk kernels
@@ -342,13 +342,13 @@ def _chunk_states(x, y, r, c, initial, BT, reverse=False, store_final=False):
     """
     B, T, H, F = x.shape
     DV = y.shape[-1]
-    NT = triton.cdiv(T, BT)
+    NT = cdiv(T, BT)
     BK, BV = block_size(F, BLOCK_K), block_size(DV, BLOCK_V)
     h = x.new_empty(B * H, NT, F, DV, dtype=_state_dtype(x.dtype))
     z = x.new_empty(B * H, NT, F, dtype=torch.float32)
     weights = r if r is not None else c  # r and c share one layout
     s_rb, s_rh = (0, 0) if weights is None else (weights.stride(0), weights.stride(1) if weights.dim() == 3 else 0)
-    linear_attention_moments_kernel[(triton.cdiv(F, BK) * triton.cdiv(DV, BV), NT, B * H)](
+    linear_attention_moments_kernel[(cdiv(F, BK) * cdiv(DV, BV), NT, B * H)](
         x, y, r, c, h, z,
         x.stride(0), x.stride(1), x.stride(2), y.stride(0), y.stride(1), y.stride(2), s_rb, s_rh,
         T, H, NT,
@@ -361,7 +361,7 @@ def _chunk_states(x, y, r, c, initial, BT, reverse=False, store_final=False):
     for state, state0, statet in zip((h, z), initial or (None, None), final or (None, None)):
         N = state[0, 0].numel()
         BN = block_size(N, SCAN_BLOCK_N, minimum=1)
-        linear_attention_scan_kernel[(triton.cdiv(N, BN), B * H)](
+        linear_attention_scan_kernel[(cdiv(N, BN), B * H)](
             state, state0, statet, NT, N,
             BU=SCAN_BLOCK_U, BN=BN, REVERSE=reverse, HAS_INITIAL_STATE=initial is not None,
             STORE_FINAL_STATE=store_final,
@@ -374,13 +374,13 @@ class LinearAttentionFunction(torch.autograd.Function):
     def forward(ctx, q, k, v, key_mask, kv0, z0, eps, BT, output_final_state):
         B, T, H, F = q.shape
         DV = v.shape[-1]
-        NT = triton.cdiv(T, BT)
+        NT = cdiv(T, BT)
         initial = None if kv0 is None else (kv0, z0)
         h, z, final = _chunk_states(k, v, key_mask, key_mask, initial, BT, store_final=output_final_state)
         o = v.new_empty(B, T, H, DV)
         rden = q.new_empty(B, H, T, dtype=torch.float32)
         BV = block_size(DV, BLOCK_V)
-        linear_attention_fwd_kernel[(triton.cdiv(DV, BV), NT, B * H)](
+        linear_attention_fwd_kernel[(cdiv(DV, BV), NT, B * H)](
             q, k, v, key_mask, h, z, o, rden,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
@@ -399,7 +399,7 @@ class LinearAttentionFunction(torch.autograd.Function):
         BT = ctx.BT
         B, T, H, F = q.shape
         DV = v.shape[-1]
-        NT = triton.cdiv(T, BT)
+        NT = cdiv(T, BT)
         do = unit_last_dim(do)
         gd = torch.empty_like(rden)
         BV = block_size(DV, BLOCK_V)
@@ -426,13 +426,13 @@ class LinearAttentionFunction(torch.autograd.Function):
         s_m = 0 if key_mask is None else key_mask.stride(0)
         meta = dict(F=F, DV=DV, BT=BT, HAS_MASK=key_mask is not None, DOT_PRECISION=dot_precision(q))
         BK = block_size(F, BLOCK_K)
-        linear_attention_bwd_dqk_kernel[(triton.cdiv(F, BK), NT, B * H)](
+        linear_attention_bwd_dqk_kernel[(cdiv(F, BK), NT, B * H)](
             q, k, v, key_mask, h, z, dh, dz, do, rden, gd, dq, dk,
             *strides, v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
             dq.stride(0), dq.stride(1), dq.stride(2), s_m,
             T, H, NT, BK=BK, BV=block_size(DV, BLOCK_V), num_warps=4, **meta,
         )
-        linear_attention_bwd_dv_kernel[(triton.cdiv(DV, BV), NT, B * H)](
+        linear_attention_bwd_dv_kernel[(cdiv(DV, BV), NT, B * H)](
             q, k, key_mask, dh, do, rden, dv,
             *strides, do.stride(0), do.stride(1), do.stride(2), dv.stride(0), dv.stride(1), dv.stride(2), s_m,
             T, H, NT, BK=BK, BV=BV, num_warps=4, **meta,
@@ -500,7 +500,7 @@ def linear_attention_recurrent(q, k, v, key_mask=None, initial_state=None, outpu
         kvt, zt = q.new_empty(B, H, F, DV, dtype=torch.float32), q.new_empty(B, H, F, dtype=torch.float32)
     BK = block_size(F, minimum=1)
     BV = block_size(DV, max(4096 // BK, 16), minimum=1)
-    linear_attention_recurrent_fwd_kernel[(triton.cdiv(DV, BV), B * H)](
+    linear_attention_recurrent_fwd_kernel[(cdiv(DV, BV), B * H)](
         q, k, v, key_mask, kv0, z0, o, kvt, zt,
         q.stride(0), q.stride(2), k.stride(0), k.stride(2), v.stride(0), v.stride(2), o.stride(0), o.stride(2),
         0 if key_mask is None else key_mask.stride(0),

@@ -8,7 +8,7 @@ import triton.language as tl
 
 from hf_based.kernels._checks import check_shape
 from hf_based.kernels.norm.reference import rms_norm as rms_norm_reference
-from hf_based.kernels.triton_utils import use_forward_kernel
+from hf_based.kernels.triton_utils import next_power_of_2, use_forward_kernel
 
 
 @triton.jit
@@ -29,6 +29,6 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         return rms_norm_reference(x, weight, eps)
     x2 = x.reshape(-1, x.shape[-1]).contiguous()
     y = torch.empty(x2.shape, dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
-    block = triton.next_power_of_2(x2.shape[1])
+    block = next_power_of_2(x2.shape[1])
     rms_norm_fwd_kernel[(x2.shape[0],)](x2, weight.contiguous(), y, x2.shape[1], eps, BN=block)
     return y.view(x.shape)

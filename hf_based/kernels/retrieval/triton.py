@@ -12,7 +12,7 @@ from hf_based.kernels._checks import check_shape
 from hf_based.kernels.retrieval.reference import pool_neighbours
 from hf_based.kernels.retrieval.reference import retrieval_scores as retrieval_scores_reference
 from hf_based.kernels.softmax.triton import LOG2E, key_mask_arg, key_splits, split_range
-from hf_based.kernels.triton_utils import block_size, dot_precision, use_forward_kernel
+from hf_based.kernels.triton_utils import block_size, cdiv, dot_precision, next_power_of_2, use_forward_kernel
 
 BLOCK_Q, BLOCK_N = 64, 64
 
@@ -107,7 +107,7 @@ def retrieval_scores(q: torch.Tensor, k: torch.Tensor, key_mask: torch.Tensor | 
     keys = k.shape[1]
     mask, has_mask = key_mask_arg(key_mask, q)
     BQ = block_size(length, BLOCK_Q)
-    query_blocks, key_tiles = triton.cdiv(length, BQ), triton.cdiv(keys, BLOCK_N)
+    query_blocks, key_tiles = cdiv(length, BQ), cdiv(keys, BLOCK_N)
     splits, split_tiles = split_range(key_tiles, key_splits(batch * heads * query_blocks, key_tiles, q.device))
     m, l = (torch.empty(batch, heads, splits, length, dtype=torch.float32, device=q.device) for _ in range(2))
     weights = torch.empty(batch, keys, dtype=torch.float32, device=q.device)
@@ -117,6 +117,6 @@ def retrieval_scores(q: torch.Tensor, k: torch.Tensor, key_mask: torch.Tensor | 
         q, k, mask, m, l, *args, query_blocks, splits, split_tiles, **meta
     )
     retrieval_weights_kernel[(key_tiles, batch)](
-        q, k, mask, m, l, weights, *args, splits, BS=triton.next_power_of_2(splits), **meta
+        q, k, mask, m, l, weights, *args, splits, BS=next_power_of_2(splits), **meta
     )
     return pool_neighbours(weights)

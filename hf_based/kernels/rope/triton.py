@@ -9,7 +9,7 @@ import triton.language as tl
 
 from hf_based.kernels._checks import check_shape
 from hf_based.kernels.rope.reference import apply_rotary as apply_rotary_reference
-from hf_based.kernels.triton_utils import use_forward_kernel
+from hf_based.kernels.triton_utils import next_power_of_2, use_forward_kernel
 
 
 @triton.jit
@@ -70,6 +70,6 @@ def apply_rotary(
     rope_fwd_kernel[(batch * length,)](
         q, k, cos, sin, q_out, k_out, *q.stride()[:3], *k.stride()[:3], cos_batch_stride, cos.stride(1),
         length, heads, k.shape[2], dim // 2,
-        BH=triton.next_power_of_2(heads), BHKV=triton.next_power_of_2(k.shape[2]), BD=triton.next_power_of_2(dim // 2),
+        BH=next_power_of_2(heads), BHKV=next_power_of_2(k.shape[2]), BD=next_power_of_2(dim // 2),
     )  # fmt: skip
     return q_out, k_out

@@ -18,7 +18,7 @@ import triton.language as tl
 
 from hf_based.kernels._checks import check_attention_inputs, check_window, kernel_dtype
 from hf_based.kernels.softmax.reference import softmax_attention as softmax_attention_reference
-from hf_based.kernels.triton_utils import block_size, bth_strides, dot_precision, kernel_layout, unit_last_dim
+from hf_based.kernels.triton_utils import block_size, bth_strides, cdiv, dot_precision, kernel_layout, unit_last_dim
 
 # Block sizes (powers of 2, >= 16). Tests shrink them so that small problems cover several blocks.
 BLOCK_M = 64  # sliding window: queries per program
@@ -429,13 +429,13 @@ def key_splits(programs: int, key_tiles: int, device: torch.device) -> int:
     target = 2 * multiprocessor_count(device)
     if programs * 2 > target or key_tiles < 2 * SPLIT_MIN_TILES:
         return 1
-    return max(1, min(triton.cdiv(target, programs), key_tiles // SPLIT_MIN_TILES))
+    return max(1, min(cdiv(target, programs), key_tiles // SPLIT_MIN_TILES))
 
 
 def split_range(tiles: int, parts: int) -> tuple[int, int]:
     """(parts, tiles per part) covering `tiles` in at most `parts` equal runs, none of them empty."""
-    per_part = triton.cdiv(tiles, parts)
-    return triton.cdiv(tiles, per_part), per_part
+    per_part = cdiv(tiles, parts)
+    return cdiv(tiles, per_part), per_part
 
 
 def key_mask_arg(key_mask, like):
@@ -456,8 +456,8 @@ def _softmax_attention_fwd(q, k, v, window, key_mask, scale):
     o = torch.empty(B, Tq, H, Dv, dtype=v.dtype, device=q.device)
     lse = torch.empty(B, H, Tq, dtype=torch.float32, device=q.device)
     mask, has_mask = key_mask_arg(key_mask, q)
-    q_blocks = triton.cdiv(Tq, BM)
-    tiles = triton.cdiv(min(Tk, Tq + window - 1 if window else Tk), BN) + 1  # of one query block, at most
+    q_blocks = cdiv(Tq, BM)
+    tiles = cdiv(min(Tk, Tq + window - 1 if window else Tk), BN) + 1  # of one query block, at most
     splits, tiles_per_split = split_range(tiles, key_splits(q_blocks * B * H, tiles, q.device))
     if splits > 1:
         partial = torch.empty(splits, B * H, Tq, Dv, dtype=torch.float32, device=q.device)
@@ -489,10 +489,10 @@ def _softmax_attention_bwd(q, k, v, o, lse, do, window, key_mask, scale):
     common = dict(BM=BM, BN=BN, BD=BD, BV=BV, WINDOW=window is not None, HAS_MASK=has_mask, SPLIT=split_loops(window),
                   DOT_PRECISION=dot_precision(q), num_warps=num_warps, num_stages=NUM_STAGES)
     sizes = (H, H // Hkv, Tq, Tk, D, Dv, window or 0, scale * LOG2E, scale)
-    softmax_attention_bwd_dq_kernel[(triton.cdiv(Tq, BM), B * H)](
+    softmax_attention_bwd_dq_kernel[(cdiv(Tq, BM), B * H)](
         q, k, v, mask, o, do, lse, delta, dq, *bth_strides(q, k, v, o, do), *sizes, **common
     )
-    softmax_attention_bwd_dkv_kernel[(triton.cdiv(Tk, BN), B * Hkv)](
+    softmax_attention_bwd_dkv_kernel[(cdiv(Tk, BN), B * Hkv)](
         q, k, v, mask, do, lse, delta, dk, dv, *bth_strides(q, k, v, do), *sizes, **common
     )
     return dq, dk, dv

@@ -49,7 +49,7 @@ from hf_based.kernels.taylor.reference import taylor_linear_attention as taylor_
 from hf_based.kernels.taylor.reference import (
     taylor_linear_attention_recurrent as taylor_linear_attention_recurrent_reference,
 )
-from hf_based.kernels.triton_utils import block_size, dot_precision, use_decode_kernel
+from hf_based.kernels.triton_utils import block_size, cdiv, dot_precision, next_power_of_2, use_decode_kernel
 
 # Block sizes (powers of 2, >= 16). Tests shrink them so that small problems cover several chunks and segments.
 # Checked on an H200 (Triton 3.6, bf16 and fp32, d = 16 and 32): chunk 32, BV 32 (16 for d = 32), 4 warps per 16 of
@@ -504,15 +504,15 @@ def _plan(q, k, v, chunk, segment, block_v):
     """-> (kernel meta-parameters, value blocks NV, segment length SEG, segments NS) of a chunked launch."""
     batch, length, heads, d = q.shape
     bd, bt, bv, warps = _blocks(d, v.shape[-1], block_v, chunk)
-    nv = triton.cdiv(v.shape[-1], bv)
+    nv = cdiv(v.shape[-1], bv)
     if not segment:
         # enough segments to give every multiprocessor a few programs, none shorter than MIN_SEGMENT
         sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 1
-        ns = max(1, min(triton.cdiv(PROGRAMS_PER_SM * sms, batch * heads * nv), length // MIN_SEGMENT))
-        segment = triton.cdiv(triton.cdiv(length, ns), bt) * bt
+        ns = max(1, min(cdiv(PROGRAMS_PER_SM * sms, batch * heads * nv), length // MIN_SEGMENT))
+        segment = cdiv(cdiv(length, ns), bt) * bt
     # fp32 products for fp32 inputs (bf16 operands lose ~3 digits; fp32 inputs are expected to give ~1e-5)
     meta = dict(BT=bt, BD=bd, BV=bv, DOT_PRECISION=dot_precision(q, k, v), num_warps=warps)
-    return meta, nv, segment, triton.cdiv(length, segment)
+    return meta, nv, segment, cdiv(length, segment)
 
 
 def _token_weights(w, like):
@@ -591,9 +591,9 @@ def _taylor_bwd(q, k, v, mask, start, o, den, do, dfinal, need_dstart, eps, chun
     meta, nv, seg, ns = _plan(q, k, v, chunk, segment, block_v)
     rd = q.new_empty(batch, length, heads, dtype=torch.float32)
     gd = torch.empty_like(rd)
-    taylor_bwd_preprocess_kernel[(triton.cdiv(length, 32), batch * heads)](
+    taylor_bwd_preprocess_kernel[(cdiv(length, 32), batch * heads)](
         o, do, den, rd, gd, *do.stride(), length, heads, value_dim, eps,
-        BT=32, BDV=max(16, triton.next_power_of_2(value_dim)),
+        BT=32, BDV=max(16, next_power_of_2(value_dim)),
     )
     fwd_starts = _starts(k, v, mask, mask, start and _symmetric(start, d), False, meta, nv, seg, ns)
     rev_starts = _starts(q, do, rd, gd, dfinal and _symmetric(dfinal, d), True, meta, nv, seg, ns)
@@ -713,7 +713,7 @@ def _taylor_decode(q, k, v, key_mask, start, output_final_state, eps):
                  q.new_empty(batch, heads, num_features, dtype=torch.float32))
     m = q if key_mask is None else key_mask.to(torch.float32)
     start = start and (start[0].contiguous(), start[1].contiguous())
-    taylor_recurrent_fwd_kernel[(triton.cdiv(value_dim, bv), batch * heads)](
+    taylor_recurrent_fwd_kernel[(cdiv(value_dim, bv), batch * heads)](
         q, k, v, m, *_state_args(start, q), o, *(final or (q, q)),
         q.stride(0), q.stride(2), q.stride(3), k.stride(0), k.stride(2), k.stride(3),
         v.stride(0), v.stride(2), v.stride(3), m.stride(0),
