@@ -508,6 +508,40 @@ def test_hybrid_attention_sinks_match_naive(length, window):
         close(state, expected_state)
 
 
+@pytest.mark.parametrize("late", [1, 5, 400])
+@pytest.mark.parametrize("length", LENGTHS)
+def test_hybrid_attention_late_sinks_match_naive(length, late):
+    """Late sinks (the keys that the last `late` queries see instead of the sinks, as after a new choice of retrieval
+    keys), padded rows, GQA, a state: each row's output is the spec's with its own sinks, the final state leaves out
+    the late sinks; the blockwise forms and the dispatched CPU path agree, with gradients; and the late rows differ
+    from those without late sinks (so the test can fail)."""
+    rand, window, prefix = Rand(length + late), 3, 12
+    x = hybrid_inputs(rand, length, length + prefix)
+    kv0, z0 = rand.normal(2, H, FEAT, DV), rand.positive(2, H, FEAT)
+    mask = left_padding_mask(length + prefix)
+    sinks = first_real_keys(mask, 2)
+    late_sinks = sinks | (torch.arange(length + prefix) % 4 == 1)  # the sinks and scattered "retrieved" keys
+    first_late = max(length - late, 0)
+    early, _ = naive_hybrid(*x.values(), window, mask, kv0, z0, D**-0.5, sinks)
+    later, expected_state = naive_hybrid(*x.values(), window, mask, kv0, z0, D**-0.5, late_sinks)
+    expected = torch.cat([early[:, :first_late], later[:, first_late:]], 1)
+    if length + prefix > window + 1:
+        assert not torch.allclose(later[:, first_late:], early[:, first_late:])
+    kwargs = dict(window=window, key_mask=mask, initial_state=(kv0, z0), output_final_state=True, sink_mask=sinks)
+    late_kwargs = dict(late_sink_mask=late_sinks, late_queries=late, max_late_sinks=int(late_sinks.sum(1).max()))
+
+    def outputs_and_grads(op):
+        inputs = {name: t.clone().requires_grad_() for name, t in x.items()}
+        o, (kv, z) = op(**inputs, **kwargs, **late_kwargs)
+        loss = sum((out * Rand(i).normal(*out.shape)).sum() for i, out in enumerate((o, kv, z)))
+        return (o, kv, z), torch.autograd.grad(loss, list(inputs.values()))
+
+    reference = outputs_and_grads(hybrid_reference.hybrid_attention)
+    close(reference[0], (expected, *expected_state))
+    for op in (*HYBRID_PARALLEL[1:], hybrid_attention):
+        close(outputs_and_grads(op), reference)
+
+
 def test_cpu_inputs_go_to_the_cpu_path_unless_the_reference_is_asked_for(monkeypatch):
     calls = []
     op = dispatch.dispatched(lambda x: calls.append("reference"), lambda: None, cpu=lambda x: calls.append("cpu"))

@@ -254,9 +254,9 @@ class BasedHybridAttention(BasedAttentionBase):
 
     def forward(self, hidden_states, key_mask, position_embeddings, cache=None):
         q, k, v = self.project(hidden_states, position_embeddings)
-        initial_state = sink_mask = chosen = None
-        # The parallel op's bound on any row's sinks, so that it need not read their count on the host.
-        bound = {"max_sinks": self.sinks}
+        initial_state = None
+        # The op's sink arguments; max_sinks bounds any row's sinks, so that it need not read their count on the host.
+        sinks = {"sink_mask": None, "max_sinks": self.sinks}
         if cache is not None:
             layer = cache.layers[self.layer_idx]
             initial_state = layer.state()
@@ -264,43 +264,22 @@ class BasedHybridAttention(BasedAttentionBase):
             key_scores = (lambda keys, mask: retrieval_scores(q[:, -choosing:], keys, mask)) if q.shape[1] > 1 else None
             k, v, key_mask, kept = layer.update_with_sinks(k, v, key_mask, key_scores)
             if kept is not None:
-                sink_mask, bound, chosen = kept.mask, {"max_sinks": kept.count}, kept.chosen
+                sinks = {"sink_mask": kept.mask, "max_sinks": kept.count}
+            if kept is not None and kept.chosen is not None:
+                # The prefill's last window of queries (and at least the choosing ones) sees the retrieval keys, as
+                # every later query will (from the cache); the earlier ones see only what was kept before.
+                late_queries, most = max(self.window, RETRIEVAL_QUERIES), layer.sinks + layer.retrieval
+                sinks |= {"late_sink_mask": kept.chosen, "late_queries": late_queries, "max_late_sinks": most}
         elif self.sinks:
             real = key_mask if key_mask is not None else torch.ones(k.shape[:2], dtype=torch.bool, device=k.device)
-            sink_mask = attention_sinks(real.bool(), self.sinks)
+            sinks["sink_mask"] = attention_sinks(real.bool(), self.sinks)
         q_feat, k_feat = self.features(q, k)
         op = hybrid_attention
         if initial_state is not None and q.shape[1] == 1:
-            op, bound = hybrid_attention_recurrent, {}
+            op, sinks = hybrid_attention_recurrent, {"sink_mask": sinks["sink_mask"]}
         window_factors = torch.sigmoid(self.window_factors)
-
-        def attend(rows: slice, mask, output_final_state: bool, **sink_bound):
-            """The op for the queries `rows` (a suffix of q, or all of it) against every key."""
-            return op(
-                q[:, rows],
-                k,
-                v,
-                q_feat[:, rows],
-                k_feat,
-                window_factors,
-                self.window,
-                key_mask=key_mask,
-                initial_state=initial_state,
-                output_final_state=output_final_state,
-                sink_mask=mask,
-                **sink_bound,
-            )
-
-        if chosen is None:
-            o, final_state = attend(slice(None), sink_mask, cache is not None, **bound)
-        else:
-            # The prefill's last window of queries (and at least the choosing ones) sees the retrieval keys, as every
-            # later query will (from the cache); the earlier ones see only what was kept before.
-            seeing = min(q.shape[1], max(self.window, RETRIEVAL_QUERIES))
-            o, final_state = attend(slice(-seeing, None), chosen, True, max_sinks=layer.sinks + layer.retrieval)
-            if q.shape[1] > seeing:
-                earlier = attend(slice(None), sink_mask, False, **bound)[0]
-                o = torch.cat([earlier[:, :-seeing], o], 1)
+        state = {"initial_state": initial_state, "output_final_state": cache is not None}
+        o, final_state = op(q, k, v, q_feat, k_feat, window_factors, self.window, key_mask=key_mask, **state, **sinks)
         if cache is not None:
             layer.update_state(*final_state)
         return self.out(o)

@@ -6,6 +6,7 @@ kernels.
 """
 
 import functools
+from unittest.mock import patch
 
 import pytest
 import torch
@@ -352,6 +353,37 @@ def test_hybrid_recurrent_prefill_uses_the_parallel_form():
     assert_close(final[0], expected_final[0], "final kv")
 
 
+@fp32_hybrid_kernel
+@pytest.mark.parametrize("early", [True, False])
+@pytest.mark.parametrize("q_len, k_len, late", [(1, 40, 1), (17, 40, 5), (63, 63, 64), (70, 130, 7)])
+def test_hybrid_late_sinks_without_a_linear_term_run_in_one_kernel(monkeypatch, q_len, k_len, late, early):
+    """Late sinks (the keys the last `late` queries see instead of the sinks, as after a prefill's choice of
+    retrieval keys), padded rows: without a linear term, one forward kernel serves early and late queries (several
+    sink tiles each, the late queries starting within a query block or covering all of them) and gives the
+    reference's output and empty state; with one, two calls give the reference's output and state. The late rows
+    differ from those without late sinks (so the test can fail)."""
+    monkeypatch.setattr(hybrid, "BLOCK_SINKS", 16)
+    rand, window = Rand(q_len * 3 + k_len + late), 5
+    q, k, v, q_feat, k_feat, factor = hybrid_inputs(rand, q_len, k_len)
+    mask = left_padding_mask(k_len)
+    first = mask & (mask.cumsum(1) <= 3)
+    late_sinks = first | (mask & (torch.arange(k_len, device=DEVICE) % 3 == 0))  # the sinks and scattered keys
+    bounds = dict(max_sinks=5 if early else None, max_late_sinks=int(late_sinks.sum(1).max()) + 3)
+    kwargs = dict(key_mask=mask, sink_mask=first if early else None, output_final_state=True, **bounds)
+    for features in (0, FEAT):
+        inputs = [q, k, v, q_feat[..., :features], k_feat[..., :features], factor]
+        late_kwargs = dict(kwargs, late_sink_mask=late_sinks, late_queries=late)
+        expected, expected_state = reference_hybrid(*as_fp64(inputs), window, **late_kwargs)
+        without, _ = reference_hybrid(*as_fp64(inputs), window, **kwargs)
+        assert not torch.allclose(expected[:, -late:], without[:, -late:])
+        with patch.object(hybrid, "_hybrid_fwd", wraps=hybrid._hybrid_fwd) as forward:
+            o, final = hybrid.hybrid_attention(*inputs, window, **late_kwargs)
+        assert forward.call_count == (2 if features and late < q_len else 1)
+        assert_close(o, expected, f"o, {features} features")
+        for got, want in zip(final, expected_state):
+            assert_close(got, want, f"state, {features} features")
+
+
 # --- input validation -----------------------------------------------------------------------------------------------
 
 
@@ -367,6 +399,11 @@ def bad_calls():
     yield "hybrid_attention", (q, k, v, qf, kf[:, :, :1], window_factor, 2), {}
     yield "hybrid_attention", (q, k, v, qf, kf, window_factor[:1], 2), {}
     yield "hybrid_attention", (q, k, v, qf, kf, window_factor, 2), dict(initial_state=state[0])
+    sinks = torch.ones(B, 5, dtype=torch.bool, device=DEVICE)
+    for features in (qf, kf), (qf[..., :0], kf[..., :0]):  # two calls, one kernel
+        args = (q, k, v, *features, window_factor, 2)
+        yield "hybrid_attention", args, dict(late_sink_mask=sinks[:, :4], late_queries=2)
+        yield "hybrid_attention", args, dict(late_sink_mask=sinks, late_queries=0)
     yield (
         "hybrid_attention_recurrent",
         (q[:, :1], k, v, qf[:, :1], kf, window_factor, 2),

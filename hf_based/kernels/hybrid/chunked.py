@@ -23,6 +23,7 @@ from hf_based.kernels.hybrid.reference import (
     check_inputs,
     hybrid_attention,
     hybrid_attention_recurrent,
+    with_late_sinks,
 )
 from hf_based.kernels.softmax.cpu import softmax_attention_sdpa
 from hf_based.kernels.softmax.reference import normalise, stable_exp
@@ -31,6 +32,7 @@ CHUNK = 64  # the fastest of 16, 32, 64 and 128 at window 64, 1k and 4k tokens (
 MAX_SCORES = 2**24  # 64 MiB of fp32 scores, a few such tensors at a time
 
 
+@with_late_sinks
 def hybrid_attention_chunked(
     q: torch.Tensor,
     k: torch.Tensor,

@@ -12,14 +12,20 @@ the *next* query, j < Tk - (window - 1); the caller keeps the last window - 1 ra
 
 Attention sinks (`sink_mask` [B, Tk]): a sink key j moves from O to W for every query p >= j, the window's softmax
 sees it however old it is, and it never enters the linear part or the state (the caller keeps its raw key and value
-instead). The max c then runs over the sinks too.
+instead). The max c then runs over the sinks too. Late sinks (`late_sink_mask`, `late_queries`): the last
+`late_queries` queries see the keys of `late_sink_mask` as their sinks instead of those of `sink_mask` (a cache whose
+kept keys change at the end of a prefill: the queries after the change see the new ones), and the final state leaves
+out the late sinks.
 """
+
+import functools
 
 import torch
 
 from hf_based.kernels._checks import (
     accumulation_dtype,
     check_attention_inputs,
+    check_positive_int,
     check_shape,
     check_window,
     prepare_state,
@@ -40,6 +46,43 @@ def check_inputs(q, k, v, q_feat, k_feat, window_factor, window, key_mask, sink_
     if sink_mask is not None:
         check_shape("sink_mask", sink_mask, "batch, time", (batch, k_len))
     return num_features
+
+
+def check_late_sinks(q, k, v, q_feat, k_feat, window_factor, window, key_mask, sink_mask, late_sink_mask, late_queries):
+    """Validate the arguments of a call with late sinks."""
+    check_inputs(q, k, v, q_feat, k_feat, window_factor, window, key_mask, sink_mask)
+    check_shape("late_sink_mask", late_sink_mask, "batch, time", k.shape[:2])
+    check_positive_int("late_queries", late_queries, " (the last queries, which see late_sink_mask)")
+
+
+def with_late_sinks(op):
+    """`op`, a parallel form without late sinks, given them as two calls of itself: the last `late_queries` queries
+    with `late_sink_mask` as their sinks (this call gives the final state), then every query with `sink_mask`, of
+    which the rows before the late ones are kept (the queries are the last keys: the earlier rows cannot go alone)."""
+
+    @functools.wraps(op)
+    def hybrid_attention(
+        q, k, v, q_feat, k_feat, window_factor, window, key_mask=None, initial_state=None, output_final_state=False,
+        scale=None, sink_mask=None, max_sinks=None, late_sink_mask=None, late_queries=0, max_late_sinks=None, **options,
+    ):  # fmt: skip
+        def run(rows: slice, **kwargs):
+            common = dict(key_mask=key_mask, initial_state=initial_state, scale=scale, **options)
+            return op(q[:, rows], k, v, q_feat[:, rows], k_feat, window_factor, window, **common, **kwargs)
+
+        if late_sink_mask is None:
+            return run(slice(None), output_final_state=output_final_state, sink_mask=sink_mask, max_sinks=max_sinks)
+        check_late_sinks(
+            q, k, v, q_feat, k_feat, window_factor, window, key_mask, sink_mask, late_sink_mask, late_queries
+        )
+        first_late = max(q.shape[1] - late_queries, 0)
+        late = slice(first_late, None)
+        o, final = run(late, output_final_state=output_final_state, sink_mask=late_sink_mask, max_sinks=max_late_sinks)
+        if first_late:
+            early = run(slice(None), sink_mask=sink_mask, max_sinks=max_sinks)[0]
+            o = torch.cat([early[:, :first_late], o], 1)
+        return o, final
+
+    return hybrid_attention
 
 
 def _prepare(q, k, v, q_feat, k_feat, window_factor, window, key_mask, sink_mask, initial_state, scale):
@@ -69,6 +112,7 @@ def _final_state(kv, z, k_feat, v, window, folded=0):
     return fold_keys(kv, z, k_feat[:, folded:end], v[:, folded:end])
 
 
+@with_late_sinks
 def hybrid_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -91,7 +135,9 @@ def hybrid_attention(
     window: int >= 1; key_mask: [B, Tk] or None; initial_state: (kv [B, H, F, Dv], z [B, H, F]) or None;
     sink_mask: [B, Tk] bool or None, the attention sinks (see the module docstring); max_sinks: None or at least the
     most sinks of any row (as flash-attention's max_seqlen: the kernels then size their sink tiles without reading
-    the count on the host; the reference has no use for it).
+    the count on the host; the reference has no use for it); late_sink_mask [B, Tk] bool or None, late_queries and
+    max_late_sinks (see `with_late_sinks`): the sinks of the last `late_queries` queries instead, at most
+    `max_late_sinks` a row.
     Returns (o [B, Tq, H, Dv] in v.dtype, final state or None).
     """
     out_dtype = v.dtype

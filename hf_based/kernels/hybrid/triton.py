@@ -21,7 +21,8 @@ import triton
 import triton.language as tl
 
 from hf_based.kernels._checks import check_attention_inputs, check_shape, check_window, kernel_dtype, prepare_state
-from hf_based.kernels.hybrid.chunked import gather_sinks, hybrid_attention_chunked
+from hf_based.kernels.hybrid.chunked import first_positions, gather_keys, hybrid_attention_chunked
+from hf_based.kernels.hybrid.reference import check_late_sinks, with_late_sinks
 from hf_based.kernels.hybrid.reference import hybrid_attention as hybrid_attention_reference
 from hf_based.kernels.softmax.triton import (
     LOG2E,
@@ -125,12 +126,33 @@ def hybrid_state_fwd_kernel(
 
 
 @triton.jit
+def sink_tiles(
+    acc, l_i, m_i, rows, s_lo, s_hi, q, p, SP, SK, SV, stride_skt, stride_svt, D, Dv, window, qk_scale,
+    BS: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """Sinks [s_lo, s_hi) of a row (keys SK, values SV, positions SP, -1 for none) into the online softmax of the
+    queries at key positions p where `rows` holds, for those the sink is older than the window of."""
+    d = tl.arange(0, BD)
+    e = tl.arange(0, BV)
+    for s0 in range(s_lo, s_hi, BS):
+        js = s0 + tl.arange(0, BS)
+        pos = tl.load(SP + js, mask=js < s_hi, other=-1)
+        listed = js[:, None] < s_hi
+        sk = tl.load(SK + js[:, None] * stride_skt + d[None, :], mask=listed & (d[None, :] < D), other=0.0)
+        sv = tl.load(SV + js[:, None] * stride_svt + e[None, :], mask=listed & (e[None, :] < Dv), other=0.0)
+        s = tl.dot(q, tl.trans(sk), input_precision=DOT_PRECISION) * qk_scale  # [BT, BS]
+        seen = rows[:, None] & (pos[None, :] >= 0) & (pos[None, :] <= p[:, None] - window)
+        acc, l_i, m_i = online_softmax_tile(acc, l_i, m_i, tl.where(seen, s, float("-inf")), sv, DOT_PRECISION)
+    return acc, l_i, m_i
+
+
+@triton.jit
 def hybrid_fwd_kernel(
     Q, K, V, QF, KF, M, WINDOW_FACTOR, HS, ZS, O, O32, C, DEN, IDX, SP, SK, SV,
     stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
     stride_qfb, stride_qft, stride_qfh, stride_kfb, stride_kft, stride_kfh, stride_ob, stride_ot, stride_oh,
     stride_skb, stride_skt, stride_skh, stride_svb, stride_svt, stride_svh,
-    H, G, Tq, Tk, D, Dv, F, S, window, qk_scale,
+    H, G, Tq, Tk, D, Dv, F, S, S_EARLY, LATE, window, qk_scale,
     BT: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr, BK: tl.constexpr, BS: tl.constexpr,
     HAS_MASK: tl.constexpr, HAS_SINKS: tl.constexpr, HAS_FEATURES: tl.constexpr, SPLIT: tl.constexpr,
     STORE_O32: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -139,7 +161,8 @@ def hybrid_fwd_kernel(
     rounding the gradient of the window factor w would amplify: d o / d w = (window average - o) * (window weight)
     / den. With HAS_SINKS (forward only: C and IDX then leave them out), the softmax also runs over the S sinks of
     the row, keys SK / values SV [B, S, Hkv, .] at key positions SP [B, S] (-1: none), for the queries they are older
-    than the window of; the host zeroes their features. Without HAS_FEATURES (F = 0) there is no linear part."""
+    than the window of; the host zeroes their features. The queries from LATE on (late queries; Tq: none) see sinks
+    [S_EARLY, S) instead of [0, S_EARLY). Without HAS_FEATURES (F = 0) there is no linear part."""
     i_m, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = (i_bh // H).to(tl.int64), i_bh % H
     NQ = tl.num_programs(0)
@@ -173,17 +196,15 @@ def hybrid_fwd_kernel(
     acc, l_i, m_i, idx = softmax_fwd_tiles(
         acc, l_i, m_i, idx, *args, hi, n, window, qk_scale, BT, BD, BV, True, HAS_MASK, True, True, DOT_PRECISION
     )
-    if HAS_SINKS:
-        for s0 in range(0, S, BS):
-            js = s0 + tl.arange(0, BS)
-            pos = tl.load(SP + i_b * S + js, mask=js < S, other=-1)
-            sk_ptrs = SK + i_b * stride_skb + (i_h // G) * stride_skh + js[:, None] * stride_skt + d[None, :]
-            sv_ptrs = SV + i_b * stride_svb + (i_h // G) * stride_svh + js[:, None] * stride_svt + e[None, :]
-            sk = tl.load(sk_ptrs, mask=(js[:, None] < S) & (d[None, :] < D), other=0.0)
-            sv = tl.load(sv_ptrs, mask=(js[:, None] < S) & (e[None, :] < Dv), other=0.0)
-            s = tl.dot(q, tl.trans(sk), input_precision=DOT_PRECISION) * qk_scale  # [BT, BS]
-            s = tl.where((pos[None, :] >= 0) & (pos[None, :] <= off + i[:, None] - window), s, float("-inf"))
-            acc, l_i, m_i = online_softmax_tile(acc, l_i, m_i, s, sv, DOT_PRECISION)
+    if HAS_SINKS:  # sinks [0, S_EARLY) for the queries before LATE, [S_EARLY, S) for the others
+        SP += i_b * S
+        SK += i_b * stride_skb + (i_h // G) * stride_skh
+        SV += i_b * stride_svb + (i_h // G) * stride_svh
+        sinks = (q, off + i, SP, SK, SV, stride_skt, stride_svt, D, Dv, window, qk_scale)
+        if i_m * BT < LATE:
+            acc, l_i, m_i = sink_tiles(acc, l_i, m_i, i < LATE, 0, S_EARLY, *sinks, BS, BD, BV, DOT_PRECISION)
+        if i_m * BT + BT > LATE:
+            acc, l_i, m_i = sink_tiles(acc, l_i, m_i, i >= LATE, S_EARLY, S, *sinks, BS, BD, BV, DOT_PRECISION)
     c = tl.where(l_i > 0, m_i, 0.0)  # an empty window has no c: 0 keeps the backward's exp2(s - c) finite
     window_factor = tl.load(WINDOW_FACTOR + i_h)
     acc *= window_factor
@@ -602,8 +623,8 @@ def _hybrid_fwd(
     q, k, v, qf, kf, window_factor, kv0, z0, window, key_mask, scale, output_final_state, keep_fp32, sinks=None
 ):
     """-> o, o in fp32 (o itself if fp32; None unless keep_fp32), c, den, idx [B, H, Tq], final state or None.
-    sinks: (positions [B, S] int32, -1 for none; keys [B, S, Hkv, D]; values [B, S, Hkv, Dv]) or None, forward only;
-    kf must be zero at the sinks."""
+    sinks: (positions [B, S] int32, -1 for none; keys [B, S, Hkv, D]; values [B, S, Hkv, Dv]; the early queries'
+    count S_EARLY, the first late query) or None, forward only (see hybrid_fwd_kernel); kf must be zero at the sinks."""
     B, Tq, H, D = q.shape
     Tk, Hkv, Dv, F = k.shape[1], k.shape[2], v.shape[-1], qf.shape[-1]
     BT, NQ, b0, m_min = _hybrid_layout(q, k, window)
@@ -614,11 +635,11 @@ def _hybrid_fwd(
     idx = torch.empty(B, H, Tq, dtype=torch.int32, device=q.device)
     mask, has_mask = key_mask_arg(key_mask, q)
     BD, BV = block_size(D), block_size(Dv)
-    sink_pos, sink_k, sink_v = sinks if sinks is not None else (mask, k[:, :0], v[:, :0])
+    sink_pos, sink_k, sink_v, early, first_late = sinks if sinks is not None else (mask, k[:, :0], v[:, :0], 0, Tq)
     hybrid_fwd_kernel[(NQ, B * H)](
         q, k, v, qf, kf, mask, window_factor, hs, zs, o, o if o32 is None else o32, c, den, idx, sink_pos, sink_k,
         sink_v, *bth_strides(q, k, v, qf, kf, o, sink_k, sink_v),
-        H, H // Hkv, Tq, Tk, D, Dv, F, sink_k.shape[1], window, scale * LOG2E,
+        H, H // Hkv, Tq, Tk, D, Dv, F, sink_k.shape[1], early, first_late, window, scale * LOG2E,
         BT=BT, BD=BD, BV=BV, BK=block_size(F, BLOCK_K), BS=block_size(sink_k.shape[1], BLOCK_SINKS), HAS_MASK=has_mask,
         HAS_SINKS=sinks is not None, HAS_FEATURES=F > 0, SPLIT=split_loops(window),
         STORE_O32=o32 is not None and o32 is not o,
@@ -711,12 +732,26 @@ def _without_sink_features(k_feat, sink_mask):
     return k_feat * (sink_mask == 0)[:, :, None, None] if k_feat.shape[-1] else k_feat
 
 
-def hybrid_attention(
+def _gathered_sinks(k, v, key_mask, lists):
+    """The real keys of each (mask [B, Tk], bound on a row's count or None: read on the host) in `lists`, gathered
+    list after list: (positions [B, S] int32, -1 past a row's own; keys [B, S, Hkv, D]; values [B, S, Hkv, Dv];
+    the length of each list)."""
+    found = []
+    for mask, bound in lists:
+        real = mask.bool() & key_mask.bool() if key_mask is not None else mask.bool()
+        found.append(first_positions(real, int(real.sum(1).max()) if bound is None else bound))
+    position, taken = (torch.cat(x, 1) if len(x) > 1 else x[0] for x in zip(*found))
+    lengths = [p.shape[1] for p, _ in found]
+    keys, values = gather_keys(k, position), gather_keys(v, position)
+    return torch.where(taken, position, -1).to(torch.int32).contiguous(), keys, values, lengths
+
+
+def _hybrid_attention(
     q, k, v, q_feat, k_feat, window_factor, window, key_mask=None, initial_state=None, output_final_state=False,
-    scale=None, sink_mask=None, max_sinks=None,
+    scale=None, sink_mask=None, max_sinks=None, late=None,
 ):
-    """Triton twin of the reference `hybrid_attention` (same arguments, result, errors). The backward kernels have
-    no sinks: with a `sink_mask` and gradients to compute, the blockwise PyTorch form runs instead."""
+    """hybrid_attention without late sinks, except `late` = (late_sink_mask, late_queries, max_late_sinks) where
+    one forward kernel computes them (no features, no gradients: see `one_kernel_for_late_sinks`)."""
     kv0, z0 = _check_hybrid(q, k, v, q_feat, k_feat, window_factor, window, key_mask, initial_state)
     if sink_mask is not None and needs_grad(q, k, v, q_feat, k_feat, window_factor, *(initial_state or ())):
         return hybrid_attention_chunked(
@@ -734,11 +769,16 @@ def hybrid_attention(
     q, k, v, q_feat, k_feat = (kernel_layout(x.to(dtype)) for x in (q, k, v, q_feat, k_feat))
     window_factor = window_factor.float()
     kv0, z0 = (None, None) if kv0 is None else (kv0.contiguous(), z0.contiguous())
-    if sink_mask is not None:
-        k_feat = _without_sink_features(k_feat, sink_mask)
-        sink = sink_mask.bool() & (key_mask.bool() if key_mask is not None else True)
-        position, sink_k, sink_v, real = gather_sinks(sink, k, v, max_sinks)
-        sinks = (torch.where(real, position, -1).to(torch.int32).contiguous(), sink_k, sink_v)
+    if sink_mask is not None or late is not None:
+        k_feat = _without_sink_features(k_feat, sink_mask) if sink_mask is not None else k_feat
+        lists, first_late = ([(sink_mask, max_sinks)] if sink_mask is not None else []), q.shape[1]
+        if late is not None:
+            late_sink_mask, late_queries, max_late_sinks = late
+            lists.append((late_sink_mask, max_late_sinks))
+            first_late = max(q.shape[1] - late_queries, 0)
+        position, sink_k, sink_v, lengths = _gathered_sinks(k, v, key_mask, lists)
+        early = lengths[0] if sink_mask is not None else 0
+        sinks = (position, sink_k, sink_v, early, first_late)
         o, _, _, _, _, final = _hybrid_fwd(
             q, k, v, q_feat, k_feat, window_factor, kv0, z0, window, key_mask, scale, output_final_state, False, sinks
         )
@@ -749,6 +789,35 @@ def hybrid_attention(
     if output_final_state:
         return out[0].to(out_dtype), (out[1], out[2])
     return out.to(out_dtype), None
+
+
+_hybrid_attention_two_calls = with_late_sinks(_hybrid_attention)
+
+
+def one_kernel_for_late_sinks(q, k, v, q_feat, k_feat, window_factor, initial_state) -> bool:
+    """Whether late sinks run in one forward kernel (a prefill without a linear term: F = 0, no gradients, a dtype
+    the kernels take), rather than as two calls: with features, the linear part and the state of the late queries
+    leave out other keys than the early ones'."""
+    tensors = (q, k, v, q_feat, k_feat, window_factor, *(initial_state or ()))
+    dtype = kernel_dtype(q, k, v, q_feat, k_feat)
+    return not q_feat.shape[-1] and not needs_grad(*tensors) and not runs_reference(dtype, q.device)
+
+
+def hybrid_attention(
+    q, k, v, q_feat, k_feat, window_factor, window, key_mask=None, initial_state=None, output_final_state=False,
+    scale=None, sink_mask=None, max_sinks=None, late_sink_mask=None, late_queries=0, max_late_sinks=None,
+):
+    """Triton twin of the reference `hybrid_attention` (same arguments, result, errors). The backward kernels have
+    no sinks: with a `sink_mask` and gradients to compute, the blockwise PyTorch form runs instead. Late sinks run in
+    the forward kernel beside the others where `one_kernel_for_late_sinks`, else as two calls."""
+    args = (q, k, v, q_feat, k_feat, window_factor, window, key_mask, initial_state, output_final_state, scale)
+    if late_sink_mask is None:
+        return _hybrid_attention(*args, sink_mask, max_sinks)
+    check_late_sinks(q, k, v, q_feat, k_feat, window_factor, window, key_mask, sink_mask, late_sink_mask, late_queries)
+    if not one_kernel_for_late_sinks(q, k, v, q_feat, k_feat, window_factor, initial_state):
+        late = dict(late_sink_mask=late_sink_mask, late_queries=late_queries, max_late_sinks=max_late_sinks)
+        return _hybrid_attention_two_calls(*args, sink_mask, max_sinks, **late)
+    return _hybrid_attention(*args, sink_mask, max_sinks, late=(late_sink_mask, late_queries, max_late_sinks))
 
 
 def hybrid_attention_recurrent(
