@@ -508,6 +508,22 @@ def test_hybrid_attention_sinks_match_naive(length, window):
         close(state, expected_state)
 
 
+@pytest.mark.parametrize("length, count", [(1, 1), (7, 3), (63, 64), (300, 64)])
+def test_first_positions_are_each_rows_first_true_entries(length, count):
+    """Rows with more, fewer and no True entries than `count`: the positions of the first `count` in order, marked
+    taken; the rest (up to count, or the row's length if shorter) marked not taken, at valid positions (the slots
+    and sink lists gather there)."""
+    mask = torch.rand(4, length, generator=torch.Generator().manual_seed(length)) < 0.3
+    mask[1], mask[2, : length // 2] = False, True
+    positions, taken = chunked.first_positions(mask, count)
+    width = min(count, length)
+    for row, pos, took in zip(mask, positions, taken):
+        expected = row.nonzero().flatten()[:count].tolist()
+        assert pos[: len(expected)].tolist() == expected
+        assert took.tolist() == [True] * len(expected) + [False] * (width - len(expected))
+    assert positions.shape == (4, width) and 0 <= positions.min() and positions.max() < length
+
+
 @pytest.mark.parametrize("late", [1, 5, 400])
 @pytest.mark.parametrize("length", LENGTHS)
 def test_hybrid_attention_late_sinks_match_naive(length, late):

@@ -133,7 +133,7 @@ def gather_sinks(sink: torch.Tensor, k: torch.Tensor, v: torch.Tensor, count: in
 
 def first_positions(mask: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The positions of the first `count` True entries of each row of mask [B, T], in order, and whether each is one
-    ([B, count] each; a row with fewer fills the rest with other positions, marked False)."""
+    ([B, min(count, T)] each; a row with fewer fills the rest with other positions, marked False)."""
     first, pos = torch.sort(mask.to(torch.uint8), dim=1, descending=True, stable=True)
     return pos[:, :count], first[:, :count].bool()
 
