@@ -11,7 +11,9 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from hf_based import BasedCache, BasedConfig, BasedForCausalLM, preset_config
+from hf_based.kernels import softmax_attention
 from hf_based.kernels.retrieval.reference import RETRIEVAL_QUERIES
+from hf_based.modeling import modeling_based
 from hf_based.modeling.cache import BasedHybridLayer
 from hf_based.modeling.compat import CACHE_FIELD
 from hf_based.modeling.prefill_graphs import copy_layers
@@ -386,6 +388,30 @@ def test_cache_layers():
     hybrid, full = BasedCache(tiny_model("lolcats_mix").config).layers
     assert isinstance(hybrid, LinearAttentionLayer) and isinstance(hybrid, CacheLayerMixin)
     assert not full.is_compileable and hybrid.is_compileable
+
+
+def test_a_first_prefill_without_padding_runs_softmax_layers_without_a_key_mask():
+    """A first update of the cache whose attention mask marks every token real: the softmax layer gets no key mask
+    (plain causal attention: SDPA's is_causal on a GPU) and gives the logits it gives with the mask; a padded batch
+    and later updates keep their masks."""
+    model = tiny_model("lolcats_mix")
+    ids, ones = random_ids(2, 9), torch.ones(2, 9, dtype=torch.long)
+    padded = ones.clone()
+    padded[1, :3] = 0
+    unmasked = []
+
+    def spy(q, k, v, window=None, key_mask=None, scale=None):
+        unmasked.append(key_mask is None)
+        return softmax_attention(q, k, v, window=window, key_mask=key_mask, scale=scale)
+
+    with torch.no_grad(), patch.object(modeling_based, "softmax_attention", spy):
+        dense = model(ids, attention_mask=ones, cache=(cache := BasedCache(model.config)))
+        model(ids[:, :1], attention_mask=torch.ones(2, 10, dtype=torch.long), cache=cache)
+        model(ids, attention_mask=padded, cache=BasedCache(model.config))
+        with patch.object(modeling_based, "all_real", return_value=False):
+            masked = model(ids, attention_mask=ones, cache=BasedCache(model.config))
+    assert unmasked == [True, False, False, False]
+    assert_close(dense.logits, masked.logits)
 
 
 @pytest.mark.parametrize("name", ["based_mix", "lolcats_mix"])

@@ -15,6 +15,7 @@ feature map; `feature_maps.py` has BASED's Taylor map).
 (`opaque.py`).
 """
 
+from hf_based.kernels._checks import check_attention_inputs
 from hf_based.kernels.conv import reference as conv_reference
 from hf_based.kernels.dispatch import dispatched
 from hf_based.kernels.feature_maps import taylor_feature_map, taylor_num_features
@@ -32,7 +33,7 @@ from hf_based.kernels.opaque import (
 from hf_based.kernels.retrieval import reference as retrieval_reference
 from hf_based.kernels.rope import reference as rope_reference
 from hf_based.kernels.softmax import reference as softmax_reference
-from hf_based.kernels.softmax.cpu import softmax_attention_sdpa
+from hf_based.kernels.softmax.cpu import causal_attention_sdpa, plain_causal, softmax_attention_sdpa
 from hf_based.kernels.taylor import reference as taylor_reference
 
 
@@ -49,10 +50,14 @@ def _linear_triton():
     return triton
 
 
-def _softmax_triton():
+def _softmax_cuda(q, k, v, window=None, key_mask=None, scale=None):
+    """Plain causal attention through SDPA (see `softmax/cpu.py`), every other call through the Triton kernel."""
+    if plain_causal(q, k, window, key_mask) and v.dtype == q.dtype:
+        check_attention_inputs(q, k, v, key_mask)
+        return causal_attention_sdpa(q, k, v, scale)
     from hf_based.kernels.softmax import triton
 
-    return triton
+    return triton.softmax_attention(q, k, v, window, key_mask, scale)
 
 
 def _hybrid_triton():
@@ -108,7 +113,7 @@ linear_attention_recurrent = dispatched(
 )
 softmax_attention = dispatched(
     softmax_reference.softmax_attention,
-    lambda: _softmax_triton().softmax_attention,
+    lambda: _softmax_cuda,
     cpu=softmax_attention_sdpa,
     opaque=opaque_softmax_attention,
 )

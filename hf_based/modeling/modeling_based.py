@@ -82,6 +82,11 @@ def residual_projection(linear: nn.Linear) -> nn.Linear:
     return linear
 
 
+def real_keys(key_mask: torch.Tensor | None, keys: torch.Tensor) -> torch.Tensor:
+    """The key mask [B, T], or every key real where there is none (what a cache keeps beside its keys)."""
+    return key_mask if key_mask is not None else torch.ones(keys.shape[:2], dtype=torch.bool, device=keys.device)
+
+
 def repeat_kv(x: torch.Tensor, num_groups: int) -> torch.Tensor:
     """[B, T, Hkv, D] -> [B, T, Hkv * num_groups, D], each kv head serving `num_groups` query heads."""
     return x if num_groups == 1 else x.repeat_interleave(num_groups, dim=2)
@@ -204,7 +209,9 @@ class BasedAttention(BasedAttentionBase):
     def forward(self, hidden_states, key_mask, position_embeddings, cache=None):
         q, k, v = self.project(hidden_states, position_embeddings)
         if cache is not None:
-            k, v, key_mask = cache.layers[self.layer_idx].update(k, v, key_mask)
+            k, v, cached_mask = cache.layers[self.layer_idx].update(k, v, real_keys(key_mask, k))
+            if key_mask is not None or k.shape[1] != q.shape[1]:  # else the new keys alone, none padded: no mask
+                key_mask = cached_mask
         return self.out(softmax_attention(q, k, v, window=self.window, key_mask=key_mask))
 
 
@@ -262,7 +269,7 @@ class BasedHybridAttention(BasedAttentionBase):
             initial_state = layer.state()
             choosing = min(q.shape[1], RETRIEVAL_QUERIES)  # the last queries, which choose the retrieval keys
             key_scores = (lambda keys, mask: retrieval_scores(q[:, -choosing:], keys, mask)) if q.shape[1] > 1 else None
-            k, v, key_mask, kept = layer.update_with_sinks(k, v, key_mask, key_scores)
+            k, v, key_mask, kept = layer.update_with_sinks(k, v, real_keys(key_mask, k), key_scores)
             if kept is not None:
                 sinks = {"sink_mask": kept.mask, "max_sinks": kept.count}
             if kept is not None and kept.chosen is not None:
@@ -271,8 +278,7 @@ class BasedHybridAttention(BasedAttentionBase):
                 late_queries, most = max(self.window, RETRIEVAL_QUERIES), layer.sinks + layer.retrieval
                 sinks |= {"late_sink_mask": kept.chosen, "late_queries": late_queries, "max_late_sinks": most}
         elif self.sinks:
-            real = key_mask if key_mask is not None else torch.ones(k.shape[:2], dtype=torch.bool, device=k.device)
-            sinks["sink_mask"] = attention_sinks(real.bool(), self.sinks)
+            sinks["sink_mask"] = attention_sinks(real_keys(key_mask, k).bool(), self.sinks)
         q_feat, k_feat = self.features(q, k)
         op = hybrid_attention
         if initial_state is not None and q.shape[1] == 1:
@@ -454,6 +460,14 @@ class BasedPreTrainedModel(PreTrainedModel):
             Path(save_directory, filename).write_text(source)
 
 
+def all_real(key_mask: torch.Tensor) -> bool:
+    """Whether a key mask marks every key real, read on the host as transformers' SDPA masks are; False while
+    compiling or capturing a CUDA graph, where the read is not allowed."""
+    if torch.compiler.is_compiling() or (key_mask.is_cuda and torch.cuda.is_current_stream_capturing()):
+        return False
+    return bool(key_mask.all())
+
+
 def check_input_shapes(input_shape: tuple[int, int], attention_mask: torch.Tensor | None, past: int) -> None:
     """ValueError for an input without tokens, or a padding mask that is not [batch, past + time]: plain shape
     checks, before any tensor is computed (a mask of another length would silently shift every position)."""
@@ -529,7 +543,9 @@ class BasedModel(BasedPreTrainedModel):
                 position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -length:]
             else:
                 position_ids = torch.arange(past, past + length, device=inputs_embeds.device)[None]
-        if key_mask is None and cache is not None:
+        if key_mask is not None and length > 1 and past == 0 and all_real(key_mask):  # a decode step stops at length
+            key_mask = None  # no padding: softmax layers run plain causal attention (caches make their own masks)
+        if key_mask is None and cache is not None and past > 0:
             key_mask = torch.ones(batch, length, dtype=torch.bool, device=inputs_embeds.device)
 
         hidden_states = inputs_embeds

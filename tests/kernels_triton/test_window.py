@@ -12,10 +12,13 @@ import pytest
 import torch
 from triton_helpers import DEVICE, Rand, left_padding_mask
 
+import hf_based.kernels as kernels
+from hf_based.kernels import dispatch
 from hf_based.kernels.hybrid import triton as hybrid
 from hf_based.kernels.hybrid.reference import hybrid_attention as reference_hybrid
 from hf_based.kernels.hybrid.reference import hybrid_attention_recurrent as reference_hybrid_recurrent
 from hf_based.kernels.softmax import triton as softmax
+from hf_based.kernels.softmax.cpu import plain_causal
 from hf_based.kernels.softmax.reference import softmax_attention as reference_softmax
 
 B, H, HKV, D, DV, FEAT = 2, 4, 2, 16, 32, 16
@@ -163,6 +166,41 @@ def test_key_splits_only_when_programs_leave_the_gpu_idle():
         assert softmax.key_splits(9, 129, gpu) == 30  # batch 1, 9 heads over 8k keys: ~2 programs per SM
         assert softmax.key_splits(576, 129, gpu) == 1  # batch 64
         assert softmax.key_splits(9, 3, gpu) == 1  # a 64-key window
+
+
+def test_plain_causal_attention_runs_sdpa_on_the_gpu_route(monkeypatch):
+    """The dispatched op's GPU route: plain causal attention in 16 bits (no window, no key mask, as many queries as
+    keys; GQA) goes to SDPA's is_causal and gives the reference's output; a key mask, a window, fewer queries than
+    keys or fp32 go to the Triton kernel. fp16 (the interpreter cannot run bf16 kernels; bf16 takes the same route)."""
+    monkeypatch.setattr(dispatch, "use_triton", lambda x: True)
+    rand = Rand(13)
+    q, k, v = rand.normal(B, 37, H, D), rand.normal(B, 37, HKV, D), rand.normal(B, 37, HKV, DV)
+    calls = []
+    monkeypatch.setattr(kernels, "causal_attention_sdpa", wraps(kernels.causal_attention_sdpa, calls, "sdpa"))
+    monkeypatch.setattr(softmax, "softmax_attention", wraps(softmax.softmax_attention, calls, "triton"))
+    cases = [
+        ((q, k, v), {}, "sdpa"),
+        ((q, k, v), dict(key_mask=left_padding_mask(37)), "triton"),
+        ((q, k, v), dict(window=5), "triton"),
+        ((q[:, -9:], k, v), {}, "triton"),
+    ]
+    for inputs, kwargs, route in cases:
+        calls.clear()
+        o = kernels.softmax_attention(*(x.half() for x in inputs), **kwargs)
+        assert calls == [route]
+        assert_close(o, reference_softmax(*as_fp64(inputs), **kwargs), route, tol=1e-2)
+    calls.clear()
+    kernels.softmax_attention(q, k, v)
+    assert calls == ["triton"]  # fp32
+    assert plain_causal(q.bfloat16(), k.bfloat16(), None, None)
+
+
+def wraps(fn, calls, name):
+    def call(*args, **kwargs):
+        calls.append(name)
+        return fn(*args, **kwargs)
+
+    return call
 
 
 # --- hybrid attention -----------------------------------------------------------------------------------------------
