@@ -33,7 +33,7 @@ from hf_based.kernels.hybrid import reference as hybrid_reference
 from hf_based.kernels.hybrid.chunked import hybrid_attention_chunked, hybrid_attention_recurrent_cpu
 from hf_based.kernels.retrieval import reference as retrieval_reference
 from hf_based.kernels.retrieval.reference import KEPT_AFTER, KEPT_BEFORE, pool_neighbours
-from hf_based.kernels.softmax.cpu import softmax_attention_sdpa
+from hf_based.kernels.softmax.cpu import sdpa_over, softmax_attention_sdpa
 from hf_based.kernels.softmax.reference import softmax_attention as softmax_attention_reference
 
 LENGTHS = (1, 7, 63, 300)
@@ -481,7 +481,7 @@ def test_hybrid_decode_step_without_features_runs_sdpa_on_cpu(length, window, si
 
     expected = outputs_and_grads(hybrid_reference.hybrid_attention_recurrent)
     close(outputs_and_grads(hybrid_attention_recurrent_cpu), expected)
-    with patch.object(chunked, "softmax_attention_sdpa", wraps=softmax_attention_sdpa) as sdpa:
+    with patch.object(chunked, "sdpa_over", wraps=sdpa_over) as sdpa:
         close(outputs_and_grads(hybrid_attention_recurrent), expected)
     assert sdpa.call_count == 1
 
@@ -556,6 +556,30 @@ def test_hybrid_attention_late_sinks_match_naive(length, late):
     close(reference[0], (expected, *expected_state))
     for op in (*HYBRID_PARALLEL[1:], hybrid_attention):
         close(outputs_and_grads(op), reference)
+
+
+@pytest.mark.parametrize("late", [0, 5])
+@pytest.mark.parametrize("length", LENGTHS)
+def test_hybrid_prefill_without_features_runs_sdpa_on_cpu(length, late):
+    """The CPU path without a linear term (F = 0) and without gradients, as a converted model's prefill: softmax over
+    each query's window and sinks (and the late queries' own sinks) through SDPA, padded rows, GQA, cached keys: the
+    reference's output and empty state. With gradients it takes the reference's forms."""
+    rand, window, prefix = Rand(length + late + 3), 3, 12
+    x = hybrid_inputs(rand, length, length + prefix)
+    x["q_feat"], x["k_feat"] = x["q_feat"][..., :0], x["k_feat"][..., :0]
+    mask = left_padding_mask(length + prefix)
+    state = x["q"].new_zeros(2, H, 0, DV), x["q"].new_zeros(2, H, 0)
+    kwargs = dict(window=window, key_mask=mask, initial_state=state, output_final_state=True)
+    kwargs["sink_mask"] = first_real_keys(mask, 2)
+    if late:
+        kwargs |= dict(late_sink_mask=kwargs["sink_mask"] | (torch.arange(length + prefix) % 4 == 1), late_queries=late)
+    expected = hybrid_reference.hybrid_attention(**x, **kwargs)
+    for grad in (False, True):
+        with torch.set_grad_enabled(grad), patch.object(chunked, "sdpa_over", wraps=sdpa_over) as sdpa:
+            inputs = {name: t.clone().requires_grad_(grad) for name, t in x.items()}
+            o, final = chunked.hybrid_attention_cpu(**inputs, **kwargs)
+        assert sdpa.call_count == (0 if grad else 1)
+        close((o, *final), (expected[0], *expected[1]))
 
 
 def test_cpu_inputs_go_to_the_cpu_path_unless_the_reference_is_asked_for(monkeypatch):

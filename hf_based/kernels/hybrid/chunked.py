@@ -21,12 +21,14 @@ from hf_based.kernels.hybrid.reference import (
     _final_state,
     _prepare,
     check_inputs,
+    check_late_sinks,
     hybrid_attention,
     hybrid_attention_recurrent,
     with_late_sinks,
 )
-from hf_based.kernels.softmax.cpu import softmax_attention_sdpa
-from hf_based.kernels.softmax.reference import normalise, stable_exp
+from hf_based.kernels.softmax.cpu import sdpa_over
+from hf_based.kernels.softmax.reference import key_distance, normalise, stable_exp
+from hf_based.kernels.triton_utils import needs_grad
 
 CHUNK = 64  # the fastest of 16, 32, 64 and 128 at window 64, 1k and 4k tokens (2-core CPU)
 MAX_SCORES = 2**24  # 64 MiB of fp32 scores, a few such tensors at a time
@@ -143,12 +145,52 @@ def gather_keys(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     return x.gather(1, positions[:, :, None, None].expand(-1, -1, *x.shape[2:]))
 
 
-def hybrid_attention_cpu(q, k, v, q_feat, k_feat, window_factor, window, *args, **kwargs):
-    """The CPU path: the reference up to 2 * (CHUNK + window) keys, where the quadratic form is as fast (at window 64
-    the blockwise form breaks even between 256 and 384 keys: benchmarks/results/cpu), the blockwise form beyond."""
+def hybrid_attention_cpu(
+    q, k, v, q_feat, k_feat, window_factor, window, key_mask=None, initial_state=None, output_final_state=False,
+    scale=None, sink_mask=None, max_sinks=None, late_sink_mask=None, late_queries=0, max_late_sinks=None,
+):  # fmt: skip
+    """The CPU path. Without a linear term and without gradients, softmax over each query's window and sinks through
+    torch's SDPA, while its [B, Tq, Tk] mask holds at most MAX_SCORES elements; otherwise the reference up to
+    2 * (CHUNK + window) keys, where the quadratic form is as fast (at window 64 the blockwise form breaks even
+    between 256 and 384 keys: benchmarks/results/cpu), the blockwise form beyond."""
+    state = dict(initial_state=initial_state, output_final_state=output_final_state)
+    sinks = dict(sink_mask=sink_mask, late_sink_mask=late_sink_mask, late_queries=late_queries)
+    inputs = (q, k, v, q_feat, k_feat, window_factor)
+    if not q_feat.shape[-1] and q.shape[0] * q.shape[1] * k.shape[1] <= MAX_SCORES and not needs_grad(*inputs):
+        return window_and_sinks_sdpa(*inputs, window, key_mask=key_mask, scale=scale, **state, **sinks)
     short = k.shape[1] <= 2 * (CHUNK + window)
     op = hybrid_attention if short else hybrid_attention_chunked
-    return op(q, k, v, q_feat, k_feat, window_factor, window, *args, **kwargs)
+    bounds = dict(max_sinks=max_sinks, max_late_sinks=max_late_sinks)
+    return op(*inputs, window, key_mask=key_mask, scale=scale, **state, **sinks, **bounds)
+
+
+def window_and_sinks_sdpa(
+    q, k, v, q_feat, k_feat, window_factor, window, key_mask=None, initial_state=None, output_final_state=False,
+    scale=None, sink_mask=None, late_sink_mask=None, late_queries=0,
+):  # fmt: skip
+    """Hybrid attention without a linear term (no features): softmax over each query's window and its sinks (the
+    window factor cancels), through torch's SDPA with the [B, Tq, Tk] mask of what each query sees, without the
+    reference's per-head copies of every key; the state stays empty."""
+    if late_sink_mask is None:
+        check_inputs(q, k, v, q_feat, k_feat, window_factor, window, key_mask, sink_mask)
+    else:
+        check_late_sinks(
+            q, k, v, q_feat, k_feat, window_factor, window, key_mask, sink_mask, late_sink_mask, late_queries
+        )
+    (batch, q_len, heads, _), k_len = q.shape, k.shape[1]
+    sinks = torch.zeros(batch, 1, k_len, dtype=torch.bool, device=q.device)
+    if sink_mask is not None:
+        sinks = sink_mask.bool()[:, None]
+    if late_sink_mask is not None:  # [B, Tq, Tk]: the last late_queries rows see the late sinks instead
+        late_rows = torch.arange(q_len, device=q.device)[:, None] >= q_len - late_queries
+        sinks = torch.where(late_rows, late_sink_mask.bool()[:, None], sinks)
+    distance = key_distance(q_len, k_len, q.device)
+    seen = (distance >= 0) & ((distance < window) | sinks)
+    if key_mask is not None:
+        seen = seen & key_mask.bool()[:, None]
+    o = sdpa_over(q, k, v, seen[:, None], scale)
+    state = prepare_state(initial_state, batch, heads, 0, v.shape[-1], accumulation_dtype(q, k, v), q.device)
+    return o, (tuple(x.clone() for x in state) if output_final_state else None)  # new tensors, as the reference's
 
 
 def hybrid_attention_recurrent_cpu(
@@ -165,20 +207,8 @@ def hybrid_attention_recurrent_cpu(
     scale=None,
     sink_mask=None,
 ):
-    """The CPU path of the decode step. Without a linear term (no features), one query's output is softmax attention
-    over its window and the sinks (the window factor cancels) and the state stays empty: torch's SDPA computes it
-    without the reference's copies of every key per query head. Otherwise the reference."""
-    if q.shape[1] != 1 or q_feat.shape[-1]:
-        args = (key_mask, initial_state, output_final_state, scale, sink_mask)
-        return hybrid_attention_recurrent(q, k, v, q_feat, k_feat, window_factor, window, *args)
-    check_inputs(q, k, v, q_feat, k_feat, window_factor, window, key_mask, sink_mask)
-    batch, _, heads, _ = q.shape
-    k_len = k.shape[1]
-    state = prepare_state(initial_state, batch, heads, 0, v.shape[-1], accumulation_dtype(q, k, v), q.device)
-    seen = (torch.arange(k_len, device=q.device) >= k_len - window).expand(batch, -1)  # the query is key Tk - 1
-    if sink_mask is not None:
-        seen = seen | sink_mask.bool()
-    if key_mask is not None:
-        seen = seen & key_mask.bool()
-    o = softmax_attention_sdpa(q, k, v, key_mask=seen, scale=scale)
-    return o, (tuple(x.clone() for x in state) if output_final_state else None)  # new tensors, as the reference's
+    """The CPU path of the decode step: without a linear term (no features), one query's output is softmax attention
+    over its window and the sinks (`window_and_sinks_sdpa`); otherwise the reference."""
+    args = (key_mask, initial_state, output_final_state, scale, sink_mask)
+    op = window_and_sinks_sdpa if q.shape[1] == 1 and not q_feat.shape[-1] else hybrid_attention_recurrent
+    return op(q, k, v, q_feat, k_feat, window_factor, window, *args)

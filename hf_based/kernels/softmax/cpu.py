@@ -44,7 +44,12 @@ def softmax_attention_sdpa(
     check_attention_inputs(q, k, v, key_mask)
     if window is not None:
         check_window(window)
-    visible = visible_keys(q.shape[1], k.shape[1], window, key_mask, q.device)
+    return sdpa_over(q, k, v, visible_keys(q.shape[1], k.shape[1], window, key_mask, q.device), scale)
+
+
+def sdpa_over(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torch.Tensor, scale: float | None):
+    """Softmax attention of [B, T, H, D] inputs over the keys `visible` marks ([Tq, Tk], or [B, 1, Tq, Tk]), in
+    the accumulation dtype."""
     # A query without a visible key (a padded position) would come out NaN: it reads key 0, then is zeroed.
     seen = visible.any(-1, keepdim=True)
     visible = visible | (~seen & (torch.arange(k.shape[1], device=q.device) == 0))
