@@ -16,7 +16,7 @@ from hf_based.kernels.retrieval.reference import RETRIEVAL_QUERIES
 from hf_based.modeling import modeling_based
 from hf_based.modeling.cache import BasedHybridLayer
 from hf_based.modeling.compat import CACHE_FIELD
-from hf_based.modeling.prefill_graphs import copy_layers
+from hf_based.modeling.prefill_graphs import PrefillGraphs, copy_layers
 
 VOCAB = 101
 WINDOW = 5
@@ -839,6 +839,16 @@ def test_prefill_graphs_refuse_a_cpu_model_and_a_bad_shape_count():
         model.enable_prefill_graphs()
     with pytest.raises(ValueError, match="max_shapes must be an int >= 1"):
         model.enable_prefill_graphs(max_shapes=0)
+
+
+def test_prefill_graphs_serve_a_mask_of_ones_as_no_mask():
+    """The graphs' key: a mask of ones is the unmasked prefill's (the eager forward drops it; a capture could not read
+    it), a padded mask of that shape its own."""
+    ids, ones = random_ids(2, 9), torch.ones(2, 9, dtype=torch.long)
+    padded = ones.clone()
+    padded[0, 0] = 0
+    keys = [PrefillGraphs._key(ids, mask, None, 1) for mask in (None, ones, padded)]
+    assert keys[0] == keys[1] != keys[2]
 
 
 def test_copied_cache_layers_hold_their_own_equal_tensors():

@@ -283,6 +283,14 @@ def attention_sinks(key_mask: torch.Tensor, count: int, seen: torch.Tensor | Non
     return key_mask & (rank <= count)
 
 
+def all_real(key_mask: torch.Tensor) -> bool:
+    """Whether a key mask marks every key real, read on the host as transformers' SDPA masks are; False while
+    compiling or capturing a CUDA graph, where the read is not allowed."""
+    if torch.compiler.is_compiling() or (key_mask.is_cuda and torch.cuda.is_current_stream_capturing()):
+        return False
+    return bool(key_mask.all())
+
+
 class KeptKeys(NamedTuple):
     """The keys older than the window that a hybrid update's queries attend to (masks [B, Tk] over its keys).
 

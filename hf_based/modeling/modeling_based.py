@@ -34,7 +34,7 @@ from hf_based.kernels import (
     taylor_linear_attention_recurrent,
 )
 from hf_based.kernels.retrieval.reference import RETRIEVAL_QUERIES
-from hf_based.modeling.cache import BasedCache, attention_sinks
+from hf_based.modeling.cache import BasedCache, all_real, attention_sinks
 from hf_based.modeling.compat import CACHE_FIELD
 from hf_based.modeling.configuration_based import BasedConfig
 from hf_based.modeling.prefill_graphs import PrefillGraphs
@@ -458,14 +458,6 @@ class BasedPreTrainedModel(PreTrainedModel):
             return
         for filename, source in REMOTE_CODE_FILES.items():
             Path(save_directory, filename).write_text(source)
-
-
-def all_real(key_mask: torch.Tensor) -> bool:
-    """Whether a key mask marks every key real, read on the host as transformers' SDPA masks are; False while
-    compiling or capturing a CUDA graph, where the read is not allowed."""
-    if torch.compiler.is_compiling() or (key_mask.is_cuda and torch.cuda.is_current_stream_capturing()):
-        return False
-    return bool(key_mask.all())
 
 
 def check_input_shapes(input_shape: tuple[int, int], attention_mask: torch.Tensor | None, past: int) -> None:

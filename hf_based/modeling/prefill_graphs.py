@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 import torch
 
-from hf_based.modeling.cache import BasedCache
+from hf_based.modeling.cache import BasedCache, all_real
 from hf_based.modeling.compat import CACHE_FIELD, output_cache
 
 
@@ -50,7 +50,7 @@ class PrefillGraphs:
     def _key(input_ids, attention_mask, position_ids, logits_to_keep) -> tuple:
         return (
             tuple(input_ids.shape),
-            None if attention_mask is None else tuple(attention_mask.shape),
+            None if attention_mask is None or all_real(attention_mask) else tuple(attention_mask.shape),
             None if position_ids is None else tuple(position_ids.shape),
             logits_to_keep,
         )
@@ -58,6 +58,9 @@ class PrefillGraphs:
     def __call__(self, input_ids, attention_mask, position_ids, cache, logits_to_keep):
         """The forward's output, from a replay (capturing this shape first if it is new)."""
         key = self._key(input_ids, attention_mask, position_ids, logits_to_keep)
+        # A mask of ones goes as none: the eager forward would drop it (plain causal attention), which a capture
+        # cannot decide, since it cannot read the mask; the warm-up and the capture then run the same kernels.
+        attention_mask = None if key[1] is None else attention_mask
         inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
         if key not in self.graphs:
             self.graphs[key] = self._capture({name: t.clone() for name, t in inputs.items() if t is not None}, key[-1])
