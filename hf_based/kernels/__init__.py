@@ -52,7 +52,7 @@ def _linear_triton():
 
 def _softmax_cuda(q, k, v, window=None, key_mask=None, scale=None):
     """Plain causal attention through SDPA (see `softmax/cpu.py`), every other call through the Triton kernel."""
-    if plain_causal(q, k, window, key_mask) and v.dtype == q.dtype:
+    if plain_causal(q, k, v, window, key_mask):
         check_attention_inputs(q, k, v, key_mask)
         return causal_attention_sdpa(q, k, v, scale)
     from hf_based.kernels.softmax import triton

@@ -272,11 +272,11 @@ class BasedHybridAttention(BasedAttentionBase):
             k, v, key_mask, kept = layer.update_with_sinks(k, v, real_keys(key_mask, k), key_scores)
             if kept is not None:
                 sinks = {"sink_mask": kept.mask, "max_sinks": kept.count}
-            if kept is not None and kept.chosen is not None:
-                # The prefill's last window of queries (and at least the choosing ones) sees the retrieval keys, as
-                # every later query will (from the cache); the earlier ones see only what was kept before.
-                late_queries, most = max(self.window, RETRIEVAL_QUERIES), layer.sinks + layer.retrieval
-                sinks |= {"late_sink_mask": kept.chosen, "late_queries": late_queries, "max_late_sinks": most}
+                if kept.chosen is not None:
+                    # The prefill's last window of queries (and at least the choosing ones) sees the retrieval keys,
+                    # as every later query will (from the cache); the earlier ones see only what was kept before.
+                    late_queries, most = max(self.window, RETRIEVAL_QUERIES), layer.sinks + layer.retrieval
+                    sinks |= {"late_sink_mask": kept.chosen, "late_queries": late_queries, "max_late_sinks": most}
         elif self.sinks:
             sinks["sink_mask"] = attention_sinks(real_keys(key_mask, k).bool(), self.sinks)
         q_feat, k_feat = self.features(q, k)

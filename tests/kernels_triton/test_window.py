@@ -192,7 +192,7 @@ def test_plain_causal_attention_runs_sdpa_on_the_gpu_route(monkeypatch):
     calls.clear()
     kernels.softmax_attention(q, k, v)
     assert calls == ["triton"]  # fp32
-    assert plain_causal(q.bfloat16(), k.bfloat16(), None, None)
+    assert plain_causal(q.bfloat16(), k.bfloat16(), v.bfloat16(), None, None)
 
 
 def wraps(fn, calls, name):

@@ -21,7 +21,7 @@ from hf_based.kernels.hybrid.reference import (
     _final_state,
     _prepare,
     check_inputs,
-    check_late_sinks,
+    check_late_arguments,
     hybrid_attention,
     hybrid_attention_recurrent,
     with_late_sinks,
@@ -171,12 +171,9 @@ def window_and_sinks_sdpa(
     """Hybrid attention without a linear term (no features): softmax over each query's window and its sinks (the
     window factor cancels), through torch's SDPA with the [B, Tq, Tk] mask of what each query sees, without the
     reference's per-head copies of every key; the state stays empty."""
-    if late_sink_mask is None:
-        check_inputs(q, k, v, q_feat, k_feat, window_factor, window, key_mask, sink_mask)
-    else:
-        check_late_sinks(
-            q, k, v, q_feat, k_feat, window_factor, window, key_mask, sink_mask, late_sink_mask, late_queries
-        )
+    check_inputs(q, k, v, q_feat, k_feat, window_factor, window, key_mask, sink_mask)
+    if late_sink_mask is not None:
+        check_late_arguments(k, late_sink_mask, late_queries)
     (batch, q_len, heads, _), k_len = q.shape, k.shape[1]
     sinks = torch.zeros(batch, 1, k_len, dtype=torch.bool, device=q.device)
     if sink_mask is not None:
@@ -193,22 +190,8 @@ def window_and_sinks_sdpa(
     return o, (tuple(x.clone() for x in state) if output_final_state else None)  # new tensors, as the reference's
 
 
-def hybrid_attention_recurrent_cpu(
-    q,
-    k,
-    v,
-    q_feat,
-    k_feat,
-    window_factor,
-    window,
-    key_mask=None,
-    initial_state=None,
-    output_final_state=False,
-    scale=None,
-    sink_mask=None,
-):
-    """The CPU path of the decode step: without a linear term (no features), one query's output is softmax attention
-    over its window and the sinks (`window_and_sinks_sdpa`); otherwise the reference."""
-    args = (key_mask, initial_state, output_final_state, scale, sink_mask)
+def hybrid_attention_recurrent_cpu(q, k, v, q_feat, k_feat, window_factor, window, *args, **kwargs):
+    """The CPU path of the decode step (the op's arguments): without a linear term (no features), one query's output is
+    softmax attention over its window and the sinks (`window_and_sinks_sdpa`); otherwise the reference."""
     op = window_and_sinks_sdpa if q.shape[1] == 1 and not q_feat.shape[-1] else hybrid_attention_recurrent
-    return op(q, k, v, q_feat, k_feat, window_factor, window, *args)
+    return op(q, k, v, q_feat, k_feat, window_factor, window, *args, **kwargs)

@@ -48,9 +48,8 @@ def check_inputs(q, k, v, q_feat, k_feat, window_factor, window, key_mask, sink_
     return num_features
 
 
-def check_late_sinks(q, k, v, q_feat, k_feat, window_factor, window, key_mask, sink_mask, late_sink_mask, late_queries):
-    """Validate the arguments of a call with late sinks."""
-    check_inputs(q, k, v, q_feat, k_feat, window_factor, window, key_mask, sink_mask)
+def check_late_arguments(k, late_sink_mask, late_queries) -> None:
+    """Validate the late-sink arguments (after the others: `check_inputs`)."""
     check_shape("late_sink_mask", late_sink_mask, "batch, time", k.shape[:2])
     check_positive_int("late_queries", late_queries, " (the last queries, which see late_sink_mask)")
 
@@ -71,9 +70,8 @@ def with_late_sinks(op):
 
         if late_sink_mask is None:
             return run(slice(None), output_final_state=output_final_state, sink_mask=sink_mask, max_sinks=max_sinks)
-        check_late_sinks(
-            q, k, v, q_feat, k_feat, window_factor, window, key_mask, sink_mask, late_sink_mask, late_queries
-        )
+        check_inputs(q, k, v, q_feat, k_feat, window_factor, window, key_mask, sink_mask)
+        check_late_arguments(k, late_sink_mask, late_queries)
         first_late = max(q.shape[1] - late_queries, 0)
         late = slice(first_late, None)
         o, final = run(late, output_final_state=output_final_state, sink_mask=late_sink_mask, max_sinks=max_late_sinks)

@@ -22,7 +22,7 @@ import triton.language as tl
 
 from hf_based.kernels._checks import check_attention_inputs, check_shape, check_window, kernel_dtype, prepare_state
 from hf_based.kernels.hybrid.chunked import first_positions, gather_keys, hybrid_attention_chunked
-from hf_based.kernels.hybrid.reference import check_late_sinks, with_late_sinks
+from hf_based.kernels.hybrid.reference import check_late_arguments, with_late_sinks
 from hf_based.kernels.hybrid.reference import hybrid_attention as hybrid_attention_reference
 from hf_based.kernels.softmax.triton import (
     LOG2E,
@@ -750,9 +750,17 @@ def _hybrid_attention(
     q, k, v, q_feat, k_feat, window_factor, window, key_mask=None, initial_state=None, output_final_state=False,
     scale=None, sink_mask=None, max_sinks=None, late=None,
 ):
-    """hybrid_attention without late sinks, except `late` = (late_sink_mask, late_queries, max_late_sinks) where
-    one forward kernel computes them (no features, no gradients: see `one_kernel_for_late_sinks`)."""
+    """hybrid_attention, late sinks given as `late` = (late_sink_mask, late_queries, max_late_sinks): one forward
+    kernel computes them where `one_kernel_for_late_sinks`, two calls otherwise."""
     kv0, z0 = _check_hybrid(q, k, v, q_feat, k_feat, window_factor, window, key_mask, initial_state)
+    if late is not None:
+        if sink_mask is not None:
+            check_shape("sink_mask", sink_mask, "batch, time", k.shape[:2])
+        check_late_arguments(k, *late[:2])
+        if not one_kernel_for_late_sinks(q, k, v, q_feat, k_feat, window_factor, initial_state):
+            args = (q, k, v, q_feat, k_feat, window_factor, window, key_mask, initial_state, output_final_state, scale)
+            late_kwargs = dict(zip(("late_sink_mask", "late_queries", "max_late_sinks"), late))
+            return _hybrid_attention_two_calls(*args, sink_mask, max_sinks, **late_kwargs)
     if sink_mask is not None and needs_grad(q, k, v, q_feat, k_feat, window_factor, *(initial_state or ())):
         return hybrid_attention_chunked(
             q, k, v, q_feat, k_feat, window_factor, window, key_mask, initial_state, output_final_state, scale,
@@ -770,7 +778,8 @@ def _hybrid_attention(
     window_factor = window_factor.float()
     kv0, z0 = (None, None) if kv0 is None else (kv0.contiguous(), z0.contiguous())
     if sink_mask is not None or late is not None:
-        k_feat = _without_sink_features(k_feat, sink_mask) if sink_mask is not None else k_feat
+        if sink_mask is not None and late is None:  # with late sinks there are no features (checked above)
+            k_feat = _without_sink_features(k_feat, sink_mask)
         lists, first_late = ([(sink_mask, max_sinks)] if sink_mask is not None else []), q.shape[1]
         if late is not None:
             late_sink_mask, late_queries, max_late_sinks = late
@@ -810,14 +819,11 @@ def hybrid_attention(
     """Triton twin of the reference `hybrid_attention` (same arguments, result, errors). The backward kernels have
     no sinks: with a `sink_mask` and gradients to compute, the blockwise PyTorch form runs instead. Late sinks run in
     the forward kernel beside the others where `one_kernel_for_late_sinks`, else as two calls."""
-    args = (q, k, v, q_feat, k_feat, window_factor, window, key_mask, initial_state, output_final_state, scale)
-    if late_sink_mask is None:
-        return _hybrid_attention(*args, sink_mask, max_sinks)
-    check_late_sinks(q, k, v, q_feat, k_feat, window_factor, window, key_mask, sink_mask, late_sink_mask, late_queries)
-    if not one_kernel_for_late_sinks(q, k, v, q_feat, k_feat, window_factor, initial_state):
-        late = dict(late_sink_mask=late_sink_mask, late_queries=late_queries, max_late_sinks=max_late_sinks)
-        return _hybrid_attention_two_calls(*args, sink_mask, max_sinks, **late)
-    return _hybrid_attention(*args, sink_mask, max_sinks, late=(late_sink_mask, late_queries, max_late_sinks))
+    late = None if late_sink_mask is None else (late_sink_mask, late_queries, max_late_sinks)
+    return _hybrid_attention(
+        q, k, v, q_feat, k_feat, window_factor, window, key_mask, initial_state, output_final_state, scale, sink_mask,
+        max_sinks, late,
+    )
 
 
 def hybrid_attention_recurrent(

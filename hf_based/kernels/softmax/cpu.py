@@ -11,15 +11,16 @@ from hf_based.kernels._checks import accumulation_dtype, check_attention_inputs,
 from hf_based.kernels.softmax.reference import visible_keys
 
 
-def plain_causal(q: torch.Tensor, k: torch.Tensor, window: int | None, key_mask: torch.Tensor | None) -> bool:
+def plain_causal(q, k, v, window: int | None, key_mask: torch.Tensor | None) -> bool:
     """Whether a call is plain causal attention in 16 bits, which SDPA's is_causal computes (see the module)."""
     if (
         window is not None
         or key_mask is not None
-        or not all(isinstance(x, torch.Tensor) and x.dim() == 4 for x in (q, k))
+        or not all(isinstance(x, torch.Tensor) and x.dim() == 4 for x in (q, k, v))
     ):
         return False  # the Triton op takes it (and raises the reference's errors on bad inputs)
-    return q.dtype in (torch.float16, torch.bfloat16) and k.dtype == q.dtype and q.shape[1] == k.shape[1]
+    half = q.dtype in (torch.float16, torch.bfloat16) and k.dtype == v.dtype == q.dtype
+    return half and q.shape[1] == k.shape[1]
 
 
 def causal_attention_sdpa(
