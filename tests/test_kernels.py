@@ -31,6 +31,7 @@ from hf_based.kernels import (
 from hf_based.kernels.hybrid import chunked
 from hf_based.kernels.hybrid import reference as hybrid_reference
 from hf_based.kernels.hybrid.chunked import hybrid_attention_chunked, hybrid_attention_recurrent_cpu
+from hf_based.kernels.hybrid.reference import index_mask
 from hf_based.kernels.retrieval import reference as retrieval_reference
 from hf_based.kernels.retrieval.reference import KEPT_AFTER, KEPT_BEFORE, pool_neighbours
 from hf_based.kernels.softmax.cpu import sdpa_over, softmax_attention_sdpa
@@ -556,6 +557,60 @@ def test_hybrid_attention_late_sinks_match_naive(length, late):
     close(reference[0], (expected, *expected_state))
     for op in (*HYBRID_PARALLEL[1:], hybrid_attention):
         close(outputs_and_grads(op), reference)
+
+
+def listed_positions(mask, rand):
+    """mask [B, T]'s keys by position, shuffled, with empty slots (-1 and T + 2) among them."""
+    rows = [row.nonzero().flatten().tolist() + [-1, row.shape[0] + 2] for row in mask]
+    width = max(map(len, rows))
+    index = torch.tensor([row + [-1] * (width - len(row)) for row in rows])
+    return index[:, torch.argsort(rand.normal(width))]
+
+
+@pytest.mark.parametrize("features", [0, FEAT])
+@pytest.mark.parametrize("length", LENGTHS)
+def test_hybrid_sinks_by_position_are_the_masks(length, features):
+    """Sinks and late sinks given by position (shuffled, with empty slots and the padded keys listed, which are no
+    sinks as in a mask): every parallel form and the CPU path give the outputs, state and gradients of the masks."""
+    rand, window, prefix, late = Rand(length + features + 4), 3, 12, 5
+    x = hybrid_inputs(rand, length, length + prefix)
+    x["q_feat"], x["k_feat"] = x["q_feat"][..., :features], x["k_feat"][..., :features]
+    state = rand.normal(2, H, features, DV), rand.positive(2, H, features)
+    mask = left_padding_mask(length + prefix)
+    sinks = first_real_keys(mask, 2)
+    late_sinks = sinks | (mask & (torch.arange(length + prefix) % 4 == 1))
+    assert torch.equal(index_mask(listed_positions(late_sinks, rand), length + prefix), late_sinks)
+    common = dict(window=window, key_mask=mask, initial_state=state, output_final_state=True, late_queries=late)
+    by_mask = dict(sink_mask=sinks, late_sink_mask=late_sinks)
+    by_position = dict(
+        sink_index=listed_positions(sinks | ~mask, rand), late_sink_index=listed_positions(late_sinks, rand)
+    )
+
+    def outputs_and_grads(op, sinks):
+        inputs = {name: t.clone().requires_grad_() for name, t in x.items()}
+        o, final = op(**inputs, **common, **sinks)
+        loss = sum((out * Rand(i).normal(*out.shape)).sum() for i, out in enumerate((o, *final)))
+        return (o, *final), torch.autograd.grad(loss, list(inputs.values()), allow_unused=True)
+
+    expected = outputs_and_grads(hybrid_reference.hybrid_attention, by_mask)
+    for op in (*HYBRID_PARALLEL, hybrid_attention):
+        close(outputs_and_grads(op, by_position), expected)
+    with torch.no_grad():  # the CPU path without gradients (through SDPA when F = 0)
+        close(
+            hybrid_attention(**x, **common, **by_position), hybrid_reference.hybrid_attention(**x, **common, **by_mask)
+        )
+
+
+def test_hybrid_sinks_by_position_reject_a_mask_beside_them_and_non_integers():
+    x = hybrid_inputs(Rand(3), 4, 4)
+    sinks = torch.ones(2, 4, dtype=torch.bool)
+    for op in (hybrid_reference.hybrid_attention, hybrid_attention):
+        with pytest.raises(ValueError, match="sink_index and sink_mask are exclusive"):
+            op(**x, window=2, sink_mask=sinks, sink_index=torch.zeros(2, 1, dtype=torch.long))
+        with pytest.raises(TypeError, match="late_sink_index must hold integer key positions, got torch.float32"):
+            op(**x, window=2, late_sink_index=torch.zeros(2, 1), late_queries=1)
+        with pytest.raises(ValueError, match="late_queries"):
+            op(**x, window=2, late_sink_index=torch.zeros(2, 1, dtype=torch.long))
 
 
 @pytest.mark.parametrize("late", [0, 5])

@@ -196,22 +196,27 @@ def test_retrieval_slots_keep_the_best_scored_keys_that_leave_the_window():
     scores = torch.tensor([[9.0, 5, 1, 7, 0, 8, 9, 9], [9, 5, 1, 7, 0, 8, 9, 9]])
     # Leaving the window: keys 0-5; 0 is the sink; row 1's key 5 is padding.
     _, _, _, kept = layer.update_with_sinks(keys, -keys, mask, lambda k, m: scores)
-    # Before the choice only the sinks are kept; the choosing queries see the sinks and the chosen keys.
-    assert kept.mask.nonzero().tolist() == [[0, 0], [1, 0]] and kept.count == 1
-    assert kept.chosen.nonzero().tolist() == [[0, 0], [0, 3], [0, 5], [1, 0], [1, 1], [1, 3]]
+    # Before the choice only the sinks are kept; the choosing queries see the sinks and the chosen keys (a first
+    # prefill lists them by position, the slots' order).
+    assert kept.by_position and kept.sinks.tolist() == [[0], [0]] and kept.count == 1
+    assert kept.chosen.sort(1).values.tolist() == [[0, 3, 5], [0, 1, 3]]
     assert layer.sink_keys[:, :, 0, 0].tolist() == [[0, 5, 3], [8, 11, 9]]
     assert torch.equal(layer.sink_values, -layer.sink_keys) and layer.sink_mask.all()
     new = torch.full((2, 1, 1, 1), 50.0)
     step_keys, _, _, step_kept = layer.update_with_sinks(new, -new, torch.ones(2, 1, dtype=torch.bool))
     assert torch.equal(step_keys[:, :3], layer.sink_keys) and step_kept.chosen is None
-    assert step_kept.mask.tolist() == [[True] * 3 + [False] * 3] * 2 and step_kept.count == 3
+    assert (
+        not step_kept.by_position
+        and step_kept.sinks.tolist() == [[True] * 3 + [False] * 3] * 2
+        and step_kept.count == 3
+    )
     # Slots, window (6, 7 then 7, 50), 2 new keys: the choice is among slots 1-2 and keys 7, 50, 60 (leaving).
     new = torch.tensor([60.0, 70.0]).view(1, 2, 1, 1).expand(2, -1, -1, -1)
     rescored = torch.tensor([[0.0, 1, 9, 0, 8, 0, 0]]).expand(2, -1)
     _, _, _, kept = layer.update_with_sinks(new, -new, torch.ones(2, 2, dtype=torch.bool), lambda k, m: rescored)
     assert layer.sink_keys[:, :, 0, 0].tolist() == [[0, 3, 50], [8, 9, 50]]
     # Until the new choice the update's queries see the earlier slots; the choosing ones see the new slots.
-    assert kept.mask.tolist() == [[True] * 3 + [False] * 4] * 2
+    assert kept.sinks.tolist() == [[True] * 3 + [False] * 4] * 2
     assert kept.chosen.tolist() == [[True, False, True, False, True, False, False]] * 2  # the sink, keys 3 and 50
 
 

@@ -26,6 +26,7 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin, LinearAttentionLayer
 
 from hf_based.kernels.hybrid.chunked import first_positions, gather_keys, gather_sinks
+from hf_based.kernels.hybrid.reference import index_mask
 from hf_based.modeling.configuration_based import BasedConfig
 
 
@@ -292,19 +293,22 @@ def all_real(key_mask: torch.Tensor) -> bool:
 
 
 class KeptKeys(NamedTuple):
-    """The keys older than the window that a hybrid update's queries attend to (masks [B, Tk] over its keys).
+    """The keys older than the window that a hybrid update's queries attend to: masks [B, Tk] over its keys or, by
+    position, [B, S] lists of key positions (-1: none), as `hybrid_attention` takes either.
 
-    mask: what every query of the update sees: the sinks and the retrieval slots as they were before it.
-    count: a bound on any row's count in `mask` (the kernels size their tiles by it, not reading it on the host).
+    sinks: what every query of the update sees: the sinks and the retrieval slots as they were before it.
+    count: a bound on any row's count in `sinks` (the kernels size their tiles by it, not reading it on the host).
     chosen: with a new choice of retrieval keys (a multi-token update), what the update's last queries (the model's
     last window of them, the choosing ones among them) see instead: the sinks and the new slots, as every later
     query will. The earlier queries never see the keys chosen for the later ones, so their outputs do not depend on
     what follows them.
+    by_position: whether `sinks` and `chosen` are lists of positions (a first prefill: the slots' own).
     """
 
-    mask: torch.Tensor
+    sinks: torch.Tensor
     count: int
     chosen: torch.Tensor | None = None
+    by_position: bool = False
 
 
 class BasedHybridLayer(BasedRecurrentLayer, BasedSlidingWindowLayer):
@@ -392,29 +396,31 @@ class BasedHybridLayer(BasedRecurrentLayer, BasedSlidingWindowLayer):
         # Until the choice, the update's queries see the sinks and the slots as they were before it.
         kept = KeptKeys(kept, self.sinks + self.retrieval)
         if self.retrieval and key_scores is not None:
-            index, taken, chosen = self._choose(key_scores, keys, key_mask, sink_mask, leaving)
+            index, taken = self._choose(key_scores, keys, key_mask, sink_mask, leaving)
             slots = (self.sink_keys, self.sink_values, self.sink_mask)
             for buffer, source in zip(slots, (gather_keys(keys, index), gather_keys(values, index), taken)):
                 buffer[:, self.sinks :].copy_(source)
-            kept = kept._replace(chosen=sink_mask.bool() | chosen)
+            kept = kept._replace(chosen=sink_mask.bool() | index_mask(torch.where(taken, index, -1), keys.shape[1]))
         return keys, values, key_mask, kept
 
     def _fill_slots(self, keys, values, key_mask, key_scores) -> KeptKeys:
         """A first update whose keys leaving the window could hold every sink (a prefill): the slots are made from
-        those keys alone, each buffer in one gather. -> the kept keys."""
+        those keys alone, each buffer in one gather. -> the kept keys, by position: the slots' (a sink that stays in
+        the window is in every query's window already)."""
         leaving = keys.shape[1] - self.buffer_length
         sink_mask = attention_sinks(key_mask, self.sinks)
         index, taken = first_positions(sink_mask[:, :leaving], self.sinks)
-        kept = KeptKeys(sink_mask, self.sinks)
+        choosing = self.retrieval and key_scores is not None
         if self.retrieval:
-            if key_scores is not None:
-                best, best_taken, chosen = self._choose(key_scores, keys, key_mask, sink_mask, leaving)
-                kept = kept._replace(chosen=sink_mask | chosen)
+            if choosing:
+                best, best_taken = self._choose(key_scores, keys, key_mask, sink_mask, leaving)
             else:  # the slots stay empty
                 best, best_taken = (x.new_zeros(x.shape[0], self.retrieval) for x in (index, taken))
             index, taken = torch.cat([index, best], 1), torch.cat([taken, best_taken], 1)
         self._hold_slots(gather_keys(keys, index), gather_keys(values, index), taken)
-        return kept
+        slots = torch.where(taken, index, -1)  # the sinks, then the retrieval keys
+        chosen = slots if choosing else None
+        return KeptKeys(slots[:, : self.sinks], self.sinks, chosen, by_position=True)
 
     def _hold_slots(self, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor) -> None:
         self.sink_keys, self.sink_values, self.sink_mask = keys, values, mask
@@ -422,7 +428,7 @@ class BasedHybridLayer(BasedRecurrentLayer, BasedSlidingWindowLayer):
 
     def _choose(self, key_scores, keys, key_mask, sink_mask, leaving):
         """The retrieval slots' choice: the best-scored keys that are real, not sinks and leave the window. ->
-        (positions [B, R], whether each slot took a key [B, R], the keys taken [B, Tk] bool)."""
+        (positions [B, R], whether each slot took a key [B, R])."""
         eligible = key_mask.bool() & ~sink_mask.bool()
         eligible[:, leaving:] = False
         length = keys.shape[1]
@@ -431,8 +437,7 @@ class BasedHybridLayer(BasedRecurrentLayer, BasedSlidingWindowLayer):
             scores = torch.nn.functional.pad(scores, (0, self.retrieval - length), value=-torch.inf)
         best, index = scores.topk(self.retrieval, dim=1, sorted=False)  # [B, R]; in any order: a set of slots
         taken = best > -torch.inf
-        chosen = torch.zeros_like(scores, dtype=torch.bool).scatter(1, index, taken)[:, :length]
-        return index.clamp(max=length - 1), taken, chosen  # slots that took nothing read any real position
+        return index.clamp(max=length - 1), taken  # slots that took nothing read any position
 
     def _sink_tensors(self) -> dict[str, torch.Tensor]:
         if self.sink_keys is None:

@@ -33,6 +33,7 @@ from hf_based.kernels import (
     taylor_linear_attention,
     taylor_linear_attention_recurrent,
 )
+from hf_based.kernels.hybrid.reference import index_mask
 from hf_based.kernels.retrieval.reference import RETRIEVAL_QUERIES
 from hf_based.modeling.cache import BasedCache, all_real, attention_sinks
 from hf_based.modeling.compat import CACHE_FIELD
@@ -271,18 +272,22 @@ class BasedHybridAttention(BasedAttentionBase):
             key_scores = (lambda keys, mask: retrieval_scores(q[:, -choosing:], keys, mask)) if q.shape[1] > 1 else None
             k, v, key_mask, kept = layer.update_with_sinks(k, v, real_keys(key_mask, k), key_scores)
             if kept is not None:
-                sinks = {"sink_mask": kept.mask, "max_sinks": kept.count}
+                form = "index" if kept.by_position else "mask"
+                sinks = {f"sink_{form}": kept.sinks, "max_sinks": kept.count}
                 if kept.chosen is not None:
                     # The prefill's last window of queries (and at least the choosing ones) sees the retrieval keys,
                     # as every later query will (from the cache); the earlier ones see only what was kept before.
                     late_queries, most = max(self.window, RETRIEVAL_QUERIES), layer.sinks + layer.retrieval
-                    sinks |= {"late_sink_mask": kept.chosen, "late_queries": late_queries, "max_late_sinks": most}
+                    sinks |= {f"late_sink_{form}": kept.chosen, "late_queries": late_queries, "max_late_sinks": most}
         elif self.sinks:
             sinks["sink_mask"] = attention_sinks(real_keys(key_mask, k).bool(), self.sinks)
         q_feat, k_feat = self.features(q, k)
         op = hybrid_attention
-        if initial_state is not None and q.shape[1] == 1:
-            op, sinks = hybrid_attention_recurrent, {"sink_mask": sinks["sink_mask"]}
+        if initial_state is not None and q.shape[1] == 1:  # the decode step takes its sinks as a mask
+            sink_mask = sinks.get("sink_mask")
+            if "sink_index" in sinks:
+                sink_mask = index_mask(sinks["sink_index"], k.shape[1])
+            op, sinks = hybrid_attention_recurrent, {"sink_mask": sink_mask}
         window_factors = torch.sigmoid(self.window_factors)
         state = {"initial_state": initial_state, "output_final_state": cache is not None}
         o, final_state = op(q, k, v, q_feat, k_feat, window_factors, self.window, key_mask=key_mask, **state, **sinks)

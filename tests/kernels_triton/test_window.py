@@ -422,6 +422,54 @@ def test_hybrid_late_sinks_without_a_linear_term_run_in_one_kernel(monkeypatch, 
             assert_close(got, want, f"state, {features} features")
 
 
+def as_positions(mask: torch.Tensor, rand: Rand) -> torch.Tensor:
+    """The keys of mask [B, Tk] by position, in a shuffled order, with empty slots (-1, Tk + 3) and the padded keys'
+    positions (which the op leaves out) among them."""
+    rows = [torch.nonzero(row).flatten().tolist() + [-1, row.shape[0] + 3] for row in mask]
+    width = max(map(len, rows))
+    index = torch.tensor([row + [-1] * (width - len(row)) for row in rows], device=mask.device)
+    return index[:, torch.argsort(rand.normal(width))]
+
+
+@fp32_hybrid_kernel
+@pytest.mark.parametrize("q_len, k_len, late", [(1, 40, 1), (17, 40, 5), (70, 130, 7)])
+def test_hybrid_sinks_by_position_match_the_masks(monkeypatch, q_len, k_len, late):
+    """Sinks and late sinks given by position (shuffled, with empty slots and padded keys listed): the forward kernel
+    reads them where they are and gives the reference's output with the masks, early list or not; with features (two
+    calls) and with gradients (the blockwise form) the op makes masks of them."""
+    monkeypatch.setattr(hybrid, "BLOCK_SINKS", 16)
+    rand, window = Rand(q_len * 5 + k_len + late), 5
+    q, k, v, q_feat, k_feat, factor = hybrid_inputs(rand, q_len, k_len)
+    mask = left_padding_mask(k_len)
+    first = mask & (mask.cumsum(1) <= 3)
+    late_sinks = first | (mask & (torch.arange(k_len, device=DEVICE) % 3 == 0))
+    padded_first = first | ~mask  # padded keys listed: the op drops them as the masks' `& key_mask` does
+    for features in (0, FEAT):
+        inputs = [q, k, v, q_feat[..., :features], k_feat[..., :features], factor]
+        for early in (True, False):
+            kwargs = dict(key_mask=mask, sink_mask=first if early else None, late_sink_mask=late_sinks)
+            expected, _ = reference_hybrid(*as_fp64(inputs), window, late_queries=late, **kwargs)
+            by_position = dict(key_mask=mask, late_queries=late, late_sink_index=as_positions(late_sinks | ~mask, rand))
+            if early:
+                by_position["sink_index"] = as_positions(padded_first, rand)
+            with patch.object(hybrid, "_sink_positions", wraps=hybrid._sink_positions) as positions:
+                o, _ = hybrid.hybrid_attention(*inputs, window, **by_position)
+            by_index = [mask is None for call in positions.call_args_list for mask, _ in call.args[1]]
+            assert by_index and all(by_index) if not features else not any(by_index)  # else the lists became masks
+            assert_close(o, expected, f"o, {features} features, early {early}")
+    inputs = [q, k, v, q_feat, k_feat, factor]
+    grad_out = rand.normal(B, q_len, H, DV)
+    (got, _), grads = run_with_grads(
+        hybrid.hybrid_attention, inputs, grad_out, window=window, key_mask=mask, sink_index=as_positions(first, rand)
+    )
+    (expected, _), expected_grads = run_with_grads(
+        reference_hybrid, as_fp64(inputs), grad_out.double(), window=window, key_mask=mask, sink_mask=first
+    )
+    assert_close(got, expected, "o with gradients")
+    for name, got, want in zip(("q", "k", "v", "q_feat", "k_feat"), grads, expected_grads):
+        assert_close(got, want, name)
+
+
 # --- input validation -----------------------------------------------------------------------------------------------
 
 
@@ -438,10 +486,14 @@ def bad_calls():
     yield "hybrid_attention", (q, k, v, qf, kf, window_factor[:1], 2), {}
     yield "hybrid_attention", (q, k, v, qf, kf, window_factor, 2), dict(initial_state=state[0])
     sinks = torch.ones(B, 5, dtype=torch.bool, device=DEVICE)
+    positions = torch.arange(3, device=DEVICE).expand(B, 3)
     for features in (qf, kf), (qf[..., :0], kf[..., :0]):  # two calls, one kernel
         args = (q, k, v, *features, window_factor, 2)
         yield "hybrid_attention", args, dict(late_sink_mask=sinks[:, :4], late_queries=2)
         yield "hybrid_attention", args, dict(late_sink_mask=sinks, late_queries=0)
+        yield "hybrid_attention", args, dict(late_sink_index=positions, late_queries=0)
+        yield "hybrid_attention", args, dict(late_sink_index=positions[:1], late_queries=2)
+        yield "hybrid_attention", args, dict(sink_index=positions, sink_mask=sinks)
     yield (
         "hybrid_attention_recurrent",
         (q[:, :1], k, v, qf[:, :1], kf, window_factor, 2),

@@ -25,6 +25,7 @@ from hf_based.kernels.hybrid.reference import (
     hybrid_attention,
     hybrid_attention_recurrent,
     with_late_sinks,
+    with_sink_index,
 )
 from hf_based.kernels.softmax.cpu import sdpa_over
 from hf_based.kernels.softmax.reference import key_distance, normalise, stable_exp
@@ -34,6 +35,7 @@ CHUNK = 64  # the fastest of 16, 32, 64 and 128 at window 64, 1k and 4k tokens (
 MAX_SCORES = 2**24  # 64 MiB of fp32 scores, a few such tensors at a time
 
 
+@with_sink_index
 @with_late_sinks
 def hybrid_attention_chunked(
     q: torch.Tensor,
@@ -145,6 +147,7 @@ def gather_keys(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     return x.gather(1, positions[:, :, None, None].expand(-1, -1, *x.shape[2:]))
 
 
+@with_sink_index
 def hybrid_attention_cpu(
     q, k, v, q_feat, k_feat, window_factor, window, key_mask=None, initial_state=None, output_final_state=False,
     scale=None, sink_mask=None, max_sinks=None, late_sink_mask=None, late_queries=0, max_late_sinks=None,

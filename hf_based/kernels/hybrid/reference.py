@@ -15,7 +15,8 @@ sees it however old it is, and it never enters the linear part or the state (the
 instead). The max c then runs over the sinks too. Late sinks (`late_sink_mask`, `late_queries`): the last
 `late_queries` queries see the keys of `late_sink_mask` as their sinks instead of those of `sink_mask` (a cache whose
 kept keys change at the end of a prefill: the queries after the change see the new ones), and the final state leaves
-out the late sinks.
+out the late sinks. Either list may be given by position instead (`sink_index`, `late_sink_index`: [B, S] distinct
+key positions, entries outside [0, Tk) being empty slots), as a cache that has gathered its kept keys knows them.
 """
 
 import functools
@@ -49,9 +50,54 @@ def check_inputs(q, k, v, q_feat, k_feat, window_factor, window, key_mask, sink_
 
 
 def check_late_arguments(k, late_sink_mask, late_queries) -> None:
-    """Validate the late-sink arguments (after the others: `check_inputs`)."""
-    check_shape("late_sink_mask", late_sink_mask, "batch, time", k.shape[:2])
+    """Validate the late-sink arguments (after the others: `check_inputs`; a mask of None: given by position)."""
+    if late_sink_mask is not None:
+        check_shape("late_sink_mask", late_sink_mask, "batch, time", k.shape[:2])
     check_positive_int("late_queries", late_queries, " (the last queries, which see late_sink_mask)")
+
+
+def index_mask(index: torch.Tensor, length: int) -> torch.Tensor:
+    """Key positions [B, S] (entries outside [0, length): none) -> the mask [B, length] bool of the listed keys."""
+    listed = torch.where((index >= 0) & (index < length), index, length)  # the empty ones into an extra column
+    mask = torch.zeros(index.shape[0], length + 1, dtype=torch.bool, device=index.device)
+    return mask.scatter_(1, listed.long(), True)[:, :length]
+
+
+def check_sink_index(k, name: str, index: torch.Tensor, mask: torch.Tensor | None) -> None:
+    """Validate a list of sinks given by position (`name`), given instead of the mask of the same list."""
+    if mask is not None:
+        raise ValueError(f"{name} and {name.replace('index', 'mask')} are exclusive: give the sinks as one of them")
+    check_shape(name, index, "batch, sinks", (k.shape[0], None))
+    if index.dtype.is_floating_point or index.dtype.is_complex or index.dtype == torch.bool:
+        raise TypeError(f"{name} must hold integer key positions, got {index.dtype}")
+
+
+def with_sink_index(op, takes_index=None):
+    """`op`, a form taking its sinks as masks, given them by position too (`sink_index`, `late_sink_index`; see the
+    module docstring): the lists become masks, bounded by their widths, unless `takes_index(q, k, v, q_feat, k_feat,
+    window_factor, initial_state)` says that op takes them as they are."""
+
+    @functools.wraps(op)
+    def hybrid_attention(
+        q, k, v, q_feat, k_feat, window_factor, window, key_mask=None, initial_state=None, output_final_state=False,
+        scale=None, sink_mask=None, max_sinks=None, late_sink_mask=None, late_queries=0, max_late_sinks=None,
+        sink_index=None, late_sink_index=None, **options,
+    ):  # fmt: skip
+        args = (q, k, v, q_feat, k_feat, window_factor, window, key_mask, initial_state, output_final_state, scale)
+        sinks = dict(sink_mask=sink_mask, max_sinks=max_sinks, late_sink_mask=late_sink_mask)
+        sinks |= dict(max_late_sinks=max_late_sinks, late_queries=late_queries, **options)
+        lists = {"sink": sink_index, "late_sink": late_sink_index}
+        lists = {name: index for name, index in lists.items() if index is not None}
+        for name, index in lists.items():
+            check_sink_index(k, f"{name}_index", index, sinks[f"{name}_mask"])
+        if lists and takes_index is not None and takes_index(q, k, v, q_feat, k_feat, window_factor, initial_state):
+            return op(*args, **sinks, sink_index=sink_index, late_sink_index=late_sink_index)
+        for name, index in lists.items():  # as masks, bounded by the lists' widths
+            sinks[f"{name}_mask"] = index_mask(index, k.shape[1])
+            sinks["max_sinks" if name == "sink" else "max_late_sinks"] = index.shape[1]
+        return op(*args, **sinks)
+
+    return hybrid_attention
 
 
 def with_late_sinks(op):
@@ -110,6 +156,7 @@ def _final_state(kv, z, k_feat, v, window, folded=0):
     return fold_keys(kv, z, k_feat[:, folded:end], v[:, folded:end])
 
 
+@with_sink_index
 @with_late_sinks
 def hybrid_attention(
     q: torch.Tensor,
@@ -135,7 +182,8 @@ def hybrid_attention(
     most sinks of any row (as flash-attention's max_seqlen: the kernels then size their sink tiles without reading
     the count on the host; the reference has no use for it); late_sink_mask [B, Tk] bool or None, late_queries and
     max_late_sinks (see `with_late_sinks`): the sinks of the last `late_queries` queries instead, at most
-    `max_late_sinks` a row.
+    `max_late_sinks` a row; sink_index, late_sink_index: [B, S] int or None, those lists by position instead of
+    sink_mask, late_sink_mask (see the module docstring).
     Returns (o [B, Tq, H, Dv] in v.dtype, final state or None).
     """
     out_dtype = v.dtype

@@ -16,13 +16,15 @@ phi_q(q_i) (do_i / den_i)^T, and the gradient of c, which torch's amax hands to 
 window tiles.
 """
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
 
 from hf_based.kernels._checks import check_attention_inputs, check_shape, check_window, kernel_dtype, prepare_state
-from hf_based.kernels.hybrid.chunked import first_positions, gather_keys, hybrid_attention_chunked
-from hf_based.kernels.hybrid.reference import check_late_arguments, with_late_sinks
+from hf_based.kernels.hybrid.chunked import first_positions, hybrid_attention_chunked
+from hf_based.kernels.hybrid.reference import check_late_arguments, with_late_sinks, with_sink_index
 from hf_based.kernels.hybrid.reference import hybrid_attention as hybrid_attention_reference
 from hf_based.kernels.softmax.triton import (
     LOG2E,
@@ -127,31 +129,32 @@ def hybrid_state_fwd_kernel(
 
 @triton.jit
 def sink_tiles(
-    acc, l_i, m_i, rows, s_lo, s_hi, q, p, SP, SK, SV, stride_skt, stride_svt, D, Dv, window, qk_scale,
+    acc, l_i, m_i, rows, s_lo, s_hi, q, p, SP, K, V, stride_kt, stride_vt, Tk, D, Dv, window, qk_scale,
     BS: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """Sinks [s_lo, s_hi) of a row (keys SK, values SV, positions SP, -1 for none) into the online softmax of the
-    queries at key positions p where `rows` holds, for those the sink is older than the window of."""
+    """Sinks [s_lo, s_hi) of a row (key positions SP, outside [0, Tk) for none; their keys and values read from the
+    row's K and V) into the online softmax of the queries at key positions p where `rows` holds, for those the sink
+    is older than the window of."""
     d = tl.arange(0, BD)
     e = tl.arange(0, BV)
     for s0 in range(s_lo, s_hi, BS):
         js = s0 + tl.arange(0, BS)
         pos = tl.load(SP + js, mask=js < s_hi, other=-1)
-        listed = js[:, None] < s_hi
-        sk = tl.load(SK + js[:, None] * stride_skt + d[None, :], mask=listed & (d[None, :] < D), other=0.0)
-        sv = tl.load(SV + js[:, None] * stride_svt + e[None, :], mask=listed & (e[None, :] < Dv), other=0.0)
+        listed = (pos >= 0) & (pos < Tk)
+        row = pos.to(tl.int64)[:, None]
+        sk = tl.load(K + row * stride_kt + d[None, :], mask=listed[:, None] & (d[None, :] < D), other=0.0)
+        sv = tl.load(V + row * stride_vt + e[None, :], mask=listed[:, None] & (e[None, :] < Dv), other=0.0)
         s = tl.dot(q, tl.trans(sk), input_precision=DOT_PRECISION) * qk_scale  # [BT, BS]
-        seen = rows[:, None] & (pos[None, :] >= 0) & (pos[None, :] <= p[:, None] - window)
+        seen = rows[:, None] & listed[None, :] & (pos[None, :] <= p[:, None] - window)
         acc, l_i, m_i = online_softmax_tile(acc, l_i, m_i, tl.where(seen, s, float("-inf")), sv, DOT_PRECISION)
     return acc, l_i, m_i
 
 
 @triton.jit
 def hybrid_fwd_kernel(
-    Q, K, V, QF, KF, M, WINDOW_FACTOR, HS, ZS, O, O32, C, DEN, IDX, SP, SK, SV,
+    Q, K, V, QF, KF, M, WINDOW_FACTOR, HS, ZS, O, O32, C, DEN, IDX, SP,
     stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
     stride_qfb, stride_qft, stride_qfh, stride_kfb, stride_kft, stride_kfh, stride_ob, stride_ot, stride_oh,
-    stride_skb, stride_skt, stride_skh, stride_svb, stride_svt, stride_svh,
     H, G, Tq, Tk, D, Dv, F, S, S_EARLY, LATE, window, qk_scale,
     BT: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr, BK: tl.constexpr, BS: tl.constexpr,
     HAS_MASK: tl.constexpr, HAS_SINKS: tl.constexpr, HAS_FEATURES: tl.constexpr, SPLIT: tl.constexpr,
@@ -160,8 +163,8 @@ def hybrid_fwd_kernel(
     """O = num / den of query block m; O32 (same layout as O) keeps it in fp32 for the backward's do . o, whose
     rounding the gradient of the window factor w would amplify: d o / d w = (window average - o) * (window weight)
     / den. With HAS_SINKS (forward only: C and IDX then leave them out), the softmax also runs over the S sinks of
-    the row, keys SK / values SV [B, S, Hkv, .] at key positions SP [B, S] (-1: none), for the queries they are older
-    than the window of; the host zeroes their features. The queries from LATE on (late queries; Tq: none) see sinks
+    the row, the keys at positions SP [B, S] (-1: none), for the queries they are older than the window of; the host
+    zeroes their features. The queries from LATE on (late queries; Tq: none) see sinks
     [S_EARLY, S) instead of [0, S_EARLY). Without HAS_FEATURES (F = 0) there is no linear part."""
     i_m, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = (i_bh // H).to(tl.int64), i_bh % H
@@ -198,9 +201,7 @@ def hybrid_fwd_kernel(
     )
     if HAS_SINKS:  # sinks [0, S_EARLY) for the queries before LATE, [S_EARLY, S) for the others
         SP += i_b * S
-        SK += i_b * stride_skb + (i_h // G) * stride_skh
-        SV += i_b * stride_svb + (i_h // G) * stride_svh
-        sinks = (q, off + i, SP, SK, SV, stride_skt, stride_svt, D, Dv, window, qk_scale)
+        sinks = (q, off + i, SP, K, V, stride_kt, stride_vt, Tk, D, Dv, window, qk_scale)
         if i_m * BT < LATE:
             acc, l_i, m_i = sink_tiles(acc, l_i, m_i, i < LATE, 0, S_EARLY, *sinks, BS, BD, BV, DOT_PRECISION)
         if i_m * BT + BT > LATE:
@@ -635,12 +636,12 @@ def _hybrid_fwd(
     idx = torch.empty(B, H, Tq, dtype=torch.int32, device=q.device)
     mask, has_mask = key_mask_arg(key_mask, q)
     BD, BV = block_size(D), block_size(Dv)
-    sink_pos, sink_k, sink_v, early, first_late = sinks if sinks is not None else (mask, k[:, :0], v[:, :0], 0, Tq)
+    sink_pos, early, first_late = sinks if sinks is not None else (mask, 0, Tq)
+    S = sink_pos.shape[1] if sinks is not None else 0
     hybrid_fwd_kernel[(NQ, B * H)](
-        q, k, v, qf, kf, mask, window_factor, hs, zs, o, o if o32 is None else o32, c, den, idx, sink_pos, sink_k,
-        sink_v, *bth_strides(q, k, v, qf, kf, o, sink_k, sink_v),
-        H, H // Hkv, Tq, Tk, D, Dv, F, sink_k.shape[1], early, first_late, window, scale * LOG2E,
-        BT=BT, BD=BD, BV=BV, BK=block_size(F, BLOCK_K), BS=block_size(sink_k.shape[1], BLOCK_SINKS), HAS_MASK=has_mask,
+        q, k, v, qf, kf, mask, window_factor, hs, zs, o, o if o32 is None else o32, c, den, idx, sink_pos,
+        *bth_strides(q, k, v, qf, kf, o), H, H // Hkv, Tq, Tk, D, Dv, F, S, early, first_late, window, scale * LOG2E,
+        BT=BT, BD=BD, BV=BV, BK=block_size(F, BLOCK_K), BS=block_size(S, BLOCK_SINKS), HAS_MASK=has_mask,
         HAS_SINKS=sinks is not None, HAS_FEATURES=F > 0, SPLIT=split_loops(window),
         STORE_O32=o32 is not None and o32 is not o,
         DOT_PRECISION=dot_precision(q), num_warps=NUM_WARPS, num_stages=NUM_STAGES,
@@ -732,34 +733,40 @@ def _without_sink_features(k_feat, sink_mask):
     return k_feat * (sink_mask == 0)[:, :, None, None] if k_feat.shape[-1] else k_feat
 
 
-def _gathered_sinks(k, v, key_mask, lists):
-    """The real keys of each (mask [B, Tk], bound on a row's count or None: read on the host) in `lists`, gathered
-    list after list: (positions [B, S] int32, -1 past a row's own; keys [B, S, Hkv, D]; values [B, S, Hkv, Dv];
-    the length of each list)."""
+def _sink_positions(key_mask, lists):
+    """The real keys of each list in `lists`, list after list: (positions [B, S], -1 for none; the length of each
+    list). A list is (mask [B, Tk], bound on a row's count or None: read on the host) or (None, key positions
+    [B, S'], entries outside [0, Tk) for none)."""
     found = []
-    for mask, bound in lists:
+    for mask, listed in lists:
+        if mask is None:
+            found.append(listed.long())
+            continue
         real = mask.bool() & key_mask.bool() if key_mask is not None else mask.bool()
-        found.append(first_positions(real, int(real.sum(1).max()) if bound is None else bound))
-    position, taken = (torch.cat(x, 1) if len(x) > 1 else x[0] for x in zip(*found))
-    lengths = [p.shape[1] for p, _ in found]
-    keys, values = gather_keys(k, position), gather_keys(v, position)
-    return torch.where(taken, position, -1).to(torch.int32).contiguous(), keys, values, lengths
+        position, taken = first_positions(real, int(real.sum(1).max()) if listed is None else listed)
+        found.append(torch.where(taken, position, -1))
+    position = torch.cat(found, 1) if len(found) > 1 else found[0]
+    if key_mask is not None and any(mask is None for mask, _ in lists):  # padded keys listed by position are none
+        position = torch.where(key_mask.bool().gather(1, position.clamp(0, key_mask.shape[1] - 1)), position, -1)
+    return position.contiguous(), [p.shape[1] for p in found]
 
 
 def _hybrid_attention(
     q, k, v, q_feat, k_feat, window_factor, window, key_mask=None, initial_state=None, output_final_state=False,
-    scale=None, sink_mask=None, max_sinks=None, late=None,
+    scale=None, sink_mask=None, max_sinks=None, late=None, sink_index=None,
 ):
-    """hybrid_attention, late sinks given as `late` = (late_sink_mask, late_queries, max_late_sinks): one forward
-    kernel computes them where `one_kernel_for_late_sinks`, two calls otherwise."""
+    """hybrid_attention, late sinks given as `late` = (late_sink_mask, late_queries, max_late_sinks, late_sink_index):
+    one forward kernel computes them where `one_kernel_for_late_sinks`, two calls otherwise. The lists come by
+    position (`sink_index`, `late_sink_index`) only where the forward kernel runs (see `hybrid_attention`)."""
     kv0, z0 = _check_hybrid(q, k, v, q_feat, k_feat, window_factor, window, key_mask, initial_state)
     if late is not None:
         if sink_mask is not None:
             check_shape("sink_mask", sink_mask, "batch, time", k.shape[:2])
-        check_late_arguments(k, *late[:2])
+        late_sink_mask, late_queries, max_late_sinks, late_sink_index = late
+        check_late_arguments(k, late_sink_mask, late_queries)
         if not one_kernel_for_late_sinks(q, k, v, q_feat, k_feat, window_factor, initial_state):
             args = (q, k, v, q_feat, k_feat, window_factor, window, key_mask, initial_state, output_final_state, scale)
-            late_kwargs = dict(zip(("late_sink_mask", "late_queries", "max_late_sinks"), late))
+            late_kwargs = dict(late_sink_mask=late_sink_mask, late_queries=late_queries, max_late_sinks=max_late_sinks)
             return _hybrid_attention_two_calls(*args, sink_mask, max_sinks, **late_kwargs)
     if sink_mask is not None and needs_grad(q, k, v, q_feat, k_feat, window_factor, *(initial_state or ())):
         return hybrid_attention_chunked(
@@ -777,17 +784,17 @@ def _hybrid_attention(
     q, k, v, q_feat, k_feat = (kernel_layout(x.to(dtype)) for x in (q, k, v, q_feat, k_feat))
     window_factor = window_factor.float()
     kv0, z0 = (None, None) if kv0 is None else (kv0.contiguous(), z0.contiguous())
-    if sink_mask is not None or late is not None:
-        if sink_mask is not None and late is None:  # with late sinks there are no features (checked above)
+    if sink_mask is not None or sink_index is not None or late is not None:
+        if sink_mask is not None and late is None:  # with late sinks or by position there are no features
             k_feat = _without_sink_features(k_feat, sink_mask)
-        lists, first_late = ([(sink_mask, max_sinks)] if sink_mask is not None else []), q.shape[1]
+        lists, first_late = [], q.shape[1]
+        if sink_mask is not None or sink_index is not None:
+            lists.append((sink_mask, max_sinks) if sink_index is None else (None, sink_index))
         if late is not None:
-            late_sink_mask, late_queries, max_late_sinks = late
-            lists.append((late_sink_mask, max_late_sinks))
+            lists.append((late_sink_mask, max_late_sinks) if late_sink_index is None else (None, late_sink_index))
             first_late = max(q.shape[1] - late_queries, 0)
-        position, sink_k, sink_v, lengths = _gathered_sinks(k, v, key_mask, lists)
-        early = lengths[0] if sink_mask is not None else 0
-        sinks = (position, sink_k, sink_v, early, first_late)
+        position, lengths = _sink_positions(key_mask, lists)
+        sinks = (position, lengths[0] if sink_mask is not None or sink_index is not None else 0, first_late)
         o, _, _, _, _, final = _hybrid_fwd(
             q, k, v, q_feat, k_feat, window_factor, kv0, z0, window, key_mask, scale, output_final_state, False, sinks
         )
@@ -812,17 +819,22 @@ def one_kernel_for_late_sinks(q, k, v, q_feat, k_feat, window_factor, initial_st
     return not q_feat.shape[-1] and not needs_grad(*tensors) and not runs_reference(dtype, q.device)
 
 
+@functools.partial(with_sink_index, takes_index=one_kernel_for_late_sinks)
 def hybrid_attention(
     q, k, v, q_feat, k_feat, window_factor, window, key_mask=None, initial_state=None, output_final_state=False,
     scale=None, sink_mask=None, max_sinks=None, late_sink_mask=None, late_queries=0, max_late_sinks=None,
+    sink_index=None, late_sink_index=None,
 ):
     """Triton twin of the reference `hybrid_attention` (same arguments, result, errors). The backward kernels have
     no sinks: with a `sink_mask` and gradients to compute, the blockwise PyTorch form runs instead. Late sinks run in
-    the forward kernel beside the others where `one_kernel_for_late_sinks`, else as two calls."""
-    late = None if late_sink_mask is None else (late_sink_mask, late_queries, max_late_sinks)
+    the forward kernel beside the others where `one_kernel_for_late_sinks`, else as two calls; the forward kernel
+    reads sinks given by position where they are (no gathering, no sorting), which it does there only."""
+    late = None
+    if late_sink_mask is not None or late_sink_index is not None:
+        late = (late_sink_mask, late_queries, max_late_sinks, late_sink_index)
     return _hybrid_attention(
         q, k, v, q_feat, k_feat, window_factor, window, key_mask, initial_state, output_final_state, scale, sink_mask,
-        max_sinks, late,
+        max_sinks, late, sink_index,
     )
 
 
