@@ -28,7 +28,7 @@ from hf_based.kernels.hybrid.reference import (
     with_sink_index,
 )
 from hf_based.kernels.softmax.cpu import sdpa_over
-from hf_based.kernels.softmax.reference import key_distance, normalise, stable_exp
+from hf_based.kernels.softmax.reference import normalise, stable_exp
 from hf_based.kernels.triton_utils import needs_grad
 
 CHUNK = 64  # the fastest of 16, 32, 64 and 128 at window 64, 1k and 4k tokens (2-core CPU)
@@ -153,13 +153,13 @@ def hybrid_attention_cpu(
     scale=None, sink_mask=None, max_sinks=None, late_sink_mask=None, late_queries=0, max_late_sinks=None,
 ):  # fmt: skip
     """The CPU path. Without a linear term and without gradients, softmax over each query's window and sinks through
-    torch's SDPA, while its [B, Tq, Tk] mask holds at most MAX_SCORES elements; otherwise the reference up to
+    torch's SDPA (`window_and_sinks_sdpa`); otherwise the reference up to
     2 * (CHUNK + window) keys, where the quadratic form is as fast (at window 64 the blockwise form breaks even
     between 256 and 384 keys: benchmarks/results/cpu), the blockwise form beyond."""
     state = dict(initial_state=initial_state, output_final_state=output_final_state)
     sinks = dict(sink_mask=sink_mask, late_sink_mask=late_sink_mask, late_queries=late_queries)
     inputs = (q, k, v, q_feat, k_feat, window_factor)
-    if not q_feat.shape[-1] and q.shape[0] * q.shape[1] * k.shape[1] <= MAX_SCORES and not needs_grad(*inputs):
+    if not q_feat.shape[-1] and not needs_grad(*inputs):
         return window_and_sinks_sdpa(*inputs, window, key_mask=key_mask, scale=scale, **state, **sinks)
     short = k.shape[1] <= 2 * (CHUNK + window)
     op = hybrid_attention if short else hybrid_attention_chunked
@@ -169,26 +169,61 @@ def hybrid_attention_cpu(
 
 def window_and_sinks_sdpa(
     q, k, v, q_feat, k_feat, window_factor, window, key_mask=None, initial_state=None, output_final_state=False,
-    scale=None, sink_mask=None, late_sink_mask=None, late_queries=0,
+    scale=None, sink_mask=None, late_sink_mask=None, late_queries=0, block=CHUNK,
 ):  # fmt: skip
     """Hybrid attention without a linear term (no features): softmax over each query's window and its sinks (the
-    window factor cancels), through torch's SDPA with the [B, Tq, Tk] mask of what each query sees, without the
-    reference's per-head copies of every key; the state stays empty."""
+    window factor cancels), through torch's SDPA in blocks of `block` queries, each over the keys of its queries'
+    windows and the sinks older than them (gathered once), so that the scores grow with Tq, not Tq x Tk; the late
+    sinks join only the blocks that hold late queries. The state stays empty."""
     check_inputs(q, k, v, q_feat, k_feat, window_factor, window, key_mask, sink_mask)
     if late_sink_mask is not None:
         check_late_arguments(k, late_sink_mask, late_queries)
     (batch, q_len, heads, _), k_len = q.shape, k.shape[1]
-    sinks = torch.zeros(batch, 1, k_len, dtype=torch.bool, device=q.device)
-    if sink_mask is not None:
-        sinks = sink_mask.bool()[:, None]
-    if late_sink_mask is not None:  # [B, Tq, Tk]: the last late_queries rows see the late sinks instead
-        late_rows = torch.arange(q_len, device=q.device)[:, None] >= q_len - late_queries
-        sinks = torch.where(late_rows, late_sink_mask.bool()[:, None], sinks)
-    distance = key_distance(q_len, k_len, q.device)
-    seen = (distance >= 0) & ((distance < window) | sinks)
-    if key_mask is not None:
-        seen = seen & key_mask.bool()[:, None]
-    o = sdpa_over(q, k, v, seen[:, None], scale)
+    real = key_mask.bool() if key_mask is not None else torch.ones(batch, k_len, dtype=torch.bool, device=q.device)
+    first_late = q_len if late_sink_mask is None else max(q_len - late_queries, 0)
+    # The sinks of the queries before first_late, then those of the others: (positions, keys, values, taken, late).
+    lists = [
+        (*gather_sinks(mask.bool() & real, k, v), late)
+        for mask, late in ((sink_mask, False), (late_sink_mask, True))
+        if mask is not None
+    ]
+    block = max(1, min(block, q_len))
+    blocks, span = math.ceil(q_len / block), block + window - 1
+    # Block n's keys: positions [first + n * block, + span), the windows of its queries (padded at both ends).
+    first = k_len - q_len - window + 1
+    front = max(0, -first)
+    back = max(0, first + front + (blocks - 1) * block + span - (front + k_len))
+    k, v = (F.pad(x, (0, 0, 0, 0, front, back)) for x in (k, v))
+    real = F.pad(real, (front, back))
+
+    def ranges(x: torch.Tensor) -> torch.Tensor:  # [B, P, ...] -> [B, blocks, span, ...]
+        return x[:, first + front : first + front + (blocks - 1) * block + span].unfold(1, span, block).movedim(-1, 2)
+
+    query = torch.arange(blocks * block, device=q.device).view(blocks, block)  # [blocks, block]
+    position = k_len - q_len + query
+    c, l = torch.arange(block, device=q.device)[:, None], torch.arange(span, device=q.device)
+    window_keys = (ranges(k), ranges(v), (l >= c) & (l < c + window) & ranges(real)[:, :, None, :])
+    q = F.pad(q, (0, 0, 0, 0, 0, blocks * block - q_len)).view(batch, blocks, block, heads, -1)
+
+    def attend(n: slice, with_late: bool) -> torch.Tensor:  # the outputs of blocks n: [B, n, block, H, Dv]
+        keys, values, seen = (x[:, n] for x in window_keys)
+        for pos, sink_k, sink_v, taken, late in lists:
+            if late and not with_late:
+                continue
+            rows = (query[n] >= first_late) == late  # [n, block]: the queries that see this list
+            older = pos[:, None, None, :] <= position[n][None, :, :, None] - window  # [B, n, block, S]
+            keys = torch.cat([keys, sink_k[:, None].expand(-1, keys.shape[1], -1, -1, -1)], 2)
+            values = torch.cat([values, sink_v[:, None].expand(-1, values.shape[1], -1, -1, -1)], 2)
+            seen = torch.cat([seen, older & taken[:, None, None, :] & rows[None, :, :, None]], -1)
+        keys, values, seen = keys.flatten(0, 1), values.flatten(0, 1), seen.flatten(0, 1)[:, None]
+        o = sdpa_over(q[:, n].flatten(0, 1), keys, values, seen, scale)
+        return o.view(batch, -1, block, *o.shape[2:])
+
+    late_from = first_late // block if late_sink_mask is not None else blocks  # the first block with late queries
+    parts = [attend(slice(0, late_from), False)] if late_from else []
+    if late_from < blocks:
+        parts.append(attend(slice(late_from, blocks), True))
+    o = torch.cat(parts, 1).flatten(1, 2)[:, :q_len]
     state = prepare_state(initial_state, batch, heads, 0, v.shape[-1], accumulation_dtype(q, k, v), q.device)
     return o, (tuple(x.clone() for x in state) if output_final_state else None)  # new tensors, as the reference's
 
