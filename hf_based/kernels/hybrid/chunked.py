@@ -28,7 +28,7 @@ from hf_based.kernels.hybrid.reference import (
     with_sink_index,
 )
 from hf_based.kernels.softmax.cpu import sdpa_over
-from hf_based.kernels.softmax.reference import normalise, stable_exp
+from hf_based.kernels.softmax.reference import key_distance, normalise, stable_exp
 from hf_based.kernels.triton_utils import needs_grad
 
 CHUNK = 64  # the fastest of 16, 32, 64 and 128 at window 64, 1k and 4k tokens (2-core CPU)
@@ -172,13 +172,28 @@ def window_and_sinks_sdpa(
     scale=None, sink_mask=None, late_sink_mask=None, late_queries=0, block=CHUNK,
 ):  # fmt: skip
     """Hybrid attention without a linear term (no features): softmax over each query's window and its sinks (the
-    window factor cancels), through torch's SDPA in blocks of `block` queries, each over the keys of its queries'
+    window factor cancels), through torch's SDPA. Up to `block` queries (a decode step), one call over the [B, Tq,
+    Tk] mask of what each query sees; beyond, in blocks of `block` queries, each over the keys of its queries'
     windows and the sinks older than them (gathered once), so that the scores grow with Tq, not Tq x Tk; the late
     sinks join only the blocks that hold late queries. The state stays empty."""
     check_inputs(q, k, v, q_feat, k_feat, window_factor, window, key_mask, sink_mask)
     if late_sink_mask is not None:
         check_late_arguments(k, late_sink_mask, late_queries)
     (batch, q_len, heads, _), k_len = q.shape, k.shape[1]
+    state = prepare_state(initial_state, batch, heads, 0, v.shape[-1], accumulation_dtype(q, k, v), q.device)
+    state = tuple(x.clone() for x in state) if output_final_state else None  # new tensors, as the reference's
+    if q_len <= block:
+        sinks = torch.zeros(batch, 1, k_len, dtype=torch.bool, device=q.device)
+        if sink_mask is not None:
+            sinks = sink_mask.bool()[:, None]
+        if late_sink_mask is not None:  # [B, Tq, Tk]: the last late_queries rows see the late sinks instead
+            late_rows = torch.arange(q_len, device=q.device)[:, None] >= q_len - late_queries
+            sinks = torch.where(late_rows, late_sink_mask.bool()[:, None], sinks)
+        distance = key_distance(q_len, k_len, q.device)
+        seen = (distance >= 0) & ((distance < window) | sinks)
+        if key_mask is not None:
+            seen = seen & key_mask.bool()[:, None]
+        return sdpa_over(q, k, v, seen[:, None], scale), state
     real = key_mask.bool() if key_mask is not None else torch.ones(batch, k_len, dtype=torch.bool, device=q.device)
     first_late = q_len if late_sink_mask is None else max(q_len - late_queries, 0)
     # The sinks of the queries before first_late, then those of the others: (positions, keys, values, taken, late).
@@ -187,7 +202,6 @@ def window_and_sinks_sdpa(
         for mask, late in ((sink_mask, False), (late_sink_mask, True))
         if mask is not None
     ]
-    block = max(1, min(block, q_len))
     blocks, span = math.ceil(q_len / block), block + window - 1
     # Block n's keys: positions [first + n * block, + span), the windows of its queries (padded at both ends).
     first = k_len - q_len - window + 1
@@ -223,9 +237,7 @@ def window_and_sinks_sdpa(
     parts = [attend(slice(0, late_from), False)] if late_from else []
     if late_from < blocks:
         parts.append(attend(slice(late_from, blocks), True))
-    o = torch.cat(parts, 1).flatten(1, 2)[:, :q_len]
-    state = prepare_state(initial_state, batch, heads, 0, v.shape[-1], accumulation_dtype(q, k, v), q.device)
-    return o, (tuple(x.clone() for x in state) if output_final_state else None)  # new tensors, as the reference's
+    return torch.cat(parts, 1).flatten(1, 2)[:, :q_len], state
 
 
 def hybrid_attention_recurrent_cpu(q, k, v, q_feat, k_feat, window_factor, window, *args, **kwargs):
