@@ -12,6 +12,7 @@ features keep them out of the linear part.
 """
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +34,36 @@ from hf_based.kernels.triton_utils import needs_grad
 
 CHUNK = 64  # the fastest of 16, 32, 64 and 128 at window 64, 1k and 4k tokens (2-core CPU)
 MAX_SCORES = 2**24  # 64 MiB of fp32 scores, a few such tensors at a time
+
+
+class QueryBlocks(NamedTuple):
+    """The last Tq of Tk keys' queries in blocks of `chunk`, and the keys each block needs: with the keys padded by
+    `front` before and `back` after, block b's range is [start + b * chunk, + span), span = chunk + window - 1, and
+    its key l is in the window of its query i iff i <= l <= i + window - 1."""
+
+    blocks: int
+    chunk: int
+    span: int
+    front: int
+    back: int
+    start: int
+
+    @classmethod
+    def of(cls, q_len: int, k_len: int, window: int, chunk: int) -> "QueryBlocks":
+        blocks, span = math.ceil(q_len / chunk), chunk + window - 1
+        first = k_len - q_len - window + 1  # the first key of block 0's range, before padding
+        front = max(0, -first)
+        back = max(0, first + front + (blocks - 1) * chunk + span - (front + k_len))
+        return cls(blocks, chunk, span, front, back, first + front)
+
+    def pad(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, Tk, ...] -> [B, front + Tk + back, ...], zeros (False) in the padding."""
+        return F.pad(x, (0, 0) * (x.dim() - 2) + (self.front, self.back))
+
+    def ranges(self, x: torch.Tensor) -> torch.Tensor:
+        """Padded [B, P, ...] -> each block's range, [B, blocks, ..., span]."""
+        end = self.start + (self.blocks - 1) * self.chunk + self.span
+        return x[:, self.start : end].unfold(1, self.span, self.chunk)
 
 
 @with_sink_index
@@ -63,19 +94,11 @@ def hybrid_attention_chunked(
     sinks = gather_sinks(sink, k, v, max_sinks) if sink_mask is not None else None
     batch, q_len, heads, _ = q.shape
     k_len = k.shape[1]
-    blocks = math.ceil(q_len / chunk)
-    span = chunk + window - 1
-
-    # Key positions padded so that block b's range is [start + b * chunk, + span) for b = 0 .. blocks - 1.
-    first = k_len - q_len - window + 1  # the first key of block 0's range, before padding
-    front = max(0, -first)
-    start = first + front
-    back = max(0, start + (blocks - 1) * chunk + span - (front + k_len))
-    real = F.pad(real, (front, back))  # [B, P]: False for the padding
-    k, v, k_feat = (F.pad(x, (0, 0, 0, 0, front, back)) for x in (k, v, k_feat))  # [B, P, H, .]; k_feat 0 there
-
-    def ranges(x: torch.Tensor) -> torch.Tensor:  # [B, P, ...] -> [B, blocks, ..., span]
-        return x[:, start : start + (blocks - 1) * chunk + span].unfold(1, span, chunk)
+    query_blocks = QueryBlocks.of(q_len, k_len, window, chunk)
+    blocks, span, front, start = query_blocks.blocks, query_blocks.span, query_blocks.front, query_blocks.start
+    ranges = query_blocks.ranges
+    real = query_blocks.pad(real)  # [B, P]: False for the padding
+    k, v, k_feat = (query_blocks.pad(x) for x in (k, v, k_feat))  # [B, P, H, .]; k_feat 0 there
 
     def by_block(x: torch.Tensor) -> torch.Tensor:  # [B, T, H, X] -> [B, blocks, chunk, H, X], zero-padded at the end
         return F.pad(x, (0, 0, 0, 0, 0, blocks * chunk - x.shape[1])).reshape(batch, blocks, chunk, heads, -1)
@@ -202,16 +225,12 @@ def window_and_sinks_sdpa(
         for mask, late in ((sink_mask, False), (late_sink_mask, True))
         if mask is not None
     ]
-    blocks, span = math.ceil(q_len / block), block + window - 1
-    # Block n's keys: positions [first + n * block, + span), the windows of its queries (padded at both ends).
-    first = k_len - q_len - window + 1
-    front = max(0, -first)
-    back = max(0, first + front + (blocks - 1) * block + span - (front + k_len))
-    k, v = (F.pad(x, (0, 0, 0, 0, front, back)) for x in (k, v))
-    real = F.pad(real, (front, back))
+    query_blocks = QueryBlocks.of(q_len, k_len, window, block)  # each block's keys: the windows of its queries
+    blocks, span = query_blocks.blocks, query_blocks.span
+    k, v, real = (query_blocks.pad(x) for x in (k, v, real))
 
-    def ranges(x: torch.Tensor) -> torch.Tensor:  # [B, P, ...] -> [B, blocks, span, ...]
-        return x[:, first + front : first + front + (blocks - 1) * block + span].unfold(1, span, block).movedim(-1, 2)
+    def ranges(x: torch.Tensor) -> torch.Tensor:  # padded [B, P, ...] -> [B, blocks, span, ...]
+        return query_blocks.ranges(x).movedim(-1, 2)
 
     query = torch.arange(blocks * block, device=q.device).view(blocks, block)  # [blocks, block]
     position = k_len - q_len + query

@@ -784,17 +784,18 @@ def _hybrid_attention(
     q, k, v, q_feat, k_feat = (kernel_layout(x.to(dtype)) for x in (q, k, v, q_feat, k_feat))
     window_factor = window_factor.float()
     kv0, z0 = (None, None) if kv0 is None else (kv0.contiguous(), z0.contiguous())
-    if sink_mask is not None or sink_index is not None or late is not None:
+    has_early = sink_mask is not None or sink_index is not None
+    if has_early or late is not None:
         if sink_mask is not None and late is None:  # with late sinks or by position there are no features
             k_feat = _without_sink_features(k_feat, sink_mask)
         lists, first_late = [], q.shape[1]
-        if sink_mask is not None or sink_index is not None:
+        if has_early:
             lists.append((sink_mask, max_sinks) if sink_index is None else (None, sink_index))
         if late is not None:
             lists.append((late_sink_mask, max_late_sinks) if late_sink_index is None else (None, late_sink_index))
             first_late = max(q.shape[1] - late_queries, 0)
         position, lengths = _sink_positions(key_mask, lists)
-        sinks = (position, lengths[0] if sink_mask is not None or sink_index is not None else 0, first_late)
+        sinks = (position, lengths[0] if has_early else 0, first_late)
         o, _, _, _, _, final = _hybrid_fwd(
             q, k, v, q_feat, k_feat, window_factor, kv0, z0, window, key_mask, scale, output_final_state, False, sinks
         )
