@@ -106,10 +106,13 @@ def uses_bf16(device: torch.device, precision: str | None = None) -> bool:
     return precision == "bf16" or (precision is None and device.type == "cuda")
 
 
-def autocast_for(device: torch.device, precision: str | None = None) -> Callable[[], contextlib.AbstractContextManager]:
-    """A factory of the compute-precision context for `device`: bf16 autocast where `uses_bf16`, else nothing."""
+def autocast_for(
+    device: torch.device, precision: str | None = None, cache_enabled: bool = True
+) -> Callable[[], contextlib.AbstractContextManager]:
+    """A factory of the compute-precision context for `device`: bf16 autocast where `uses_bf16`, else nothing.
+    cache_enabled=False for work captured in CUDA graphs (autocast's cast cache must not outlive a capture)."""
     if uses_bf16(device, precision):
-        return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
+        return lambda: torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=cache_enabled)
     return contextlib.nullcontext
 
 

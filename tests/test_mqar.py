@@ -246,19 +246,97 @@ def test_bad_arguments_give_one_line_errors(tmp_path, capsys, argv, message):
 
 
 def test_a_failing_run_is_reported_and_retried(tmp_path, monkeypatch, capsys):
-    import hf_based.bench.mqar as mqar
+    real = mqar.predictions
 
-    real = mqar.train_and_evaluate
-
-    def flaky(spec, settings, *args, **kwargs):
-        if spec.family == "based":
+    def flaky(model, batch):
+        if "linear_attention" in model.config.mixer_types:
             raise RuntimeError("Triton compilation failed\nlong details")
-        return real(spec, dataclasses.replace(settings, max_steps=2), *args, **kwargs)
+        return real(model, batch)
 
-    monkeypatch.setattr(mqar, "train_and_evaluate", flaky)
-    assert main(["mqar", "--out", str(tmp_path), "--protocol", "tiny", "--quiet", "--max-steps", "2"]) == 0
-    assert "FAILED based-d32-f8: RuntimeError: Triton compilation failed" in capsys.readouterr().out
-    assert "FAILED: RuntimeError" in (tmp_path / "results.md").read_text()
-    assert [json.loads(line)["name"] for line in (tmp_path / "results.jsonl").read_text().splitlines()] == [
-        "attention-d32"
+    monkeypatch.setattr(mqar, "predictions", flaky)
+    argv = ["mqar", "--out", str(tmp_path), "--protocol", "tiny", "--quiet", "--max-steps", "2"]
+    for together in ("1", "2"):  # alone, or beside a run that goes on
+        assert main([*argv, "--together", together]) == 0
+        assert "FAILED based-d32-f8: RuntimeError: Triton compilation failed" in capsys.readouterr().out
+        assert "FAILED: RuntimeError" in (tmp_path / "results.md").read_text()
+        assert [json.loads(line)["name"] for line in (tmp_path / "results.jsonl").read_text().splitlines()] == [
+            "attention-d32"
+        ]
+
+
+def test_runs_trained_together_end_as_they_would_alone(tmp_path, one_thread):
+    """Runs trained together share each batch and step in turn: each ends with the record it gets alone (bar the
+    timings), also when one stops early and when a time budget sets the steps."""
+    settings, specs = SWEEPS["tiny"]
+    settings = dataclasses.replace(settings, lrs=(1e-3, 3e-2), max_steps=30, check_every=5, early_stop_accuracy=0.02)
+    planned = mqar.planned_runs(settings, specs)
+    alone = [mqar.train_runs([run], settings, torch.device("cpu"))[0] for run in planned]
+    together = mqar.train_runs(planned, settings, torch.device("cpu"))
+    timing = ("train_seconds", "eval_seconds", "trained_together")
+    assert [{k: v for k, v in r.items() if k not in timing} for r in together] == [
+        {k: v for k, v in r.items() if k not in timing} for r in alone
     ]
+    assert any(r["early_stopped"] for r in alone) and not all(r["early_stopped"] for r in alone)
+    assert [r["trained_together"] for r in together] == [4] * 4
+
+
+def test_calibration_starts_after_every_training_shape():
+    for name, (settings, _) in SWEEPS.items():
+        start, end = mqar.calibration_steps(settings)
+        assert start > len(settings.training_cycle) and end > start, name
+
+
+def test_graphs_need_cuda():
+    model = BasedForCausalLM(SWEEPS["tiny"][1][0].config(128, 64))
+    with pytest.raises(ValueError, match="CUDA graphs need a CUDA device, got cpu"):
+        mqar.TrainingStep(model, 1e-3, 0.1, torch.device("cpu"), graphs=True)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("family", ["attention", "based", "lolcats", "sliding_window"])
+def test_graphed_training_steps_are_the_eager_steps(family):
+    """Steps replayed from CUDA graphs (two batch shapes, alternating) train as the eager steps do: the same losses,
+    accuracy count and weights, within the bf16 noise of the kernels' atomics."""
+    settings = dataclasses.replace(SWEEPS["tiny"][0], train_tasks=mqar.tasks((64, 4), (128, 8)), vocab_size=256)
+    spec = {
+        "attention": ModelSpec("attention", 32),
+        "based": ModelSpec("based", 32, feature_dim=8),
+        "lolcats": ModelSpec("lolcats", 32, window=16, hedgehog_dim=16),
+        "sliding_window": ModelSpec("sliding_window", 32, window=16),
+    }[family]
+    device = torch.device("cuda")
+    runs = []
+    for graphs in (False, True):
+        torch.manual_seed(0)
+        model = BasedForCausalLM(spec.config(settings.vocab_size, settings.max_len)).to(device).train()
+        step = mqar.TrainingStep(model, 3e-3, 0.1, device, graphs)
+        generator = torch.Generator(device).manual_seed(1)
+        losses = []
+        for i in range(8):
+            task = settings.train_task(i)
+            step.set_lr(3e-3 * (i + 1) / 8)
+            batch = sample_mqar(32, task.seq_len, task.num_kv_pairs, settings.vocab_size, generator=generator)
+            losses.append(step(batch).item())
+        assert len(step.graphs or {}) == (2 if graphs else 0)
+        runs.append((torch.tensor(losses), step.correct.item(), torch.cat([p.flatten() for p in model.parameters()])))
+    (eager_losses, eager_correct, eager_weights), (losses, correct, weights) = runs
+    assert eager_losses[-1] < eager_losses[0]  # it trained
+    torch.testing.assert_close(losses, eager_losses, rtol=2e-2, atol=2e-2)
+    assert abs(correct - eager_correct) <= 0.02 * 8 * 32 * 8 + 2
+    torch.testing.assert_close(weights, eager_weights, rtol=0, atol=5e-3)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="streams and CUDA graphs need a GPU")
+def test_runs_trained_together_on_streams_end_as_they_would_alone():
+    settings, _ = SWEEPS["tiny"]
+    settings = dataclasses.replace(settings, max_steps=40, check_every=10, test_examples=64)
+    planned = [(ModelSpec("attention", 32), 1e-2), (ModelSpec("based", 32, feature_dim=8), 1e-2),
+               (ModelSpec("lolcats", 32, window=16, hedgehog_dim=16), 3e-3)]  # fmt: skip
+    device = torch.device("cuda")
+    alone = [mqar.train_runs([run], settings, device)[0] for run in planned]
+    together = mqar.train_runs(planned, settings, device)
+    for a, b in zip(alone, together):
+        assert "error" not in a and "error" not in b and a["cuda_graphs"] and b["cuda_graphs"]
+        assert a["steps"] == b["steps"] == 40
+        torch.testing.assert_close(torch.tensor(b["curve"]), torch.tensor(a["curve"]), rtol=0, atol=0.03)
+        assert abs(a["final_loss"] - b["final_loss"]) < 0.05 * a["final_loss"]

@@ -19,12 +19,17 @@ model here is the 4-layer stack [base_conv, mixer, base_conv, mixer] (Zoology ha
 `based_no_conv`: [linear_attention, linear_attention]. Softmax mixers use RoPE; BASED linear attention has no
 positional information at all (as in Zoology), so without the convolutions it cannot find the token after a key.
 
-Training differs from Zoology in two documented ways, to fit the default sweep into 8 minutes of one H200:
+Training differs from Zoology in documented ways:
 - every step draws a fresh batch (no fixed 100k-example training set, no epochs): cycling through the training
   tasks, one task per step;
-- one learning rate per run (Zoology keeps the best of 4) and, on CUDA, a time budget: each run trains for the
-  steps that fit its share of `time_budget_s` (measured after 30 steps; at most `max_steps`), stopping early once the
-  training accuracy on fresh data reaches 99% (Zoology's early stop). The steps taken are recorded with each run.
+- the quick sweep, to fit into 8 minutes of one H200: one learning rate per run (Zoology keeps the best of 4) and,
+  on CUDA, a time budget: each run trains for the steps that fit its share of `time_budget_s` (measured once every
+  training shape has been compiled; at most `max_steps`). Every run stops early once its training accuracy on fresh
+  data reaches 99% (Zoology's early stop). The steps taken are recorded with each run.
+
+Speed: the models are tiny, so an eager step is host-bound (hundreds of small kernels). On CUDA each training step is
+replayed from a CUDA graph captured per batch shape (`TrainingStep`), and `--together K` trains K runs at once on
+the same batches, each on its own stream, so that their kernels overlap (`train_runs`).
 
 State size (`BasedConfig.recurrent_state_size`): the elements per sequence that our cache keeps after the sequence,
 over all layers. For attention that is 2 * d_model * seq_len per attention layer; for BASED it counts the
@@ -34,11 +39,13 @@ Runs are appended to DIR/results.jsonl as they finish; rerunning the same comman
 interrupted sweep resumes. The summary goes to DIR/results.json, DIR/results.md and DIR/mqar.png.
 """
 
+import contextlib
 import dataclasses
 import functools
 import json
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
 
@@ -55,6 +62,7 @@ from hf_based.bench.mqar_sweeps import (
     check_task,
 )
 from hf_based.modeling import BasedForCausalLM
+from hf_based.modeling.prefill_graphs import capture
 from hf_based.training import autocast_for, lr_factor
 from hf_based.utils import pyplot
 
@@ -173,9 +181,6 @@ def evaluate(model, settings: Settings, device: torch.device, eval_batch: int = 
     return accuracy
 
 
-CALIBRATE = (10, 30)  # steps between which the step time is measured (after the kernels are compiled)
-
-
 def still_improving(curve: list[list[float]], margin: float = 0.01) -> bool:
     """Whether a run's training accuracy ([step, accuracy] checks) was still rising at its end: the best of its last
     quarter of checks beats the best before it by more than `margin`."""
@@ -188,33 +193,175 @@ def run_name(spec: ModelSpec, lr: float, settings: Settings) -> str:
     return f"{spec.name}-lr{lr:.3g}" if len(settings.learning_rates) > 1 else spec.name
 
 
-def train_and_evaluate(
-    spec: ModelSpec,
+class TrainingStep:
+    """One optimizer step on a batch, eager or, on CUDA, replayed from a CUDA graph captured per batch shape.
+
+    A tiny model's eager step is host-bound: some hundreds of small kernels launched one by one. The first batch of
+    each shape runs eagerly (compiling the kernels and creating the optimizer state), is then captured, and later
+    batches of that shape are copied into the capture's inputs and replayed. The graphs share one memory pool (they
+    never run at once) and the gradients (zeroed in place, so that each graph writes the same tensors). Accuracy on
+    the training batches accumulates in `correct` without a host sync."""
+
+    def __init__(self, model: BasedForCausalLM, lr: float, weight_decay: float, device: torch.device, graphs: bool):
+        if graphs and device.type != "cuda":
+            raise ValueError(f"CUDA graphs need a CUDA device, got {device}")
+        self.model, self.device = model, device
+        self.params = list(model.parameters())
+        # On CUDA the learning rate is a tensor the graphs read, set in place each step (fused AdamW, capturable).
+        cuda = device.type == "cuda"
+        self.optimizer = torch.optim.AdamW(
+            self.params,
+            lr=torch.tensor(lr, device=device) if cuda else lr,
+            weight_decay=weight_decay,
+            fused=cuda,
+            capturable=cuda,
+        )
+        self.compute = autocast_for(device, cache_enabled=not graphs)
+        self.correct = torch.zeros((), device=device)
+        self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, MQARBatch, torch.Tensor]] | None = {} if graphs else None
+
+    def set_lr(self, lr: float) -> None:
+        for group in self.optimizer.param_groups:
+            if isinstance(group["lr"], torch.Tensor):
+                group["lr"].fill_(lr)
+            else:
+                group["lr"] = lr
+
+    def _step(self, batch: MQARBatch) -> torch.Tensor:
+        with self.compute():
+            logits, targets = predictions(self.model, batch)
+        loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+        self.optimizer.zero_grad(set_to_none=False)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.params, 1.0)
+        self.optimizer.step()
+        with torch.no_grad():
+            self.correct += (logits.argmax(-1) == targets).sum()
+        return loss.detach()
+
+    def __call__(self, batch: MQARBatch) -> torch.Tensor:
+        """Train on `batch`; returns the loss (on the device; a graph's output, overwritten by its next replay)."""
+        if self.graphs is None:
+            return self._step(batch)
+        key = tuple(batch.input_ids.shape) + tuple(batch.positions.shape)
+        if key not in self.graphs:
+            static = MQARBatch(*(x.clone() for x in batch))
+            losses = []
+            pool = next(iter(self.graphs.values()))[0].pool() if self.graphs else None
+            # capture() steps eagerly once (this batch's step), then records the step without running it
+            try:
+                graph = capture(lambda: losses.append(self._step(static)), self.device, pool)
+            except RuntimeError as error:
+                if not losses:  # the eager step failed: a real error
+                    raise
+                logger.warning("CUDA graph capture failed, training eagerly: %s", str(error).splitlines()[0][:200])
+                self.graphs = None
+                return losses[0]
+            self.graphs[key] = (graph, static, losses[-1])
+            return losses[0]
+        graph, static, loss = self.graphs[key]
+        for target, source in zip(static, batch):
+            target.copy_(source)
+        graph.replay()
+        return loss
+
+
+def calibration_steps(settings: Settings) -> tuple[int, int]:
+    """The steps between which a run under a time budget measures its step time: after every training shape has
+    been compiled (and captured)."""
+    start = max(10, len(settings.training_cycle) + 5)
+    return start, start + 20
+
+
+class Run:
+    """One model at one learning rate, while it trains: its model, training step, stream and curve."""
+
+    def __init__(self, spec: ModelSpec, lr: float, settings: Settings, device: torch.device, graphs: bool):
+        self.spec, self.lr, self.name, self.graphs = spec, lr, run_name(spec, lr, settings), graphs
+        torch.manual_seed(settings.seed)  # every run of a model starts from the same weights
+        self.config = spec.config(settings.vocab_size, settings.max_len)
+        self.model = BasedForCausalLM(self.config).to(device).train()
+        self.train_step: TrainingStep | None = TrainingStep(self.model, lr, settings.weight_decay, device, graphs)
+        # its own stream on CUDA, so that the kernels of runs trained together overlap
+        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self.total, self.steps, self.counted, self.curve = settings.max_steps, 0, 0, []
+        self.last_accuracy, self.early_stopped, self.final_loss, self.loss = float("nan"), False, float("nan"), None
+
+    def stream_context(self):
+        return torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext()
+
+    def record(self, settings: Settings, accuracy: dict, train_seconds: float, eval_seconds: float, group: int):
+        return {
+            "name": self.name,
+            "model": self.spec.name,
+            "family": self.spec.family,
+            **{k: v for k, v in dataclasses.asdict(self.spec).items() if k != "family"},
+            "mixer_types": self.config.mixer_types,
+            "parameters": self.model.num_parameters(),
+            "state_size": {t.name: sum(self.config.recurrent_state_size(t.seq_len)) for t in settings.test_tasks},
+            "accuracy": accuracy,
+            "steps": self.steps,
+            "early_stopped": self.early_stopped,
+            "still_improving": not self.early_stopped and still_improving(self.curve),
+            "curve": self.curve,
+            "train_accuracy": self.last_accuracy,
+            "final_loss": self.final_loss,
+            "train_seconds": round(train_seconds, 2),
+            "eval_seconds": round(eval_seconds, 2),
+            "trained_together": group,
+            "cuda_graphs": self.graphs,
+            "lr": self.lr,
+            "settings": settings.fingerprint(),
+        }
+
+
+def train_runs(
+    planned: list[tuple[ModelSpec, float]],
     settings: Settings,
     device: torch.device,
     time_budget_s: float | None = None,
     progress=None,
-    lr: float | None = None,
-) -> dict:
-    """Train one model on fresh MQAR batches at learning rate `lr` (default: settings.lr) and evaluate it; returns
-    the run's record, with its training-accuracy curve."""
-    lr = settings.lr if lr is None else lr
+    graphs: bool | None = None,
+    on_done: Callable[[dict], None] | None = None,
+) -> list[dict]:
+    """Train models (spec, learning rate) together on the same fresh MQAR batches, step by step, and evaluate each
+    as it ends; returns their records in order, each with its training-accuracy curve (a run that raised: its
+    failed record). Every run of the sweep draws the same data (the settings' seed), so runs trained together share
+    each batch and end as they would alone; on CUDA each steps on its own stream, so that the small kernels of
+    several runs fill the GPU together. time_budget_s: the group's training + evaluation time, from which the steps
+    are set once the step time is measured. graphs: replay the training steps from CUDA graphs (default: on CUDA).
+    on_done(record): called as each run ends."""
+    graphs = device.type == "cuda" if graphs is None else graphs
     start = time.perf_counter()
-    torch.manual_seed(settings.seed)
-    config = spec.config(settings.vocab_size, settings.max_len)
-    model = BasedForCausalLM(config).to(device).train()
-    optimizer = torch.optim.AdamW(
-        model.parameters(), lr=lr, weight_decay=settings.weight_decay, fused=device.type == "cuda"
-    )
+    records: dict[str, dict] = {}
+    runs = []
+    for spec, lr in planned:
+        try:
+            runs.append(Run(spec, lr, settings, device, graphs))
+        except Exception as error:  # noqa: BLE001 - one model that cannot be built must not end the others
+            records[run_name(spec, lr, settings)] = failed_run(spec, run_name(spec, lr, settings), error)
     generator = torch.Generator(device).manual_seed(settings.seed + 1)
-    total = settings.max_steps
-    warmup = min(settings.warmup_steps, total)
-    correct = torch.zeros((), device=device)
-    counted, last_accuracy, early_stopped, step, marks, curve = 0, float("nan"), False, 0, {}, []
-    while step < total:
+    warmup = min(settings.warmup_steps, settings.max_steps)
+    calibrate, marks, step = calibration_steps(settings), {}, 0
+    active = list(runs)
+
+    def end(run: Run, error: Exception | None = None) -> None:
+        active.remove(run)
+        if error is not None:
+            records[run.name] = failed_run(run.spec, run.name, error)
+        else:
+            train_seconds = time.perf_counter() - start
+            run.train_step = None  # its graphs' memory
+            accuracy = evaluate(run.model, settings, device)
+            records[run.name] = run.record(
+                settings, accuracy, train_seconds, time.perf_counter() - start - train_seconds, len(planned)
+            )
+        run.model = None
+        if on_done is not None:
+            on_done(records[run.name])
+
+    while active:
         task = settings.train_task(step)
-        for group in optimizer.param_groups:
-            group["lr"] = lr * lr_factor(step, total, warmup)
         batch = sample_mqar(
             settings.batch_size,
             task.seq_len,
@@ -224,57 +371,72 @@ def train_and_evaluate(
             settings.random_non_queries,
             generator,
         )
-        with autocast_for(device)():
-            logits, targets = predictions(model, batch)
-        loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten())
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        with torch.no_grad():
-            correct += (logits.argmax(-1) == targets).sum()
-        counted += targets.numel()
+        for run, error in step_together(active, batch, step, warmup):
+            end(run, error)
         step += 1
-        if time_budget_s is not None and step in CALIBRATE:
-            loss.item()  # synchronise
+        for run in active:
+            run.steps = step
+            run.counted += settings.batch_size * task.num_kv_pairs
+        if time_budget_s is not None and step in calibrate and active:
+            synchronize(device)
             marks[step] = time.perf_counter()
-            if step == CALIBRATE[1]:
-                step_time = (marks[CALIBRATE[1]] - marks[CALIBRATE[0]]) / (CALIBRATE[1] - CALIBRATE[0])
+            if step == calibrate[1]:
+                step_time = (marks[calibrate[1]] - marks[calibrate[0]]) / (calibrate[1] - calibrate[0])
                 left = start + time_budget_s - marks[step]
-                total = max(CALIBRATE[1], min(settings.max_steps, step + int(left / step_time)))
-        if step % settings.check_every == 0 or step == total:
-            last_accuracy = correct.item() / counted
-            curve.append([step, round(last_accuracy, 4)])
+                for run in active:
+                    run.total = max(calibrate[1], min(settings.max_steps, step + int(left / step_time)))
+        for run in list(active):
+            if step % settings.check_every and step != run.total:
+                continue
+            synchronize(device)
+            run.last_accuracy = run.train_step.correct.item() / run.counted
+            run.curve.append([step, round(run.last_accuracy, 4)])
+            run.final_loss = run.loss.item()
             if progress is not None:
-                progress.set_postfix_str(f"step {step}/{total} loss {loss.item():.3f} acc {last_accuracy:.3f}")
-            correct.zero_()
-            counted = 0
-            if last_accuracy >= settings.early_stop_accuracy:
-                early_stopped = True
-                break
-    train_seconds = time.perf_counter() - start
-    accuracy = evaluate(model, settings, device)
-    eval_seconds = time.perf_counter() - start - train_seconds
-    return {
-        "name": run_name(spec, lr, settings),
-        "model": spec.name,
-        "family": spec.family,
-        **{k: v for k, v in dataclasses.asdict(spec).items() if k != "family"},
-        "mixer_types": config.mixer_types,
-        "parameters": model.num_parameters(),
-        "state_size": {t.name: sum(config.recurrent_state_size(t.seq_len)) for t in settings.test_tasks},
-        "accuracy": accuracy,
-        "steps": step,
-        "early_stopped": early_stopped,
-        "still_improving": not early_stopped and still_improving(curve),
-        "curve": curve,
-        "train_accuracy": last_accuracy,
-        "final_loss": loss.item(),
-        "train_seconds": round(train_seconds, 2),
-        "eval_seconds": round(eval_seconds, 2),
-        "lr": lr,
-        "settings": settings.fingerprint(),
-    }
+                progress.set_postfix_str(f"step {step}/{run.total} acc {run.last_accuracy:.3f}")
+            run.train_step.correct.zero_()
+            run.counted = 0
+            run.early_stopped = run.last_accuracy >= settings.early_stop_accuracy
+            if run.early_stopped or step == run.total:
+                end(run)
+    return [records[run_name(spec, lr, settings)] for spec, lr in planned]
+
+
+def step_together(runs: list[Run], batch: MQARBatch, step: int, warmup: int) -> list[tuple[Run, Exception]]:
+    """Training step `step` of each run on `batch`, each on its own stream on CUDA (after the stream that sampled
+    the batch); returns the runs that raised, with their errors."""
+    failed = []
+    sampling_stream = torch.cuda.current_stream(batch.input_ids.device) if batch.input_ids.is_cuda else None
+    for run in runs:
+        try:
+            with run.stream_context():
+                if run.stream is not None:
+                    run.stream.wait_stream(sampling_stream)
+                    for tensor in batch:
+                        tensor.record_stream(run.stream)
+                run.train_step.set_lr(run.lr * lr_factor(step, run.total, warmup))
+                run.loss = run.train_step(batch)
+        except Exception as error:  # noqa: BLE001 - one failing run must not end the others
+            failed.append((run, error))
+    return failed
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def train_and_evaluate(
+    spec: ModelSpec,
+    settings: Settings,
+    device: torch.device,
+    time_budget_s: float | None = None,
+    progress=None,
+    lr: float | None = None,
+    graphs: bool | None = None,
+) -> dict:
+    """One run of `train_runs`: the model at learning rate `lr` (default: settings.lr)."""
+    return train_runs([(spec, settings.lr if lr is None else lr)], settings, device, time_budget_s, progress, graphs)[0]
 
 
 def read_runs(out: Path, fingerprint: str) -> dict[str, dict]:
@@ -295,8 +457,10 @@ def planned_runs(settings: Settings, specs: list[ModelSpec]) -> list[tuple[Model
     return [(spec, lr) for spec in specs for lr in settings.learning_rates]
 
 
-def failed_run(spec: ModelSpec, name: str, error: str) -> dict:
+def failed_run(spec: ModelSpec, name: str, error: Exception | str) -> dict:
     """The record of a run that did not finish: what the report shows in its place."""
+    if isinstance(error, Exception):
+        error = f"{type(error).__name__}: {(str(error).splitlines() or [''])[0][:300]}"
     return {"name": name, "model": spec.name, "family": spec.family, "error": error}
 
 
@@ -307,11 +471,14 @@ def run_sweep(
     device: torch.device,
     show_progress: bool = True,
     worker: tuple[int, int] = (0, 1),
+    graphs: bool | None = None,
+    together: int = 1,
 ) -> list[dict]:
     """Train and evaluate every spec at every learning rate of the settings, except the runs already finished under
     these settings in out/results*.jsonl; returns the runs in spec order. `worker` (index, count): this process takes
-    every count-th run from `index` and logs to its own file, beside the other workers. With a time budget, the runs
-    still to do share the part of it that is theirs (len(todo) / number of runs)."""
+    every count-th run from `index` and logs to its own file, beside the other workers. together: runs trained at
+    once (`train_runs`). With a time budget, the runs still to do share the part of it that is theirs
+    (len(todo) / number of runs). graphs: as in `train_runs`."""
     from tqdm.auto import tqdm
 
     out.mkdir(parents=True, exist_ok=True)
@@ -322,34 +489,37 @@ def run_sweep(
     todo = [(spec, lr) for spec, lr in planned if run_name(spec, lr, settings) not in done]
     budget = settings.time_budget_s
     deadline = time.perf_counter() + budget * len(todo) / len(planned) if budget else None
-    eval_reserve = 0.0  # the last run's evaluation time, held back from the next run's training budget
-    bar = tqdm(todo, desc="mqar", unit="run", disable=not show_progress)
-    for i, (spec, lr) in enumerate(bar):
-        name = run_name(spec, lr, settings)
-        bar.set_description(f"mqar {name}")
-        run_budget = None
-        if deadline is not None:
-            run_budget = max(1.0, (deadline - time.perf_counter()) / (len(todo) - i) - eval_reserve)
-        try:
-            record = train_and_evaluate(spec, settings, device, run_budget, progress=bar, lr=lr)
-        except Exception as error:  # noqa: BLE001 - one failing model must not end a GPU run; not logged: retried
-            message = f"{type(error).__name__}: {(str(error).splitlines() or [''])[0][:300]}"
-            done[name] = failed_run(spec, name, message)
-            bar.write(f"{name}: FAILED ({message})")
+    headline = settings.headline.name
+    bar = tqdm(total=len(todo), desc="mqar", unit="run", disable=not show_progress)
+
+    def finished(record: dict) -> None:
+        done[record["name"]] = record
+        bar.update()
+        if "error" in record:  # not logged: retried by the next run of the command
+            bar.write(f"{record['name']}: FAILED ({record['error']})")
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-            continue
-        eval_reserve = record["eval_seconds"]
-        done[name] = record
+            return
         with log.open("a") as f:
             f.write(json.dumps(record) + "\n")
-        headline = settings.headline.name
         bar.write(
-            f"{name}: {headline} accuracy {record['accuracy'][headline]:.3f}, "
+            f"{record['name']}: {headline} accuracy {record['accuracy'][headline]:.3f}, "
             f"state {record['state_size'][headline]:,}, {record['steps']} steps, "
             f"{record['train_seconds'] + record['eval_seconds']:.0f} s"
             + (", still improving" if record["still_improving"] else "")
         )
+
+    eval_reserve = 0.0  # the last group's evaluation time, held back from the next group's training budget
+    for first in range(0, len(todo), together):
+        group = todo[first : first + together]
+        bar.set_description(f"mqar {', '.join(run_name(spec, lr, settings) for spec, lr in group)}")
+        group_budget = None
+        if deadline is not None:
+            share = (deadline - time.perf_counter()) * len(group) / (len(todo) - first)
+            group_budget = max(1.0, share - eval_reserve)
+        records = train_runs(group, settings, device, group_budget, progress=bar, graphs=graphs, on_done=finished)
+        eval_reserve = sum(r.get("eval_seconds", 0.0) for r in records)
+    bar.close()
     return [done[run_name(spec, lr, settings)] for spec, lr in planned]
 
 

@@ -171,12 +171,17 @@ class Settings:
     def learning_rates(self) -> tuple[float, ...]:
         return self.lrs or (self.lr,)
 
-    def train_task(self, step: int) -> Task:
-        """The training task of `step`: a fixed cycle that holds each task `train_weights` times (their ratio
-        reduced), so that the tasks are drawn in the proportions of a dataset with those counts."""
+    @property
+    def training_cycle(self) -> list[Task]:
+        """The training tasks in the order steps draw them: each `train_weights` times (their ratio reduced), so
+        that the tasks come in the proportions of a dataset with those counts."""
         weights = self.train_weights or (1,) * len(self.train_tasks)
         unit = math.gcd(*weights)
-        cycle = [task for task, weight in zip(self.train_tasks, weights) for _ in range(weight // unit)]
+        return [task for task, weight in zip(self.train_tasks, weights) for _ in range(weight // unit)]
+
+    def train_task(self, step: int) -> Task:
+        """The training task of `step`: the training cycle, repeated."""
+        cycle = self.training_cycle
         return cycle[step % len(cycle)]
 
     @property

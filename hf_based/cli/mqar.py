@@ -38,6 +38,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--seed", type=int, help="seed of the weights and the data (default 0)")
     parser.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+    parser.add_argument(
+        "--eager",
+        action="store_true",
+        help="run every training step eagerly (on CUDA the steps are replayed from CUDA graphs by default)",
+    )
     parser.add_argument("--plot-only", action="store_true", help="only redraw mqar.png and results.md from DIR")
     parser.add_argument(
         "--workers",
@@ -46,18 +51,41 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="train this many runs at once, each in its own process on the device (small models leave a GPU mostly "
         "idle); default 1",
     )
+    parser.add_argument(
+        "--together",
+        type=int,
+        default=1,
+        help="train this many runs at once in each process, on the same batches (on CUDA each on its own stream, "
+        "so that their small kernels overlap); default 1",
+    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)  # I/N: one worker's share, as --workers starts it
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
 # The options a worker process gets from the command that starts it.
-WORKER_OPTIONS = ("out", "protocol", "families", "max_steps", "batch_size", "lr", "time_budget", "seed", "device")
+WORKER_OPTIONS = (
+    "out",
+    "protocol",
+    "families",
+    "max_steps",
+    "batch_size",
+    "lr",
+    "time_budget",
+    "seed",
+    "device",
+    "eager",
+    "together",
+)
 
 
 def run_workers(args: argparse.Namespace) -> None:
     """--workers N: N processes of this command, each with --worker I/N, and their threads split between them."""
     options = {name: getattr(args, name) for name in WORKER_OPTIONS}
-    argv = [f"--{name.replace('_', '-')}={value}" for name, value in options.items() if value is not None]
+    argv = [
+        f"--{name.replace('_', '-')}" + ("" if value is True else f"={value}")
+        for name, value in options.items()
+        if value is not None and value is not False
+    ]
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.workers)))
     workers = [
@@ -118,18 +146,20 @@ def run(args: argparse.Namespace) -> None:
             raise UsageError(
                 f"--families {args.families!r}: the {args.protocol!r} sweep has no model of these families"
             )
-    if args.workers < 1:
-        raise UsageError(f"--workers {args.workers}: accepted: an integer >= 1")
+    for name in ("workers", "together"):
+        if getattr(args, name) < 1:
+            raise UsageError(f"--{name} {getattr(args, name)}: accepted: an integer >= 1")
+    graphs = False if args.eager else None  # None: on CUDA
     start = time.perf_counter()
     if args.worker is not None:  # one share of a --workers run: the command that started it writes the report
         index, count = (int(part) for part in args.worker.split("/"))
-        run_sweep(settings, specs, out, device, show_progress=False, worker=(index, count))
+        run_sweep(settings, specs, out, device, False, (index, count), graphs, args.together)
         return
     if args.workers > 1:
         run_workers(args)
         runs = collect_runs(settings, specs, out)
     else:
-        runs = run_sweep(settings, specs, out, device, show_progress=not args.quiet)
+        runs = run_sweep(settings, specs, out, device, not args.quiet, graphs=graphs, together=args.together)
     write_report(runs, settings, out, environment(device))
     headline = settings.headline.name
     print(

@@ -92,16 +92,16 @@ class PrefillGraphs:
         return graph, static, result
 
 
-def capture(step: Callable[[], object], device: torch.device) -> torch.cuda.CUDAGraph:
+def capture(step: Callable[[], object], device: torch.device, pool=None) -> torch.cuda.CUDAGraph:
     """step() captured in a CUDA graph, after one eager run on a side stream (Triton compiles there), as
-    torch.cuda.graphs recommends."""
+    torch.cuda.graphs recommends. pool: another graph's memory pool to share (graphs that never run at once)."""
     stream = torch.cuda.Stream(device)
     stream.wait_stream(torch.cuda.current_stream(device))
     with torch.cuda.stream(stream):
         step()
     torch.cuda.current_stream(device).wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    with torch.cuda.graph(graph, pool=pool):
         step()
     return graph
 
