@@ -351,7 +351,7 @@ def train_runs(
             records[run.name] = failed_run(run.spec, run.name, error)
         else:
             train_seconds = time.perf_counter() - start
-            run.train_step = None  # its graphs' memory
+            run.train_step = run.loss = None  # its graphs' memory
             accuracy = evaluate(run.model, settings, device)
             records[run.name] = run.record(
                 settings, accuracy, train_seconds, time.perf_counter() - start - train_seconds, len(planned)
