@@ -234,6 +234,7 @@ def test_time_budget_sets_the_steps(one_thread, monkeypatch):
         (["--lr", "0"], "lr must be > 0"),
         (["--max-steps", "0"], "max_steps must be >= 1"),
         (["--workers", "0"], "--workers 0: accepted: an integer >= 1"),
+        (["--together", "0"], "--together 0: accepted: an integer >= 1"),
         (["--plot-only"], "does not exist"),
     ],
 )
