@@ -11,7 +11,7 @@ import torch
 from hf_based import BasedConfig, BasedForCausalLM
 from hf_based.bench import mqar
 from hf_based.bench.mqar import best_runs, multiquery_ar, run_sweep, sample_mqar, still_improving, train_and_evaluate
-from hf_based.bench.mqar_sweeps import FAMILIES, SWEEPS, ModelSpec
+from hf_based.bench.mqar_sweeps import FAMILIES, SWEEPS, ModelSpec, tasks
 from hf_based.cli import main
 from hf_based.modeling.compat import output_cache
 
@@ -298,7 +298,7 @@ def test_graphs_need_cuda():
 def test_graphed_training_steps_are_the_eager_steps(family):
     """Steps replayed from CUDA graphs (two batch shapes, alternating) train as the eager steps do: the same losses,
     accuracy count and weights, within the bf16 noise of the kernels' atomics."""
-    settings = dataclasses.replace(SWEEPS["tiny"][0], train_tasks=mqar.tasks((64, 4), (128, 8)), vocab_size=256)
+    settings = dataclasses.replace(SWEEPS["tiny"][0], train_tasks=tasks((64, 4), (128, 8)), vocab_size=256)
     spec = {
         "attention": ModelSpec("attention", 32),
         "based": ModelSpec("based", 32, feature_dim=8),
