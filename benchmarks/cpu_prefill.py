@@ -14,27 +14,19 @@ prefill part also runs on older trees (PYTHONPATH=...), which lack the op's bloc
 
 import argparse
 import json
-import statistics
-import time
 from pathlib import Path
 
 import torch
 
 from hf_based.bench import report
-from hf_based.bench.throughput import build, load_config
+from hf_based.bench.throughput import build, load_config, median_seconds
 from hf_based.cli.bench import converted_config
 
 CONFIG = "benchmarks/configs/smollm2-135m-instruct"
 
 
 def median_ms(fn, runs: int = 5) -> float:
-    fn()
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    return round(statistics.median(times), 2)
+    return round(1e3 * median_seconds(fn, torch.device("cpu"), runs), 2)
 
 
 def time_op() -> list[dict]:

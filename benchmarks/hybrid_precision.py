@@ -15,6 +15,7 @@ cumulative sums, its error per block of queries, and its error with pipelining o
 import argparse
 import json
 from pathlib import Path
+from unittest.mock import patch
 
 import torch
 
@@ -59,12 +60,8 @@ def linear_part_diagnosis(q, k, v, q_feat, k_feat, window, dtype) -> dict:
 
     found = {"as it runs": run()}
     for name, value in (("NUM_STAGES", 1), ("BLOCK_K", 32), ("BLOCK_K", 128), ("BLOCK_V", 128)):
-        kept = getattr(hybrid, name)
-        setattr(hybrid, name, value)
-        try:
+        with patch.object(hybrid, name, value):
             found[f"{name} = {value}"] = {key: x for key, x in run().items() if not isinstance(x, list)}
-        finally:
-            setattr(hybrid, name, kept)
     return found
 
 
@@ -94,11 +91,8 @@ def main() -> None:
             results[f"{name}, {label}"] = rel_l2(hybrid.hybrid_attention(*inputs, window_factor, window)[0], exact)
             results[f"{name}, {label}: rounding of the exact output"] = rel_l2(exact.to(dtype), exact)
             if label == "whole op":
-                splits, hybrid.key_splits = hybrid.key_splits, lambda *shape: 1
-                try:
+                with patch.object(hybrid, "key_splits", lambda *shape: 1):
                     one = hybrid.hybrid_attention(*inputs, window_factor, window)[0]
-                finally:
-                    hybrid.key_splits = splits
                 results[f"{name}, {label}, state in one segment"] = rel_l2(one, exact)
     results["linear part, where"] = linear_part_diagnosis(q, k, v, q_feat, k_feat, window, torch.float16)
     for key, value in results.items():

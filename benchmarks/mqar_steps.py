@@ -21,9 +21,10 @@ from pathlib import Path
 
 import torch
 
-from hf_based.bench.mqar import Run, sample_mqar, step_together, synchronize
+from hf_based.bench.mqar import Run, step_together, training_batch
 from hf_based.bench.mqar_sweeps import SWEEPS
 from hf_based.bench.report import environment
+from hf_based.bench.throughput import synchronize
 
 MODES = ("eager", "graphs", "together")
 
@@ -37,10 +38,7 @@ def run_step_time(spec, settings, device, graphs: bool, count: int, cycles: int)
 
     def train(passes: int) -> None:
         for step in range(passes * len(cycle)):
-            task = cycle[step % len(cycle)]
-            batch = sample_mqar(
-                settings.batch_size, task.seq_len, task.num_kv_pairs, settings.vocab_size, generator=generator
-            )
+            batch = training_batch(settings, cycle[step % len(cycle)], generator)
             failed = step_together(runs, batch, step, settings.warmup_steps)
             if failed:
                 raise failed[0][1]

@@ -16,9 +16,7 @@ Median of 3 timed runs after one warm-up. Writes OUT_DIR/results.json, results.m
 """
 
 import os
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -26,6 +24,7 @@ from torch.profiler import ProfilerActivity, profile
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from hf_based.bench import report
+from hf_based.bench.throughput import median_seconds
 from hf_based.conversion import Recipe
 from hf_based.conversion.linearize import AttentionTransfer, linearize_model, stage1_optimizer
 from hf_based.kernels import hybrid_attention
@@ -38,13 +37,7 @@ ATTENTION_CASES = [(2, 256, True), (2, 384, True), (2, 512, True), (1, 1024, Tru
 
 
 def median_ms(fn, runs: int = 3) -> float:
-    fn()
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times)
+    return 1e3 * median_seconds(fn, torch.device("cpu"), runs)
 
 
 def attention_case(batch: int, length: int, backward: bool):

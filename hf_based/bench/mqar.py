@@ -59,8 +59,10 @@ from hf_based.bench.mqar_sweeps import (
     VOCAB_SIZE,
     ModelSpec,
     Settings,
+    Task,
     check_task,
 )
+from hf_based.bench.throughput import synchronize
 from hf_based.modeling import BasedForCausalLM
 from hf_based.modeling.prefill_graphs import capture
 from hf_based.training import autocast_for, lr_factor
@@ -362,15 +364,7 @@ def train_runs(
 
     while active:
         task = settings.train_task(step)
-        batch = sample_mqar(
-            settings.batch_size,
-            task.seq_len,
-            task.num_kv_pairs,
-            settings.vocab_size,
-            settings.power_a,
-            settings.random_non_queries,
-            generator,
-        )
+        batch = training_batch(settings, task, generator)
         for run, error in step_together(active, batch, step, warmup):
             end(run, error)
         step += 1
@@ -402,6 +396,19 @@ def train_runs(
     return [records[run_name(spec, lr, settings)] for spec, lr in planned]
 
 
+def training_batch(settings: Settings, task: Task, generator: torch.Generator) -> MQARBatch:
+    """A fresh training batch of `task` under the settings' batch size, vocabulary and query distribution."""
+    return sample_mqar(
+        settings.batch_size,
+        task.seq_len,
+        task.num_kv_pairs,
+        settings.vocab_size,
+        settings.power_a,
+        settings.random_non_queries,
+        generator,
+    )
+
+
 def step_together(runs: list[Run], batch: MQARBatch, step: int, warmup: int) -> list[tuple[Run, Exception]]:
     """Training step `step` of each run on `batch`, each on its own stream on CUDA (after the stream that sampled
     the batch); returns the runs that raised, with their errors."""
@@ -419,11 +426,6 @@ def step_together(runs: list[Run], batch: MQARBatch, step: int, warmup: int) -> 
         except Exception as error:  # noqa: BLE001 - one failing run must not end the others
             failed.append((run, error))
     return failed
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def train_and_evaluate(
