@@ -216,7 +216,8 @@ def hybrid_fwd_kernel(
         jb_in = (jb >= 0) & (jb < Tk)
         chunk = i_bh.to(tl.int64) * NQ + i_m
         a = tl.zeros([BT, BT], dtype=tl.float32)
-        for f0 in range(0, F, BK):
+        # not pipelined: Triton 3.6 miscompiles this loop pipelined on Hopper (wrong outputs; benchmarks/NOTES.md)
+        for f0 in tl.range(0, F, BK, num_stages=1):
             f = f0 + tl.arange(0, BK)
             qf_mask = (i[:, None] < Tq) & (f[None, :] < F)
             qf = tl.load(QF + i[:, None] * stride_qft + f[None, :], mask=qf_mask, other=0.0)
@@ -372,7 +373,7 @@ def hybrid_bwd_dq_kernel(
     da = tl.dot(do, tl.trans(vb), input_precision=DOT_PRECISION)  # [BT, BT]
     da = tl.where(band, rden[:, None] * (da - delta[:, None]), 0.0)
     chunk = i_bh.to(tl.int64) * NQ + i_m
-    for f0 in range(0, F, BK):
+    for f0 in tl.range(0, F, BK, num_stages=1):  # faster unpipelined (benchmarks/NOTES.md)
         f = f0 + tl.arange(0, BK)
         h_mask = (f[:, None] < F) & (e[None, :] < Dv)
         h = tl.load(HS + chunk * F * Dv + f[:, None] * Dv + e[None, :], mask=h_mask, other=0.0)  # [BK, BV]
@@ -453,7 +454,7 @@ def hybrid_bwd_dkv_kernel(
         KFh = KF + i_b * stride_kfb + i_h * stride_kfh
         DKFh = DKF + i_b * stride_kfb + i_h * stride_kfh
         state = (i_b * H + i_h) * (NQ + 1) + chunk
-        for f0 in range(0, F, BK):
+        for f0 in tl.range(0, F, BK, num_stages=1):  # faster unpipelined, as the dq kernel's
             f = f0 + tl.arange(0, BK)
             qf = tl.load(QFh + ib[:, None] * stride_qft + f[None, :], mask=q_in[:, None] & (f[None, :] < F), other=0.0)
             kf_mask = real_key[:, None] & (f[None, :] < F)
