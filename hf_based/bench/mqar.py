@@ -22,7 +22,7 @@ positional information at all (as in Zoology), so without the convolutions it ca
 Training differs from Zoology in documented ways:
 - every step draws a fresh batch (no fixed 100k-example training set, no epochs): cycling through the training
   tasks, one task per step;
-- the quick sweep, to fit into 3 minutes of one GPU: one learning rate per run (Zoology keeps the best of 4) and,
+- the quick sweep, to fit into 8 minutes of one H200: one learning rate per run (Zoology keeps the best of 4) and,
   on CUDA, a time budget: each run trains for the steps that fit its share of `time_budget_s` (measured once every
   training shape has been compiled; at most `max_steps`). Every run stops early once its training accuracy on fresh
   data reaches 99% (Zoology's early stop). The steps taken are recorded with each run.
