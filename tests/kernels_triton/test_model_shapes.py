@@ -11,7 +11,7 @@ interpreter); `benchmarks/bench_kernels.py` checks them at their own blocks on a
 
 import pytest
 import torch
-from triton_helpers import DEVICE, INTERPRET, Rand
+from triton_helpers import DEVICE, INTERPRET, Rand, run_with_grads
 
 from hf_based.kernels.hybrid import triton as hybrid
 from hf_based.kernels.hybrid.reference import hybrid_attention as reference_hybrid
@@ -23,24 +23,15 @@ from hf_based.kernels.softmax.reference import softmax_attention as reference_so
 LENGTH = 200 if INTERPRET else 1000
 
 
-def with_grads(op, inputs, grad_out, **kwargs):
-    """op's output and the gradients of sum(o * grad_out) w.r.t. the inputs."""
-    inputs = [x.detach().clone().requires_grad_() for x in inputs]
-    out = op(*inputs, **kwargs)
-    o = out[0] if isinstance(out, tuple) else out
-    return o, torch.autograd.grad(o, inputs, grad_out.to(o.dtype))
-
-
-def assert_within_rounding(op, reference, inputs, names, value_heads, skipped=(), **kwargs):
+def assert_within_rounding(op, reference, inputs, names, head_shape, skipped=(), **kwargs):
     """op on the fp16 `inputs` (named `names`; one-dim tensors, the window factors, stay fp32) against the reference
-    on fp64 copies: the output [2, LENGTH, value_heads] and the gradients, but those in `skipped` (zero in exact
+    on fp64 copies: the output [2, LENGTH, *head_shape] and the gradients, but those in `skipped` (zero in exact
     arithmetic)."""
-    rand = Rand(99)
     inputs = [x.half() if x.dim() > 1 else x for x in inputs]
-    grad_out = rand.normal(2, LENGTH, *value_heads)
-    o, grads = with_grads(op, inputs, grad_out, **kwargs)
-    exact, exact_grads = with_grads(reference, [x.double() for x in inputs], grad_out, **kwargs)
-    checked = [("o", o, exact)] + [
+    grad_out = Rand(99).normal(2, LENGTH, *head_shape)
+    out, grads = run_with_grads(op, inputs, grad_out, **kwargs)
+    exact, exact_grads = run_with_grads(reference, [x.double() for x in inputs], grad_out, **kwargs)
+    checked = [("o", *(x[0] if isinstance(x, tuple) else x for x in (out, exact)))] + [
         (f"d{name}", grad, expected)
         for name, grad, expected in zip(names, grads, exact_grads)
         if name not in skipped and expected.dim() > 1

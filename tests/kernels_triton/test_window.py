@@ -10,7 +10,7 @@ from unittest.mock import patch
 
 import pytest
 import torch
-from triton_helpers import DEVICE, Rand, left_padding_mask
+from triton_helpers import DEVICE, Rand, left_padding_mask, run_with_grads
 
 import hf_based.kernels as kernels
 from hf_based.kernels import dispatch
@@ -42,14 +42,6 @@ def assert_close(actual, expected, name="", tol=1e-4):
     error = (actual - expected).norm().item()
     bound = tol * (expected.norm().item() + 1e-2 * expected.numel() ** 0.5)
     assert error <= bound, f"{name}: |error| {error:.3g} > {bound:.3g} (|expected| {expected.norm().item():.3g})"
-
-
-def run_with_grads(op, inputs, grad_out, **kwargs):
-    """op(*inputs, **kwargs) and the gradients of sum(o * grad_out) w.r.t. inputs; inputs copied with grads on."""
-    inputs = [x.detach().clone().requires_grad_() for x in inputs]
-    out = op(*inputs, **kwargs)
-    o = out[0] if isinstance(out, tuple) else out
-    return out, torch.autograd.grad(o, inputs, grad_out.to(o.dtype))
 
 
 def as_fp64(tensors):

@@ -27,3 +27,11 @@ def left_padding_mask(length):
     mask = torch.ones(2, length, dtype=torch.bool, device=DEVICE)
     mask[1, : length - length // 2] = False
     return mask
+
+
+def run_with_grads(op, inputs, grad_out, **kwargs):
+    """op(*inputs, **kwargs) and the gradients of sum(o * grad_out) w.r.t. inputs; inputs copied with grads on."""
+    inputs = [x.detach().clone().requires_grad_() for x in inputs]
+    out = op(*inputs, **kwargs)
+    o = out[0] if isinstance(out, tuple) else out
+    return out, torch.autograd.grad(o, inputs, grad_out.to(o.dtype))
