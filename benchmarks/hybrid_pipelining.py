@@ -50,16 +50,24 @@ def with_grads(op, inputs, grad_out):
     return o, torch.autograd.grad(o, inputs, grad_out.to(o.dtype))
 
 
-def errors(module, features: int) -> dict:
+def exact_cases(features: int) -> dict:
+    """The error check's inputs at `features` features, per part, with the fp64 reference's output and gradients
+    (computed once, for every variant)."""
     torch.manual_seed(0)
     q = torch.randn(2, 1000, 4, 128, device="cuda")
     k, v = (torch.randn(2, 1000, 2, 128, device="cuda") for _ in range(2))
     q_feat, k_feat = (torch.randn(2, 1000, 4, features, device="cuda").softmax(-1) for _ in range(2))
     grad_out = torch.randn_like(q)
-    found = {}
+    cases = {}
     for part, factor in (("linear part", torch.zeros(4, device="cuda")), ("whole op", torch.rand(4, device="cuda"))):
         inputs = [x.half() for x in (q, k, v, q_feat, k_feat)] + [factor]
-        exact, exact_grads = with_grads(reference, [x.double() for x in inputs], grad_out)
+        cases[part] = (inputs, grad_out, *with_grads(reference, [x.double() for x in inputs], grad_out))
+    return cases
+
+
+def errors(module, cases: dict) -> dict:
+    found = {}
+    for part, (inputs, grad_out, exact, exact_grads) in cases.items():
         o, grads = with_grads(module.hybrid_attention, inputs, grad_out)
         row = {"o": rel_l2(o, exact), "rounding of o": rel_l2(exact.half(), exact)}
         for name, grad, exact_grad in zip(("dq", "dk", "dv", "dq_feat", "dk_feat"), grads, exact_grads):
@@ -108,10 +116,11 @@ def main() -> None:
         "backward loops pipelined": {"dq", "dk/dv"},
         "all pipelined": set(LOOPS),
     }
+    cases = {f"F={f}": exact_cases(f) for f in (64, 128, 192, 256)}
     with tempfile.TemporaryDirectory() as folder:
         for label, pipelined in variants.items():
             module = variant(pipelined, Path(folder))
-            row = {f"F={f}": errors(module, f) for f in (64, 128, 192, 256)} | {"times": times(module)}
+            row = {key: errors(module, found) for key, found in cases.items()} | {"times": times(module)}
             results[label] = row
             print(label, json.dumps(row), flush=True)
             Path(args.out).write_text(json.dumps(results, indent=1) + "\n")
