@@ -127,6 +127,16 @@ def _leaf_positions(args, kwargs, leaves):
     return {n: next(i for i, x in enumerate(flat) if x is t) for n, t in leaves.items()}
 
 
+def two_pass_taylor(*args, **kwargs):
+    """taylor_linear_attention through the chunked op's two-pass algorithm (the scan is the default)."""
+    from hf_based.kernels.taylor import triton as taylor
+
+    return taylor._taylor_linear_attention(*args, algorithm="two_pass", **kwargs)
+
+
+two_pass_taylor.reference = K.taylor_linear_attention.reference
+
+
 def correctness(quick: bool) -> list[dict]:
     B, H, T = 2, 4, 1000  # T not a multiple of any block size
     results = []
@@ -150,6 +160,13 @@ def correctness(quick: bool) -> list[dict]:
         (
             "taylor_linear_attention+state+mask",
             K.taylor_linear_attention,
+            lambda d: taylor_inputs(d, state=True, mask=True),
+            (),
+        ),
+        ("taylor_linear_attention (two-pass)", two_pass_taylor, taylor_inputs, ("q", "k", "v")),
+        (
+            "taylor_linear_attention+state+mask (two-pass)",
+            two_pass_taylor,
             lambda d: taylor_inputs(d, state=True, mask=True),
             (),
         ),
@@ -422,22 +439,23 @@ def timings(quick: bool, ceil: dict) -> list[dict]:
             flops = 4 * B * T * H * features * dv  # state update + readout of the linear form
             nbytes = 2 * (2 * B * T * H * d + 2 * B * T * H * dv)  # read q, k, v; write o (bf16)
             shape = {"B": B, "H": H, "d": d, "dv": dv}
-            ours = lambda: K.taylor_linear_attention(q, k, v)[0]
-            attempt(
-                f"ours taylor T={T} dv={dv}",
-                lambda: (
-                    record("ours taylor_linear_attention", "fwd", T, bench(ours), flops, nbytes, **shape),
-                    record(
-                        "ours taylor_linear_attention",
-                        "fwd+bwd",
-                        T,
-                        bench(fwd_bwd(ours, [q, k, v])),
-                        3 * flops,
-                        3 * nbytes,
-                        **shape,
+            for label, op in (("", K.taylor_linear_attention), (" (two-pass)", two_pass_taylor)):
+                ours = lambda op=op: op(q, k, v)[0]
+                attempt(
+                    f"ours taylor{label} T={T} dv={dv}",
+                    lambda label=label, ours=ours: (
+                        record(f"ours taylor_linear_attention{label}", "fwd", T, bench(ours), flops, nbytes, **shape),
+                        record(
+                            f"ours taylor_linear_attention{label}",
+                            "fwd+bwd",
+                            T,
+                            bench(fwd_bwd(ours, [q, k, v])),
+                            3 * flops,
+                            3 * nbytes,
+                            **shape,
+                        ),
                     ),
-                ),
-            )
+                )
             if fused_chunk_based is not None:
                 fla_fc = lambda: fused_chunk_based(q, k, v, scale=d**-0.5)
                 attempt(

@@ -1,12 +1,14 @@
 """Where a decode step of a BASED model spends its time (CUDA): kernels of one eager step, and the graph replay.
 
     python benchmarks/profile_decode.py OUT_DIR [--model based-360m] [--prompt 2048] [--batches 1,64] [--prefill N]
-        [--no-key-splits]
+        [--no-key-splits] [--compile]
 
 --model: a preset, a checkpoint directory, or converted:LLAMA_CONFIG, as in `hf-based bench` (random weights).
 --no-key-splits profiles the kernels without splitting key ranges across programs (softmax flash-decoding, hybrid
-state-scan segments), for a before/after in one run.
-Writes OUT_DIR/profile_decode[-no-key-splits].json: per batch size, the number of kernels one step launches, their
+state-scan segments), for a before/after in one run. --compile profiles the decode step with the model's forward
+compiled by torch.compile (inductor's default mode; the graph replay captures the compiled step), which fuses the
+elementwise work around the kernels.
+Writes OUT_DIR/profile_decode[-no-key-splits][-compiled].json: per batch size, the number of kernels one step launches, their
 summed GPU time, the eager and CUDA-graph step times, and the 30 kernels with the most GPU time (count, microseconds);
 with --prefill, the same for one batch-1 prefill. For the eager steps and the prefill also where the host time goes:
 the 40 Python functions with the most own time (cProfile: calls, own ms, cumulative ms) and the host-device
@@ -81,6 +83,7 @@ def main() -> None:
     parser.add_argument("--batches", default="1,64")
     parser.add_argument("--prefill", type=int, help="also profile a batch-1 prefill of this many tokens")
     parser.add_argument("--no-key-splits", action="store_true", help="no key splits (see above)")
+    parser.add_argument("--compile", action="store_true", help="the decode step's forward compiled (see above)")
     args = parser.parse_args()
     if args.no_key_splits:
         softmax_triton.multiprocessor_count = lambda device: 0  # key_splits() is then 1 everywhere
@@ -96,12 +99,15 @@ def main() -> None:
         "model": args.model,
         "prompt": args.prompt,
         "key_splits": not args.no_key_splits,
+        "compiled": args.compile,
     }
     with torch.no_grad():
         for batch in map(int, args.batches.split(",")):
             # Room for every step below (warm-up, eager, profiled, graph capture and replays): a static cache's
             # full-attention buffers must not overflow.
             decoder = BasedDecoder(model, batch, args.prompt, 256, device)
+            if args.compile:  # after the eager prefill: only the decode step's shapes are compiled
+                decoder.model = torch.compile(model, dynamic=False)
             for _ in range(3):
                 decoder.step()
             eager = timed_steps(decoder.step, device, 16, 3)
@@ -125,7 +131,7 @@ def main() -> None:
             results[f"prefill {args.prefill}"] = entry
             print("prefill", {k: v for k, v in entry.items() if k not in ("top", "host")}, flush=True)
     Path(args.out).mkdir(parents=True, exist_ok=True)
-    name = "profile_decode-no-key-splits.json" if args.no_key_splits else "profile_decode.json"
+    name = "profile_decode" + "-no-key-splits" * args.no_key_splits + "-compiled" * args.compile + ".json"
     (Path(args.out) / name).write_text(json.dumps(results, indent=1))
 
 

@@ -29,7 +29,14 @@ from hf_based.kernels.taylor import triton as taylor
 
 pytestmark = pytest.mark.skipif(not INTERPRET, reason="records launches from the interpreter")
 
-DTYPES = {torch.float16: "fp16", torch.float32: "fp32", torch.int8: "i8", torch.int32: "i32", torch.int64: "i64"}
+DTYPES = {
+    torch.float16: "fp16",
+    torch.bfloat16: "bf16",
+    torch.float32: "fp32",
+    torch.int8: "i8",
+    torch.int32: "i32",
+    torch.int64: "i64",
+}
 COMPILE = """
 import importlib, json, sys
 import triton
@@ -126,10 +133,14 @@ def run_every_kernel(monkeypatch):
     T = 130
     q, k, v = half(B, T, H, D), half(B, T, H, D), half(B, T, H, 64)
     backward(taylor.taylor_linear_attention(q, k, v, key_mask=key_mask(T), output_final_state=True))
+    with torch.no_grad():
+        _, taylor_state = taylor.taylor_linear_attention(q, k, v, output_final_state=True)
+    for state in (None, tuple(x.requires_grad_() for x in taylor_state)):
+        o, (kv, z) = taylor._taylor_linear_attention(q, k, v, key_mask(T), state, True, algorithm="two_pass")
+        (o.float().sum() + kv.sum() + z.sum()).backward()  # the final state's gradient starts the reverse pass
     qf, kf = rand.positive(B, T, H, 32).half().requires_grad_(), rand.positive(B, T, H, 32).half().requires_grad_()
     backward(linear.linear_attention(qf, kf, v, key_mask=key_mask(T), output_final_state=True))
     with torch.no_grad():
-        _, taylor_state = taylor.taylor_linear_attention(q, k, v, output_final_state=True)
         taylor.taylor_linear_attention_recurrent(q[:, :1], k[:, :1], v[:, :1], initial_state=taylor_state)
         _, linear_state = linear.linear_attention(qf, kf, v, output_final_state=True)
         linear.linear_attention_recurrent(qf[:, :1], kf[:, :1], v[:, :1], initial_state=linear_state)
@@ -152,6 +163,8 @@ def test_every_kernel_compiles_for_sm90(monkeypatch):
         "hybrid_state_fwd_kernel",
         "hybrid_decode_kernel",
         "taylor_fwd_kernel",
+        "taylor_output_kernel",
+        "taylor_bwd_dkv_kernel",
         "rope_fwd_kernel",
         "retrieval_weights_kernel",
     } <= kernels

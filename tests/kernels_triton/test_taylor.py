@@ -1,8 +1,9 @@
 """The Triton Taylor kernels (taylor_linear_attention, taylor_linear_attention_recurrent) against the references.
 
 Under the Triton interpreter (see conftest.py) with fp32 inputs and chunks of 16 in segments of 32 tokens, so that
-these small problems span several segments and end on a ragged chunk; the references run on fp64 copies. With
-TRITON_INTERPRET=0 and a GPU, the same tests run the compiled kernels.
+these small problems span several segments and end on a ragged chunk; the references run on fp64 copies. The chunked
+op's tests run both of its algorithms (the scan and two_pass.py). With TRITON_INTERPRET=0 and a GPU, the same tests
+run the compiled kernels.
 """
 
 import pytest
@@ -10,11 +11,19 @@ import torch
 from triton_helpers import DEVICE, Rand, left_padding_mask
 
 from hf_based.kernels.taylor import triton as taylor
+from hf_based.kernels.taylor import two_pass
 from hf_based.kernels.taylor.reference import taylor_linear_attention as reference
 from hf_based.kernels.taylor.reference import taylor_linear_attention_recurrent as reference_recurrent
 
 B, H = 2, 2
 BLOCKS = dict(chunk=16, segment=32)
+ALGORITHMS = pytest.mark.parametrize("algorithm", taylor.ALGORITHMS)
+
+
+@pytest.fixture(autouse=True)
+def small_state_blocks(monkeypatch):
+    """Two-pass state slices of 16 value columns, so that value_dim 32 spans two of them."""
+    monkeypatch.setattr(two_pass, "BLOCK_V_STATES", 16)
 
 
 class TaylorRand(Rand):
@@ -58,7 +67,8 @@ NAMES = ("o", "kv", "z", "dq", "dk", "dv", "dkv0", "dz0")
         (40, 8, 16, True, True, 16),  # d padded to 16
     ],
 )
-def test_chunked_matches_reference(length, d, value_dim, masked, with_state, block_v):
+@ALGORITHMS
+def test_chunked_matches_reference(length, d, value_dim, masked, with_state, block_v, algorithm):
     rand = TaylorRand(length + d)
     q, k, v = (rand.normal(B, length, H, n) for n in (d, d, value_dim))
     key_mask = left_padding_mask(length) if masked else None
@@ -66,7 +76,7 @@ def test_chunked_matches_reference(length, d, value_dim, masked, with_state, blo
     features = 1 + d + d * d
     shapes = ((B, length, H, value_dim), (B, H, features, value_dim), (B, H, features))
     weights = [rand.normal(*shape) for shape in shapes]
-    blocks = dict(BLOCKS, block_v=block_v, block_v_bwd=block_v)
+    blocks = dict(BLOCKS, block_v=block_v, block_v_bwd=block_v, algorithm=algorithm)
     actual = run(taylor._taylor_linear_attention, q, k, v, key_mask, state, weights, **blocks)
     expected = run(
         reference, *(x.double() for x in (q, k, v)), key_mask, state and tuple(x.double() for x in state), weights
@@ -75,14 +85,16 @@ def test_chunked_matches_reference(length, d, value_dim, masked, with_state, blo
         assert_close(a, e, name)
 
 
-def test_padded_keys_are_excluded():
+@ALGORITHMS
+def test_padded_keys_are_excluded(algorithm):
     """Padding in front changes nothing for the real tokens, their gradients included; padded keys get none."""
     rand = TaylorRand(1)
     q, k, v = (rand.normal(1, 50, H, n) for n in (16, 16, 16))
     pad = 23
     key_mask = torch.arange(50, device=DEVICE)[None] >= pad
-    full = run(taylor._taylor_linear_attention, q, k, v, key_mask, None, (v,), **BLOCKS)
-    tail = run(taylor._taylor_linear_attention, *(x[:, pad:] for x in (q, k, v)), None, None, (v[:, pad:],), **BLOCKS)
+    blocks = dict(BLOCKS, algorithm=algorithm)
+    full = run(taylor._taylor_linear_attention, q, k, v, key_mask, None, (v,), **blocks)
+    tail = run(taylor._taylor_linear_attention, *(x[:, pad:] for x in (q, k, v)), None, None, (v[:, pad:],), **blocks)
     for name, a, e in zip(("o", "kv", "z", "dq", "dk", "dv"), full, tail):
         if name in ("o", "dq", "dk", "dv"):
             assert_close(a[:, pad:], e, name, tol=1e-5)
@@ -91,13 +103,24 @@ def test_padded_keys_are_excluded():
     assert full[4][:, :pad].abs().max() == 0 and full[5][:, :pad].abs().max() == 0
 
 
-def test_default_blocks_and_no_state():
-    """Public signature, module block sizes, outputs without final state."""
+@ALGORITHMS
+def test_default_blocks_and_no_state(monkeypatch, algorithm):
+    """Public signature, module block sizes (more than one segment for the two-pass op), outputs without final
+    state."""
+    monkeypatch.setattr(taylor, "ALGORITHM", algorithm)
     rand = TaylorRand(2)
-    q, k, v = (rand.normal(B, 70, H, n) for n in (16, 16, 64))
+    q, k, v = (rand.normal(B, 300, H, n) for n in (16, 16, 64))
     o, final = taylor.taylor_linear_attention(q, k, v)
     assert final is None and o.dtype == v.dtype
     assert_close(o, reference(q.double(), k.double(), v.double())[0], "o")
+
+
+def test_unknown_algorithm_is_refused():
+    q, k, v = (torch.ones(1, 3, 1, 16, device=DEVICE) for _ in range(3))
+    message = raised(lambda: taylor._taylor_linear_attention(q, k, v, algorithm="fused"))
+    assert message == "algorithm='fused': expected one of ('scan', 'two_pass')"
+    with pytest.raises(ValueError, match="segment=40 must be a multiple of chunk=16"):
+        taylor._taylor_linear_attention(q, k, v, algorithm="two_pass", chunk=16, segment=40)
 
 
 @pytest.mark.parametrize("length, d, value_dim", [(1, 16, 32), (1, 32, 16), (1, 16, 80), (5, 16, 16)])

@@ -68,6 +68,11 @@ NUM_STAGES_BWD = 1  # see above
 PROGRAMS_PER_SM = 4  # segments are cut so that a scan launch has about this many programs per multiprocessor
 MIN_SEGMENT = 512  # tokens: shorter segments would spend more on the segment pass than they win
 MAX_DIM = 32  # larger d: the d^2 features no longer fit on chip, the reference runs
+# The chunked op's algorithms: "scan" (this module's kernels) or "two_pass" (two_pass.py: segment states by feature
+# block, then every chunk in parallel). The scan stays the default until the two-pass kernels are timed and their
+# bf16 results checked on a GPU (benchmarks/bench_kernels.py runs both).
+ALGORITHMS = ("scan", "two_pass")
+ALGORITHM = "scan"
 
 SQRT2 = tl.constexpr(math.sqrt(2.0))
 
@@ -678,18 +683,28 @@ def _check(q, k, v, key_mask, initial_state):
 
 
 def _chunked(q, k, v, key_mask, start, output_final_state, eps, chunk=None, segment=None, block_v=None,
-             block_v_bwd=None):
+             block_v_bwd=None, algorithm=None):
     mask = None if key_mask is None else key_mask.to(torch.float32)[:, :, None].expand(-1, -1, q.shape[2])
     kv0, z0 = start or (None, None)
-    out = TaylorLinearAttentionFunction.apply(
-        q, k, v, mask, kv0, z0, output_final_state, eps, chunk, segment, block_v or BLOCK_V, block_v_bwd or BLOCK_V_BWD
-    )
+    algorithm = algorithm or ALGORITHM
+    if algorithm == "two_pass":
+        from hf_based.kernels.taylor.two_pass import TwoPassTaylorFunction  # it imports this module's tiles
+
+        out = TwoPassTaylorFunction.apply(q, k, v, mask, kv0, z0, output_final_state, eps, chunk, segment, block_v)
+    elif algorithm == "scan":
+        out = TaylorLinearAttentionFunction.apply(
+            q, k, v, mask, kv0, z0, output_final_state, eps, chunk, segment, block_v or BLOCK_V,
+            block_v_bwd or BLOCK_V_BWD,
+        )
+    else:
+        raise ValueError(f"algorithm={algorithm!r}: expected one of {ALGORITHMS}")
     return (out[0], out[1:]) if output_final_state else (out, None)
 
 
 def _taylor_linear_attention(q, k, v, key_mask=None, initial_state=None, output_final_state=False, eps=1e-12,
                              **blocks):
-    """taylor_linear_attention with block sizes: chunk, segment (tokens, a multiple of chunk), block_v, block_v_bwd."""
+    """taylor_linear_attention with block sizes: chunk, segment (tokens, a multiple of chunk), block_v, block_v_bwd;
+    and the algorithm (ALGORITHMS)."""
     if _use_reference(q, k, v):
         return taylor_linear_attention_reference(q, k, v, key_mask, initial_state, output_final_state, eps)
     start = _check(q, k, v, key_mask, initial_state)
