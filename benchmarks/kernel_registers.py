@@ -24,8 +24,6 @@ from pathlib import Path
 
 import torch
 
-from hf_based.bench.report import environment
-
 REPO = Path(__file__).resolve().parents[1]
 COMPILE = """
 import importlib, json, os, re, subprocess, sys, tempfile
@@ -86,7 +84,6 @@ def run_model_shapes() -> None:
 
 def record_launches() -> list[dict]:
     """Every distinct kernel launch of run_model_shapes (in the interpreter), recorded as the compile test does."""
-    os.environ["TRITON_INTERPRET"] = "1"
     sys.path.insert(0, str(REPO / "tests" / "kernels_triton"))
     import pytest
     from conftest import squeeze_loop_bounds
@@ -123,6 +120,9 @@ def main() -> None:
     parser.add_argument("out")
     parser.add_argument("--kernels", help="comma-separated name prefixes of the kernels to keep")
     args = parser.parse_args()
+    os.environ["TRITON_INTERPRET"] = "1"  # before hf_based imports the kernels' modules
+    from hf_based.bench.report import environment
+
     launches = record_launches()
     if args.kernels:
         launches = [x for x in launches if x["kernel"].startswith(tuple(args.kernels.split(",")))]
