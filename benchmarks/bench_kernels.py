@@ -777,25 +777,27 @@ def plot(report: dict, path: Path) -> None:
 
 
 def taylor_sweep(save) -> list[dict]:
-    """Block sizes, warps and pipelining of the Taylor kernels at B=8 H=16 d=16 dv=64 T=16k: each variant checked
-    (bf16 vs fp64, T=1000) before it is timed. Chunk 64 variants (bf16 backward faults seen there) run last."""
+    """Block sizes, warps and pipelining of the Taylor kernels, both algorithms of the chunked op, at B=8 H=16 d=16
+    dv=64 T=16k: each variant checked (bf16 vs fp64, T=1000) before it is timed. A variant sets module constants
+    (the scan's in triton.py, the two-pass op's in two_pass.py) and passes block sizes. Chunk 64 variants of the scan
+    (bf16 backward faults seen there) run last."""
     from hf_based.kernels.taylor import triton as taylor
+    from hf_based.kernels.taylor import two_pass
 
-    defaults = {name: getattr(taylor, name) for name in ("NUM_WARPS", "NUM_STAGES", "PROGRAMS_PER_SM")}
-    variants = [
-        dict(chunk=c, block_v=bv, NUM_WARPS=w, NUM_STAGES=st, PROGRAMS_PER_SM=pps)
-        for c in (16, 32)
-        for bv in (16, 32, 64)
-        for w in (4, 8)
-        for st in (2, 3)
-        for pps in (4,)
+    def scan(chunk, block_v, warps, stages, programs_per_sm):
+        constants = dict(NUM_WARPS=warps, NUM_STAGES=stages, PROGRAMS_PER_SM=programs_per_sm)
+        return taylor, constants, dict(chunk=chunk, block_v=block_v, block_v_bwd=block_v)
+
+    def two_passes(chunk, segment, state_rows, warps, stages):
+        constants = dict(STATE_ROWS=state_rows, NUM_WARPS=warps, NUM_STAGES=stages)
+        return two_pass, constants, dict(algorithm="two_pass", chunk=chunk, segment=segment)
+
+    variants = [scan(c, bv, w, st, 4) for c in (16, 32) for bv in (16, 32, 64) for w in (4, 8) for st in (2, 3)]
+    variants += [scan(32, 32, w, 3, pps) for w in (4, 8) for pps in (2, 8, 16)]
+    variants += [two_passes(64, seg, rows, w, 2) for seg in (128, 256, 512) for rows in (32, 64) for w in (4, 8)] + [
+        two_passes(32, 256, 64, w, st) for w in (4, 8) for st in (1, 3)
     ]
-    variants += [
-        dict(chunk=32, block_v=32, NUM_WARPS=w, NUM_STAGES=3, PROGRAMS_PER_SM=pps) for w in (4, 8) for pps in (2, 8, 16)
-    ]
-    variants += [
-        dict(chunk=64, block_v=bv, NUM_WARPS=w, NUM_STAGES=2, PROGRAMS_PER_SM=4) for bv in (16, 32) for w in (4, 8)
-    ]
+    variants += [scan(64, bv, w, 2, 4) for bv in (16, 32) for w in (4, 8)]
     B, H, d, dv, T = 8, 16, 16, 64, 16384
     q, k = rand(B, T, H, d, requires_grad=True), rand(B, T, H, d, requires_grad=True)
     v = rand(B, T, H, dv, requires_grad=True)
@@ -805,11 +807,11 @@ def taylor_sweep(save) -> list[dict]:
     weights = torch.randn_like(expected)
     (expected * weights).sum().backward()
     rows = []
-    for variant in variants:
-        row = dict(variant)
-        blocks = {"chunk": variant["chunk"], "block_v": variant["block_v"], "block_v_bwd": variant["block_v"]}
-        for name in defaults:
-            setattr(taylor, name, variant[name])
+    for module, constants, blocks in variants:
+        row = {"algorithm": blocks.get("algorithm", "scan"), **constants, **blocks}
+        defaults = {name: getattr(module, name) for name in constants}
+        for name, value in constants.items():
+            setattr(module, name, value)
         try:
             for x in (qs, ks, vs):
                 x.grad = None
@@ -819,16 +821,16 @@ def taylor_sweep(save) -> list[dict]:
             row.update({f"err_d{n}": rel_l2(x.grad, x64.grad) for n, x, x64 in zip("qkv", (qs, ks, vs), small64)})
             fn = lambda: taylor._taylor_linear_attention(q, k, v, **blocks)[0]
             row["fwd_ms"] = bench(fn)
-            if variant["chunk"] <= 32:
+            if blocks["chunk"] <= 32 or row["algorithm"] == "two_pass":
                 row["fwd_bwd_ms"] = bench(fwd_bwd(fn, [q, k, v]))
         except Exception as error:
             row["error"] = f"{type(error).__name__}: {error}"[:300]
+        for name, value in defaults.items():
+            setattr(module, name, value)
         rows.append(row)
         print(row, flush=True)
         save(rows)
         torch.cuda.empty_cache()
-    for name, value in defaults.items():
-        setattr(taylor, name, value)
     return rows
 
 
@@ -846,7 +848,7 @@ def main():
     parser.add_argument(
         "--taylor-sweep",
         action="store_true",
-        help="only time variants of the Taylor kernels' block sizes (writes taylor_sweep.json)",
+        help="only time variants of the Taylor kernels' block sizes, both algorithms (writes taylor_sweep.json)",
     )
     args = parser.parse_args()
     out = Path(args.out)

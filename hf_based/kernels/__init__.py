@@ -8,8 +8,8 @@ parallel twin, with the same signature (minus chunk_size).
 
 One folder per op, `<op>/reference.py` and `<op>/triton.py`: taylor (BASED Taylor linear attention), linear (linear
 attention on materialised features, e.g. hedgehog), softmax (sliding-window softmax attention), hybrid (LoLCATs
-sliding-window softmax + linear attention, and `chunked.py`), conv (short convolution), norm (RMSNorm), rope (rotary
-embedding of queries and keys), retrieval (which keys a prompt's last queries attend to) and hedgehog (LoLCATs'
+sliding-window softmax + linear attention, and `chunked.py`), conv (short convolution), norm (RMSNorm, and with a
+residual add), glu (silu(gate) * up), rope (rotary embedding of queries and keys), retrieval (which keys a prompt's last queries attend to) and hedgehog (LoLCATs'
 feature map; `feature_maps.py` has BASED's Taylor map).
 `dispatch.py` picks one per call; `op.reference` is the spec. Under torch.compile the decode-step ops are custom ops
 (`opaque.py`).
@@ -19,6 +19,7 @@ from hf_based.kernels._checks import check_attention_inputs
 from hf_based.kernels.conv import reference as conv_reference
 from hf_based.kernels.dispatch import dispatched
 from hf_based.kernels.feature_maps import taylor_feature_map, taylor_num_features
+from hf_based.kernels.glu import reference as glu_reference
 from hf_based.kernels.hedgehog import reference as hedgehog_reference
 from hf_based.kernels.hybrid import reference as hybrid_reference
 from hf_based.kernels.hybrid.chunked import hybrid_attention_cpu, hybrid_attention_recurrent_cpu
@@ -68,6 +69,12 @@ def _hybrid_triton():
 
 def _hedgehog_triton():
     from hf_based.kernels.hedgehog import triton
+
+    return triton
+
+
+def _glu_triton():
+    from hf_based.kernels.glu import triton
 
     return triton
 
@@ -128,6 +135,8 @@ hybrid_attention_recurrent = dispatched(
 )
 short_conv = dispatched(conv_reference.short_conv, lambda: _conv_triton().short_conv)
 rms_norm = dispatched(norm_reference.rms_norm, lambda: _norm_triton().rms_norm)
+add_rms_norm = dispatched(norm_reference.add_rms_norm, lambda: _norm_triton().add_rms_norm)
+silu_mul = dispatched(glu_reference.silu_mul, lambda: _glu_triton().silu_mul)
 retrieval_scores = dispatched(retrieval_reference.retrieval_scores, lambda: _retrieval_triton().retrieval_scores)
 apply_rotary = dispatched(rope_reference.apply_rotary, lambda: _rope_triton().apply_rotary)
 hedgehog_feature_map = dispatched(
@@ -138,6 +147,7 @@ short_conv_recurrent = dispatched(
 )
 
 __all__ = [
+    "add_rms_norm",
     "apply_rotary",
     "hedgehog_feature_map",
     "hybrid_attention",
@@ -148,6 +158,7 @@ __all__ = [
     "rms_norm",
     "short_conv",
     "short_conv_recurrent",
+    "silu_mul",
     "softmax_attention",
     "taylor_feature_map",
     "taylor_linear_attention",

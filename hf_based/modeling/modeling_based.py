@@ -18,6 +18,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from hf_based.kernels import (
+    add_rms_norm,
     apply_rotary,
     hedgehog_feature_map,
     hybrid_attention,
@@ -28,6 +29,7 @@ from hf_based.kernels import (
     rms_norm,
     short_conv,
     short_conv_recurrent,
+    silu_mul,
     softmax_attention,
     taylor_feature_map,
     taylor_linear_attention,
@@ -49,6 +51,10 @@ class BasedRMSNorm(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         return rms_norm(hidden_states, self.weight, self.variance_epsilon)
+
+    def add_and_norm(self, hidden_states: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(residual + hidden_states, the norm of that sum), in one kernel on a GPU."""
+        return add_rms_norm(hidden_states, residual, self.weight, self.variance_epsilon)
 
 
 class BasedRotaryEmbedding(nn.Module):
@@ -102,9 +108,11 @@ class BasedMLP(nn.Module):
             nn.Linear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
         )
         self.act_fn = ACT2FN[config.hidden_act]
+        self.silu = config.hidden_act == "silu"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(silu_mul(gate, up) if self.silu else self.act_fn(gate) * up)
 
 
 class BasedHedgehogFeatureMap(nn.Module):
@@ -333,7 +341,7 @@ class BasedConv(nn.Module):
         )
         if cache is not None:
             cache.layers[self.layer_idx].update_state(final_state)
-        return self.out_proj(nn.functional.silu(u) * gate)
+        return self.out_proj(silu_mul(u, gate))
 
 
 def build_mixer(config: BasedConfig, layer_idx: int) -> nn.Module:
@@ -369,8 +377,8 @@ class BasedDecoderLayer(GradientCheckpointingLayer):
     def forward(self, hidden_states, key_mask=None, position_embeddings=None, cache=None):
         residual = hidden_states
         hidden_states = self.mixer(self.input_layernorm(hidden_states), key_mask, position_embeddings, cache)
-        hidden_states = residual + hidden_states
-        return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
+        hidden_states, normed = self.post_attention_layernorm.add_and_norm(hidden_states, residual)
+        return hidden_states + self.mlp(normed)
 
 
 class BasedPreTrainedModel(PreTrainedModel):

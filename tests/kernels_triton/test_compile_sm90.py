@@ -18,6 +18,7 @@ import torch
 from triton_helpers import INTERPRET, Rand
 
 from hf_based.kernels.conv import triton as conv
+from hf_based.kernels.glu import triton as glu
 from hf_based.kernels.hedgehog import triton as hedgehog
 from hf_based.kernels.hybrid import triton as hybrid
 from hf_based.kernels.linear import triton as linear
@@ -149,6 +150,8 @@ def run_every_kernel(monkeypatch):
     with torch.no_grad():
         conv.short_conv_recurrent(x[:, :1], weight, initial_state=rand.normal(B, 3, 48).half())
         norm.rms_norm(half(B, T, 576), half(576), 1e-5)
+        norm.add_rms_norm(half(B, T, 576), half(B, T, 576), half(576), 1e-5)
+        glu.silu_mul(half(B, T, 1536), half(B, T, 1536))
         rope.apply_rotary(half(B, T, 9, 64), half(B, T, 3, 64), half(1, T, 64), half(1, T, 64))
         retrieval.retrieval_scores(half(B, 64, 9, 64), half(B, T, 3, 64), key_mask(T))
         hedgehog.hedgehog_feature_map(half(B, T, H, 64), half(H, 64, 64))
@@ -167,6 +170,8 @@ def test_every_kernel_compiles_for_sm90(monkeypatch):
         "taylor_bwd_dkv_kernel",
         "rope_fwd_kernel",
         "retrieval_weights_kernel",
+        "add_rms_norm_fwd_kernel",
+        "silu_mul_fwd_kernel",
     } <= kernels
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     result = subprocess.run(
