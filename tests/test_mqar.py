@@ -293,6 +293,30 @@ def test_graphs_need_cuda():
         mqar.TrainingStep(model, 1e-3, 0.1, torch.device("cpu"), graphs=True)
 
 
+def test_a_failed_capture_trains_eagerly_and_is_recorded_so(monkeypatch, one_thread):
+    """A run whose CUDA graph capture fails goes on with eager steps, and its record says it ran without graphs.
+    Simulated on the CPU: the step is told it may capture (its graph table is set), and the capture fails after the
+    eager step, as a refused capture does."""
+
+    class CapturingStep(mqar.TrainingStep):
+        def __init__(self, model, lr, weight_decay, device, graphs):
+            super().__init__(model, lr, weight_decay, device, False)
+            self.graphs = {} if graphs else None
+
+    def failing_capture(step, device, pool=None):
+        step()
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(mqar, "TrainingStep", CapturingStep)
+    monkeypatch.setattr(mqar, "capture", failing_capture)
+    settings, specs = SWEEPS["tiny"]
+    settings = dataclasses.replace(settings, lrs=(1e-3,), max_steps=4, check_every=2)
+    eager = mqar.train_runs(mqar.planned_runs(settings, specs[:1]), settings, torch.device("cpu"), graphs=False)
+    failed = mqar.train_runs(mqar.planned_runs(settings, specs[:1]), settings, torch.device("cpu"), graphs=True)
+    assert failed[0]["cuda_graphs"] is False and "error" not in failed[0]
+    assert failed[0]["final_loss"] == eager[0]["final_loss"] and failed[0]["steps"] == eager[0]["steps"] == 4
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 @pytest.mark.parametrize("family", ["attention", "based", "lolcats", "sliding_window"])
 def test_graphed_training_steps_are_the_eager_steps(family):

@@ -353,6 +353,7 @@ def train_runs(
             records[run.name] = failed_run(run.spec, run.name, error)
         else:
             train_seconds = time.perf_counter() - start
+            run.graphs = run.train_step.graphs is not None  # False once a failed capture sent the run back to eager
             run.train_step = run.loss = None  # its graphs' memory
             accuracy = evaluate(run.model, settings, device)
             records[run.name] = run.record(
