@@ -126,7 +126,7 @@ def taylor_segment_states_kernel(
             b_z1 = tl.zeros([BD], dtype=tl.float32)
         for i_n in range(NS):
             i_s = NS - 1 - i_n if REVERSE else i_n
-            slot = i_bh * NS + i_s
+            slot = (i_bh * NS + i_s).to(tl.int64)  # hs can exceed 2^31 elements
             tl.store(hs + slot * FP * DV + o_v, b_h0.to(hs.dtype.element_ty), mask=m_v)
             tl.store(hs + slot * FP * DV + (1 + o_d[:, None]) * DV + o_v[None, :], b_h1.to(hs.dtype.element_ty),
                      mask=m_v[None, :])
@@ -163,7 +163,7 @@ def taylor_segment_states_kernel(
             b_z2 = tl.zeros([RA * BD], dtype=tl.float32)
         for i_n in range(NS):
             i_s = NS - 1 - i_n if REVERSE else i_n
-            slot = i_bh * NS + i_s
+            slot = (i_bh * NS + i_s).to(tl.int64)  # hs can exceed 2^31 elements
             tl.store(hs + slot * FP * DV + pad_rows[:, None] * DV + o_v[None, :], b_h2.to(hs.dtype.element_ty),
                      mask=m_v[None, :])
             if i_v == 0:
@@ -212,8 +212,9 @@ def taylor_output_kernel(
     k += i_b * s_kb + i_h * s_kh
     v += i_b * s_vb + i_h * s_vh
     m += i_b * s_mb + i_h * s_mh
-    p_h = hs + (i_bh * NS + i_s) * FP * DV
-    p_z = zs + (i_bh * NS + i_s) * FP
+    slot = (i_bh * NS + i_s).to(tl.int64)  # hs can exceed 2^31 elements
+    p_h = hs + slot * FP * DV
+    p_z = zs + slot * FP
 
     b_q = _columns(q, o_t, m_t, 0, D, s_qt, s_qd, BD)
     b_q1, b_q2 = b_q * scale1, b_q * scale2
@@ -279,8 +280,9 @@ def taylor_bwd_dq_kernel(
     rd += i_b * T * H + i_h
     gd += i_b * T * H + i_h
     dq += ((i_v * B + i_b) * T * H + i_h) * D
-    p_h = hs + (i_bh * NS + i_s) * FP * DV
-    p_z = zs + (i_bh * NS + i_s) * FP
+    slot = (i_bh * NS + i_s).to(tl.int64)  # hs can exceed 2^31 elements
+    p_h = hs + slot * FP * DV
+    p_z = zs + slot * FP
     # the normaliser's share (gd) goes to value block 0 only
     c_share = (i_v == 0).to(tl.float32)
 
@@ -346,8 +348,9 @@ def taylor_bwd_dkv_kernel(
     gd += i_b * T * H + i_h
     dk += ((i_v * B + i_b) * T * H + i_h) * D
     dv += i_b * T * H * DV + i_h * DV
-    p_h = hs + (i_bh * NS + i_s) * FP * DV
-    p_z = zs + (i_bh * NS + i_s) * FP
+    slot = (i_bh * NS + i_s).to(tl.int64)  # hs can exceed 2^31 elements
+    p_h = hs + slot * FP * DV
+    p_z = zs + slot * FP
     c_share = (i_v == 0).to(tl.float32)
 
     b_k = _columns(k, o_j, m_j, 0, D, s_kt, s_kd, BD)
