@@ -21,7 +21,7 @@ Forward, with T cut into NS segments of SEG tokens (a multiple of the chunk BT) 
 
 Backward, with g_t = do_t / (den_t + eps) and gd_t = -(do_t . o_t) / (den_t + eps), so that dL/dK_tj =
 g_t . v_j + gd_t for the kernel value K_tj = m_j phi(q_t).phi(k_j):
-- taylor_bwd_preprocess_kernel: rd = 1 / (den + eps) and gd per token;
+- shared.py's taylor_bwd_preprocess_kernel: rd = 1 / (den + eps) and gd per token;
 - dq_t = d^(-1/4) sum_{j<=t} dL/dK_tj (1 + s_tj) k1_j: the forward's scan again (taylor_bwd_dq_kernel, starting
   states recomputed by step 1), reading the state out as the gradient of phi(q_t).(kv g_t + z gd_t);
 - dv_j = m_j sum_{t>=j} K_tj g_t and dk_j = d^(-1/4) m_j sum_{t>=j} dL/dK_tj (1 + s_tj) q1_t: the same scan in
@@ -49,7 +49,9 @@ from hf_based.kernels.taylor.reference import taylor_linear_attention as taylor_
 from hf_based.kernels.taylor.reference import (
     taylor_linear_attention_recurrent as taylor_linear_attention_recurrent_reference,
 )
-from hf_based.kernels.triton_utils import block_size, cdiv, dot_precision, next_power_of_2, use_decode_kernel
+from hf_based.kernels.taylor.shared import _dot, _load_values, _state_args, _symmetric, _token_weights, normaliser_grads
+from hf_based.kernels.taylor.two_pass import TwoPassTaylorFunction
+from hf_based.kernels.triton_utils import block_size, cdiv, dot_precision, use_decode_kernel
 
 # Block sizes (powers of 2, >= 16). Tests shrink them so that small problems cover several chunks and segments.
 # Checked on an H200 (Triton 3.6, bf16 and fp32, d = 16 and 32): chunk 32, BV 32 (16 for d = 32), 4 warps per 16 of
@@ -77,18 +79,7 @@ ALGORITHM = "scan"
 SQRT2 = tl.constexpr(math.sqrt(2.0))
 
 
-# --- shared tiles ---------------------------------------------------------------------------------------------------
-
-
-@triton.jit
-def _dot(a, b, acc, DOT_PRECISION: tl.constexpr):
-    """a @ b (+ acc) in fp32: exact fp32 products for fp32 inputs ("ieee"), else bf16 operands (fp16 states could
-    overflow)."""
-    if DOT_PRECISION == "ieee":
-        acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-    else:
-        acc = tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16), acc)
-    return acc
+# --- the scan's tiles (shared.py has those of both algorithms) ------------------------------------------------------
 
 
 @triton.jit
@@ -154,20 +145,6 @@ def _square(b_x2, BT: tl.constexpr, BD: tl.constexpr, DOT_PRECISION: tl.constexp
     if DOT_PRECISION != "ieee":
         b_x2 = b_x2.to(tl.bfloat16)
     return tl.reshape(b_x2[:, :, None] * b_x2[:, None, :], [BT, BD * BD])
-
-
-@triton.jit
-def _load_values(y, w, c, o_t, m_t, o_v, DV, s_yt, s_yv, s_wt, WEIGHTED: tl.constexpr):
-    """Values w_t y_t [BT, BV] and normaliser weights c_t [BT]; w = c = 1 without weights; 0 outside [0, T)."""
-    b_y = tl.load(y + o_t[:, None] * s_yt + o_v[None, :] * s_yv, mask=m_t[:, None] & (o_v[None, :] < DV), other=0.0)
-    b_y = b_y.to(tl.float32)
-    if WEIGHTED:
-        b_w = tl.load(w + o_t * s_wt, mask=m_t, other=0.0).to(tl.float32)
-        b_c = tl.load(c + o_t * s_wt, mask=m_t, other=0.0).to(tl.float32)
-    else:
-        b_w = m_t.to(tl.float32)
-        b_c = b_w
-    return b_y * b_w[:, None], b_c
 
 
 @triton.jit
@@ -303,25 +280,6 @@ def taylor_fwd_kernel(
 
 
 # --- chunked backward -----------------------------------------------------------------------------------------------
-
-
-@triton.jit
-def taylor_bwd_preprocess_kernel(
-    o, do, den, rd, gd, s_db, s_dt, s_dh, s_dv, T, H, DV, eps, BT: tl.constexpr, BDV: tl.constexpr
-):
-    """rd = 1 / (den + eps) and gd = -(do . o) rd per token (fp32 [B, T, H])."""
-    i_t, i_bh = tl.program_id(0), tl.program_id(1)
-    i_b, i_h = i_bh // H, i_bh % H
-    o_t = i_t * BT + tl.arange(0, BT)
-    o_v = tl.arange(0, BDV)
-    m_t = o_t < T
-    m_tv = m_t[:, None] & (o_v < DV)[None, :]
-    b_o = tl.load(o + (i_b * T + o_t[:, None]) * H * DV + i_h * DV + o_v[None, :], mask=m_tv, other=0.0)
-    b_do = tl.load(do + i_b * s_db + i_h * s_dh + o_t[:, None] * s_dt + o_v[None, :] * s_dv, mask=m_tv, other=0.0)
-    p_t = (i_b * T + o_t) * H + i_h
-    b_rd = 1 / (tl.load(den + p_t, mask=m_t, other=0.0) + eps)
-    tl.store(rd + p_t, b_rd, mask=m_t)
-    tl.store(gd + p_t, -tl.sum(b_o.to(tl.float32) * b_do.to(tl.float32), 1) * b_rd, mask=m_t)
 
 
 @triton.jit
@@ -520,25 +478,6 @@ def _plan(q, k, v, chunk, segment, block_v):
     return meta, nv, segment, cdiv(length, segment)
 
 
-def _token_weights(w, like):
-    """(tensor, strides) of per-token weights [B, T, H]; `like` and zero strides stand in when there are none."""
-    return (like, (0, 0, 0)) if w is None else (w, w.stride())
-
-
-def _state_args(starts, like):
-    """Pointer arguments for optional (kv, z) states: `like` stands in for absent ones."""
-    return (like, like) if starts is None else starts
-
-
-def _symmetric(state, d):
-    """(kv, z) with the second-order block averaged with its transpose: what the gradient readouts assume."""
-    def sym(x):
-        x2 = x[:, :, 1 + d :].unflatten(2, (d, d))
-        return torch.cat([x[:, :, : 1 + d], ((x2 + x2.transpose(2, 3)) / 2).flatten(2, 3)], 2)
-
-    return sym(state[0]), sym(state[1])
-
-
 def _starts(x, y, w, c, start, reverse, meta, nv, seg, ns):
     """Starting state of every segment in scan order (reversed when `reverse`): (kv [B, H, NS, F, Dv],
     z [B, H, NS, F]) fp32, or None when there is one segment and no start state."""
@@ -594,12 +533,7 @@ def _taylor_bwd(q, k, v, mask, start, o, den, do, dfinal, need_dstart, eps, chun
     value_dim = v.shape[-1]
     num_features = taylor_num_features(d)
     meta, nv, seg, ns = _plan(q, k, v, chunk, segment, block_v)
-    rd = q.new_empty(batch, length, heads, dtype=torch.float32)
-    gd = torch.empty_like(rd)
-    taylor_bwd_preprocess_kernel[(cdiv(length, 32), batch * heads)](
-        o, do, den, rd, gd, *do.stride(), length, heads, value_dim, eps,
-        BT=32, BDV=max(16, next_power_of_2(value_dim)),
-    )
+    rd, gd = normaliser_grads(o, do, den, eps)
     fwd_starts = _starts(k, v, mask, mask, start and _symmetric(start, d), False, meta, nv, seg, ns)
     rev_starts = _starts(q, do, rd, gd, dfinal and _symmetric(dfinal, d), True, meta, nv, seg, ns)
     # with several value blocks, dq and dk are fp32 partial sums [NV, B, T, H, d]
@@ -688,8 +622,6 @@ def _chunked(q, k, v, key_mask, start, output_final_state, eps, chunk=None, segm
     kv0, z0 = start or (None, None)
     algorithm = algorithm or ALGORITHM
     if algorithm == "two_pass":
-        from hf_based.kernels.taylor.two_pass import TwoPassTaylorFunction  # it imports this module's tiles
-
         out = TwoPassTaylorFunction.apply(q, k, v, mask, kv0, z0, output_final_state, eps, chunk, segment, block_v)
     elif algorithm == "scan":
         out = TaylorLinearAttentionFunction.apply(

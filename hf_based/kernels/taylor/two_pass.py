@@ -26,7 +26,7 @@ Backward (g_t = do_t / (den_t + eps), gd_t = -(do_t . o_t) / (den_t + eps), as i
   plus the segment's earlier keys; taylor_bwd_dkv_kernel per key chunk: dk and dv from the later segments' query
   moments, plus the segment's later queries.
 The second-order readouts take the state's d x d block as symmetric, true of every state that keys or queries build;
-states from outside are symmetrised first (triton.py's `_symmetric`).
+states from outside are symmetrised first (`shared._symmetric`).
 """
 
 import torch
@@ -34,15 +34,8 @@ import triton
 import triton.language as tl
 
 from hf_based.kernels.feature_maps import taylor_num_features
-from hf_based.kernels.taylor.triton import (
-    _dot,
-    _load_values,
-    _state_args,
-    _symmetric,
-    _token_weights,
-    taylor_bwd_preprocess_kernel,
-)
-from hf_based.kernels.triton_utils import block_size, cdiv, dot_precision, next_power_of_2
+from hf_based.kernels.taylor.shared import _dot, _load_values, _state_args, _symmetric, _token_weights, normaliser_grads
+from hf_based.kernels.triton_utils import block_size, cdiv, dot_precision
 
 # Block sizes (powers of 2). Not yet timed on a GPU; chosen so that no kernel spills registers when compiled for
 # sm_90 with Triton 3.6 and 3.9 (benchmarks/kernel_registers.py).
@@ -453,12 +446,7 @@ def _two_pass_bwd(q, k, v, mask, start, o, den, do, dfinal, need_dstart, eps, ch
     batch, length, heads, d = q.shape
     value_dim = v.shape[-1]
     bt, seg, bd, ra, bv = _plan(d, value_dim, chunk, segment, block_v)
-    rd = q.new_empty(batch, length, heads, dtype=torch.float32)
-    gd = torch.empty_like(rd)
-    taylor_bwd_preprocess_kernel[(cdiv(length, 32), batch * heads)](
-        o, do, den, rd, gd, *do.stride(), length, heads, value_dim, eps,
-        BT=32, BDV=max(16, next_power_of_2(value_dim)),
-    )
+    rd, gd = normaliser_grads(o, do, den, eps)
     hs, zs, _ = _segment_states(k, v, mask, None, start and _symmetric(start, d), False, False, bt, seg, ra)
     symmetric_dfinal = dfinal and _symmetric(dfinal, d)
     dhs, dzs, dstart = _segment_states(q, do, rd, gd, symmetric_dfinal, True, need_dstart, bt, seg, ra)
