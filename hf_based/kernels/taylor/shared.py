@@ -1,11 +1,12 @@
 """What both chunked Taylor algorithms share (triton.py's scan and two_pass.py): the dot with its precision rule, the
-value and weight tiles, the backward's per-token normaliser gradients, and host helpers for optional weights and
-states."""
+value and weight tiles, the backward's per-token normaliser gradients, host helpers for optional weights and states,
+and the autograd function around an algorithm's forward and backward."""
 
 import torch
 import triton
 import triton.language as tl
 
+from hf_based.kernels.feature_maps import taylor_num_features
 from hf_based.kernels.triton_utils import cdiv, next_power_of_2
 
 
@@ -93,3 +94,35 @@ def _symmetric(state, d):
         return torch.cat([x[:, :, : 1 + d], ((x2 + x2.transpose(2, 3)) / 2).flatten(2, 3)], 2)
 
     return sym(state[0]), sym(state[1])
+
+
+class ChunkedTaylorFunction(torch.autograd.Function):
+    """Autograd around one chunked algorithm: forward_op(q, k, v, mask, start, output_final_state, eps, *blocks) ->
+    (o, den, final state or None) and backward_op(q, k, v, mask, start, o, den, do, dfinal, need_dstart, eps,
+    *blocks_bwd) -> (dq, dk, dv, dstart or None)."""
+
+    @staticmethod
+    def forward(ctx, forward_op, backward_op, q, k, v, mask, kv0, z0, output_final_state, eps, blocks, blocks_bwd):
+        start = None if kv0 is None else (kv0, z0)
+        o, den, final = forward_op(q, k, v, mask, start, output_final_state, eps, *blocks)
+        ctx.save_for_backward(q, k, v, mask, kv0, z0, o, den)
+        ctx.backward_op, ctx.config = backward_op, (eps, *blocks_bwd)
+        ctx.set_materialize_grads(False)
+        return (o, *final) if output_final_state else o
+
+    @staticmethod
+    def backward(ctx, do, dkv=None, dz=None):
+        q, k, v, mask, kv0, z0, o, den = ctx.saved_tensors
+        do = torch.zeros_like(o) if do is None else do
+        dfinal = None
+        if dkv is not None or dz is not None:
+            batch, _, heads, d = q.shape
+            shape = (batch, heads, taylor_num_features(d))
+            dfinal = (
+                q.new_zeros(*shape, v.shape[-1], dtype=torch.float32) if dkv is None else dkv,
+                q.new_zeros(shape, dtype=torch.float32) if dz is None else dz,
+            )
+        need_dstart = kv0 is not None and (ctx.needs_input_grad[6] or ctx.needs_input_grad[7])
+        start = None if kv0 is None else (kv0, z0)
+        dq, dk, dv, dstart = ctx.backward_op(q, k, v, mask, start, o, den, do, dfinal, need_dstart, *ctx.config)
+        return None, None, dq, dk, dv, None, *(dstart or (None, None)), None, None, None, None

@@ -49,8 +49,16 @@ from hf_based.kernels.taylor.reference import taylor_linear_attention as taylor_
 from hf_based.kernels.taylor.reference import (
     taylor_linear_attention_recurrent as taylor_linear_attention_recurrent_reference,
 )
-from hf_based.kernels.taylor.shared import _dot, _load_values, _state_args, _symmetric, _token_weights, normaliser_grads
-from hf_based.kernels.taylor.two_pass import TwoPassTaylorFunction
+from hf_based.kernels.taylor.shared import (
+    ChunkedTaylorFunction,
+    _dot,
+    _load_values,
+    _state_args,
+    _symmetric,
+    _token_weights,
+    normaliser_grads,
+)
+from hf_based.kernels.taylor.two_pass import _two_pass_bwd, _two_pass_fwd
 from hf_based.kernels.triton_utils import block_size, cdiv, dot_precision, use_decode_kernel
 
 # Block sizes (powers of 2, >= 16). Tests shrink them so that small problems cover several chunks and segments.
@@ -565,33 +573,6 @@ def _taylor_bwd(q, k, v, mask, start, o, den, do, dfinal, need_dstart, eps, chun
     return dq, dk, dv, dstart
 
 
-class TaylorLinearAttentionFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, mask, kv0, z0, output_final_state, eps, chunk, segment, block_v, block_v_bwd):
-        start = None if kv0 is None else (kv0, z0)
-        o, den, final = _taylor_fwd(q, k, v, mask, start, output_final_state, eps, chunk, segment, block_v)
-        ctx.save_for_backward(q, k, v, mask, kv0, z0, o, den)
-        ctx.config = (eps, chunk, segment, block_v_bwd)
-        ctx.set_materialize_grads(False)
-        return (o, *final) if output_final_state else o
-
-    @staticmethod
-    def backward(ctx, do, dkv=None, dz=None):
-        q, k, v, mask, kv0, z0, o, den = ctx.saved_tensors
-        do = torch.zeros_like(o) if do is None else do
-        dfinal = None
-        if dkv is not None or dz is not None:
-            batch, _, heads, d = q.shape
-            shape = (batch, heads, taylor_num_features(d))
-            dfinal = (
-                q.new_zeros(*shape, v.shape[-1], dtype=torch.float32) if dkv is None else dkv,
-                q.new_zeros(shape, dtype=torch.float32) if dz is None else dz,
-            )
-        need_dstart = kv0 is not None and (ctx.needs_input_grad[4] or ctx.needs_input_grad[5])
-        dq, dk, dv, dstart = _taylor_bwd(q, k, v, mask, None if kv0 is None else (kv0, z0), o, den, do, dfinal,
-                                         need_dstart, *ctx.config)
-        return dq, dk, dv, None, *(dstart or (None, None)), None, None, None, None, None, None
-
 
 def _use_reference(q, k, v):
     """fp64 inputs (the kernels accumulate in fp32), d > MAX_DIM and malformed inputs (for its errors) go to the
@@ -622,14 +603,14 @@ def _chunked(q, k, v, key_mask, start, output_final_state, eps, chunk=None, segm
     kv0, z0 = start or (None, None)
     algorithm = algorithm or ALGORITHM
     if algorithm == "two_pass":
-        out = TwoPassTaylorFunction.apply(q, k, v, mask, kv0, z0, output_final_state, eps, chunk, segment, block_v)
+        ops, blocks = (_two_pass_fwd, _two_pass_bwd), (chunk, segment, block_v)
+        blocks_bwd = blocks
     elif algorithm == "scan":
-        out = TaylorLinearAttentionFunction.apply(
-            q, k, v, mask, kv0, z0, output_final_state, eps, chunk, segment, block_v or BLOCK_V,
-            block_v_bwd or BLOCK_V_BWD,
-        )
+        ops, blocks = (_taylor_fwd, _taylor_bwd), (chunk, segment, block_v or BLOCK_V)
+        blocks_bwd = (chunk, segment, block_v_bwd or BLOCK_V_BWD)
     else:
         raise ValueError(f"algorithm={algorithm!r}: expected one of {ALGORITHMS}")
+    out = ChunkedTaylorFunction.apply(*ops, q, k, v, mask, kv0, z0, output_final_state, eps, blocks, blocks_bwd)
     return (out[0], out[1:]) if output_final_state else (out, None)
 
 

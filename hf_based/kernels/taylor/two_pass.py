@@ -471,31 +471,3 @@ def _two_pass_bwd(q, k, v, mask, start, o, den, do, dfinal, need_dstart, eps, ch
         # the final state passes its gradient on unchanged, the part the symmetrised readouts dropped included
         dstart = tuple(a + b - c for a, b, c in zip(dstart, dfinal, symmetric_dfinal))
     return dq, dk, dv, dstart
-
-
-class TwoPassTaylorFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, mask, kv0, z0, output_final_state, eps, chunk, segment, block_v):
-        start = None if kv0 is None else (kv0, z0)
-        o, den, final = _two_pass_fwd(q, k, v, mask, start, output_final_state, eps, chunk, segment, block_v)
-        ctx.save_for_backward(q, k, v, mask, kv0, z0, o, den)
-        ctx.config = (eps, chunk, segment, block_v)
-        ctx.set_materialize_grads(False)
-        return (o, *final) if output_final_state else o
-
-    @staticmethod
-    def backward(ctx, do, dkv=None, dz=None):
-        q, k, v, mask, kv0, z0, o, den = ctx.saved_tensors
-        do = torch.zeros_like(o) if do is None else do
-        dfinal = None
-        if dkv is not None or dz is not None:
-            batch, _, heads, d = q.shape
-            shape = (batch, heads, taylor_num_features(d))
-            dfinal = (
-                q.new_zeros(*shape, v.shape[-1], dtype=torch.float32) if dkv is None else dkv,
-                q.new_zeros(shape, dtype=torch.float32) if dz is None else dz,
-            )
-        need_dstart = kv0 is not None and (ctx.needs_input_grad[4] or ctx.needs_input_grad[5])
-        dq, dk, dv, dstart = _two_pass_bwd(q, k, v, mask, None if kv0 is None else (kv0, z0), o, den, do, dfinal,
-                                           need_dstart, *ctx.config)
-        return dq, dk, dv, None, *(dstart or (None, None)), None, None, None, None, None
