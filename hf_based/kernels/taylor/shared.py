@@ -36,6 +36,22 @@ def _load_values(y, w, c, o_t, m_t, o_v, DV, s_yt, s_yv, s_wt, WEIGHTED: tl.cons
 
 
 @triton.jit
+def _head_inputs(q, k, v, m, i_b, i_h, s_qb, s_qh, s_kb, s_kh, s_vb, s_vh, s_mb, s_mh):
+    """q, k, v and the key weights m at batch i_b, head i_h."""
+    q += i_b * s_qb + i_h * s_qh
+    k += i_b * s_kb + i_h * s_kh
+    v += i_b * s_vb + i_h * s_vh
+    m += i_b * s_mb + i_h * s_mh
+    return q, k, v, m
+
+
+@triton.jit
+def _head_output_grads(do, rd, gd, i_b, i_h, s_db, s_dh, T, H):
+    """The output's gradient do and the per-token rd, gd ([B, T, H]) at batch i_b, head i_h."""
+    return do + i_b * s_db + i_h * s_dh, rd + i_b * T * H + i_h, gd + i_b * T * H + i_h
+
+
+@triton.jit
 def taylor_bwd_preprocess_kernel(
     o, do, den, rd, gd, s_db, s_dt, s_dh, s_dv, T, H, DV, eps, BT: tl.constexpr, BDV: tl.constexpr
 ):

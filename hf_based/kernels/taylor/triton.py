@@ -52,6 +52,8 @@ from hf_based.kernels.taylor.reference import (
 from hf_based.kernels.taylor.shared import (
     ChunkedTaylorFunction,
     _dot,
+    _head_inputs,
+    _head_output_grads,
     _load_values,
     _state_args,
     _symmetric,
@@ -246,10 +248,7 @@ def taylor_fwd_kernel(
     F = 1 + D + D * D
     o_i = tl.arange(0, BT)
     o_v = i_v * BV + tl.arange(0, BV)
-    q += i_b * s_qb + i_h * s_qh
-    k += i_b * s_kb + i_h * s_kh
-    v += i_b * s_vb + i_h * s_vh
-    m += i_b * s_mb + i_h * s_mh
+    q, k, v, m = _head_inputs(q, k, v, m, i_b, i_h, s_qb, s_qh, s_kb, s_kh, s_vb, s_vh, s_mb, s_mh)
     o += i_b * T * H * DV + i_h * DV
     den += i_b * T * H + i_h
     # [BT, BT] query i sees key j <= i
@@ -307,13 +306,8 @@ def taylor_bwd_dq_kernel(
     o_i = tl.arange(0, BT)
     o_d = tl.arange(0, BD)
     o_v = i_v * BV + tl.arange(0, BV)
-    q += i_b * s_qb + i_h * s_qh
-    k += i_b * s_kb + i_h * s_kh
-    v += i_b * s_vb + i_h * s_vh
-    m += i_b * s_mb + i_h * s_mh
-    do += i_b * s_db + i_h * s_dh
-    rd += i_b * T * H + i_h
-    gd += i_b * T * H + i_h
+    q, k, v, m = _head_inputs(q, k, v, m, i_b, i_h, s_qb, s_qh, s_kb, s_kh, s_vb, s_vh, s_mb, s_mh)
+    do, rd, gd = _head_output_grads(do, rd, gd, i_b, i_h, s_db, s_dh, T, H)
     dq += ((i_v * B + i_b) * T * H + i_h) * D
     causal = o_i[:, None] >= o_i[None, :]
     # the normaliser's share (gd) goes to value block 0 only
@@ -365,13 +359,8 @@ def taylor_bwd_dkv_kernel(
     o_i = tl.arange(0, BT)
     o_d = tl.arange(0, BD)
     o_v = i_v * BV + tl.arange(0, BV)
-    q += i_b * s_qb + i_h * s_qh
-    k += i_b * s_kb + i_h * s_kh
-    v += i_b * s_vb + i_h * s_vh
-    m += i_b * s_mb + i_h * s_mh
-    do += i_b * s_db + i_h * s_dh
-    rd += i_b * T * H + i_h
-    gd += i_b * T * H + i_h
+    q, k, v, m = _head_inputs(q, k, v, m, i_b, i_h, s_qb, s_qh, s_kb, s_kh, s_vb, s_vh, s_mb, s_mh)
+    do, rd, gd = _head_output_grads(do, rd, gd, i_b, i_h, s_db, s_dh, T, H)
     dk += ((i_v * B + i_b) * T * H + i_h) * D
     dv += i_b * T * H * DV + i_h * DV
     # [BT, BT] key j (row) is seen by query t >= j (column)

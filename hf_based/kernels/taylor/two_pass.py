@@ -34,7 +34,16 @@ import triton
 import triton.language as tl
 
 from hf_based.kernels.feature_maps import taylor_num_features
-from hf_based.kernels.taylor.shared import _dot, _load_values, _state_args, _symmetric, _token_weights, normaliser_grads
+from hf_based.kernels.taylor.shared import (
+    _dot,
+    _head_inputs,
+    _head_output_grads,
+    _load_values,
+    _state_args,
+    _symmetric,
+    _token_weights,
+    normaliser_grads,
+)
 from hf_based.kernels.triton_utils import block_size, cdiv, dot_precision
 
 # Block sizes (powers of 2). Not yet timed on a GPU; chosen so that no kernel spills registers when compiled for
@@ -201,10 +210,7 @@ def taylor_output_kernel(
     o_r = tl.arange(0, RA * BD)
     o_v = i_v * BV + tl.arange(0, BV)
     m_v = o_v < DV
-    q += i_b * s_qb + i_h * s_qh
-    k += i_b * s_kb + i_h * s_kh
-    v += i_b * s_vb + i_h * s_vh
-    m += i_b * s_mb + i_h * s_mh
+    q, k, v, m = _head_inputs(q, k, v, m, i_b, i_h, s_qb, s_qh, s_kb, s_kh, s_vb, s_vh, s_mb, s_mh)
     slot = (i_bh * NS + i_s).to(tl.int64)  # hs can exceed 2^31 elements
     p_h = hs + slot * FP * DV
     p_z = zs + slot * FP
@@ -265,13 +271,8 @@ def taylor_bwd_dq_kernel(
     o_r = tl.arange(0, RA * BD)
     o_v = i_v * BV + tl.arange(0, BV)
     m_v = o_v < DV
-    q += i_b * s_qb + i_h * s_qh
-    k += i_b * s_kb + i_h * s_kh
-    v += i_b * s_vb + i_h * s_vh
-    m += i_b * s_mb + i_h * s_mh
-    do += i_b * s_db + i_h * s_dh
-    rd += i_b * T * H + i_h
-    gd += i_b * T * H + i_h
+    q, k, v, m = _head_inputs(q, k, v, m, i_b, i_h, s_qb, s_qh, s_kb, s_kh, s_vb, s_vh, s_mb, s_mh)
+    do, rd, gd = _head_output_grads(do, rd, gd, i_b, i_h, s_db, s_dh, T, H)
     dq += ((i_v * B + i_b) * T * H + i_h) * D
     slot = (i_bh * NS + i_s).to(tl.int64)  # hs can exceed 2^31 elements
     p_h = hs + slot * FP * DV
@@ -332,13 +333,8 @@ def taylor_bwd_dkv_kernel(
     o_r = tl.arange(0, RA * BD)
     o_v = i_v * BV + tl.arange(0, BV)
     m_v = o_v < DV
-    q += i_b * s_qb + i_h * s_qh
-    k += i_b * s_kb + i_h * s_kh
-    v += i_b * s_vb + i_h * s_vh
-    m += i_b * s_mb + i_h * s_mh
-    do += i_b * s_db + i_h * s_dh
-    rd += i_b * T * H + i_h
-    gd += i_b * T * H + i_h
+    q, k, v, m = _head_inputs(q, k, v, m, i_b, i_h, s_qb, s_qh, s_kb, s_kh, s_vb, s_vh, s_mb, s_mh)
+    do, rd, gd = _head_output_grads(do, rd, gd, i_b, i_h, s_db, s_dh, T, H)
     dk += ((i_v * B + i_b) * T * H + i_h) * D
     dv += i_b * T * H * DV + i_h * DV
     slot = (i_bh * NS + i_s).to(tl.int64)  # hs can exceed 2^31 elements
