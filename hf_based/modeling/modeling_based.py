@@ -331,8 +331,8 @@ class BasedConv(nn.Module):
 
     def forward(self, hidden_states, key_mask, position_embeddings, cache=None):
         u, gate = self.in_proj(hidden_states).chunk(2, dim=-1)  # [B, T, C] each
-        if key_mask is not None:  # a zero input is what the conv's own left padding feeds in
-            u = u * key_mask[..., None].to(u.dtype)
+        if key_mask is not None:  # a zero input is what the conv's own left padding feeds in (one launch)
+            u = torch.where(key_mask[..., None], u, 0)
         state = cache.layers[self.layer_idx].state() if cache is not None else None
         initial_state = state[0] if state is not None else None
         op = short_conv_recurrent if initial_state is not None and u.shape[1] == 1 else short_conv
