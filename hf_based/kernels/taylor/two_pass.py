@@ -46,8 +46,8 @@ from hf_based.kernels.taylor.shared import (
 )
 from hf_based.kernels.triton_utils import block_size, cdiv, dot_precision
 
-# Block sizes (powers of 2). Not yet timed on a GPU; chosen so that no kernel spills registers when compiled for
-# sm_90 with Triton 3.6 and 3.9 (benchmarks/kernel_registers.py).
+# Block sizes (powers of 2). Not yet timed on a GPU; chosen so that the kernels do not spill registers when compiled
+# for sm_90 (Triton 3.6: none; 3.9: 8 bytes a thread in one variant; benchmarks/kernel_registers.py).
 BLOCK_T = 64  # chunk length
 SEGMENT = 256  # tokens between stored states: a multiple of BLOCK_T
 STATE_ROWS = 64  # second-order state rows per program: RA = STATE_ROWS / BD values of a
