@@ -9,8 +9,8 @@ parallel twin, with the same signature (minus chunk_size).
 One folder per op, `<op>/reference.py` and `<op>/triton.py`: taylor (BASED Taylor linear attention), linear (linear
 attention on materialised features, e.g. hedgehog), softmax (sliding-window softmax attention), hybrid (LoLCATs
 sliding-window softmax + linear attention, and `chunked.py`), conv (short convolution), norm (RMSNorm, and with a
-residual add), glu (silu(gate) * up), rope (rotary embedding of queries and keys), retrieval (which keys a prompt's last queries attend to) and hedgehog (LoLCATs'
-feature map; `feature_maps.py` has BASED's Taylor map).
+residual add), glu (silu(gate) * up), rope (rotary embedding of queries and keys), retrieval (which keys a prompt's
+last queries attend to) and hedgehog (LoLCATs' feature map; `feature_maps.py` has BASED's Taylor map).
 `dispatch.py` picks one per call; `op.reference` is the spec. Under torch.compile the decode-step ops are custom ops
 (`opaque.py`).
 """

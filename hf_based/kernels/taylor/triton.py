@@ -562,7 +562,6 @@ def _taylor_bwd(q, k, v, mask, start, o, den, do, dfinal, need_dstart, eps, chun
     return dq, dk, dv, dstart
 
 
-
 def _use_reference(q, k, v):
     """fp64 inputs (the kernels accumulate in fp32), d > MAX_DIM and malformed inputs (for its errors) go to the
     reference."""
